@@ -1,0 +1,1 @@
+"""Triton kernels (lowest layer). Nothing here checks arguments: ``lora_kernels.ops`` does."""

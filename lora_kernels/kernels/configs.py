@@ -1,0 +1,130 @@
+"""The fixed table of tile configurations the launchers use (no autotuning: launches are
+deterministic, and this same table is what `.ci/run` compiles ahead of time for sm_80 and sm_90).
+
+A configuration is chosen from the padded rank R (16..256), the dot kind and the GPU family:
+    kind  "half"        16-bit x and 16-bit adapters (tensor-core dots)
+          "half_lora32" 16-bit x, fp32 adapters (LoRA dots in tf32)
+          "tf32"        fp32 x, tf32 dots (torch.get_float32_matmul_precision() != "highest")
+          "ieee"        fp32 x, exact fp32 FMA dots (torch's default "highest")
+    arch  80 (Ampere/Ada: mma.sync) or 90 (Hopper and newer: wgmma)
+Rank-heavy kernels hold [tile, R] fp32 accumulators, so their tiles shrink as R grows; FMA dots
+("ieee") need smaller tiles than tensor-core dots. Every entry was compiled for sm_80 and sm_90
+and checked for register spills (python -m lora_kernels.tools.aot_check).
+"""
+from dataclasses import dataclass, field
+
+MIN_PADDED_RANK = 16  # tl.dot needs every dimension >= 16
+MAX_RANK = 256
+PADDED_RANKS = (16, 32, 64, 128, 256)
+DOT_KINDS = ("half", "half_lora32", "tf32", "ieee")
+ARCHS = (80, 90)
+# Ranks up to this padded value are the "main" configurations: CI fails if they spill.
+MAIN_MAX_PADDED_RANK = 64
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes (kernel constexpr names) plus launch options."""
+
+    blocks: dict = field(hash=False)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def padded_rank(r: int) -> int:
+    """Smallest power of two >= max(r, 16)."""
+    p = MIN_PADDED_RANK
+    while p < r:
+        p *= 2
+    return p
+
+
+def dot_kind(x_is_fp32: bool, adapters_fp32: bool, fp32_precision: str) -> str:
+    """Dot kind for x / adapter dtypes; fp32_precision is "ieee" or "tf32" (fp32 x only)."""
+    if x_is_fp32:
+        return fp32_precision
+    return "half_lora32" if adapters_fp32 else "half"
+
+
+def arch_family(capability: tuple) -> int:
+    """80 for sm_8x, 90 for sm_90 and newer."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
+    """h = dropout(x) @ A^T: acc [BLOCK_M, R], K-loop over BLOCK_K (dropout hash on each x tile)."""
+    if kind == "ieee":
+        return TileConfig({"BLOCK_M": 16 if R == 256 else 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+    if kind == "half":
+        block_k = 128 if R <= 64 else 64
+    else:
+        block_k = 64
+    if R <= 64:
+        return TileConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4, num_stages=3)
+    return TileConfig({"BLOCK_M": 32 if R == 256 else 64, "BLOCK_K": 64}, num_warps=8, num_stages=2)
+
+
+def forward_gemm_config(R: int, kind: str, arch: int) -> TileConfig:
+    """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time."""
+    if kind == "ieee":
+        return TileConfig({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "R_CHUNK": 16},
+                          num_warps=4, num_stages=2)
+    if kind == "tf32":
+        return TileConfig({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8,
+                           "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+    if arch >= 90 and (R <= 32 or kind == "half"):
+        return TileConfig({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
+                           "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+    return TileConfig({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                       "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+
+
+def grad_input_config(R: int, kind: str, arch: int) -> TileConfig:
+    """dX tile [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N steps (dropout mask on the tile)."""
+    if kind == "ieee":
+        return TileConfig({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8, "R_CHUNK": 16},
+                          num_warps=4, num_stages=2)
+    if kind == "tf32":
+        return TileConfig({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "GROUP_M": 8,
+                           "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+    return TileConfig({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 64, "GROUP_M": 8,
+                       "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+
+
+def grad_out_pass_config(R: int, kind: str, arch: int) -> TileConfig:
+    """One dY tile [BLOCK_M, BLOCK_N] per step; dH partials [BLOCK_M, R], dB acc [BLOCK_N, R].
+
+    A wide BLOCK_N keeps the dH partial traffic (M * r * 4 bytes per N-tile) small next to dY.
+    """
+    if kind == "ieee":
+        block_n = {16: 128, 32: 64}.get(R, 32)
+        return TileConfig({"BLOCK_M": 16 if R == 256 else 32, "BLOCK_N": block_n}, num_warps=8,
+                          num_stages=2)
+    block_m = 64 if kind == "half" else 32
+    if R <= 32:
+        return TileConfig({"BLOCK_M": block_m, "BLOCK_N": 256}, num_warps=8, num_stages=2)
+    if R == 64:
+        return TileConfig({"BLOCK_M": block_m, "BLOCK_N": 128}, num_warps=8, num_stages=2)
+    return TileConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+
+
+def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
+    """dA partial acc [R, BLOCK_K] over an M-split in BLOCK_M steps (dropout hash on each x tile)."""
+    if kind == "ieee":
+        if R >= 128:
+            return TileConfig({"BLOCK_M": 32, "BLOCK_K": 16}, num_warps=8, num_stages=2)
+        return TileConfig({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+    if R <= 64:
+        block_k = 128 if kind == "half" else 64
+        return TileConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4, num_stages=3)
+    return TileConfig({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2)
+
+
+# name -> (module of the kernel, config function). Used by the launchers and the AOT check.
+KERNEL_CONFIGS = {
+    "lora_shrink_kernel": ("lora_kernels.kernels.lora_forward", shrink_config),
+    "lora_forward_gemm_kernel": ("lora_kernels.kernels.lora_forward", forward_gemm_config),
+    "lora_grad_out_pass_kernel": ("lora_kernels.kernels.lora_backward", grad_out_pass_config),
+    "lora_grad_input_kernel": ("lora_kernels.kernels.lora_backward", grad_input_config),
+    "lora_grad_a_kernel": ("lora_kernels.kernels.lora_backward", grad_a_config),
+}

@@ -1,0 +1,159 @@
+"""Backward kernels of the fused LoRA linear (deterministic: no atomics).
+
+    lora_grad_out_pass_kernel   one read of dY gives, per (N-tile, M-split) program:
+                                  dH partials  dY @ B          -> dh_ws     [N_tiles, M, r]
+                                  dB partials  dY^T @ h        -> db_ws     [M_splits, N, r]
+                                  column sums  sum_m dY        -> colsum_ws [M_splits, N]
+                                the host reduces the partials with torch.sum in a fixed order.
+    lora_grad_input_kernel      dX = keep * (dH @ A) / (1-p) + dY @ W: the accumulator starts from
+                                the masked LoRA term and continues with the N-loop (one GEMM).
+    lora_grad_a_kernel          dA partials dH^T @ dropout(x) per M-split -> da_ws [M_splits, r, K].
+
+dH arrives already multiplied by scale (fp32); dropout masks are regenerated from the seed.
+LoRA dots run in the adapters' dtype, the dY @ W dot in dY's dtype; all accumulate in fp32.
+"""
+import triton
+import triton.language as tl
+
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+
+
+@triton.jit
+def lora_grad_out_pass_kernel(
+    dy_ptr, b_ptr, h_ptr, dh_ws_ptr, db_ws_ptr, colsum_ws_ptr,
+    M, N, r, rows_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_COLSUM: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    n_mask = offs_n < N
+    r_mask = offs_r < r
+    cols = offs_n.to(tl.int64)
+    lora_dtype = b_ptr.dtype.element_ty
+
+    if NEED_DH:
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    db_acc = tl.zeros([BLOCK_N, R], dtype=tl.float32)
+    colsum_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        rows = offs_m.to(tl.int64)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        dy_lora = dy.to(lora_dtype)
+        if NEED_DH:
+            dh = mma(dy_lora, b, tl.zeros([BLOCK_M, R], dtype=tl.float32), LORA_PRECISION, UPCAST_DOT)
+            dh_base = dh_ws_ptr + pid_n.to(tl.int64) * M * r
+            tl.store(dh_base + rows[:, None] * r + offs_r[None, :], dh,
+                     mask=m_mask[:, None] & r_mask[None, :])
+        if NEED_DB:
+            h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            db_acc = mma(tl.trans(dy_lora), h, db_acc, LORA_PRECISION, UPCAST_DOT)
+        if NEED_COLSUM:
+            colsum_acc += tl.sum(dy.to(tl.float32), axis=0)
+
+    if NEED_DB:
+        db_base = db_ws_ptr + pid_s.to(tl.int64) * N * r
+        tl.store(db_base + cols[:, None] * r + offs_r[None, :], db_acc,
+                 mask=n_mask[:, None] & r_mask[None, :])
+    if NEED_COLSUM:
+        tl.store(colsum_ws_ptr + pid_s.to(tl.int64) * N + cols, colsum_acc, mask=n_mask)
+
+
+@triton.jit
+def lora_grad_input_kernel(
+    dy_ptr, w_ptr, dh_ptr, a_ptr, seed_ptr, dx_ptr,
+    M, N, K, r,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dhm, stride_dhr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
+    drop_threshold, keep_scale,
+    R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    rows = offs_m.to(tl.int64)
+    ks = offs_k.to(tl.int64)
+    lora_dtype = a_ptr.dtype.element_ty
+
+    # LoRA term through dropout: keep * (dH @ A) / (1 - p).
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < r
+        dh = tl.load(dh_ptr + rows[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(dh.to(lora_dtype), a, acc, LORA_PRECISION, UPCAST_DOT)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    # Base term dY @ W continues in the same accumulator.
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        ns = offs_n.to(tl.int64)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def lora_grad_a_kernel(
+    x_ptr, dh_ptr, seed_ptr, da_ws_ptr,
+    M, K, r, rows_per_split,
+    stride_xm, stride_xk, stride_dhm, stride_dhr,
+    drop_threshold,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R)
+    k_mask = offs_k < K
+    r_mask = offs_r < r
+    ks = offs_k.to(tl.int64)
+    # The adapters' dtype: fp32 when LORA_FP32, else x's dtype.
+    lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
+    acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        rows = offs_m.to(tl.int64)
+        dh_t = tl.load(dh_ptr + offs_r[:, None] * stride_dhr + rows[None, :] * stride_dhm,
+                       mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+            x = tl.where(keep, x, 0.0)
+        acc = mma(dh_t.to(lora_dtype), x.to(lora_dtype), acc, LORA_PRECISION, UPCAST_DOT)
+    da_base = da_ws_ptr + pid_s.to(tl.int64) * r * K
+    tl.store(da_base + offs_r[:, None] * K + ks[None, :], acc,
+             mask=r_mask[:, None] & k_mask[None, :])

@@ -1,0 +1,100 @@
+"""Forward kernels of the fused LoRA linear.
+
+    h = dropout(x) @ A^T                          lora_shrink_kernel     [M, r]
+    y = x @ W^T + scale * h @ B^T + bias          lora_forward_gemm_kernel [M, N]
+
+The GEMM starts its fp32 accumulator from scale * h @ B^T (one dot over the rank, chunked by
+R_CHUNK to bound registers) and then runs the K-loop of x @ W^T, so no M x N intermediate is
+written besides y. ``bias`` is already bias + scale * lora_B_bias (combined on the host).
+LoRA dots run in the adapters' dtype (fp32 adapters with 16-bit x: tf32 dots, like PEFT's fp32
+LoRA branch to within tf32 rounding), base dots in x's dtype; all accumulate in fp32.
+Rank dimensions are padded to the power of two R >= 16 (tl.dot's minimum) and masked with r.
+"""
+import triton
+import triton.language as tl
+
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, seed_ptr,
+    M, K, r,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    drop_threshold, keep_scale,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < M
+    r_mask = offs_r < r
+    rows = offs_m.to(tl.int64)
+    lora_dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+            x = tl.where(keep, x, 0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = mma(x.to(lora_dtype), a_t, acc, LORA_PRECISION, UPCAST_DOT)
+    if HAS_DROPOUT:
+        # dropout(x) = mask * x / (1 - p); the scale is linear, so it is applied once here.
+        acc = acc * keep_scale
+    tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+             acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def lora_forward_gemm_kernel(
+    x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, r,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    scale,
+    R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+
+    # LoRA term first: acc = h @ B^T over the (padded) rank, scaled once.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < r
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(h, b_t, acc, LORA_PRECISION, UPCAST_DOT)
+    acc = acc * scale
+
+    # Base GEMM continues in the same accumulator.
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,84 @@
+"""Argument checks for the LoRA linear: every error names the argument and what was expected."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _require_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _require_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(t.shape)}")
+
+
+def _require_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p):
+    """Validate ``lora_linear`` arguments; returns (scale, dropout_p) as Python floats.
+
+    x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], lora_B_bias [N].
+    """
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _require_tensor(name, t)
+    _require_tensor("bias", bias, optional=True)
+    _require_tensor("lora_B_bias", lora_B_bias, optional=True)
+    scale = _require_real("scale", scale)
+    dropout_p = _require_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x must have last dimension K={K} (weight is [N, K] = {list(weight.shape)}), "
+                         f"got x of shape {list(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape [r, K] with K={K}, got {list(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A must have rank r >= 1 (shape [r, K]), got r = 0")
+    _require_shape("lora_B", lora_B, (N, r), f"[N, r] with N={N} from weight and r={r} from lora_A")
+    if bias is not None:
+        _require_shape("bias", bias, (N,), "[N]")
+    if lora_B_bias is not None:
+        _require_shape("lora_B_bias", lora_B_bias, (N,), "[N]")
+
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("bias", bias), ("lora_B_bias", lora_B_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"lora_A must have x's dtype {x.dtype} or float32, got {lora_A.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise ValueError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"bias must have x's dtype {x.dtype} or float32, got {bias.dtype}")
+    if lora_B_bias is not None and lora_B_bias.dtype != lora_B.dtype:
+        raise ValueError(f"lora_B_bias must have lora_B's dtype {lora_B.dtype}, got {lora_B_bias.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight must not require grad: the base weight of a LoRA layer is frozen "
+                         "(call weight.requires_grad_(False))")
+    return scale, dropout_p

@@ -1,0 +1,107 @@
+"""``torch.library`` custom ops for the fused LoRA linear, with fake (meta) implementations.
+
+    lora_kernels::lora_linear_fwd(x, weight, lora_A, lora_B, bias?, scale, dropout_p, seed?)
+        -> (y [..., N], h [M, r])
+    lora_kernels::lora_linear_bwd(grad_y, x?, weight, lora_A, lora_B, h?, seed?, scale, dropout_p,
+                                  need_x, need_A, need_B, need_bias)
+        -> (dx [..., K], dA [r, K], dB [N, r], dbias [N] fp32); gradients not asked for come back as
+           empty tensors (custom ops cannot return None).
+
+``bias`` is the combined bias + scale * lora_B_bias. ``seed`` (int64 [1]) is present exactly when
+dropout is active. Arguments are checked by the public function (``lora_kernels.lora_linear``).
+Which implementation runs is decided per call: Triton kernels for CUDA tensors (and for CPU
+tensors under TRITON_INTERPRET=1), the lean PyTorch path otherwise.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lora_kernels.kernels.configs import MAX_RANK
+from lora_kernels.ops.reference import torch_lora_backward, torch_lora_forward
+from lora_kernels.ops.triton_launch import is_interpreted, triton_lora_backward, triton_lora_forward
+
+CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "triton"
+
+
+def select_backend(device: torch.device, M: int, N: int, K: int, r: int) -> str:
+    """"triton" or "torch" for a problem of x [M, K], weight [N, K], rank r on ``device``.
+
+    Empty problems and ranks above MAX_RANK take the PyTorch path on every device.
+    CPU tensors take Triton only under the interpreter; LORA_KERNELS_CPU_BACKEND overrides.
+    """
+    if M == 0 or N == 0 or K == 0 or r > MAX_RANK:
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        choice = os.environ.get(CPU_BACKEND_ENV, "auto")
+        if choice not in ("auto", "torch", "triton"):
+            raise ValueError(f"{CPU_BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
+        if choice == "triton" and not is_interpreted():
+            raise ValueError(f"{CPU_BACKEND_ENV}=triton needs TRITON_INTERPRET=1 set before triton is imported")
+        if choice == "torch":
+            return "torch"
+        return "triton" if is_interpreted() else "torch"
+    return "torch"
+
+
+def _rows(x: Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                    scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    K = x.shape[-1]
+    N, r = lora_B.shape
+    x2 = x.reshape(-1, K)
+    backend = select_backend(x.device, x2.shape[0], N, K, r)
+    impl = triton_lora_forward if backend == "triton" else torch_lora_forward
+    y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
+    return y2.view(*x.shape[:-1], N), h
+
+
+@lora_linear_fwd.register_fake
+def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed):
+    N, r = lora_B.shape
+    y = x.new_empty((*x.shape[:-1], N))
+    h = x.new_empty((_rows(x), r), dtype=lora_A.dtype)
+    return y, h
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
+                    need_x: bool, need_A: bool, need_B: bool,
+                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if need_A and x is None:
+        raise ValueError("lora_linear_bwd: need_A requires x")
+    if need_B and h is None:
+        raise ValueError("lora_linear_bwd: need_B requires h")
+    grad_y2 = grad_y.reshape(-1, N)
+    x2 = x.reshape(-1, K) if x is not None else None
+    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
+    impl = triton_lora_backward if backend == "triton" else torch_lora_backward
+    dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
+                                 need_x, need_A, need_B, need_bias)
+    empty = grad_y.new_empty(0)
+    return (dx2.view(*grad_y.shape[:-1], K) if need_x else empty,
+            d_a if need_A else empty,
+            d_b if need_B else empty,
+            d_bias if need_bias else empty)
+
+
+@lora_linear_bwd.register_fake
+def _lora_linear_bwd_fake(grad_y, x, weight, lora_A, lora_B, h, seed, scale, dropout_p,
+                          need_x, need_A, need_B, need_bias):
+    N, K = weight.shape
+    empty = grad_y.new_empty(0)
+    return (grad_y.new_empty((*grad_y.shape[:-1], K)) if need_x else empty,
+            lora_A.new_empty(lora_A.shape) if need_A else empty,
+            lora_B.new_empty(lora_B.shape) if need_B else empty,
+            grad_y.new_empty((N,), dtype=torch.float32) if need_bias else empty)

@@ -1,0 +1,80 @@
+"""Pure-PyTorch LoRA linear: the spec (``lora_linear_reference``) and the lean CPU path.
+
+The lean path is what CPU tensors run when the Triton interpreter is off. It has the same
+semantics as the kernels and saves nothing itself (the autograd layer decides what is saved).
+Everything is 2-D here: x2 [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], y2 [M, N].
+"""
+from typing import Optional
+
+import torch
+
+from lora_kernels.ops.dropout_mask import dropout_keep_mask
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, lora_B_bias=None,
+                          keep_mask=None, dropout_p=0.0):
+    """y = x W^T + bias + scale * (dropout(x) A^T B^T + lora_B_bias), differentiable, any dtype.
+
+    x [..., K]; keep_mask: bool broadcastable to x (True = keep) or None for no dropout.
+    """
+    x_drop = x if keep_mask is None else x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    lora = x_drop @ lora_A.t() @ lora_B.t()
+    if lora_B_bias is not None:
+        lora = lora + lora_B_bias
+    y = x @ weight.t() + scale * lora
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _dropped(x2: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+    if seed is None:
+        return x2
+    keep = dropout_keep_mask(seed, x2.shape[0], x2.shape[1], dropout_p)
+    return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
+    """Returns (y2 [M, N] in x's dtype, h [M, r] in lora_A's dtype). bias is the combined bias."""
+    h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
+    if bias is not None:
+        y2 = torch.addmm(bias.to(x2.dtype), x2, weight.t())
+    else:
+        y2 = torch.mm(x2, weight.t())
+    # In place: no second M x N buffer for the LoRA term.
+    y2.addmm_(h.to(x2.dtype), lora_B.t().to(x2.dtype), alpha=scale)
+    return y2, h
+
+
+def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
+                        dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool):
+    """Returns (dx2, dA, dB, dbias) with None for what is not needed.
+
+    dH = scale * dY B;  dB = scale * dY^T h;  dX = dY W + mask * (dH A) / (1 - p);
+    dA = dH^T dropout(x);  dbias = sum_m dY (fp32, the autograd layer casts it).
+    The LoRA branch runs in the adapters' dtype (PEFT casts the input to it).
+    """
+    adapter_dtype = lora_A.dtype
+    dy_a = grad_y2.to(adapter_dtype)
+    dx2 = d_a = d_b = d_bias = None
+    if need_B:
+        d_b = torch.mm(dy_a.t(), h).mul_(scale)
+    if need_bias:
+        d_bias = grad_y2.sum(0, dtype=torch.float32)
+    if need_x or need_A:
+        d_h = torch.mm(dy_a, lora_B).mul_(scale)
+        keep = None
+        if seed is not None:
+            keep = dropout_keep_mask(seed, d_h.shape[0], lora_A.shape[1], dropout_p)
+        if need_x:
+            dx2 = torch.mm(grad_y2, weight)
+            if keep is None:
+                dx2.addmm_(d_h.to(grad_y2.dtype), lora_A.to(grad_y2.dtype))
+            else:
+                lora_dx = torch.mm(d_h, lora_A)
+                lora_dx.mul_(keep.to(lora_dx.dtype)).mul_(1.0 / (1.0 - dropout_p))
+                dx2.add_(lora_dx.to(dx2.dtype))
+        if need_A:
+            x_drop = x2 if keep is None else x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
+            d_a = torch.mm(d_h.t(), x_drop.to(adapter_dtype))
+    return dx2, d_a, d_b, d_bias

@@ -1,0 +1,180 @@
+"""Launchers for the Triton LoRA kernels: allocate outputs and workspaces, pick the tile config,
+compute grids, reduce split partials. Arguments are assumed checked (``ops.checks``), 2-D and
+non-empty; strides are passed through, so x and dY need not be contiguous.
+"""
+import functools
+
+import torch
+import triton
+
+from lora_kernels.kernels import configs
+from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_input_kernel,
+                                                lora_grad_out_pass_kernel)
+from lora_kernels.kernels.lora_forward import lora_forward_gemm_kernel, lora_shrink_kernel
+from lora_kernels.ops.dropout_mask import drop_threshold
+
+
+def is_interpreted() -> bool:
+    """True when triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import)."""
+    return type(lora_forward_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for in split-M kernels: two waves on a GPU, a handful in the interpreter."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 2 * _num_sms(index)
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> int:
+    return configs.arch_family(torch.cuda.get_device_capability(device_index))
+
+
+def _device_arch(device: torch.device) -> int:
+    """Config family of the device (the interpreter uses the sm_90 table)."""
+    if device.type == "cuda":
+        return _arch(device.index if device.index is not None else torch.cuda.current_device())
+    return 90
+
+
+def _fp32_precision() -> str:
+    # Follow torch's own fp32 matmul setting so results match what users get from F.linear.
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _dot_flags(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> dict:
+    """Dot precision of the base dots (x's dtype) and LoRA dots (the adapters' dtype).
+
+    fp32 adapters beside 16-bit x use tf32 dots: finer than the 16-bit output rounding, and fast.
+    """
+    base = _fp32_precision() if x_dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
+    lora = base if x_dtype == torch.float32 or adapter_dtype != torch.float32 else "tf32"
+    upcast = is_interpreted() and torch.bfloat16 in (x_dtype, adapter_dtype)
+    return {"DOT_PRECISION": base, "LORA_PRECISION": lora, "UPCAST_DOT": upcast}
+
+
+def _config_key(x_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device):
+    """(kind, arch) arguments of the configs.*_config functions."""
+    kind = configs.dot_kind(x_dtype == torch.float32, adapter_dtype == torch.float32, _fp32_precision())
+    return kind, _device_arch(device)
+
+
+def _m_splits(M: int, block_m: int, other_programs: int, device: torch.device):
+    """Split M into contiguous row ranges (multiples of block_m): returns (splits, rows_per_split)."""
+    m_blocks = triton.cdiv(M, block_m)
+    splits = max(1, min(m_blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    return triton.cdiv(M, rows_per_split), rows_per_split
+
+
+def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
+    """(y2 [M, N] x.dtype, h [M, r] lora_A.dtype) for x2 [M, K]; bias is the combined bias or None."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    R = configs.padded_rank(r)
+    key = _config_key(x2.dtype, lora_A.dtype, x2.device)
+    flags = _dot_flags(x2.dtype, lora_A.dtype)
+    h = torch.empty((M, r), dtype=lora_A.dtype, device=x2.device)
+    y2 = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    has_dropout = seed is not None
+
+    cfg = configs.shrink_config(R, *key)
+    lora_shrink_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+        x2, lora_A, h, seed if has_dropout else h,
+        M, K, r,
+        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        R=R, HAS_DROPOUT=has_dropout, LORA_PRECISION=flags["LORA_PRECISION"],
+        UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = configs.forward_gemm_config(R, *key)
+    grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
+    lora_forward_gemm_kernel[grid](
+        x2, weight, h, lora_B, bias if bias is not None else y2, y2,
+        M, N, K, r,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y2.stride(0), y2.stride(1),
+        scale,
+        R=R, HAS_BIAS=bias is not None, **flags, **cfg.blocks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y2, h
+
+
+def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
+                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool):
+    """(dx2, dA, dB, dbias) with None for what is not needed; same contract as torch_lora_backward."""
+    M, N = grad_y2.shape
+    K = weight.shape[1]
+    r = lora_A.shape[0]
+    R = configs.padded_rank(r)
+    device = grad_y2.device
+    key = _config_key(grad_y2.dtype, lora_A.dtype, device)
+    flags = _dot_flags(grad_y2.dtype, lora_A.dtype)
+    lora_flags = {k: v for k, v in flags.items() if k != "DOT_PRECISION"}
+    has_dropout = seed is not None
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    need_dh = need_x or need_A
+    f32 = {"dtype": torch.float32, "device": device}
+
+    dx2 = d_a = d_b = d_bias = d_h = None
+    if need_dh or need_B or need_bias:
+        cfg = configs.grad_out_pass_config(R, *key)
+        n_tiles = triton.cdiv(N, cfg.blocks["BLOCK_N"])
+        splits, rows_per_split = _m_splits(M, cfg.blocks["BLOCK_M"], n_tiles, device)
+        dummy = torch.empty(1, **f32)
+        dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else dummy
+        db_ws = torch.empty((splits, N, r), **f32) if need_B else dummy
+        colsum_ws = torch.empty((splits, N), **f32) if need_bias else dummy
+        lora_grad_out_pass_kernel[(n_tiles, splits)](
+            grad_y2, lora_B, h if need_B else dummy, dh_ws, db_ws, colsum_ws,
+            M, N, r, rows_per_split,
+            grad_y2.stride(0), grad_y2.stride(1), lora_B.stride(0), lora_B.stride(1),
+            h.stride(0) if need_B else 0, h.stride(1) if need_B else 0,
+            R=R, NEED_DH=need_dh, NEED_DB=need_B, NEED_COLSUM=need_bias, **lora_flags, **cfg.blocks,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # Fixed-order reductions of the partials keep the backward deterministic.
+        if need_dh:
+            d_h = dh_ws.sum(0).mul_(scale)
+        if need_B:
+            d_b = db_ws.sum(0).mul_(scale).to(lora_B.dtype)
+        if need_bias:
+            d_bias = colsum_ws.sum(0)
+
+    if need_x:
+        dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
+        cfg = configs.grad_input_config(R, *key)
+        grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
+        lora_grad_input_kernel[grid](
+            grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2,
+            M, N, K, r,
+            grad_y2.stride(0), grad_y2.stride(1), weight.stride(0), weight.stride(1),
+            d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1),
+            dx2.stride(0), dx2.stride(1),
+            drop_threshold(dropout_p), keep_scale,
+            R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if need_A:
+        cfg = configs.grad_a_config(R, *key)
+        k_tiles = triton.cdiv(K, cfg.blocks["BLOCK_K"])
+        splits, rows_per_split = _m_splits(M, cfg.blocks["BLOCK_M"], k_tiles, device)
+        da_ws = torch.empty((splits, r, K), **f32)
+        lora_grad_a_kernel[(k_tiles, splits)](
+            x2, d_h, seed if has_dropout else d_h, da_ws,
+            M, K, r, rows_per_split,
+            x2.stride(0), x2.stride(1), d_h.stride(0), d_h.stride(1),
+            drop_threshold(dropout_p),
+            R=R, HAS_DROPOUT=has_dropout, LORA_FP32=lora_A.dtype == torch.float32, **lora_flags,
+            **cfg.blocks,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        d_a = da_ws.sum(0).mul_(keep_scale).to(lora_A.dtype)
+    return dx2, d_a, d_b, d_bias

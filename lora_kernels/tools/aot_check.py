@@ -1,0 +1,189 @@
+"""Ahead-of-time compile every Triton kernel configuration the launchers can pick, for sm_80 and
+sm_90, without a GPU, and report registers / shared memory / spills from cuobjdump -res-usage.
+
+Per kernel, padded rank R and (x dtype, adapter dtype) pair, the variant compiled is the one with
+every optional feature switched on (bias, dropout, all gradients): it holds the most live values,
+so it bounds register pressure; the feature-off variants run under the interpreter in the tests.
+Exit status 1 on any compile error, or on spills in a main configuration (R <= 64).
+
+    python -m lora_kernels.tools.aot_check [--arch 80 90] [--kernels NAME ...] [--ranks 16 ...]
+"""
+import argparse
+import concurrent.futures
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+DTYPE_PAIRS = (  # (x dtype, adapter dtype, fp32 dot precision)
+    ("fp16", "fp16", "tf32"), ("bf16", "bf16", "tf32"), ("bf16", "fp32", "tf32"),
+    ("fp16", "fp32", "tf32"), ("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee"),
+)
+ARCH_FAMILY = {80: 80, 86: 80, 89: 80, 90: 90}
+X_DTYPE_ARGS = {"x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+ADAPTER_DTYPE_ARGS = {"a_ptr", "b_ptr", "h_ptr"}
+FP32_ARGS = {"dh_ws_ptr", "db_ws_ptr", "colsum_ws_ptr", "da_ws_ptr", "dh_ptr", "bias_ptr",
+             "scale", "keep_scale"}
+# Innermost strides of contiguous tensors: triton.jit specializes an int argument equal to 1 as the
+# constant 1, so the AOT compile does the same (it decides vectorised, pipelined loads).
+UNIT_STRIDE_ARGS = {"stride_xk", "stride_ak", "stride_hr", "stride_wk", "stride_br", "stride_yn",
+                    "stride_dyn", "stride_dhr", "stride_dxk"}
+ALL_ON_FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "NEED_DH": True, "NEED_DB": True,
+                "NEED_COLSUM": True, "UPCAST_DOT": False}
+
+
+def variants(kernels=None, ranks=None):
+    """Yield (kernel_name, R, x_dtype, adapter_dtype, precision) for every launchable config."""
+    from lora_kernels.kernels import configs
+    for name in configs.KERNEL_CONFIGS:
+        if kernels and name not in kernels:
+            continue
+        for R in configs.PADDED_RANKS:
+            if ranks and R not in ranks:
+                continue
+            for x_dtype, adapter_dtype, precision in DTYPE_PAIRS:
+                yield name, R, x_dtype, adapter_dtype, precision
+
+
+def _signature(fn, x_dtype, adapter_dtype, constexprs):
+    """Argument types as triton.jit would infer them for contiguous tensors and 16-aligned sizes."""
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in constexprs or arg in UNIT_STRIDE_ARGS:
+            sig[arg] = "constexpr"
+        elif arg in X_DTYPE_ARGS:
+            sig[arg] = "*" + x_dtype
+        elif arg in ADAPTER_DTYPE_ARGS:
+            sig[arg] = "*" + adapter_dtype
+        elif arg == "seed_ptr":
+            sig[arg] = "*i64"
+        elif arg in FP32_ARGS:
+            sig[arg] = ("*fp32" if arg.endswith("_ptr") else "fp32")
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def _attrs(fn, sig):
+    """16-byte-aligned pointers and 16-divisible ints, as the JIT's specialization would mark them."""
+    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+            if sig[arg].startswith("*") or sig[arg] == "i32"}
+
+
+def _parse_res_usage(text: str) -> dict:
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    if not match:
+        raise RuntimeError(f"cannot parse cuobjdump output:\n{text}")
+    reg, stack, shared, local = map(int, match.groups())
+    return {"regs": reg, "stack": stack, "static_shared": shared, "local": local}
+
+
+def compile_one(variant, arch: int) -> dict:
+    """Compile one variant for sm_<arch>; returns a result row (error text instead on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lora_kernels.kernels import configs
+
+    name, R, x_dtype, adapter_dtype, precision = variant
+    module_name, config_fn = configs.KERNEL_CONFIGS[name]
+    fn = getattr(importlib.import_module(module_name), name)
+    kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
+    cfg = config_fn(R, kind, ARCH_FAMILY.get(arch, 90))
+    constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32",
+                  "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
+                  **ALL_ON_FLAGS, **cfg.blocks}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    constexprs.update({k: 1 for k in UNIT_STRIDE_ARGS if k in fn.arg_names})
+    row = {"kernel": name, "R": R, "x": x_dtype, "adapter": adapter_dtype, "precision": precision,
+           "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
+           "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}
+    try:
+        sig = _signature(fn, x_dtype, adapter_dtype, constexprs)
+        src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                        _attrs(fn, sig))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                                 check=True).stdout
+        row.update(_parse_res_usage(out))
+        row["dynamic_shared"] = compiled.metadata.shared
+        row["wgmma"] = "wgmma" in compiled.asm["ptx"]
+        row["error"] = None
+    except Exception as exc:  # reported in the table, turned into a failing exit status
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return row
+
+
+def _worker(args):
+    return compile_one(*args)
+
+
+def run(archs=(80, 90), kernels=None, ranks=None, jobs=None) -> list:
+    """Compile all variants for all archs in a process pool; returns the result rows."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    tasks = [(v, a) for v in variants(kernels, ranks) for a in archs]
+    jobs = jobs or max(1, min(len(tasks), os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_worker, tasks))
+
+
+def is_main(row) -> bool:
+    from lora_kernels.kernels.configs import MAIN_MAX_PADDED_RANK
+    return row["R"] <= MAIN_MAX_PADDED_RANK
+
+
+def spilled(row) -> bool:
+    # Triton kernels make no calls, so any stack frame or local memory is register spill.
+    return row.get("error") is None and (row["stack"] > 0 or row["local"] > 0)
+
+
+def format_table(rows) -> str:
+    head = f"{'kernel':27} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
+           f"{'regs':>4} {'smem KiB':>8} {'spill B':>7} {'wgmma':5} status"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        if row["error"]:
+            status, regs, smem, spill, mma = "COMPILE ERROR " + row["error"], "-", "-", "-", "-"
+        else:
+            regs = row["regs"]
+            smem = f"{(row['dynamic_shared'] + row['static_shared']) / 1024:.1f}"
+            spill = row["stack"] + row["local"]
+            mma = "yes" if row["wgmma"] else "no"
+            status = ("SPILL" if is_main(row) else "spill (not main)") if spilled(row) else "ok"
+        lines.append(f"{row['kernel']:27} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
+                     f"{row['precision']:4} {row['arch']:5} {row['warps']:>2} {row['stages']:>2} "
+                     f"{regs:>4} {smem:>8} {spill:>7} {mma:5} {status}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--kernels", nargs="+")
+    parser.add_argument("--ranks", type=int, nargs="+")
+    parser.add_argument("--jobs", type=int)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = run(args.arch, args.kernels, args.ranks, args.jobs)
+    print(format_table(rows))
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    errors = [r for r in rows if r["error"]]
+    main_spills = [r for r in rows if spilled(r) and is_main(r)]
+    print(f"\n{len(rows)} compiles: {len(errors)} errors, {len(main_spills)} main configurations spill, "
+          f"{sum(spilled(r) for r in rows) - len(main_spills)} other configurations spill")
+    return 1 if errors or main_spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

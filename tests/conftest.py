@@ -1,0 +1,15 @@
+"""Test setup. Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be
+set before triton is imported, so it is set here, before anything imports lora_kernels."""
+import os
+import shutil
+import subprocess
+
+def _has_cuda_gpu() -> bool:
+    # No torch import here (importing torch is fine, but keep the decision cheap and explicit).
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
