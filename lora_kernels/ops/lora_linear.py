@@ -89,19 +89,18 @@ def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A:
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
                                  need_x, need_A, need_B, need_bias)
-    empty = grad_y.new_empty(0)
-    return (dx2.view(*grad_y.shape[:-1], K) if need_x else empty,
-            d_a if need_A else empty,
-            d_b if need_B else empty,
-            d_bias if need_bias else empty)
+    # A fresh empty tensor per unneeded gradient: custom op outputs may not alias each other.
+    return (dx2.view(*grad_y.shape[:-1], K) if need_x else grad_y.new_empty(0),
+            d_a if need_A else grad_y.new_empty(0),
+            d_b if need_B else grad_y.new_empty(0),
+            d_bias if need_bias else grad_y.new_empty(0))
 
 
 @lora_linear_bwd.register_fake
 def _lora_linear_bwd_fake(grad_y, x, weight, lora_A, lora_B, h, seed, scale, dropout_p,
                           need_x, need_A, need_B, need_bias):
     N, K = weight.shape
-    empty = grad_y.new_empty(0)
-    return (grad_y.new_empty((*grad_y.shape[:-1], K)) if need_x else empty,
-            lora_A.new_empty(lora_A.shape) if need_A else empty,
-            lora_B.new_empty(lora_B.shape) if need_B else empty,
-            grad_y.new_empty((N,), dtype=torch.float32) if need_bias else empty)
+    return (grad_y.new_empty((*grad_y.shape[:-1], K)) if need_x else grad_y.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_A else grad_y.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_B else grad_y.new_empty(0),
+            grad_y.new_empty((N,), dtype=torch.float32) if need_bias else grad_y.new_empty(0))

@@ -34,15 +34,30 @@ def _dropped(x2: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -
     return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
 
 
+def _merged_weight(weight, lora_A, lora_B, scale: float, seed) -> Optional[torch.Tensor]:
+    """W + scale * B A [N, K] when the LoRA branch can be folded into the base GEMM, else None.
+
+    Only in fp32 (folding into a 16-bit weight would round the small LoRA delta away) and without
+    dropout (the LoRA branch then sees the same x). On CPU one full GEMM is cheaper than two thin
+    rank-r GEMMs that each re-read an M x N or M x K operand.
+    """
+    if seed is not None or weight.dtype != torch.float32 or lora_A.dtype != torch.float32:
+        return None
+    return torch.addmm(weight, lora_B, lora_A, alpha=scale)
+
+
 def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
     """Returns (y2 [M, N] in x's dtype, h [M, r] in lora_A's dtype). bias is the combined bias."""
     h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed)
+    w = merged if merged is not None else weight
     if bias is not None:
-        y2 = torch.addmm(bias.to(x2.dtype), x2, weight.t())
+        y2 = torch.addmm(bias.to(x2.dtype), x2, w.t())
     else:
-        y2 = torch.mm(x2, weight.t())
-    # In place: no second M x N buffer for the LoRA term.
-    y2.addmm_(h.to(x2.dtype), lora_B.t().to(x2.dtype), alpha=scale)
+        y2 = torch.mm(x2, w.t())
+    if merged is None:
+        # In place: no second M x N buffer for the LoRA term.
+        y2.addmm_(h.to(x2.dtype), lora_B.t().to(x2.dtype), alpha=scale)
     return y2, h
 
 
@@ -58,15 +73,20 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     dy_a = grad_y2.to(adapter_dtype)
     dx2 = d_a = d_b = d_bias = None
     if need_B:
-        d_b = torch.mm(dy_a.t(), h).mul_(scale)
+        # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS.
+        d_b = torch.mm(h.t(), dy_a).mul_(scale).t()
     if need_bias:
         d_bias = grad_y2.sum(0, dtype=torch.float32)
-    if need_x or need_A:
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x else None
+    if merged is not None:
+        # dY W + (scale dY B) A = dY (W + scale B A): one GEMM.
+        dx2 = torch.mm(grad_y2, merged)
+    if need_A or (need_x and merged is None):
         d_h = torch.mm(dy_a, lora_B).mul_(scale)
         keep = None
         if seed is not None:
             keep = dropout_keep_mask(seed, d_h.shape[0], lora_A.shape[1], dropout_p)
-        if need_x:
+        if need_x and merged is None:
             dx2 = torch.mm(grad_y2, weight)
             if keep is None:
                 dx2.addmm_(d_h.to(grad_y2.dtype), lora_A.to(grad_y2.dtype))

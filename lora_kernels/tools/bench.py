@@ -302,6 +302,46 @@ def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: 
     return {name: {ph: [g() for g in lst] for ph, lst in d.items()} for name, d in pending.items()}
 
 
+# ----------------------------------------------------------------------------- ceilings
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, reps: int = 10) -> dict:
+    """Device ceilings measured in the same run: copy bandwidth (GB/s, read + write bytes) of a
+    large tensor and throughput (TFLOP/s) of a large square matmul in ``dtype``.
+
+    CUDA: 1 GiB copy, 8192^3 matmul. CPU: 256 MiB copy, 2048^3 matmul.
+    """
+    cuda = device.type == "cuda"
+    nbytes = (1 << 30) if cuda else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def best_ms(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    copy_ms = best_ms(lambda: dst.copy_(src))
+    mm_ms = best_ms(lambda: torch.mm(a, b))
+    return {"copy_bytes": nbytes, "copy_GBps": 2 * nbytes / copy_ms / 1e6,
+            "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def parse_shapes(text: str) -> list:
@@ -379,8 +419,10 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
                 "out_max_abs_diff": diffs.get(n),
             })
         del built, p, dy
+    ceilings = measure_ceilings(device, dtype)
     result = {
         "metadata": environment_metadata(device, dtype),
+        "ceilings": ceilings,
         "config": {"reps": reps, "warmup": warmup, "flush_l2": flush_l2 and cuda,
                    "statistic": "median", "bwd_timing": "untimed forward, then timed backward",
                    "lora_kernels_backend": {f"{M},{K},{N},{r}": select_backend(device, M, N, K, r)
@@ -393,6 +435,8 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
                   _plot_bench if plot else None)
     if verbose:
         print(format_table(rows, result["metadata"]))
+        print(f"ceilings: copy {ceilings['copy_GBps']:.1f} GB/s, "
+              f"{ceilings['matmul_n']}^3 {ceilings['matmul_dtype']} matmul {ceilings['matmul_TFLOPs']:.3f} TFLOP/s")
         print(f"wrote {out}/bench_{result['metadata']['dtype']}.{{json,csv,png}}")
     return result
 
@@ -419,7 +463,10 @@ def write_outputs(result: dict, out: Path, stem: str, csv_fields, plotter=None):
 
 
 def fmt_num(v, spec):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    """format(v, spec), or a right-aligned "-" of the same width for None/NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return format("-", ">" + re.match(r"\d*", spec).group())
+    return format(v, spec)
 
 
 def format_table(rows, meta) -> str:

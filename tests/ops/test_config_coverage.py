@@ -1,0 +1,68 @@
+"""Every entry of the tile-config table runs under the interpreter: each (dot kind, GPU family,
+padded rank) picks different block sizes, and shapes are chosen to span several tiles and partial
+tiles in every dimension, so the masking and split-M reduction logic is exercised per config."""
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.kernels import configs
+from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
+from lora_kernels.ops import triton_launch
+
+pytestmark = pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+
+# (x dtype, adapter dtype, fp32 matmul precision) -> dot kind "half", "half_lora32", "tf32", "ieee"
+KINDS = {
+    "half": (torch.float16, torch.float16, "highest"),
+    "half_lora32": (torch.float16, torch.float32, "highest"),
+    "tf32": (torch.float32, torch.float32, "high"),
+    "ieee": (torch.float32, torch.float32, "highest"),
+}
+BOUND = {torch.float16: 3e-3, torch.float32: 1e-5}
+RANK_FOR_PADDED = {16: 3, 32: 20, 64: 40, 128: 100, 256: 200}
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("kind", configs.DOT_KINDS)
+@pytest.mark.parametrize("padded", configs.PADDED_RANKS)
+def test_every_config_matches_reference(monkeypatch, arch, kind, padded):
+    x_dtype, adapter_dtype, precision = KINDS[kind]
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert configs.dot_kind(x_dtype == torch.float32, adapter_dtype == torch.float32,
+                                triton_launch._fp32_precision()) == kind
+        r = RANK_FOR_PADDED[padded]
+        M, K, N = 67, 133, 261  # > one tile of most configs along every dimension, none a multiple
+        gen = torch.Generator().manual_seed(1000 * padded + arch)
+        x = torch.randn(M, K, generator=gen).to(x_dtype).requires_grad_(True)
+        weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
+        lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_(True)
+        lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_(True)
+        bias = torch.randn(N, generator=gen).to(x_dtype).requires_grad_(True)
+        grad_y = torch.randn(M, N, generator=gen).to(x_dtype)
+
+        torch.manual_seed(7)
+        y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, bias=bias, dropout_p=0.25)
+        y.backward(grad_y)
+
+        torch.manual_seed(7)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        keep = dropout_keep_mask(seed, M, K, 0.25)
+        ref_in = [t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B, bias)]
+        ref = lora_linear_reference(ref_in[0], weight.double(), ref_in[1], ref_in[2], 0.5,
+                                    bias=ref_in[3], keep_mask=keep, dropout_p=0.25)
+        ref.backward(grad_y.double())
+        bound = BOUND[x_dtype]
+        assert _rel(y, ref) < bound
+        for name, got, want in zip(("x", "lora_A", "lora_B", "bias"), (x, lora_A, lora_B, bias), ref_in):
+            assert got.grad.dtype == got.dtype
+            assert _rel(got.grad, want.grad) < bound, name
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
