@@ -73,8 +73,8 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     dy_a = grad_y2.to(adapter_dtype)
     dx2 = d_a = d_b = d_bias = None
     if need_B:
-        # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS.
-        d_b = torch.mm(h.t(), dy_a).mul_(scale).t()
+        # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS. Contiguous, as the fake impl.
+        d_b = torch.mm(h.t(), dy_a).mul_(scale).t().contiguous()  # [N, r] copy is tiny
     if need_bias:
         d_bias = grad_y2.sum(0, dtype=torch.float32)
     merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x else None
