@@ -25,7 +25,8 @@ def _require_real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile the value may be a symbolic float.
+    if value != value or value in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

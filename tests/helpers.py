@@ -1,0 +1,298 @@
+"""Shared helpers of the correctness tests: error metric and bounds, input factory, float64
+reference, poisoned memory, and backend selection with a record of which implementation ran.
+
+Every numerical check is the relative error ||out - ref|| / ||ref|| against a float64 reference
+computed from the same inputs upcast to float64.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+from typing import Callable, Optional
+from unittest import mock
+
+import pytest
+import torch
+
+import lora_kernels
+import lora_kernels.ops.lora_linear as ops_impl
+from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_reference
+from lora_kernels.ops.triton_launch import is_interpreted
+
+# Relative-error bounds per dtype of x (forward output and every gradient). Measured: fp32 ~1e-7,
+# fp16 ~3e-4, bf16 ~5e-3..1e-2 under the interpreter. The bf16 bound is loose because the Triton
+# interpreter converts fp32 -> bf16 by truncation instead of round-to-nearest, which biases every
+# stored bf16 value (outputs and h) by up to one ulp (2**-8 relative).
+BOUNDS = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SEED_HIGH = 2**62
+
+
+def bound_for(*dtypes) -> float:
+    """The loosest bound of the dtypes involved (the output precision limits every check)."""
+    return max(BOUNDS[d] for d in dtypes if d is not None)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64. A zero (or empty) reference demands an exact zero:
+    then the absolute norm ||out|| is returned. NaN anywhere gives NaN (which fails ``< bound``)."""
+    assert tuple(out.shape) == tuple(ref.shape), f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    diff = (out64 - ref64).norm().item()
+    ref_norm = ref64.norm().item()
+    if out64.isnan().any():
+        return math.nan
+    return diff / ref_norm if ref_norm > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, bound: float, name: str = "") -> None:
+    err = rel_err(out, ref)
+    assert err < bound, f"{name}: relative error {err:.3g} not below {bound:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisoned memory: with deterministic algorithms and fill_uninitialized_memory, torch.empty
+# returns NaN-filled float memory (int: max value), so an element a kernel forgets to write shows
+# up as NaN in the output and fails every relative-error check.
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def poisoned_memory():
+    import torch.utils.deterministic as det
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        det.fill_uninitialized_memory = prev[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. "triton": CPU tensors through the Triton interpreter; "torch": the lean PyTorch path;
+# "cuda": CUDA tensors (Triton compiled), only where a GPU exists.
+# ---------------------------------------------------------------------------------------------
+BACKENDS = ("triton", "torch")  # CPU tensors: Triton interpreter, lean torch path
+
+
+@dataclasses.dataclass
+class BackendRecord:
+    name: str
+    device: torch.device
+    calls: list  # (impl "triton"/"torch", "fwd"/"bwd", positional args of the impl)
+
+    def impls(self, kind: Optional[str] = None) -> list:
+        return [c[0] for c in self.calls if kind is None or c[1] == kind]
+
+    def expected_impl(self, M: int, N: int, K: int, r: int) -> str:
+        if M == 0 or N == 0 or K == 0 or r > lora_kernels.kernels.configs.MAX_RANK:
+            return "torch"
+        return "torch" if self.name == "torch" else "triton"
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+
+def backend_available(name: str) -> Optional[str]:
+    """None if ``name`` can run here, else the reason to skip."""
+    if name == "triton" and not is_interpreted():
+        return "CPU Triton backend needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Select the backend (env LORA_KERNELS_CPU_BACKEND is read per call) and record every call
+    of the four implementations, so tests can assert which one actually ran."""
+    reason = backend_available(name)
+    if reason:
+        pytest.skip(reason)
+    record = BackendRecord(name, torch.device("cuda" if name == "cuda" else "cpu"), [])
+
+    def spy(impl_name, kind, fn):
+        def wrapper(*args):
+            record.calls.append((impl_name, kind, args))
+            return fn(*args)
+        return wrapper
+
+    old_env = os.environ.get(CPU_BACKEND_ENV)
+    os.environ[CPU_BACKEND_ENV] = "torch" if name == "torch" else ("triton" if name == "triton" else "auto")
+    patches = [mock.patch.object(ops_impl, attr, spy(impl, kind, getattr(ops_impl, attr)))
+               for attr, impl, kind in (("triton_lora_forward", "triton", "fwd"),
+                                        ("torch_lora_forward", "torch", "fwd"),
+                                        ("triton_lora_backward", "triton", "bwd"),
+                                        ("torch_lora_backward", "torch", "bwd"))]
+    try:
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            yield record
+    finally:
+        if old_env is None:
+            os.environ.pop(CPU_BACKEND_ENV, None)
+        else:
+            os.environ[CPU_BACKEND_ENV] = old_env
+
+
+# Backward impl positional arguments (see ops.lora_linear.lora_linear_bwd).
+BWD_NEED_FLAGS = slice(9, 13)  # need_x, need_A, need_B, need_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+LAYOUTS = ("contiguous", "transposed", "sliced", "row_strided")
+
+
+def make_x(lead: tuple, K: int, dtype, layout: str, gen: torch.Generator, device="cpu"):
+    """(leaf, view_fn): view_fn(leaf) is x of shape [*lead, K] with the requested memory layout.
+    Gradients land on the leaf; the float64 reference applies the same view_fn to leaf.double()."""
+    lead = tuple(lead)
+    if layout == "contiguous":
+        leaf = torch.randn(*lead, K, generator=gen)
+        fn = lambda t: t  # noqa: E731
+    elif layout == "transposed":  # last two dims swapped: stride 1 along the leading dim
+        if len(lead) == 0:
+            leaf = torch.randn(K, generator=gen)
+            fn = lambda t: t  # noqa: E731
+        else:
+            leaf = torch.randn(*lead[:-1], K, lead[-1], generator=gen)
+            fn = lambda t: t.transpose(-1, -2)  # noqa: E731
+    elif layout == "sliced":  # every other column, storage offset 1
+        leaf = torch.randn(*lead, 2 * K + 1, generator=gen)
+        fn = lambda t: t[..., 1::2]  # noqa: E731
+    elif layout == "row_strided":  # every other row of the first dim
+        if len(lead) == 0:
+            leaf = torch.randn(K, generator=gen)
+            fn = lambda t: t  # noqa: E731
+        else:
+            leaf = torch.randn(2 * lead[0], *lead[1:], K, generator=gen)
+            fn = lambda t: t[::2]  # noqa: E731
+    else:
+        raise ValueError(layout)
+    leaf = leaf.to(device=device, dtype=dtype)
+    assert tuple(fn(leaf).shape) == (*lead, K)
+    return leaf, fn
+
+
+@dataclasses.dataclass
+class Problem:
+    x_leaf: torch.Tensor
+    view: Callable
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    bias: Optional[torch.Tensor]
+    lora_B_bias: Optional[torch.Tensor]
+    scale: float
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.view(self.x_leaf)
+
+    @property
+    def M(self) -> int:
+        return math.prod(self.x.shape[:-1])
+
+    def params(self) -> dict:
+        """The differentiable leaves by argument name (those that require grad)."""
+        named = {"x": self.x_leaf, "lora_A": self.lora_A, "lora_B": self.lora_B, "bias": self.bias,
+                 "lora_B_bias": self.lora_B_bias}
+        return {k: v for k, v in named.items() if v is not None and v.requires_grad}
+
+    def zero_grad(self) -> None:
+        for t in self.params().values():
+            t.grad = None
+
+
+def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bias=False,
+                 lora_B_bias=False, bias_dtype=None, layout="contiguous", seed=0, scale=None,
+                 device="cpu", requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias")) -> Problem:
+    """Random inputs (never zeros; lora_B random, not PEFT's zero init), scaled so the base and
+    LoRA terms are of similar magnitude."""
+    adapter_dtype = adapter_dtype or x_dtype
+    bias_dtype = bias_dtype or x_dtype
+    gen = torch.Generator().manual_seed(seed)
+    leaf, fn = make_x(lead, K, x_dtype, layout, gen, device)
+    kw = {"device": device}
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(max(K, 1))).to(dtype=x_dtype, **kw)
+    lora_A = (torch.randn(r, K, generator=gen) / math.sqrt(max(K, 1))).to(dtype=adapter_dtype, **kw)
+    lora_B = (torch.randn(N, r, generator=gen) / math.sqrt(max(r, 1))).to(dtype=adapter_dtype, **kw)
+    b = torch.randn(N, generator=gen).to(dtype=bias_dtype, **kw) if bias else None
+    lbb = torch.randn(N, generator=gen).to(dtype=adapter_dtype, **kw) if lora_B_bias else None
+    if scale is None:
+        scale = float(0.5 + torch.rand((), generator=gen))
+    named = {"x": leaf, "lora_A": lora_A, "lora_B": lora_B, "bias": b, "lora_B_bias": lbb}
+    for name in requires_grad:
+        if named[name] is not None:
+            named[name].requires_grad_(True)
+    return Problem(leaf, fn, weight, lora_A, lora_B, b, lbb, scale)
+
+
+def make_grad_y(problem: Problem, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*problem.x.shape[:-1], problem.weight.shape[0])
+    return torch.randn(shape, generator=gen).to(device=problem.x_leaf.device, dtype=problem.x_leaf.dtype)
+
+
+def run_public(problem: Problem, grad_y: Optional[torch.Tensor], **kwargs):
+    """y and the gradients of every leaf that requires grad (None grad stays None)."""
+    problem.zero_grad()
+    y = lora_kernels.lora_linear(problem.x, problem.weight, problem.lora_A, problem.lora_B, problem.scale,
+                                 bias=problem.bias, lora_B_bias=problem.lora_B_bias, **kwargs)
+    grads = {}
+    if grad_y is not None and y.requires_grad:
+        y.backward(grad_y)
+        grads = {k: v.grad for k, v in problem.params().items()}
+    return y, grads
+
+
+def reference(problem: Problem, grad_y: Optional[torch.Tensor], keep_mask=None, dropout_p=0.0):
+    """float64 y and gradients (by argument name) from the same inputs upcast to float64.
+    keep_mask: bool [M, K] over the flattened rows of x, or None."""
+    def up(t):
+        if t is None:
+            return None
+        return t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
+
+    leaf = up(problem.x_leaf)
+    x = problem.view(leaf)
+    A, B, bias, lbb = (up(t) for t in (problem.lora_A, problem.lora_B, problem.bias, problem.lora_B_bias))
+    keep = None if keep_mask is None else keep_mask.to("cpu").reshape(x.shape)
+    y = lora_linear_reference(x, up(problem.weight).detach(), A, B, problem.scale, bias=bias,
+                              lora_B_bias=lbb, keep_mask=keep, dropout_p=dropout_p)
+    grads = {}
+    if grad_y is not None and y.requires_grad:
+        y.backward(grad_y.to("cpu", torch.float64))
+        named = {"x": leaf, "lora_A": A, "lora_B": B, "bias": bias, "lora_B_bias": lbb}
+        grads = {k: v.grad for k, v in named.items() if v is not None and v.requires_grad}
+    return y.detach(), grads
+
+
+def seed_after_manual_seed(s: int, device="cpu") -> torch.Tensor:
+    """The dropout seed lora_linear draws right after torch.manual_seed(s)."""
+    torch.manual_seed(s)
+    return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def keep_mask_for(s: int, M: int, K: int, p: float, device="cpu") -> torch.Tensor:
+    return dropout_keep_mask(seed_after_manual_seed(s, device), M, K, p)
+
+
+def check_against_reference(problem: Problem, y, grads, ref_y, ref_grads, bound: float) -> None:
+    """Output dtype/shape, every gradient's dtype/shape, and relative errors of all of them."""
+    assert y.dtype == problem.x_leaf.dtype
+    assert tuple(y.shape) == (*problem.x.shape[:-1], problem.weight.shape[0])
+    assert_close(y, ref_y, bound, "y")
+    assert set(grads) == set(ref_grads), (set(grads), set(ref_grads))
+    params = problem.params()
+    for name, ref_g in ref_grads.items():
+        g = grads[name]
+        assert g is not None, f"{name}.grad is None"
+        assert g.dtype == params[name].dtype, f"{name}.grad dtype {g.dtype} != {params[name].dtype}"
+        assert_close(g, ref_g, bound, f"d{name}")

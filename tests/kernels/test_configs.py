@@ -1,0 +1,125 @@
+"""The tile-config table is well formed for every (kernel, padded rank, dot kind, arch), and the
+AOT checker parses cuobjdump output and compiles a kernel for sm_90 without a GPU."""
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lora_kernels.kernels import configs
+from lora_kernels.tools import aot_check
+
+ALL_CONFIGS = [(name, R, kind, arch) for name in configs.KERNEL_CONFIGS for R in configs.PADDED_RANKS
+               for kind in configs.DOT_KINDS for arch in configs.ARCHS]
+# Block constexprs that are a dimension of some tl.dot operand (must be >= 16). GROUP_M is not.
+DOT_DIMS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "R_CHUNK"}
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _kernel_args(name):
+    module_name, _ = configs.KERNEL_CONFIGS[name]
+    fn = getattr(importlib.import_module(module_name), name)
+    return list(inspect.signature(fn.fn).parameters)
+
+
+@pytest.mark.parametrize("r, expected", [(1, 16), (2, 16), (15, 16), (16, 16), (17, 32), (32, 32),
+                                         (33, 64), (64, 64), (65, 128), (100, 128), (128, 128),
+                                         (129, 256), (200, 256), (255, 256), (256, 256)])
+def test_padded_rank_values(r, expected):
+    assert configs.padded_rank(r) == expected
+
+
+def test_padded_rank_is_smallest_power_of_two_at_least_16():
+    for r in range(1, configs.MAX_RANK + 1):
+        R = configs.padded_rank(r)
+        assert _is_pow2(R) and R >= max(r, 16) and (R == 16 or R // 2 < r)
+        assert R in configs.PADDED_RANKS
+
+
+def test_dot_kind_and_arch_family():
+    assert configs.dot_kind(True, True, "ieee") == "ieee"
+    assert configs.dot_kind(True, True, "tf32") == "tf32"
+    assert configs.dot_kind(False, False, "ieee") == "half"
+    assert configs.dot_kind(False, True, "ieee") == "half_lora32"
+    assert [configs.arch_family(c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))] == \
+        [80, 80, 80, 90, 90, 90]
+
+
+@pytest.mark.parametrize("name", list(configs.KERNEL_CONFIGS))
+def test_config_keys_are_the_kernel_block_constexprs(name):
+    args = _kernel_args(name)
+    block_args = {a for a in args if a.startswith("BLOCK_") or a in ("GROUP_M", "R_CHUNK")}
+    _, fn = configs.KERNEL_CONFIGS[name]
+    for R in configs.PADDED_RANKS:
+        for kind in configs.DOT_KINDS:
+            for arch in configs.ARCHS:
+                assert set(fn(R, kind, arch).blocks) == block_args, (name, R, kind, arch)
+
+
+@pytest.mark.parametrize("name, R, kind, arch", ALL_CONFIGS)
+def test_config_blocks_are_valid(name, R, kind, arch):
+    _, fn = configs.KERNEL_CONFIGS[name]
+    cfg = fn(R, kind, arch)
+    assert isinstance(cfg, configs.TileConfig)
+    for key, value in cfg.blocks.items():
+        assert isinstance(value, int) and _is_pow2(value), (key, value)
+        if key in DOT_DIMS:
+            assert value >= 16, (key, value)  # tl.dot needs every dimension >= 16
+    if "R_CHUNK" in cfg.blocks:
+        assert cfg.blocks["R_CHUNK"] <= R and R % cfg.blocks["R_CHUNK"] == 0
+    assert _is_pow2(cfg.num_warps) and cfg.num_warps <= 16
+    assert 1 <= cfg.num_stages <= 5
+
+
+def test_aot_variants_cover_every_kernel_and_rank():
+    rows = list(aot_check.variants())
+    assert len(rows) == len(configs.KERNEL_CONFIGS) * len(configs.PADDED_RANKS) * len(aot_check.DTYPE_PAIRS)
+    assert {r[0] for r in rows} == set(configs.KERNEL_CONFIGS)
+    assert {r[1] for r in rows} == set(configs.PADDED_RANKS)
+    only = list(aot_check.variants(kernels=["lora_shrink_kernel"], ranks=[32]))
+    assert len(only) == len(aot_check.DTYPE_PAIRS) and all(v[:2] == ("lora_shrink_kernel", 32) for v in only)
+
+
+def test_parse_res_usage():
+    sample = ("\nFatbin elf code:\n================\narch = sm_90\ncode version = [1,7]\n"
+              "host = linux\ncompile_size = 64bit\n\nResource usage:\n"
+              " Common:\n  GLOBAL:0\n Function lora_grad_a_kernel:\n"
+              "  REG:168 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    row = aot_check._parse_res_usage(sample)
+    assert row == {"regs": 168, "stack": 16, "static_shared": 1024, "local": 8}
+    assert aot_check.spilled({**row, "error": None})
+    clean = aot_check._parse_res_usage("REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:500")
+    assert clean["regs"] == 40 and not aot_check.spilled({**clean, "error": None})
+    with pytest.raises(RuntimeError, match="cannot parse"):
+        aot_check._parse_res_usage("cuobjdump: no such file")
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+from lora_kernels.tools import aot_check
+print(json.dumps(aot_check.compile_one(("lora_grad_a_kernel", 16, "bf16", "bf16", "tf32"), 90)))
+"""
+
+
+def test_aot_compile_one_for_sm90():
+    # aot_check compiles the triton.jit functions; under TRITON_INTERPRET=1 (which tests/conftest.py
+    # sets without a GPU) they are InterpretedFunction objects that cannot be compiled (compile_one
+    # reports "'InterpretedFunction' object has no attribute 'cache_key'"), so the compile runs in a
+    # subprocess without TRITON_INTERPRET, as `python -m lora_kernels.tools.aot_check` would.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["error"] is None, row["error"]
+    assert 0 < row["regs"] <= 255
+    assert row["arch"] == "sm_90" and row["dynamic_shared"] >= 0
+    assert not aot_check.spilled(row)  # R = 16 is a main configuration: it must not spill
