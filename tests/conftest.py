@@ -13,3 +13,11 @@ def _has_cuda_gpu() -> bool:
 if not _has_cuda_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+# CI runs a fixed set of hypothesis examples (a red CI must mean a regression, and it must be
+# reproducible); local runs draw fresh examples each time.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")

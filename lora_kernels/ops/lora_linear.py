@@ -57,7 +57,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, b
                     scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     K = x.shape[-1]
     N, r = lora_B.shape
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(_rows(x), K)
     backend = select_backend(x.device, x2.shape[0], N, K, r)
     impl = triton_lora_forward if backend == "triton" else torch_lora_forward
     y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
@@ -83,8 +83,8 @@ def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A:
         raise ValueError("lora_linear_bwd: need_A requires x")
     if need_B and h is None:
         raise ValueError("lora_linear_bwd: need_B requires h")
-    grad_y2 = grad_y.reshape(-1, N)
-    x2 = x.reshape(-1, K) if x is not None else None
+    grad_y2 = grad_y.reshape(_rows(grad_y), N)
+    x2 = x.reshape(_rows(x), K) if x is not None else None
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
