@@ -61,6 +61,22 @@ def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p
     return y2, h
 
 
+def _mm_tn(a: torch.Tensor, b: torch.Tensor, splits: int = 4) -> torch.Tensor:
+    """a^T b [p, q] for a [M, p], b [M, q] (a thin: p = r), the M contraction split in ``splits``.
+
+    CPU BLAS runs a thin-output, long-contraction GEMM poorly (one small output tile, a long serial
+    k-loop); a batched GEMM over M-chunks plus a sum keeps every thread busy (~20% faster at
+    M=2048, r=16). The split is fixed, so the result is deterministic.
+    """
+    M = a.shape[0]
+    # Strided operands would be copied by the reshape: plain mm reads them in place.
+    if M < 256 * splits or M % splits or not (a.is_contiguous() and b.is_contiguous()):
+        return torch.mm(a.t(), b)
+    chunk = M // splits
+    return torch.bmm(a.reshape(splits, chunk, a.shape[1]).transpose(1, 2),
+                     b.reshape(splits, chunk, b.shape[1])).sum(0)
+
+
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool):
     """Returns (dx2, dA, dB, dbias) with None for what is not needed.
@@ -71,30 +87,30 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     """
     adapter_dtype = lora_A.dtype
     dy_a = grad_y2.to(adapter_dtype)
-    dx2 = d_a = d_b = d_bias = None
+    dx2 = d_a = d_b = d_bias = d_h = keep = None
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x else None
+    # Order: every pass over dY runs back to back while dY is still in cache, the M x K dX last.
+    if need_A or (need_x and merged is None):
+        d_h = torch.mm(dy_a, lora_B).mul_(scale)
     if need_B:
         # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS. Contiguous, as the fake impl.
-        d_b = torch.mm(h.t(), dy_a).mul_(scale).t().contiguous()  # [N, r] copy is tiny
+        d_b = _mm_tn(h, dy_a).mul_(scale).t().contiguous()  # [N, r] copy is tiny
     if need_bias:
         d_bias = grad_y2.sum(0, dtype=torch.float32)
-    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x else None
+    if seed is not None and d_h is not None:
+        keep = dropout_keep_mask(seed, d_h.shape[0], lora_A.shape[1], dropout_p)
+    if need_A:
+        x_drop = x2 if keep is None else x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
+        d_a = _mm_tn(d_h, x_drop.to(adapter_dtype))
     if merged is not None:
         # dY W + (scale dY B) A = dY (W + scale B A): one GEMM.
         dx2 = torch.mm(grad_y2, merged)
-    if need_A or (need_x and merged is None):
-        d_h = torch.mm(dy_a, lora_B).mul_(scale)
-        keep = None
-        if seed is not None:
-            keep = dropout_keep_mask(seed, d_h.shape[0], lora_A.shape[1], dropout_p)
-        if need_x and merged is None:
-            dx2 = torch.mm(grad_y2, weight)
-            if keep is None:
-                dx2.addmm_(d_h.to(grad_y2.dtype), lora_A.to(grad_y2.dtype))
-            else:
-                lora_dx = torch.mm(d_h, lora_A)
-                lora_dx.mul_(keep.to(lora_dx.dtype)).mul_(1.0 / (1.0 - dropout_p))
-                dx2.add_(lora_dx.to(dx2.dtype))
-        if need_A:
-            x_drop = x2 if keep is None else x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
-            d_a = torch.mm(d_h.t(), x_drop.to(adapter_dtype))
+    elif need_x:
+        dx2 = torch.mm(grad_y2, weight)
+        if keep is None:
+            dx2.addmm_(d_h.to(grad_y2.dtype), lora_A.to(grad_y2.dtype))
+        else:
+            lora_dx = torch.mm(d_h, lora_A)
+            lora_dx.mul_(keep.to(lora_dx.dtype)).mul_(1.0 / (1.0 - dropout_p))
+            dx2.add_(lora_dx.to(dx2.dtype))
     return dx2, d_a, d_b, d_bias
