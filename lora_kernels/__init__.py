@@ -1,5 +1,6 @@
 """lora-kernels: fused LoRA / QLoRA kernels for PyTorch fine-tuning."""
-from lora_kernels.autograd import lora_linear
+from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.ops.nf4 import NF4Weight
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "__version__"]
+__all__ = ["lora_linear", "nf4_lora_linear", "NF4Weight", "__version__"]

@@ -16,6 +16,7 @@ import torch
 
 import lora_kernels
 import lora_kernels.ops.lora_linear as ops_impl
+import lora_kernels.ops.nf4_lora_linear as nf4_ops_impl
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_reference
 from lora_kernels.ops.triton_launch import is_interpreted
 
@@ -128,14 +129,16 @@ def use_backend(name: str):
     record = BackendRecord(name, torch.device("cuda" if name == "cuda" else "cpu"), [])
 
     def spy(impl_name, kind, fn):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             record.calls.append((impl_name, kind, args))
-            return fn(*args)
+            return fn(*args, **kwargs)
         return wrapper
 
     old_env = os.environ.get(CPU_BACKEND_ENV)
     os.environ[CPU_BACKEND_ENV] = "torch" if name == "torch" else ("triton" if name == "triton" else "auto")
-    patches = [mock.patch.object(ops_impl, attr, spy(impl, kind, getattr(ops_impl, attr)))
+    # The dense and the NF4 custom ops call the same four implementations.
+    patches = [mock.patch.object(module, attr, spy(impl, kind, getattr(module, attr)))
+               for module in (ops_impl, nf4_ops_impl)
                for attr, impl, kind in (("triton_lora_forward", "triton", "fwd"),
                                         ("torch_lora_forward", "torch", "fwd"),
                                         ("triton_lora_backward", "triton", "bwd"),
@@ -203,6 +206,9 @@ class Problem:
     bias: Optional[torch.Tensor]
     lora_B_bias: Optional[torch.Tensor]
     scale: float
+    # NF4 problems: the quantized weight the layer runs on; ``weight`` is then its dequantized value
+    # in x's dtype (what bitsandbytes computes with), which the float64 reference uses.
+    qweight: Optional[object] = None
 
     @property
     def x(self) -> torch.Tensor:
@@ -225,9 +231,13 @@ class Problem:
 
 def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bias=False,
                  lora_B_bias=False, bias_dtype=None, layout="contiguous", seed=0, scale=None,
-                 device="cpu", requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias")) -> Problem:
+                 device="cpu", requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias"),
+                 nf4: Optional[dict] = None) -> Problem:
     """Random inputs (never zeros; lora_B random, not PEFT's zero init), scaled so the base and
-    LoRA terms are of similar magnitude."""
+    LoRA terms are of similar magnitude.
+
+    nf4: None for a dense weight, else NF4Weight.quantize options plus optional "weight_dtype" (the
+    stored dtype, default x's): the problem then runs ``nf4_lora_linear``."""
     adapter_dtype = adapter_dtype or x_dtype
     bias_dtype = bias_dtype or x_dtype
     gen = torch.Generator().manual_seed(seed)
@@ -244,7 +254,12 @@ def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bi
     for name in requires_grad:
         if named[name] is not None:
             named[name].requires_grad_(True)
-    return Problem(leaf, fn, weight, lora_A, lora_B, b, lbb, scale)
+    qweight = None
+    if nf4 is not None:
+        options = dict(nf4)
+        qweight = lora_kernels.NF4Weight.quantize(weight.to(options.pop("weight_dtype", x_dtype)), **options)
+        weight = qweight.dequantize().to(x_dtype)
+    return Problem(leaf, fn, weight, lora_A, lora_B, b, lbb, scale, qweight)
 
 
 def make_grad_y(problem: Problem, seed: int = 1) -> torch.Tensor:
@@ -256,8 +271,13 @@ def make_grad_y(problem: Problem, seed: int = 1) -> torch.Tensor:
 def run_public(problem: Problem, grad_y: Optional[torch.Tensor], **kwargs):
     """y and the gradients of every leaf that requires grad (None grad stays None)."""
     problem.zero_grad()
-    y = lora_kernels.lora_linear(problem.x, problem.weight, problem.lora_A, problem.lora_B, problem.scale,
-                                 bias=problem.bias, lora_B_bias=problem.lora_B_bias, **kwargs)
+    if problem.qweight is not None:
+        y = lora_kernels.nf4_lora_linear(problem.x, problem.qweight, problem.lora_A, problem.lora_B,
+                                         problem.scale, bias=problem.bias, lora_B_bias=problem.lora_B_bias,
+                                         **kwargs)
+    else:
+        y = lora_kernels.lora_linear(problem.x, problem.weight, problem.lora_A, problem.lora_B, problem.scale,
+                                     bias=problem.bias, lora_B_bias=problem.lora_B_bias, **kwargs)
     grads = {}
     if grad_y is not None and y.requires_grad:
         y.backward(grad_y)

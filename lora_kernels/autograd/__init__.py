@@ -1,4 +1,5 @@
-"""Autograd layer: registers backward for the custom ops and exposes the public functional."""
+"""Autograd layer: registers backward for the custom ops and exposes the public functionals."""
 from lora_kernels.autograd.lora_linear import lora_linear
+from lora_kernels.autograd.nf4_lora_linear import nf4_lora_linear
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "nf4_lora_linear"]

@@ -11,14 +11,15 @@ import torch
 from lora_kernels.ops import check_lora_linear_args, lora_linear_bwd, lora_linear_fwd, new_dropout_seed
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, scale, dropout_p, seed = inputs
-    _, h = output
-    need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+def save_for_lora_backward(ctx, x, weights: tuple, lora_A, lora_B, h, seed, bias, scale, dropout_p,
+                           need_x, need_A, need_B, need_bias):
+    """The saving rules above, shared by the dense and the NF4 layer. ``weights``: the base
+    weight's tensors (parameters or buffers: saved by reference, no new memory)."""
     ctx.mark_non_differentiable(h)
+    ctx.num_weights = len(weights)
     ctx.save_for_backward(
         x if need_A else None,
-        weight,
+        *weights,
         lora_A,
         lora_B,
         h if need_B else None,
@@ -30,13 +31,33 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, grad_y, grad_h):
-    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+def saved_for_lora_backward(ctx):
+    """(x, weights tuple, lora_A, lora_B, h, seed) as saved by ``save_for_lora_backward``."""
+    x, *rest = ctx.saved_tensors
+    weights = tuple(rest[:ctx.num_weights])
+    lora_A, lora_B, h, seed = rest[ctx.num_weights:]
+    return x, weights, lora_A, lora_B, h, seed
+
+
+def lora_grads_to_inputs(ctx, dx, d_a, d_b, d_bias):
+    """(dx, dA, dB, dbias) with None where no gradient was asked for; dbias in the bias' dtype."""
     need_x, need_A, need_B, need_bias = ctx.needs
-    dx, d_a, d_b, d_bias = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, h, seed,
-                                           ctx.scale, ctx.dropout_p, need_x, need_A, need_B, need_bias)
-    return (dx if need_x else None, None, d_a if need_A else None, d_b if need_B else None,
-            d_bias.to(ctx.bias_dtype) if need_bias else None, None, None, None)
+    return (dx if need_x else None, d_a if need_A else None, d_b if need_B else None,
+            d_bias.to(ctx.bias_dtype) if need_bias else None)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scale, dropout_p, seed = inputs
+    need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+    save_for_lora_backward(ctx, x, (weight,), lora_A, lora_B, output[1], seed, bias, scale, dropout_p,
+                           need_x, need_A, need_B, need_bias)
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, (weight,), lora_A, lora_B, h, seed = saved_for_lora_backward(ctx)
+    grads = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, h, seed, ctx.scale, ctx.dropout_p, *ctx.needs)
+    dx, d_a, d_b, d_bias = lora_grads_to_inputs(ctx, *grads)
+    return dx, None, d_a, d_b, d_bias, None, None, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -61,16 +82,19 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None
     """
     scale, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias,
                                               dropout_p)
+    combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
+    y, _ = lora_linear_fwd(x, weight, lora_A, lora_B, combined_bias, scale, dropout_p, seed)
+    return y
+
+
+def bias_and_dropout(x, scale: float, bias, lora_B_bias, dropout_p: float, training: bool):
+    """(combined bias or None, effective dropout_p, seed or None) for the custom ops."""
     combined_bias = bias
     if lora_B_bias is not None:
         # scale * lora_B_bias joins the bias in fp32; autograd routes dbias back to both.
         combined_bias = lora_B_bias.float() * scale
         if bias is not None:
             combined_bias = combined_bias + bias.float()
-    seed = None
     if training and dropout_p > 0.0:
-        seed = new_dropout_seed(x.device)
-    else:
-        dropout_p = 0.0
-    y, _ = lora_linear_fwd(x, weight, lora_A, lora_B, combined_bias, scale, dropout_p, seed)
-    return y
+        return combined_bias, dropout_p, new_dropout_seed(x.device)
+    return combined_bias, 0.0, None

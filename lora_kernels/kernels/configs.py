@@ -64,8 +64,13 @@ def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
     return TileConfig({"BLOCK_M": 32 if R == 256 else 64, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 
-def forward_gemm_config(R: int, kind: str, arch: int) -> TileConfig:
-    """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time."""
+def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
+    """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time.
+
+    NF4 weights decode their [BLOCK_K, BLOCK_N] tile in registers (per element: code byte, table
+    value, block scale), so they take smaller weight tiles."""
+    if weight_format == "nf4":
+        return _nf4_gemm_config(R, kind, "BLOCK_N", "BLOCK_K")
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
@@ -79,8 +84,20 @@ def forward_gemm_config(R: int, kind: str, arch: int) -> TileConfig:
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
 
 
-def grad_input_config(R: int, kind: str, arch: int) -> TileConfig:
+def _nf4_gemm_config(R: int, kind: str, out_block: str, red_block: str) -> TileConfig:
+    """GEMM tiles for an NF4 weight: output tile [BLOCK_M, out_block], reduction step red_block."""
+    if kind == "ieee":
+        return TileConfig({"BLOCK_M": 32, out_block: 32, red_block: 32, "GROUP_M": 8, "R_CHUNK": 16},
+                          num_warps=4, num_stages=2)
+    # fp32 tiles take twice the registers of 16-bit ones.
+    return TileConfig({"BLOCK_M": 64 if kind == "tf32" else 128, out_block: 128, red_block: 32, "GROUP_M": 8,
+                       "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+
+
+def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
     """dX tile [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N steps (dropout mask on the tile)."""
+    if weight_format == "nf4":
+        return _nf4_gemm_config(R, kind, "BLOCK_K", "BLOCK_N")
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
@@ -119,6 +136,14 @@ def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
         return TileConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4, num_stages=3)
     return TileConfig({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
+
+def nf4_dequantize_config() -> TileConfig:
+    """Flat decode: BLOCK elements per program (memory bound; 4 warps keep loads in flight)."""
+    return TileConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
+
+
+# Kernels that read the base weight W take it dense or as bitsandbytes NF4 (W_NF4).
+WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input_kernel": ("dense", "nf4")}
 
 # name -> (module of the kernel, config function). Used by the launchers and the AOT check.
 KERNEL_CONFIGS = {

@@ -6,7 +6,8 @@
                                   column sums  sum_m dY        -> colsum_ws [M_splits, N]
                                 the host reduces the partials with torch.sum in a fixed order.
     lora_grad_input_kernel      dX = keep * (dH @ A) / (1-p) + dY @ W: the accumulator starts from
-                                the masked LoRA term and continues with the N-loop (one GEMM).
+                                the masked LoRA term and continues with the N-loop (one GEMM);
+                                W dense or NF4 (tiles decoded in the loop, W_NF4).
     lora_grad_a_kernel          dA partials dH^T @ dropout(x) per M-split -> da_ws [M_splits, r, K].
 
 dH arrives already multiplied by scale (fp32); dropout masks are regenerated from the seed.
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+from lora_kernels.kernels.nf4 import load_weight_tile
 
 
 @triton.jit
@@ -74,6 +76,7 @@ def lora_grad_out_pass_kernel(
 @triton.jit
 def lora_grad_input_kernel(
     dy_ptr, w_ptr, dh_ptr, a_ptr, seed_ptr, dx_ptr,
+    wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
     M, N, K, r,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dhm, stride_dhr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
@@ -82,6 +85,8 @@ def lora_grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,8 +118,11 @@ def lora_grad_input_kernel(
         ns = offs_n.to(tl.int64)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = load_weight_tile(w_ptr, ns[:, None], ks[None, :], n_mask[:, None] & k_mask[None, :],
+                             stride_wn, stride_wk, K,
+                             wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
+                             wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE,
+                             dy_ptr.dtype.element_ty)
         acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])

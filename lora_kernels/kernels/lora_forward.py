@@ -6,6 +6,8 @@
 The GEMM starts its fp32 accumulator from scale * h @ B^T (one dot over the rank, chunked by
 R_CHUNK to bound registers) and then runs the K-loop of x @ W^T, so no M x N intermediate is
 written besides y. ``bias`` is already bias + scale * lora_B_bias (combined on the host).
+With W_NF4 the base weight is bitsandbytes NF4 (w_ptr = packed codes) and its tiles are decoded
+inside the K-loop (``kernels.nf4``); the wq_* pointers are unused (None) for dense weights.
 LoRA dots run in the adapters' dtype (fp32 adapters with 16-bit x: tf32 dots, like PEFT's fp32
 LoRA branch to within tf32 rounding), base dots in x's dtype; all accumulate in fp32.
 Rank dimensions are padded to the power of two R >= 16 (tl.dot's minimum) and masked with r.
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+from lora_kernels.kernels.nf4 import load_weight_tile
 
 
 @triton.jit
@@ -54,6 +57,7 @@ def lora_shrink_kernel(
 @triton.jit
 def lora_forward_gemm_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, y_ptr,
+    wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
     M, N, K, r,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
     stride_bn, stride_br, stride_ym, stride_yn,
@@ -62,6 +66,8 @@ def lora_forward_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,8 +95,11 @@ def lora_forward_gemm_kernel(
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
-                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
+                               k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
+                               wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                               wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
+                               W_STORED_DTYPE, x_ptr.dtype.element_ty)
         acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:

@@ -31,12 +31,10 @@ def _require_real(name: str, value) -> float:
     return value
 
 
-def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p):
-    """Validate ``lora_linear`` arguments; returns (scale, dropout_p) as Python floats.
-
-    x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], lora_B_bias [N].
-    """
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+def _check_lora_args(x, N: int, K: int, weight_desc: str, lora_A, lora_B, scale, bias, lora_B_bias,
+                     dropout_p, weight_device, weight_name="weight"):
+    """Checks shared by the dense and the NF4 layer, for a base weight of shape [N, K]."""
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(name, t)
     _require_tensor("bias", bias, optional=True)
     _require_tensor("lora_B_bias", lora_B_bias, optional=True)
@@ -47,30 +45,25 @@ def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, 
 
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
-    N, K = weight.shape
     if x.shape[-1] != K:
-        raise ValueError(f"x must have last dimension K={K} (weight is [N, K] = {list(weight.shape)}), "
-                         f"got x of shape {list(x.shape)}")
+        raise ValueError(f"x must have last dimension K={K} ({weight_desc}), got x of shape {list(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must have shape [r, K] with K={K}, got {list(lora_A.shape)}")
     r = lora_A.shape[0]
     if r == 0:
         raise ValueError("lora_A must have rank r >= 1 (shape [r, K]), got r = 0")
-    _require_shape("lora_B", lora_B, (N, r), f"[N, r] with N={N} from weight and r={r} from lora_A")
+    _require_shape("lora_B", lora_B, (N, r), f"[N, r] with N={N} from the weight and r={r} from lora_A")
     if bias is not None:
         _require_shape("bias", bias, (N,), "[N]")
     if lora_B_bias is not None:
         _require_shape("lora_B_bias", lora_B_bias, (N,), "[N]")
 
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
-                    ("bias", bias), ("lora_B_bias", lora_B_bias)):
+    # The weight first: when x alone is elsewhere, the message names the weight's device.
+    if weight_device != x.device:
+        raise ValueError(f"{weight_name} must be on x's device {x.device}, got {weight_device}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_B_bias", lora_B_bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"lora_A must have x's dtype {x.dtype} or float32, got {lora_A.dtype}")
     if lora_B.dtype != lora_A.dtype:
@@ -79,7 +72,43 @@ def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, 
         raise ValueError(f"bias must have x's dtype {x.dtype} or float32, got {bias.dtype}")
     if lora_B_bias is not None and lora_B_bias.dtype != lora_B.dtype:
         raise ValueError(f"lora_B_bias must have lora_B's dtype {lora_B.dtype}, got {lora_B_bias.dtype}")
+    return scale, dropout_p
+
+
+def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p):
+    """Validate ``lora_linear`` arguments; returns (scale, dropout_p) as Python floats.
+
+    x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], lora_B_bias [N].
+    """
+    _require_tensor("x", x)
+    _require_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    N, K = weight.shape
+    scale, dropout_p = _check_lora_args(x, N, K, f"weight is [N, K] = {list(weight.shape)}", lora_A, lora_B,
+                                        scale, bias, lora_B_bias, dropout_p, weight_device=weight.device)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must not require grad: the base weight of a LoRA layer is frozen "
                          "(call weight.requires_grad_(False))")
     return scale, dropout_p
+
+
+def check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p):
+    """Validate ``nf4_lora_linear`` arguments; returns (scale, dropout_p) as Python floats.
+
+    qweight: an ``NF4Weight`` of shape [N, K] on x's device (its dtype may differ from x's: the
+    decoded weight is rounded to its own dtype, then cast to x's, as bitsandbytes does).
+    """
+    from lora_kernels.ops.nf4 import NF4Weight  # same layer; imported here to keep import order simple
+
+    _require_tensor("x", x)
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be a lora_kernels.NF4Weight, got {type(qweight).__name__} "
+                        "(convert bitsandbytes weights with lora_kernels.integrations.bitsandbytes.nf4_from_bnb)")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must be 2-D [N, K], got shape {list(qweight.shape)}")
+    N, K = qweight.shape
+    return _check_lora_args(x, N, K, f"qweight is [N, K] = {list(qweight.shape)}", lora_A, lora_B, scale,
+                            bias, lora_B_bias, dropout_p, weight_device=qweight.device, weight_name="qweight")

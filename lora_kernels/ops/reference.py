@@ -46,15 +46,75 @@ def _merged_weight(weight, lora_A, lora_B, scale: float, seed) -> Optional[torch
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
 
-def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
-    """Returns (y2 [M, N] in x's dtype, h [M, r] in lora_A's dtype). bias is the combined bias."""
-    h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
-    merged = _merged_weight(weight, lora_A, lora_B, scale, seed)
-    w = merged if merged is not None else weight
+# Rows of an NF4 weight decoded at a time on CPU: the full-precision weight never exists at once.
+NF4_CHUNK_ELEMENTS = 1 << 20
+
+
+def _nf4_row_chunks(wq):
+    rows = max(1, NF4_CHUNK_ELEMENTS // max(wq.K, 1))
+    for n0 in range(0, wq.N, rows):
+        yield n0, min(n0 + rows, wq.N)
+
+
+def nf4_decode_absmax(wq, b0: int, b1: int) -> torch.Tensor:
+    """fp32 scales of blocks [b0, b1): code2[q] * scale2 rounded to fp32, then + offset (no FMA)."""
+    if not wq.double_quant:
+        return wq.absmax[b0:b1].float()
+    blocks = torch.arange(b0, b1, device=wq.absmax.device)
+    scaled = wq.absmax_code[wq.absmax[b0:b1].long()] * wq.absmax_scale[blocks // wq.nested_blocksize]
+    return scaled + wq.absmax_offset
+
+
+def nf4_decode_range(wq, start: int, stop: int) -> torch.Tensor:
+    """Flat elements [start, stop) of an NF4 weight in its stored dtype (bit-exact dequantize_4bit)."""
+    b0, b1 = start // 2, (stop + 1) // 2
+    packed = wq.packed.reshape(-1)[b0:b1]
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)
+    first = start - 2 * b0
+    codes = codes[first:first + stop - start]
+    bs = wq.blocksize
+    k0, k1 = start // bs, (stop - 1) // bs + 1
+    scales = nf4_decode_absmax(wq, k0, k1).repeat_interleave(bs)
+    scales = scales[start - k0 * bs:start - k0 * bs + stop - start]
+    return (wq.code[codes.long()] * scales).to(wq.dtype)
+
+
+def _nf4_rows(wq, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [n0, n1) of the NF4 weight as [n1 - n0, K] in ``dtype`` (via the stored dtype, like bnb)."""
+    return nf4_decode_range(wq, n0 * wq.K, n1 * wq.K).view(n1 - n0, wq.K).to(dtype)
+
+
+def _base_forward(x2, weight, wq, bias):
+    """x2 W^T + bias [M, N] in x's dtype; W dense [N, K] or NF4 (decoded one row chunk at a time)."""
+    if wq is None:
+        if bias is not None:
+            return torch.addmm(bias.to(x2.dtype), x2, weight.t())
+        return torch.mm(x2, weight.t())
+    y2 = torch.empty((x2.shape[0], wq.N), dtype=x2.dtype, device=x2.device)
+    for n0, n1 in _nf4_row_chunks(wq):
+        torch.mm(x2, _nf4_rows(wq, n0, n1, x2.dtype).t(), out=y2[:, n0:n1])
     if bias is not None:
-        y2 = torch.addmm(bias.to(x2.dtype), x2, w.t())
-    else:
-        y2 = torch.mm(x2, w.t())
+        y2.add_(bias.to(x2.dtype))
+    return y2
+
+
+def _base_grad_input(grad_y2, weight, wq):
+    """dY W [M, K] in dY's dtype; W dense or NF4 (row chunks of W meet column chunks of dY)."""
+    if wq is None:
+        return torch.mm(grad_y2, weight)
+    dx2 = torch.zeros((grad_y2.shape[0], wq.K), dtype=grad_y2.dtype, device=grad_y2.device)
+    for n0, n1 in _nf4_row_chunks(wq):
+        dx2.addmm_(grad_y2[:, n0:n1], _nf4_rows(wq, n0, n1, grad_y2.dtype))
+    return dx2
+
+
+def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed, wq=None):
+    """Returns (y2 [M, N] in x's dtype, h [M, r] in lora_A's dtype). bias is the combined bias.
+
+    weight: dense [N, K], or None with ``wq`` (``triton_launch.NF4Tensors``) for an NF4 weight."""
+    h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if wq is None else None
+    y2 = _base_forward(x2, merged if merged is not None else weight, wq, bias)
     if merged is None:
         # In place: no second M x N buffer for the LoRA term.
         y2.addmm_(h.to(x2.dtype), lora_B.t().to(x2.dtype), alpha=scale)
@@ -78,7 +138,8 @@ def _mm_tn(a: torch.Tensor, b: torch.Tensor, splits: int = 4) -> torch.Tensor:
 
 
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
-                        dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool):
+                        dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+                        wq=None):
     """Returns (dx2, dA, dB, dbias) with None for what is not needed.
 
     dH = scale * dY B;  dB = scale * dY^T h;  dX = dY W + mask * (dH A) / (1 - p);
@@ -88,7 +149,7 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     adapter_dtype = lora_A.dtype
     dy_a = grad_y2.to(adapter_dtype)
     dx2 = d_a = d_b = d_bias = d_h = keep = None
-    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x else None
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x and wq is None else None
     # Order: every pass over dY runs back to back while dY is still in cache, the M x K dX last.
     if need_A or (need_x and merged is None):
         d_h = torch.mm(dy_a, lora_B).mul_(scale)
@@ -106,7 +167,7 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
         # dY W + (scale dY B) A = dY (W + scale B A): one GEMM.
         dx2 = torch.mm(grad_y2, merged)
     elif need_x:
-        dx2 = torch.mm(grad_y2, weight)
+        dx2 = _base_grad_input(grad_y2, weight, wq)
         if keep is None:
             dx2.addmm_(d_h.to(grad_y2.dtype), lora_A.to(grad_y2.dtype))
         else:

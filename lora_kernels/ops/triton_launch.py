@@ -3,15 +3,75 @@ compute grids, reduce split partials. Arguments are assumed checked (``ops.check
 non-empty; strides are passed through, so x and dY need not be contiguous.
 """
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_input_kernel,
                                                 lora_grad_out_pass_kernel)
 from lora_kernels.kernels.lora_forward import lora_forward_gemm_kernel, lora_shrink_kernel
+from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
 from lora_kernels.ops.dropout_mask import drop_threshold
+
+
+class NF4Tensors(NamedTuple):
+    """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (see ``ops.nf4``).
+
+    packed uint8 [(N*K + 1) // 2, 1]; absmax fp32 [n_blocks] or uint8 (double quant, then
+    absmax_code fp32 [256], absmax_scale fp32 [ceil(n_blocks / nested_blocksize)], absmax_offset fp32
+    0-d); code fp32 [16]; dtype: the stored (dequantized) dtype.
+    """
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax_code: Optional[torch.Tensor]
+    absmax_scale: Optional[torch.Tensor]
+    absmax_offset: Optional[torch.Tensor]
+    code: torch.Tensor
+    N: int
+    K: int
+    blocksize: int
+    nested_blocksize: int
+    dtype: torch.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _weight_args(wq: Optional[NF4Tensors]):
+    """(extra pointer args, constexprs, launch options) describing the base weight to the GEMMs.
+
+    NF4 decoding must not fuse multiply and add into an FMA (bit-exact absmax decode), hence
+    enable_fp_fusion=False; dense weights keep the default.
+    """
+    if wq is None:
+        return (None,) * 5, {"W_NF4": False, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": False,
+                             "W_STORED_DTYPE": tl.float32}, {}
+    dq = wq.double_quant
+    ptrs = (wq.absmax, wq.absmax_code if dq else None, wq.absmax_scale if dq else None,
+            wq.absmax_offset if dq else None, wq.code)
+    return ptrs, {"W_NF4": True, "QBLOCK": wq.blocksize, "QBLOCK2": wq.nested_blocksize,
+                  "DOUBLE_QUANT": dq, "W_STORED_DTYPE": TL_DTYPES[wq.dtype]}, {"enable_fp_fusion": False}
+
+
+def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
+    """Flat [numel] tensor in wq.dtype, equal bit for bit to bitsandbytes' dequantize_4bit."""
+    out = torch.empty(numel, dtype=wq.dtype, device=wq.packed.device)
+    if numel == 0:
+        return out
+    ptrs, consts, opts = _weight_args(wq)
+    cfg = configs.nf4_dequantize_config()
+    nf4_dequantize_kernel[(triton.cdiv(numel, cfg.blocks["BLOCK"]),)](
+        wq.packed, *ptrs, out, numel,
+        QBLOCK=consts["QBLOCK"], QBLOCK2=consts["QBLOCK2"], DOUBLE_QUANT=consts["DOUBLE_QUANT"], **cfg.blocks,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
+    return out
 
 
 def is_interpreted() -> bool:
@@ -74,10 +134,13 @@ def _m_splits(M: int, block_m: int, other_programs: int, device: torch.device):
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
-    """(y2 [M, N] x.dtype, h [M, r] lora_A.dtype) for x2 [M, K]; bias is the combined bias or None."""
+def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed,
+                        wq: Optional[NF4Tensors] = None):
+    """(y2 [M, N] x.dtype, h [M, r] lora_A.dtype) for x2 [M, K]; bias is the combined bias or None.
+
+    weight: dense [N, K], or with ``wq`` the NF4 packed codes (wq.packed)."""
     M, K = x2.shape
-    N = weight.shape[0]
+    N = lora_B.shape[0]
     r = lora_A.shape[0]
     R = configs.padded_rank(r)
     key = _config_key(x2.dtype, lora_A.dtype, x2.device)
@@ -96,24 +159,33 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = configs.forward_gemm_config(R, *key)
+    cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4")
     grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
+    w_ptrs, w_consts, w_opts = _weight_args(wq)
     lora_forward_gemm_kernel[grid](
-        x2, weight, h, lora_B, bias if bias is not None else y2, y2,
+        x2, weight, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
         M, N, K, r,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+        x2.stride(0), x2.stride(1), *_weight_strides(weight, wq), h.stride(0), h.stride(1),
         lora_B.stride(0), lora_B.stride(1), y2.stride(0), y2.stride(1),
         scale,
-        R=R, HAS_BIAS=bias is not None, **flags, **cfg.blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        R=R, HAS_BIAS=bias is not None, **flags, **cfg.blocks, **w_consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **w_opts)
     return y2, h
 
 
+def _weight_strides(weight, wq):
+    # NF4 tiles are addressed by flat index n * K + k; the strides are unused there.
+    return (0, 0) if wq is not None else (weight.stride(0), weight.stride(1))
+
+
 def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
-                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool):
-    """(dx2, dA, dB, dbias) with None for what is not needed; same contract as torch_lora_backward."""
+                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
+                         wq: Optional[NF4Tensors] = None):
+    """(dx2, dA, dB, dbias) with None for what is not needed; same contract as torch_lora_backward.
+
+    weight: dense [N, K], or with ``wq`` the NF4 packed codes (wq.packed)."""
     M, N = grad_y2.shape
-    K = weight.shape[1]
+    K = lora_A.shape[1]
     r = lora_A.shape[0]
     R = configs.padded_rank(r)
     device = grad_y2.device
@@ -151,17 +223,18 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
 
     if need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
-        cfg = configs.grad_input_config(R, *key)
+        cfg = configs.grad_input_config(R, *key, "dense" if wq is None else "nf4")
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
+        w_ptrs, w_consts, w_opts = _weight_args(wq)
         lora_grad_input_kernel[grid](
-            grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2,
+            grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2, *w_ptrs,
             M, N, K, r,
-            grad_y2.stride(0), grad_y2.stride(1), weight.stride(0), weight.stride(1),
+            grad_y2.stride(0), grad_y2.stride(1), *_weight_strides(weight, wq),
             d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1),
             dx2.stride(0), dx2.stride(1),
             drop_threshold(dropout_p), keep_scale,
-            R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks, **w_consts,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **w_opts)
 
     if need_A:
         cfg = configs.grad_a_config(R, *key)

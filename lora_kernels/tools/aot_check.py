@@ -1,9 +1,11 @@
 """Ahead-of-time compile every Triton kernel configuration the launchers can pick, for sm_80 and
 sm_90, without a GPU, and report registers / shared memory / spills from cuobjdump -res-usage.
 
-Per kernel, padded rank R and (x dtype, adapter dtype) pair, the variant compiled is the one with
-every optional feature switched on (bias, dropout, all gradients): it holds the most live values,
-so it bounds register pressure; the feature-off variants run under the interpreter in the tests.
+Per kernel, padded rank R, (x dtype, adapter dtype) pair and base-weight format (dense, or NF4 with
+double quantization for the kernels that read W), the variant compiled is the one with every
+optional feature switched on (bias, dropout, all gradients): it holds the most live values, so it
+bounds register pressure; the feature-off variants run under the interpreter in the tests. The NF4
+dequantize kernel is compiled once per stored dtype.
 Exit status 1 on any compile error, or on spills in a main configuration (R <= 64).
 
     python -m lora_kernels.tools.aot_check [--arch 80 90] [--kernels NAME ...] [--ranks 16 ...]
@@ -32,10 +34,14 @@ UNIT_STRIDE_ARGS = {"stride_xk", "stride_ak", "stride_hr", "stride_wk", "stride_
                     "stride_dyn", "stride_dhr", "stride_dxk"}
 ALL_ON_FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "NEED_DH": True, "NEED_DB": True,
                 "NEED_COLSUM": True, "UPCAST_DOT": False}
+NF4_PTR_ARGS = ("wq_absmax_ptr", "wq_absmax_code_ptr", "wq_absmax_scale_ptr", "wq_absmax_offset_ptr",
+                "wq_code_ptr")
+DEQUANT_KERNEL = "nf4_dequantize_kernel"
 
 
 def variants(kernels=None, ranks=None):
-    """Yield (kernel_name, R, x_dtype, adapter_dtype, precision) for every launchable config."""
+    """Yield (kernel_name, R, x_dtype, adapter_dtype, precision, weight_format) for every launchable
+    config (the dequantize kernel: R = 0, x_dtype = the stored dtype)."""
     from lora_kernels.kernels import configs
     for name in configs.KERNEL_CONFIGS:
         if kernels and name not in kernels:
@@ -44,15 +50,41 @@ def variants(kernels=None, ranks=None):
             if ranks and R not in ranks:
                 continue
             for x_dtype, adapter_dtype, precision in DTYPE_PAIRS:
-                yield name, R, x_dtype, adapter_dtype, precision
+                for weight_format in configs.WEIGHT_FORMATS.get(name, ("dense",)):
+                    yield name, R, x_dtype, adapter_dtype, precision, weight_format
+    if not kernels or DEQUANT_KERNEL in kernels:
+        for stored in ("bf16", "fp16", "fp32"):
+            yield DEQUANT_KERNEL, 0, stored, "-", "-", "nf4"
 
 
-def _signature(fn, x_dtype, adapter_dtype, constexprs):
+TL_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
+    """Constexprs of the base-weight format; dense variants get None for the NF4 pointers."""
+    import triton.language as tl
+    if "W_NF4" not in fn.arg_names:
+        return {}
+    nf4 = weight_format == "nf4"
+    out = {"W_NF4": nf4, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": nf4,
+           "W_STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype])}
+    if not nf4:
+        out.update({arg: None for arg in NF4_PTR_ARGS})
+    return out
+
+
+def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense"):
     """Argument types as triton.jit would infer them for contiguous tensors and 16-aligned sizes."""
     sig = {}
     for arg in fn.arg_names:
         if arg in constexprs or arg in UNIT_STRIDE_ARGS:
             sig[arg] = "constexpr"
+        elif weight_format == "nf4" and arg in ("w_ptr", "packed_ptr", "wq_absmax_ptr", "absmax_ptr"):
+            sig[arg] = "*u8"  # packed codes; double-quantized absmax
+        elif arg in ("out_ptr",):
+            sig[arg] = "*" + x_dtype
+        elif arg in NF4_PTR_ARGS or arg.startswith("absmax_") or arg == "code_ptr":
+            sig[arg] = "*fp32"
         elif arg in X_DTYPE_ARGS:
             sig[arg] = "*" + x_dtype
         elif arg in ADAPTER_DTYPE_ARGS:
@@ -88,25 +120,34 @@ def compile_one(variant, arch: int) -> dict:
 
     from lora_kernels.kernels import configs
 
-    name, R, x_dtype, adapter_dtype, precision = variant
-    module_name, config_fn = configs.KERNEL_CONFIGS[name]
-    fn = getattr(importlib.import_module(module_name), name)
-    kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
-    cfg = config_fn(R, kind, ARCH_FAMILY.get(arch, 90))
-    constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32",
-                  "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
-                  **ALL_ON_FLAGS, **cfg.blocks}
+    name, R, x_dtype, adapter_dtype, precision, weight_format = variant
+    if name == DEQUANT_KERNEL:
+        fn = getattr(importlib.import_module("lora_kernels.kernels.nf4"), name)
+        cfg = configs.nf4_dequantize_config()
+        constexprs = {"QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": True, **cfg.blocks}
+    else:
+        module_name, config_fn = configs.KERNEL_CONFIGS[name]
+        fn = getattr(importlib.import_module(module_name), name)
+        kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
+        cfg = (config_fn(R, kind, ARCH_FAMILY.get(arch, 90), weight_format)
+               if name in configs.WEIGHT_FORMATS else config_fn(R, kind, ARCH_FAMILY.get(arch, 90)))
+        constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32",
+                      "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
+                      **ALL_ON_FLAGS, **cfg.blocks, **_weight_constexprs(fn, x_dtype, weight_format)}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     constexprs.update({k: 1 for k in UNIT_STRIDE_ARGS if k in fn.arg_names})
     row = {"kernel": name, "R": R, "x": x_dtype, "adapter": adapter_dtype, "precision": precision,
-           "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
+           "weight": weight_format, "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
            "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}
+    # Kernels decoding NF4 are launched with enable_fp_fusion=False (bit-exact absmax decode).
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if weight_format == "nf4":
+        options["enable_fp_fusion"] = False
     try:
-        sig = _signature(fn, x_dtype, adapter_dtype, constexprs)
+        sig = _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format)
         src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                         _attrs(fn, sig))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
@@ -146,7 +187,7 @@ def spilled(row) -> bool:
 
 
 def format_table(rows) -> str:
-    head = f"{'kernel':27} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
+    head = f"{'kernel':27} {'W':5} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
            f"{'regs':>4} {'smem KiB':>8} {'spill B':>7} {'wgmma':5} status"
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -158,7 +199,7 @@ def format_table(rows) -> str:
             spill = row["stack"] + row["local"]
             mma = "yes" if row["wgmma"] else "no"
             status = ("SPILL" if is_main(row) else "spill (not main)") if spilled(row) else "ok"
-        lines.append(f"{row['kernel']:27} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
+        lines.append(f"{row['kernel']:27} {row['weight']:5} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
                      f"{row['precision']:4} {row['arch']:5} {row['warps']:>2} {row['stages']:>2} "
                      f"{regs:>4} {smem:>8} {spill:>7} {mma:5} {status}")
     return "\n".join(lines)

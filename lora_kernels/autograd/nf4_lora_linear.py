@@ -1,0 +1,65 @@
+"""Autograd for the QLoRA linear (NF4 base weight) and the public functional ``nf4_lora_linear``.
+
+Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 tensors are saved by
+reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
+when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
+"""
+from lora_kernels.autograd.lora_linear import (bias_and_dropout, lora_grads_to_inputs,
+                                               save_for_lora_backward, saved_for_lora_backward)
+from lora_kernels.ops.checks import check_nf4_lora_linear_args
+from lora_kernels.ops.nf4_lora_linear import nf4_lora_linear_bwd, nf4_lora_linear_fwd
+
+# Positions in nf4_lora_linear_fwd's inputs (x, the six NF4 tensors, lora_A, lora_B, bias, ...).
+_X, _A, _B, _BIAS = 0, 7, 8, 9
+
+
+def _setup_context(ctx, inputs, output):
+    (x, *weights, lora_A, lora_B, bias, scale, dropout_p, seed, blocksize, nested_blocksize,
+     weight_dtype) = inputs
+    needs = ctx.needs_input_grad
+    save_for_lora_backward(ctx, x, tuple(weights), lora_A, lora_B, output[1], seed, bias, scale, dropout_p,
+                           needs[_X], needs[_A], needs[_B], needs[_BIAS])
+    ctx.nf4_meta = (blocksize, nested_blocksize, weight_dtype)
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, weights, lora_A, lora_B, h, seed = saved_for_lora_backward(ctx)
+    grads = nf4_lora_linear_bwd(grad_y, x, *weights, lora_A, lora_B, h, seed, ctx.scale, ctx.dropout_p,
+                                *ctx.needs, *ctx.nf4_meta)
+    dx, d_a, d_b, d_bias = lora_grads_to_inputs(ctx, *grads)
+    return (dx, *([None] * 6), d_a, d_b, d_bias) + (None,) * 6
+
+
+nf4_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None, dropout_p=0.0,
+                    training=True):
+    """QLoRA linear with PEFT ``lora.bnb.Linear4bit`` semantics, on a bitsandbytes NF4 weight.
+
+        y = x dequant(qweight)^T + bias + scale * (dropout(x) A^T B^T + lora_B_bias)
+
+    The weight is decoded tile by tile inside the GEMMs (row chunk by row chunk on the CPU path);
+    the full-precision weight is never materialised, forward or backward.
+
+    Args:
+        x: [..., K], any leading dims and strides; float32, float16 or bfloat16.
+        qweight: ``lora_kernels.NF4Weight`` of shape [N, K] on x's device (any stored dtype: the
+            decoded weight is rounded to it, then cast to x's dtype, as bitsandbytes does).
+        lora_A: [r, K], lora_B: [N, r]; x's dtype or float32. 1 <= r; r <= 256 runs the kernels.
+        scale: alpha / r.
+        bias: [N] or None. lora_B_bias: [N] or None.
+        dropout_p: in [0, 1); applied to x's LoRA branch only when ``training``.
+    Returns:
+        y: [..., N] in x's dtype.
+    """
+    scale, dropout_p = check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_bias,
+                                                  dropout_p)
+    combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
+    q = qweight
+    dq = q.double_quant
+    y, _ = nf4_lora_linear_fwd(x, q.packed, q.absmax, q.absmax_code if dq else None,
+                               q.absmax_scale if dq else None, q.absmax_offset if dq else None, q.code,
+                               lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
+                               q.nested_blocksize, q.dtype)
+    return y

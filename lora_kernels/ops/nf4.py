@@ -1,0 +1,572 @@
+"""The NF4 (QLoRA 4-bit NormalFloat) weight format, byte-compatible with bitsandbytes 0.50.
+
+Pure PyTorch, no bitsandbytes import (bnb objects are converted in ``lora_kernels.integrations``).
+
+Layout of a weight of ``numel`` elements (any shape, flattened row-major):
+  - blocks of ``blocksize`` consecutive elements (blocks span rows; the last one may be partial),
+    each scaled by its fp32 absmax; ``n_blocks = ceil(numel / blocksize)``;
+  - a 4-bit index into the 16-entry NF4 table per element, two per byte, the first element of a
+    pair in the HIGH nibble: ``packed`` is uint8 [(numel + 1) // 2, 1]; for odd numel the last
+    low nibble holds the padding code (7, the code of 0.0, as bnb writes it);
+  - double quantization (bnb ``compress_statistics``): ``offset = mean(absmax)``, and
+    ``absmax - offset`` quantized to uint8 with bnb's signed dynamic 8-bit map in blocks of
+    ``nested_blocksize`` (256), with one fp32 scale per nested block.
+
+Decoding: ``w = NF4[q] * absmax_f32`` in fp32, then one cast to ``dtype``; with double quant
+``absmax_f32 = fl(dynamic[qa] * scale[i // 256]) + offset`` (two fp32 roundings, no FMA).
+
+Quantization reproduces bitsandbytes' CPU path bit for bit (see ``NF4Weight.quantize``); on other
+devices the same torch arithmetic runs there. An empty weight (numel 0) is supported: bnb produces
+empty packed/absmax tensors and, with double quant, ``offset = mean([]) = NaN``; so do we.
+"""
+import json
+import math
+import operator
+from typing import Optional, Sequence, Union
+
+import torch
+
+# get_4bit_type("nf4") of bitsandbytes: quantiles of N(0, 1) normalised to [-1, 1]. Each literal is
+# the exact double value of the fp32 entry, so torch.tensor(NF4_CODE) reproduces the table bitwise.
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bnb quantize_4bit / dequantize_4bit
+NESTED_BLOCKSIZE = 256  # bnb quantize_4bit always double-quantizes absmax in blocks of 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAMED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_QUANT_STATE_KEY = "quant_state.bitsandbytes__"
+_PAD_CODE = 7  # index of 0.0 in NF4_CODE
+# bnb's CPU 8-bit quantizer discretises [-1, 1] into this many points and maps each to a code.
+_LUT_SIZE = 65536
+
+_device_tables: dict = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """Per-device cache of the constant tables (built on first use, never at import time)."""
+    device = torch.device(device)
+    key = (name, device)
+    if key not in _device_tables:
+        _device_tables[key] = _TABLE_BUILDERS[name](device)
+    return _device_tables[key]
+
+
+def _build_nf4(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def _build_nf4_bounds(device: torch.device) -> torch.Tensor:
+    # Decision boundaries between neighbouring codes, rounded to fp32 like bnb's
+    # _get_4bit_quantize_bounds: (code[i] + code[i+1]) / 2 (the halving is exact).
+    code = _table("nf4", device)
+    return (code[:-1] + code[1:]) / 2
+
+
+def _build_dynamic(device: torch.device) -> torch.Tensor:
+    # bnb create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for exponent i the
+    # fraction bins are the midpoints of an fp32 linspace(0.1, 1, 2**i + 1), times +-10**(i - 6)
+    # as an fp32 tensor-by-scalar product; plus 0 and 1, sorted. With these arguments bnb's
+    # "additional items" term is empty and the list has exactly 256 values.
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (i - 6)
+        values += (scale * means).tolist() + (-scale * means).tolist()
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _build_dynamic_lut(device: torch.device) -> torch.Tensor:
+    # bnb's CPU quantize_blockwise (build_quantize_lut in csrc/cpu_ops.cpp): LUT entry j holds the
+    # number of fp32 code midpoints 0.5f * (c[k] + c[k+1]) strictly below v_j = 2j / 65535 - 1
+    # (fp32 arithmetic), i.e. the code of the nearest midpoint-bucket, ties to the lower code.
+    # Built on the CPU, whose division is IEEE, like bnb's, and then copied.
+    code = _table("dynamic", torch.device("cpu"))
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    grid = torch.arange(_LUT_SIZE, dtype=torch.float32) * 2 / (_LUT_SIZE - 1) - 1
+    return torch.searchsorted(midpoints, grid).to(device=device, dtype=torch.uint8)
+
+
+_TABLE_BUILDERS = {"nf4": _build_nf4, "nf4_bounds": _build_nf4_bounds, "dynamic": _build_dynamic,
+                   "dynamic_lut": _build_dynamic_lut}
+
+
+def dynamic_map(device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """bnb's signed dynamic 8-bit map (``create_dynamic_map()``), bitwise: fp32 [256], a fresh copy."""
+    return _table("dynamic", device).clone()
+
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple:
+    """Zero-pad fp32 ``flat`` [n] to whole blocks: (blocks [n_blocks, blocksize], absmax [n_blocks])."""
+    n_blocks = -(-flat.numel() // blocksize)
+    blocks = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - flat.numel())).view(n_blocks, blocksize)
+    return blocks, blocks.abs().amax(dim=1)
+
+
+def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple:
+    """NF4 codes (int32 [n]) and fp32 absmax [n_blocks] of fp32 ``flat`` [n], as bnb's CPU path.
+
+    bnb 0.50 has no native CPU 4-bit quantizer: torch.ops.bitsandbytes.quantize_4bit runs its
+    "default" torch kernel (backends/default/ops.py), whose arithmetic is reproduced here:
+      - whole blocks: ``x * (1.0 / absmax.clamp(min=1e-38))``; an all-zero block keeps absmax 0
+        (its values scale to 0 -> code 7);
+      - the partial last block: ``x / absmax`` (a true division, not the reciprocal product), and
+        its STORED absmax is the clamped one (1e-38 when the block is all zeros);
+      - clamp to [-1, 1], then ``bucketize`` on the fp32 code midpoints (a value exactly on a
+        midpoint takes the lower code).
+    """
+    n = flat.numel()
+    full = n - n % blocksize
+    scaled_parts, absmax_parts = [], []
+    if full:
+        whole = flat[:full].view(-1, blocksize)
+        absmax = whole.abs().amax(dim=1)
+        scaled_parts.append((whole * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1))
+        absmax_parts.append(absmax)
+    if full < n:
+        tail = flat[full:]
+        tail_absmax = tail.abs().max().clamp(min=1e-38)
+        scaled_parts.append(tail / tail_absmax)
+        absmax_parts.append(tail_absmax.reshape(1))
+    if not scaled_parts:
+        return (torch.empty(0, dtype=torch.int32, device=flat.device),
+                torch.empty(0, dtype=torch.float32, device=flat.device))
+    scaled = torch.cat(scaled_parts).clamp(-1, 1)
+    codes = torch.bucketize(scaled, _table("nf4_bounds", flat.device), out_int32=True)
+    return codes, torch.cat(absmax_parts)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int codes [n] in [0, 16) -> uint8 [(n + 1) // 2, 1], first of each pair in the high nibble."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), _PAD_CODE)])
+    codes = codes.to(torch.uint8).view(-1, 2)
+    return ((codes[:, 0] << 4) | codes[:, 1]).unsqueeze(1)
+
+
+def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 [(numel + 1) // 2, 1] -> int64 codes [numel]."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
+    return codes[:numel].long()
+
+
+def _quantize_absmax(centered: torch.Tensor, blocksize: int) -> tuple:
+    """uint8 codes [n] and fp32 scales [ceil(n / blocksize)] of fp32 ``centered`` [n] (= absmax - offset).
+
+    Reproduces bnb's native CPU ``quantize_blockwise`` (cquantize_blockwise_cpu_fp32 ->
+    quantize_cpu_impl<float> in libbitsandbytes_cpu.so, checked against its disassembly):
+      - scale = max|x| over the block; an all-zero block gets code 0 everywhere (not the code of 0);
+      - y = clamp(x * fl(1.0f / scale), -1, 1), t = fl(fl(y + 1) * 0.5);
+      - j = trunc(fma(t, 65535, 0.5)) indexes the 65536-entry LUT of ``_build_dynamic_lut``. The
+        compiled kernel uses a fused multiply-add; for every t it can see (the fp32 multiples of
+        2**-25 in [0, 1], checked exhaustively) the unfused fp32 ``t * 65535 + 0.5`` truncates to
+        the same index, so plain fp32 torch ops reproduce it on any device.
+    The LUT, not the exact nearest code, decides: inputs within ~1.5e-5 of 0 map to codes 123 or 131.
+    """
+    blocks, scales = _blockwise_absmax(centered, blocksize)
+    zero_block = scales == 0
+    safe = torch.where(zero_block, torch.ones_like(scales), scales)
+    inv = torch.ones_like(safe) / safe
+    t = ((blocks * inv[:, None]).clamp(-1, 1) + 1) * 0.5
+    lut_index = (t * (_LUT_SIZE - 1) + 0.5).long()  # truncation (the value is positive)
+    codes = _table("dynamic_lut", centered.device)[lut_index]
+    codes = codes.masked_fill(zero_block[:, None], 0)
+    return codes.reshape(-1)[:centered.numel()], scales
+
+
+def _check_tensor(name: str, value, dtypes: Sequence[torch.dtype], shape: Optional[tuple] = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise ValueError(f"{name} must have dtype {expected}, got {value.dtype}")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    return value.contiguous()
+
+
+def _check_shape(shape) -> tuple:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    if len(shape) == 0:
+        raise ValueError("shape must have at least one dimension, got ()")
+    out = []
+    for size in shape:
+        try:
+            if isinstance(size, bool):
+                raise TypeError
+            size = operator.index(size)  # ints and integer scalars (numpy, 0-d integer tensors)
+        except TypeError:
+            raise TypeError(f"shape entries must be ints, got {tuple(shape)!r}") from None
+        if size < 0:
+            raise ValueError(f"shape entries must be >= 0, got {tuple(shape)}")
+        out.append(size)
+    return tuple(out)
+
+
+def _check_blocksize(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCKSIZES} (bitsandbytes' 4-bit block sizes), "
+                         f"got {value}")
+    return value
+
+
+def _check_quant_type(quant_type) -> None:
+    if quant_type != "nf4":
+        raise ValueError(f"unsupported quant type {quant_type!r}: only 'nf4' is supported")
+
+
+def _check_dtype(name: str, dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    return dtype
+
+
+class NF4Weight:
+    """An NF4-quantized weight; tensor fields as bitsandbytes stores them (see the module docstring).
+
+    Fields (read by the Triton kernels; treat as immutable):
+        packed: uint8 [(numel + 1) // 2, 1], two codes per byte, first element in the high nibble.
+        absmax: [n_blocks], fp32, or uint8 when double-quantized.
+        absmax_code: fp32 [256] dynamic map (bnb nested quant_map), or None.
+        absmax_scale: fp32 [ceil(n_blocks / nested_blocksize)] (bnb state2.absmax), or None.
+        absmax_offset: fp32 0-d (bnb offset), or None.
+        code: fp32 [16], the NF4 table (bnb quant_map).
+        shape: tuple of ints; dtype: dtype of the dequantized weight (bnb quant_state.dtype).
+        blocksize: one of SUPPORTED_BLOCKSIZES; nested_blocksize: positive int (256 from quantize).
+    """
+
+    __slots__ = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset", "code", "shape", "dtype",
+                 "blocksize", "nested_blocksize")
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+                 blocksize: int = 64, *, code: Optional[torch.Tensor] = None,
+                 absmax_code: Optional[torch.Tensor] = None, absmax_scale: Optional[torch.Tensor] = None,
+                 absmax_offset: Optional[torch.Tensor] = None, nested_blocksize: int = NESTED_BLOCKSIZE):
+        shape = _check_shape(shape)
+        dtype = _check_dtype("dtype", dtype)
+        blocksize = _check_blocksize("blocksize", blocksize)
+        numel = math.prod(shape)
+        n_blocks = -(-numel // blocksize)
+
+        if isinstance(packed, torch.Tensor) and packed.dim() == 1:
+            packed = packed.view(-1, 1)  # accept the flat layout; the data is the same
+        packed = _check_tensor("packed", packed, (torch.uint8,), ((numel + 1) // 2, 1))
+        absmax = _check_tensor("absmax", absmax, (torch.float32, torch.uint8), (n_blocks,))
+        device = packed.device
+        if code is None:
+            code = _table("nf4", device).clone()
+        code = _check_tensor("code", code, (torch.float32,), (16,))
+
+        nested = {"absmax_code": absmax_code, "absmax_scale": absmax_scale, "absmax_offset": absmax_offset}
+        if absmax.dtype == torch.uint8:
+            missing = [name for name, value in nested.items() if value is None]
+            if missing:
+                raise ValueError(f"absmax is uint8 (double-quantized) but {', '.join(missing)} "
+                                 f"{'is' if len(missing) == 1 else 'are'} None")
+            if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int):
+                raise TypeError(f"nested_blocksize must be an int, got {type(nested_blocksize).__name__}")
+            if nested_blocksize <= 0:
+                raise ValueError(f"nested_blocksize must be positive, got {nested_blocksize}")
+            absmax_code = _check_tensor("absmax_code", absmax_code, (torch.float32,), (256,))
+            absmax_scale = _check_tensor("absmax_scale", absmax_scale, (torch.float32,),
+                                         (-(-n_blocks // nested_blocksize),))
+            if isinstance(absmax_offset, torch.Tensor) and absmax_offset.numel() == 1:
+                absmax_offset = absmax_offset.reshape(())  # bnb stores a 0-d tensor; accept [1] too
+            absmax_offset = _check_tensor("absmax_offset", absmax_offset, (torch.float32,), ())
+        else:
+            given = [name for name, value in nested.items() if value is not None]
+            if given:
+                raise ValueError(f"absmax is float32 (not double-quantized) but {', '.join(given)} "
+                                 f"{'was' if len(given) == 1 else 'were'} given")
+            nested_blocksize = NESTED_BLOCKSIZE
+
+        tensors = {"packed": packed, "absmax": absmax, "code": code, "absmax_code": absmax_code,
+                   "absmax_scale": absmax_scale, "absmax_offset": absmax_offset}
+        others = {name: t.device for name, t in tensors.items() if t is not None and t.device != device}
+        if others:
+            raise ValueError(f"all tensors must be on one device: packed is on {device}, "
+                             + ", ".join(f"{name} on {dev}" for name, dev in others.items()))
+        if device.type != "meta" and not torch.equal(code, _table("nf4", device)):
+            raise ValueError("code must be the NF4 table (NF4_CODE); got different values "
+                             "(a quant_map of another 4-bit type?)")
+
+        self.packed, self.absmax, self.code = packed, absmax, code
+        self.absmax_code, self.absmax_scale, self.absmax_offset = absmax_code, absmax_scale, absmax_offset
+        self.shape, self.dtype, self.blocksize, self.nested_blocksize = shape, dtype, blocksize, nested_blocksize
+
+    # ---- derived properties -------------------------------------------------------------------
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def _tensors(self) -> list:
+        return [t for t in (self.packed, self.absmax, self.code, self.absmax_code, self.absmax_scale,
+                            self.absmax_offset) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors, the constant code tables included."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """8 * nbytes / numel (NaN for an empty weight); about 4.127 with double quant, 4.5 without."""
+        return 8 * self.nbytes / self.numel if self.numel else math.nan
+
+    # ---- quantize / dequantize ------------------------------------------------------------------
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
+        """Quantize ``weight`` (fp32/fp16/bf16, any shape with ndim >= 1) on its own device.
+
+        Bytes and scales are identical to ``bitsandbytes.functional.quantize_4bit(weight,
+        blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)`` on CPU.
+        Raises ValueError for non-finite values (bnb would silently produce garbage scales).
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        dtype = _check_dtype("weight.dtype", weight.dtype)
+        blocksize = _check_blocksize("blocksize", blocksize)
+        if weight.dim() == 0:
+            raise ValueError("weight must have at least one dimension, got a 0-d tensor")
+        flat = weight.detach().reshape(-1).float()
+        if flat.device.type != "meta" and not bool(torch.isfinite(flat).all()):
+            raise ValueError("weight contains NaN or Inf; NF4 quantization needs finite values")
+        codes, absmax = _quantize_nf4_codes(flat, blocksize)
+        packed = _pack_nibbles(codes)
+        if not double_quant:
+            return cls(packed, absmax, tuple(weight.shape), dtype, blocksize)
+        # bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256).
+        offset = absmax.mean()
+        qabsmax, scales = _quantize_absmax(absmax - offset, NESTED_BLOCKSIZE)
+        return cls(packed, qabsmax, tuple(weight.shape), dtype, blocksize,
+                   absmax_code=_table("dynamic", flat.device).clone(), absmax_scale=scales,
+                   absmax_offset=offset, nested_blocksize=NESTED_BLOCKSIZE)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight [*shape] in ``self.dtype`` (then cast to ``dtype`` if given); see dequantize_nf4_reference.
+
+        CUDA weights are decoded by the Triton kernel (``lora_kernels::nf4_dequantize``, bit-exact
+        with the reference); CPU weights by the reference itself."""
+        if self.device.type == "cuda":
+            # Same layer; imported here because nf4_lora_linear's checks import this module.
+            from lora_kernels.ops.nf4_lora_linear import nf4_dequantize
+            dq = self.double_quant
+            out = nf4_dequantize(self.packed, self.absmax, self.absmax_code if dq else None,
+                                 self.absmax_scale if dq else None, self.absmax_offset if dq else None, self.code,
+                                 self.numel, self.blocksize, self.nested_blocksize, self.dtype).view(self.shape)
+            return out if dtype is None or dtype == self.dtype else out.to(dtype)
+        return dequantize_nf4_reference(self, dtype)
+
+    # ---- conversions ------------------------------------------------------------------------------
+
+    def to(self, device: Union[str, torch.device]) -> "NF4Weight":
+        """A copy on ``device`` (shares tensors when already there)."""
+        move = {name: getattr(self, name) for name in ("absmax_code", "absmax_scale", "absmax_offset")}
+        return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.blocksize,
+                         code=self.code.to(device), nested_blocksize=self.nested_blocksize,
+                         **{name: None if t is None else t.to(device) for name, t in move.items()})
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={self.shape}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device}, "
+                f"bits_per_parameter={self.bits_per_parameter:.3f})")
+
+    def _quant_state_json(self) -> dict:
+        # Same fields, order and value formats as bnb QuantState.as_dict(packed=True): the dtype
+        # as its name without "torch.", the shape as a list, the offset as a Python float.
+        fields = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
+                  "shape": list(self.shape)}
+        if self.double_quant:
+            fields.update({"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32",
+                           "nested_offset": self.absmax_offset.item()})
+        return fields
+
+    def state_dict(self, prefix: str = "weight") -> dict:
+        """Tensors under bnb Linear4bit's state_dict keys (``prefix``, ``prefix.absmax``, ...).
+
+        ``prefix.quant_state.bitsandbytes__nf4`` is a CPU uint8 tensor of the UTF-8 JSON that bnb
+        writes. The tensors are shared with this object, except ``nested_quant_map``, which bnb
+        clones too (so safetensors does not see one storage under several names).
+        """
+        out = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code}
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.absmax_scale
+            out[f"{prefix}.nested_quant_map"] = self.absmax_code.clone()
+        blob = json.dumps(self._quant_state_json()).encode("utf-8")
+        out[f"{prefix}.{_QUANT_STATE_KEY}nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, prefix: str = "weight") -> "NF4Weight":
+        """Inverse of ``state_dict``; reads a bnb Linear4bit state_dict (other keys are ignored).
+
+        The packed weight may be stored in another dtype (bnb quant_storage); it is viewed as uint8.
+        Raises ValueError naming a missing key or an unexpected value.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        blob_key = f"{prefix}.{_QUANT_STATE_KEY}nf4"
+        if blob_key not in state_dict:
+            others = [k for k in state_dict if k.startswith(f"{prefix}.{_QUANT_STATE_KEY}")]
+            if others:
+                _check_quant_type(others[0][len(f"{prefix}.{_QUANT_STATE_KEY}"):])
+            raise ValueError(f"state_dict is missing key {blob_key!r}")
+
+        def get(key: str) -> torch.Tensor:
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing key {key!r}")
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+            return value
+
+        blob = get(blob_key)
+        try:
+            fields = json.loads(bytes(blob.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"state_dict[{blob_key!r}] is not UTF-8 JSON: {exc}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"state_dict[{blob_key!r}] must hold a JSON object, got {fields!r}")
+
+        def field(name: str):
+            if name not in fields:
+                raise ValueError(f"state_dict[{blob_key!r}] is missing field {name!r}")
+            return fields[name]
+
+        _check_quant_type(field("quant_type"))
+        dtype_name = field("dtype")
+        if dtype_name not in _NAMED_DTYPES:
+            raise ValueError(f"state_dict[{blob_key!r}] field 'dtype' must be one of {sorted(_NAMED_DTYPES)}, "
+                             f"got {dtype_name!r}")
+        shape = field("shape")
+        if not isinstance(shape, list):
+            raise ValueError(f"state_dict[{blob_key!r}] field 'shape' must be a list, got {shape!r}")
+        packed = _as_uint8(get(prefix), f"state_dict[{prefix!r}]")
+        absmax = get(f"{prefix}.absmax")
+        nested = {}
+        if "nested_offset" in fields or f"{prefix}.nested_absmax" in state_dict:
+            if field("nested_dtype") != "float32":
+                raise ValueError(f"state_dict[{blob_key!r}] field 'nested_dtype' must be 'float32', "
+                                 f"got {fields['nested_dtype']!r}")
+            offset = field("nested_offset")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+                raise ValueError(f"state_dict[{blob_key!r}] field 'nested_offset' must be a number, got {offset!r}")
+            nested = {"absmax_scale": get(f"{prefix}.nested_absmax"),
+                      "absmax_code": get(f"{prefix}.nested_quant_map"),
+                      "absmax_offset": torch.tensor(float(offset), dtype=torch.float32, device=absmax.device),
+                      "nested_blocksize": field("nested_blocksize")}
+        return cls(packed, absmax, shape, _NAMED_DTYPES[dtype_name], field("blocksize"),
+                   code=get(f"{prefix}.quant_map"), **nested)
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
+        """Wrap bnb's packed weight and ``QuantState`` (read by duck typing) without copying.
+
+        ``packed`` may be stored in another dtype (bnb quant_storage, e.g. bf16): it is viewed as
+        uint8. The NF4Weight shares every tensor with the QuantState.
+        """
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+        for attr in ("absmax", "code", "blocksize", "dtype", "shape", "quant_type"):
+            if not hasattr(quant_state, attr):
+                raise TypeError(f"quant_state must look like a bitsandbytes QuantState (attribute {attr!r} "
+                                f"missing), got {type(quant_state).__name__}")
+        _check_quant_type(quant_state.quant_type)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("quant_state uses bitsandbytes' CPU inference packing (packing_format_for_cpu): the "
+                             "bytes are reordered and absmax is rounded to bf16, so the original NF4 data is lost. "
+                             "Read the weight before running the Linear4bit in eval mode on CPU.")
+        if quant_state.shape is None:
+            raise ValueError("quant_state.shape is None")
+        state2 = getattr(quant_state, "state2", None)
+        nested = {}
+        if state2 is not None:
+            nested = {"absmax_code": state2.code, "absmax_scale": state2.absmax,
+                      "absmax_offset": getattr(quant_state, "offset", None), "nested_blocksize": state2.blocksize}
+        return cls(_as_uint8(packed, "packed"), quant_state.absmax, tuple(quant_state.shape), quant_state.dtype,
+                   quant_state.blocksize, code=quant_state.code, **nested)
+
+
+def _as_uint8(packed: torch.Tensor, name: str) -> torch.Tensor:
+    """View a packed weight stored in any dtype as uint8 [bytes, 1] (no copy when contiguous)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    packed = packed.detach()
+    if packed.dtype == torch.uint8:
+        return packed
+    if packed.dtype.is_complex or packed.dtype == torch.bool:
+        raise ValueError(f"{name} must be uint8 or a real storage dtype viewing the same bytes, got {packed.dtype}")
+    return packed.contiguous().view(torch.uint8).reshape(-1, 1)
+
+
+def decode_absmax(nf4: NF4Weight) -> torch.Tensor:
+    """fp32 [n_blocks] per-block scales: ``absmax`` itself, or the double-quant decoding.
+
+    As bnb: ``fl(absmax_code[q] * absmax_scale[i // nested_blocksize])`` (dequantize_blockwise),
+    then ``+ absmax_offset`` as a separate fp32 addition (``absmax += offset``), never an FMA.
+    """
+    if not nf4.double_quant:
+        return nf4.absmax
+    block = torch.arange(nf4.n_blocks, device=nf4.device) // nf4.nested_blocksize
+    scaled = nf4.absmax_code[nf4.absmax.long()] * nf4.absmax_scale[block]
+    return scaled + nf4.absmax_offset
+
+
+def dequantize_nf4_reference(nf4: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The spec of NF4 decoding: [*nf4.shape] in ``nf4.dtype``, then cast to ``dtype`` (any float) if given.
+
+    ``NF4[q] * absmax_f32`` in fp32, one cast to ``nf4.dtype``; bit-identical to
+    ``bitsandbytes.functional.dequantize_4bit`` (whose CPU and torch kernels do exactly this).
+    """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    absmax = decode_absmax(nf4)
+    n = nf4.numel
+    values = nf4.code[_unpack_nibbles(nf4.packed, n)]
+    padded = torch.nn.functional.pad(values, (0, nf4.n_blocks * nf4.blocksize - n))
+    out = (padded.view(nf4.n_blocks, nf4.blocksize) * absmax[:, None]).reshape(-1)[:n].to(nf4.dtype)
+    if dtype is not None and dtype != nf4.dtype:
+        out = out.to(dtype)
+    return out.reshape(nf4.shape)

@@ -1,0 +1,114 @@
+"""``torch.library`` custom ops for the QLoRA linear (NF4 base weight), with fake implementations.
+
+    lora_kernels::nf4_lora_linear_fwd(x, packed, absmax, absmax_code?, absmax_scale?, absmax_offset?,
+                                      code, lora_A, lora_B, bias?, scale, dropout_p, seed?,
+                                      blocksize, nested_blocksize, weight_dtype) -> (y [..., N], h [M, r])
+    lora_kernels::nf4_lora_linear_bwd(grad_y, x?, <the same weight tensors>, lora_A, lora_B, h?, seed?,
+                                      scale, dropout_p, need_x, need_A, need_B, need_bias, ...)
+        -> (dx [..., K], dA [r, K], dB [N, r], dbias [N] fp32); unneeded gradients are empty tensors.
+    lora_kernels::nf4_dequantize(<weight tensors>, numel, blocksize, nested_blocksize, weight_dtype)
+        -> flat [numel] in weight_dtype, bit-exact with bitsandbytes' dequantize_4bit.
+
+The NF4 weight travels as its tensors (``triton_launch.NF4Tensors``): custom ops take tensors and
+scalars, not Python objects. Semantics, saving rules and backends are those of ``ops.lora_linear``;
+the only difference is where W comes from (decoded tile by tile in the kernels, row chunk by row
+chunk on the CPU path), so the full-precision weight is never materialised.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lora_kernels.ops.lora_linear import _rows, select_backend
+from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
+from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
+                                            triton_lora_forward, triton_nf4_dequantize)
+
+
+def _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+         nested_blocksize, weight_dtype) -> NF4Tensors:
+    return NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+                      nested_blocksize, weight_dtype)
+
+
+@torch.library.custom_op("lora_kernels::nf4_dequantize", mutates_args=())
+def nf4_dequantize(packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                   absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
+                   numel: int, blocksize: int, nested_blocksize: int, weight_dtype: torch.dtype) -> Tensor:
+    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, 1, numel, blocksize,
+              nested_blocksize, weight_dtype)
+    if numel > 0 and (packed.device.type == "cuda" or (packed.device.type == "cpu" and is_interpreted())):
+        return triton_nf4_dequantize(wq, numel)
+    return nf4_decode_range(wq, 0, numel)
+
+
+@nf4_dequantize.register_fake
+def _nf4_dequantize_fake(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, numel,
+                         blocksize, nested_blocksize, weight_dtype):
+    return packed.new_empty((numel,), dtype=weight_dtype)
+
+
+@torch.library.custom_op("lora_kernels::nf4_lora_linear_fwd", mutates_args=())
+def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                        absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
+                        lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
+                        dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
+                        weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    K = x.shape[-1]
+    N, r = lora_B.shape
+    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+              nested_blocksize, weight_dtype)
+    x2 = x.reshape(_rows(x), K)
+    if select_backend(x.device, x2.shape[0], N, K, r) == "triton":
+        y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
+    else:
+        y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
+    return y2.view(*x.shape[:-1], N), h
+
+
+@nf4_lora_linear_fwd.register_fake
+def _nf4_lora_linear_fwd_fake(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A,
+                              lora_B, bias, scale, dropout_p, seed, blocksize, nested_blocksize, weight_dtype):
+    N, r = lora_B.shape
+    return x.new_empty((*x.shape[:-1], N)), x.new_empty((_rows(x), r), dtype=lora_A.dtype)
+
+
+@torch.library.custom_op("lora_kernels::nf4_lora_linear_bwd", mutates_args=())
+def nf4_lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
+                        absmax_code: Optional[Tensor], absmax_scale: Optional[Tensor],
+                        absmax_offset: Optional[Tensor], code: Tensor, lora_A: Tensor, lora_B: Tensor,
+                        h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
+                        need_x: bool, need_A: bool, need_B: bool, need_bias: bool, blocksize: int,
+                        nested_blocksize: int,
+                        weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    N, r = lora_B.shape
+    K = lora_A.shape[1]
+    if need_A and x is None:
+        raise ValueError("nf4_lora_linear_bwd: need_A requires x")
+    if need_B and h is None:
+        raise ValueError("nf4_lora_linear_bwd: need_B requires h")
+    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+              nested_blocksize, weight_dtype)
+    grad_y2 = grad_y.reshape(_rows(grad_y), N)
+    x2 = x.reshape(_rows(x), K) if x is not None else None
+    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
+    impl = triton_lora_backward if backend == "triton" else torch_lora_backward
+    dx2, d_a, d_b, d_bias = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h,
+                                 seed, scale, dropout_p, need_x, need_A, need_B, need_bias, wq=wq)
+    # A fresh empty tensor per unneeded gradient: custom op outputs may not alias each other.
+    return (dx2.view(*grad_y.shape[:-1], K) if need_x else grad_y.new_empty(0),
+            d_a if need_A else grad_y.new_empty(0),
+            d_b if need_B else grad_y.new_empty(0),
+            d_bias if need_bias else grad_y.new_empty(0))
+
+
+@nf4_lora_linear_bwd.register_fake
+def _nf4_lora_linear_bwd_fake(grad_y, x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code,
+                              lora_A, lora_B, h, seed, scale, dropout_p, need_x, need_A, need_B,
+                              need_bias, blocksize, nested_blocksize, weight_dtype):
+    N = lora_B.shape[0]
+    K = lora_A.shape[1]
+    return (grad_y.new_empty((*grad_y.shape[:-1], K)) if need_x else grad_y.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_A else grad_y.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_B else grad_y.new_empty(0),
+            grad_y.new_empty((N,), dtype=torch.float32) if need_bias else grad_y.new_empty(0))

@@ -1,0 +1,278 @@
+"""The public ``lora_kernels.nf4_lora_linear`` (QLoRA layer on a bitsandbytes NF4 weight): forward
+and every gradient against the float64 reference built on the dequantized weight (hypothesis over
+shapes, dtypes, layouts, biases, dropout, double quantization) on both CPU backends, LoRA-FA saving
+rules, PEFT ``lora.bnb.Linear4bit`` equality, torch.compile, opcheck and argument errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import lora_kernels
+from lora_kernels import NF4Weight
+from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
+from tests.autograd.test_lora_linear import DTYPE_PAIRS, _run_and_check
+from tests.helpers import (BACKENDS, BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, assert_close,
+                           check_against_reference, keep_mask_for, make_grad_y, make_problem, poisoned_memory,
+                           reference, run_public, use_backend)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DQ = dict(double_quant=True)
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poisoned_memory():
+        yield
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with use_backend(request.param) as record:
+        yield record
+
+
+@st.composite
+def nf4_problem_specs(draw):
+    lead = draw(st.one_of(st.tuples(st.one_of(st.just(0), st.just(1), st.integers(2, 40))),
+                          st.tuples(st.integers(0, 3), st.integers(1, 9))))
+    x_dtype, adapter_dtype = draw(st.sampled_from(DTYPE_PAIRS))
+    return dict(
+        lead=lead,
+        # K not a multiple of 64 (blocks span rows) and odd K (rows split bytes) are the point
+        K=draw(st.one_of(st.just(1), st.integers(1, 150))),
+        N=draw(st.one_of(st.just(1), st.integers(1, 70))),
+        r=draw(st.one_of(st.integers(1, 16), st.integers(17, 64))),
+        x_dtype=x_dtype, adapter_dtype=adapter_dtype,
+        bias=draw(st.booleans()), lora_B_bias=draw(st.booleans()),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.2])),
+        nf4=dict(double_quant=draw(st.booleans()),
+                 weight_dtype=draw(st.sampled_from([None, F32, BF16, F16]))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=nf4_problem_specs())
+def test_matches_float64_reference(backend, spec):
+    spec = dict(spec)
+    p, seed = spec.pop("dropout_p"), spec.pop("seed")
+    lead, K, N, r = spec.pop("lead"), spec.pop("K"), spec.pop("N"), spec.pop("r")
+    pb = make_problem(lead, K, N, r, spec.pop("x_dtype"), spec.pop("adapter_dtype"), seed=seed, **spec)
+    _run_and_check(backend, pb, make_grad_y(pb, seed + 1), dropout_p=p, rng_seed=seed)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+def test_llama_like_block_layout(backend, double_quant, dtypes):
+    # K a multiple of 64 (one block per row segment), several absmax blocks of 256 for double quant
+    pb = make_problem((3, 11), 192, 96, 16, *dtypes, bias=True, seed=3, nf4=dict(double_quant=double_quant))
+    assert pb.qweight.n_blocks == 96 * 3 and pb.qweight.double_quant == double_quant
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("weight_dtype", [F32, F16, BF16])
+def test_stored_dtype_differs_from_x(backend, weight_dtype):
+    # bnb rounds the decoded weight to its stored dtype, then casts to x's dtype: so do we
+    pb = make_problem((13,), 70, 33, 8, F32, seed=4, nf4=dict(double_quant=True, weight_dtype=weight_dtype))
+    assert pb.qweight.dtype == weight_dtype
+    _run_and_check(backend, pb, make_grad_y(pb))
+
+
+@pytest.mark.parametrize("r", [1, 128, 256, 300])
+def test_ranks(backend, r):
+    pb = make_problem((9,), 65, 20, r, F32, seed=5, nf4=DQ)
+    _run_and_check(backend, pb, make_grad_y(pb))
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_zero_rows(backend, lead):
+    pb = make_problem(lead, 40, 12, 3, BF16, F32, bias=True, seed=6, nf4=DQ)
+    y, grads = _run_and_check(backend, pb, make_grad_y(pb))
+    assert y.shape == (*lead, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving rules: the NF4 tensors by reference, h alone under LoRA-FA, x only for dA
+# ---------------------------------------------------------------------------------------------
+def _saved(pb, dropout_p=0.0):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(7)
+        y = lora_kernels.nf4_lora_linear(pb.x, pb.qweight, pb.lora_A, pb.lora_B, pb.scale, bias=pb.bias,
+                                         dropout_p=dropout_p)
+    q = pb.qweight
+    weight_tensors = [t for t in (q.packed, q.absmax, q.absmax_code, q.absmax_scale, q.absmax_offset, q.code)
+                      if t is not None]
+    own = weight_tensors + [pb.lora_A, pb.lora_B]
+    others = [t for t in saved if not any(t.data_ptr() == o.data_ptr() and t.shape == o.shape for o in own)]
+    return y, others
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_lora_fa_saves_only_h(backend, dropout_p):
+    pb = make_problem((4, 6), 100, 30, 7, BF16, F32, bias=True, seed=8, nf4=DQ,
+                      requires_grad=("x", "lora_B", "bias"))
+    y, others = _saved(pb, dropout_p)
+    activations = [t for t in others if t.dtype != torch.int64]
+    assert [tuple(t.shape) for t in activations] == [(24, 7)] and activations[0].dtype == F32
+    assert len(others) - len(activations) == (1 if dropout_p else 0)  # the 8-byte seed
+    grad_y = make_grad_y(pb)
+    y.backward(grad_y)
+    keep = keep_mask_for(7, 24, 100, dropout_p) if dropout_p else None
+    ref_y, ref_grads = reference(pb, grad_y, keep, dropout_p)
+    check_against_reference(pb, y, {k: v.grad for k, v in pb.params().items()}, ref_y, ref_grads, BOUNDS[BF16])
+
+
+def test_trainable_lora_A_saves_x_and_h(backend):
+    pb = make_problem((10,), 50, 20, 4, F32, seed=9, nf4=DQ)
+    _, others = _saved(pb)
+    assert sorted(tuple(t.shape) for t in others) == [(10, 4), (10, 50)]
+
+
+@pytest.mark.parametrize("trainable", [("x",), ("lora_B",), ("lora_A", "lora_B"), ("bias",)],
+                         ids=lambda t: "+".join(t))
+def test_need_flags_follow_requires_grad(backend, trainable):
+    pb = make_problem((2, 9), 70, 18, 5, F32, bias=True, seed=10, nf4=DQ, requires_grad=trainable)
+    _, grads = _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    assert set(grads) == set(trainable)
+    need = backend.calls[-1][2][BWD_NEED_FLAGS]
+    assert tuple(need) == ("x" in trainable, "lora_A" in trainable, "lora_B" in trainable, "bias" in trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantize op (both backends) and PEFT / bitsandbytes equality
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (3, 67), (10, 64), (129,), (2, 3, 45)])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_op_is_bit_exact_with_bitsandbytes(backend, shape, dtype, double_quant):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(dtype) * 3
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    expected = bnb_f.dequantize_4bit(packed, state)
+    q = NF4Weight.quantize(w, double_quant=double_quant)
+    dq = q.double_quant
+    out = nf4_dequantize(q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
+                         q.absmax_offset if dq else None, q.code, q.numel, q.blocksize, q.nested_blocksize, q.dtype)
+    assert torch.equal(out.view(shape), expected)
+
+
+def _peft_qlora(K, N, r, dtype, seed):
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=dtype, quant_type="nf4",
+                                                  compress_statistics=True))
+    dense = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(dtype)
+    model[0].weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    model[0].bias = torch.nn.Parameter(torch.randn(N, generator=gen).to(dtype))
+    model = model.to("cpu")  # quantizes on CPU
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=0.0, bias="all")
+    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    layer = pm.base_model.model[0]
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    assert type(layer) is PeftLinear4bit
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn(N, r, generator=gen) / math.sqrt(r))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_matches_peft_linear4bit(backend, dtype):
+    from lora_kernels.integrations.bitsandbytes import nf4_from_bnb
+
+    # K a multiple of 64: bnb 0.50.2's native CPU dequantize mis-scales rows when K % 16 == 0 but
+    # K % blocksize != 0 (blocks spanning rows), and PEFT's QLoRA forward goes through it.
+    K, N, r = 128, 40, 8
+    layer = _peft_qlora(K, N, r, dtype, seed=12)
+    q = nf4_from_bnb(layer.base_layer)
+    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(13)).to(dtype)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = layer(x_ref)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    xk = x.clone().requires_grad_(True)
+    y = lora_kernels.nf4_lora_linear(xk, q, A, B, layer.scaling["default"], bias=layer.base_layer.bias)
+    bound = BOUNDS[dtype]
+    assert y.dtype == y_ref.dtype == dtype
+    assert_close(y, y_ref, bound, "y vs PEFT")
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(14)).to(dtype)
+    ref_grads = torch.autograd.grad(y_ref, (x_ref, A, B), grad_y)
+    grads = torch.autograd.grad(y, (xk, A, B), grad_y)
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, ref_grads):
+        assert_close(g, g_ref, bound, f"{name} vs PEFT")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, opcheck, errors
+# ---------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph(backend):
+    pb = make_problem((2, 5), 70, 16, 4, F32, bias=True, seed=15, nf4=DQ)
+    grad_y = make_grad_y(pb)
+    eager_y, eager_grads = run_public(pb, grad_y)
+    eager_grads = {k: g.clone() for k, g in eager_grads.items()}
+    fn = torch.compile(lambda x, A, B, b: lora_kernels.nf4_lora_linear(x, pb.qweight, A, B, pb.scale, bias=b),
+                       fullgraph=True, backend="aot_eager")
+    pb.zero_grad()
+    y = fn(pb.x, pb.lora_A, pb.lora_B, pb.bias)
+    y.backward(grad_y)
+    assert torch.equal(y, eager_y)
+    for k, g in eager_grads.items():
+        assert torch.equal(pb.params()[k].grad, g), k
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_opcheck(backend, double_quant):
+    pb = make_problem((6,), 70, 12, 3, F32, bias=True, seed=16, nf4=dict(double_quant=double_quant))
+    q = pb.qweight
+    dq = q.double_quant
+    wt = (q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
+          q.absmax_offset if dq else None, q.code)
+    meta = (q.blocksize, q.nested_blocksize, q.dtype)
+    x = pb.x.detach().requires_grad_(True)
+    A, B = pb.lora_A.detach().requires_grad_(True), pb.lora_B.detach().requires_grad_(True)
+    torch.library.opcheck(nf4_lora_linear_fwd, (x, *wt, A, B, pb.bias.detach(), 1.5, 0.0, None, *meta))
+    y, h = nf4_lora_linear_fwd(x.detach(), *wt, A.detach(), B.detach(), None, 1.5, 0.0, None, *meta)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(nf4_lora_linear_bwd, (dy, x.detach(), *wt, A.detach(), B.detach(), h, None, 1.5, 0.0,
+                                                True, True, True, True, *meta))
+    torch.library.opcheck(nf4_dequantize, (*wt, q.numel, *meta))
+
+
+def _bad_cases():
+    pb = make_problem((4,), 70, 6, 2, F32, bias=True, seed=17, nf4=DQ)
+    x, q, A, B, b = pb.x.detach(), pb.qweight, pb.lora_A.detach(), pb.lora_B.detach(), pb.bias.detach()
+    q1d = NF4Weight.quantize(torch.randn(70))
+    V, T = ValueError, TypeError
+    return {
+        "dense weight": (dict(qweight=pb.weight), T, "qweight"),
+        "1-D qweight": (dict(qweight=q1d), V, "qweight"),
+        "K mismatch": (dict(x=x[:, :69]), V, "x"),
+        "lora_A K": (dict(lora_A=A[:, :69]), V, "lora_A"),
+        "lora_B N": (dict(lora_B=B[:5]), V, "lora_B"),
+        "bias N": (dict(bias=b[:5]), V, "bias"),
+        "int x": (dict(x=x.long()), T, "x"),
+        "fp16 adapters with fp32 x": (dict(lora_A=A.half(), lora_B=B.half()), V, "lora_A"),
+        "x on meta": (dict(x=x.to("meta")), V, "qweight"),
+        "dropout 1": (dict(dropout_p=1.0), V, "dropout_p"),
+        "r = 0": (dict(lora_A=A[:0], lora_B=B[:, :0]), V, "lora_A"),
+    }, dict(x=x, qweight=q, lora_A=A, lora_B=B, scale=pb.scale, bias=b)
+
+
+_CASES, _GOOD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_bad_arguments_raise_naming_the_argument(case):
+    overrides, exc, name = _CASES[case]
+    kwargs = {**_GOOD, **overrides}
+    with pytest.raises(exc, match=rf"^{name} "):
+        lora_kernels.nf4_lora_linear(kwargs.pop("x"), kwargs.pop("qweight"), kwargs.pop("lora_A"),
+                                     kwargs.pop("lora_B"), kwargs.pop("scale"), **kwargs)
