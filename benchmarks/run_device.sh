@@ -16,3 +16,4 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 python -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
 python -m lora_kernels bench --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+python -m lora_kernels qlora --out "$OUT" 2>&1 | tee "$OUT/qlora.txt"

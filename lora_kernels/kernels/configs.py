@@ -64,11 +64,31 @@ def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
     return TileConfig({"BLOCK_M": 32 if R == 256 else 64, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 
-def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
+# Forward calls with M <= SMALL_M_MAX rows take the small-M configuration and run split-K: with a
+# 16-row tile the GEMM is weight-bandwidth bound, and splitting K fills the GPU. Provisional value,
+# not yet measured on a GPU (bitsandbytes switches from its fused 4-bit GEMV at M ~ 16-64 on H100).
+SMALL_M_MAX = 16
+
+
+def _small_m_config(R: int, kind: str, weight_format: str) -> TileConfig:
+    """Forward tile for M <= SMALL_M_MAX: 16 rows (tl.dot's minimum), narrow N tiles for many programs."""
+    if kind == "ieee":
+        return TileConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "R_CHUNK": 16},
+                          num_warps=4, num_stages=2)
+    block_k = 64 if weight_format == "nf4" or kind == "tf32" else 128
+    # NF4 tiles are decoded in registers, so deeper pipelining buys little and costs registers.
+    return TileConfig({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1,
+                       "R_CHUNK": min(R, 32)}, num_warps=4, num_stages=2 if weight_format == "nf4" else 3)
+
+
+def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense",
+                        small_m: bool = False) -> TileConfig:
     """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time.
 
     NF4 weights decode their [BLOCK_K, BLOCK_N] tile in registers (per element: code byte, table
-    value, block scale), so they take smaller weight tiles."""
+    value, block scale), so they take smaller weight tiles. small_m: see SMALL_M_MAX."""
+    if small_m:
+        return _small_m_config(R, kind, weight_format)
     if weight_format == "nf4":
         return _nf4_gemm_config(R, kind, "BLOCK_N", "BLOCK_K")
     if kind == "ieee":
@@ -142,6 +162,8 @@ def nf4_dequantize_config() -> TileConfig:
     return TileConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
 
 
+# Kernels with a split-K small-M configuration (forward_gemm_config(..., small_m=True)).
+SMALL_M_KERNELS = ("lora_forward_gemm_kernel",)
 # Kernels that read the base weight W take it dense or as bitsandbytes NF4 (W_NF4).
 WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input_kernel": ("dense", "nf4")}
 

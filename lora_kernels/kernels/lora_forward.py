@@ -8,6 +8,8 @@ R_CHUNK to bound registers) and then runs the K-loop of x @ W^T, so no M x N int
 written besides y. ``bias`` is already bias + scale * lora_B_bias (combined on the host).
 With W_NF4 the base weight is bitsandbytes NF4 (w_ptr = packed codes) and its tiles are decoded
 inside the K-loop (``kernels.nf4``); the wq_* pointers are unused (None) for dense weights.
+Small M (decoding, small batches) is weight-bandwidth bound: the same GEMM then runs split-K over a
+second grid axis into fp32 partials that the launcher sums in a fixed order (deterministic).
 LoRA dots run in the adapters' dtype (fp32 adapters with 16-bit x: tf32 dots, like PEFT's fp32
 LoRA branch to within tf32 rounding), base dots in x's dtype; all accumulate in fp32.
 Rank dimensions are padded to the power of two R >= 16 (tl.dot's minimum) and masked with r.
@@ -58,18 +60,29 @@ def lora_shrink_kernel(
 def lora_forward_gemm_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, y_ptr,
     wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
-    M, N, K, r,
+    M, N, K, r, k_per_split,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
-    stride_bn, stride_br, stride_ym, stride_yn,
+    stride_bn, stride_br, stride_ys, stride_ym, stride_yn,
     scale,
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_STORED_DTYPE: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Split-K (small M): program_id(1) takes K range [pid_s * k_per_split, ...) and writes an fp32
+    # partial at y_ptr + pid_s * stride_ys; the LoRA term and bias belong to split 0 only.
+    if SPLIT_K:
+        pid_s = tl.program_id(1)
+        k_start = pid_s * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        r_live = tl.where(pid_s == 0, r, 0)
+    else:
+        k_start = 0
+        k_end = K
+        r_live = r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -77,11 +90,12 @@ def lora_forward_gemm_kernel(
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
 
-    # LoRA term first: acc = h @ B^T over the (padded) rank, scaled once.
+    # LoRA term first: acc = h @ B^T over the (padded) rank, scaled once. With split-K only split 0
+    # reads h and B (r_live masks the loads, keeping the rank loop unrolled); the others start at 0.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, R, R_CHUNK):
         offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_mask = offs_r < r
+        r_mask = offs_r < r_live
         h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
@@ -90,9 +104,9 @@ def lora_forward_gemm_kernel(
     acc = acc * scale
 
     # Base GEMM continues in the same accumulator.
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
@@ -103,7 +117,13 @@ def lora_forward_gemm_kernel(
         acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        bias_mask = n_mask
+        if SPLIT_K:
+            # An integer bound, not n_mask & (pid_s == 0): the interpreter rejects scalar-bool masks.
+            bias_mask = offs_n < tl.where(pid_s == 0, N, 0)
+        bias = tl.load(bias_ptr + offs_n, mask=bias_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    if SPLIT_K:
+        y_ptr += pid_s.to(tl.int64) * stride_ys
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -61,22 +61,33 @@ def nf4_decode_absmax(wq, b0: int, b1: int) -> torch.Tensor:
     if not wq.double_quant:
         return wq.absmax[b0:b1].float()
     blocks = torch.arange(b0, b1, device=wq.absmax.device)
-    scaled = wq.absmax_code[wq.absmax[b0:b1].long()] * wq.absmax_scale[blocks // wq.nested_blocksize]
+    scaled = (wq.absmax_code.index_select(0, wq.absmax[b0:b1].int())
+              * wq.absmax_scale.index_select(0, blocks // wq.nested_blocksize))
     return scaled + wq.absmax_offset
 
 
+def _nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: the two fp32 NF4 values a packed byte holds (high nibble first), as one 8-byte
+    word, so a decode is one 64-bit gather per byte (2x faster on CPU than gathering fp32 pairs)."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1).view(torch.int64).reshape(256)
+
+
 def nf4_decode_range(wq, start: int, stop: int) -> torch.Tensor:
-    """Flat elements [start, stop) of an NF4 weight in its stored dtype (bit-exact dequantize_4bit)."""
-    b0, b1 = start // 2, (stop + 1) // 2
-    packed = wq.packed.reshape(-1)[b0:b1]
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)
-    first = start - 2 * b0
-    codes = codes[first:first + stop - start]
+    """Flat elements [start, stop) of an NF4 weight in its stored dtype (bit-exact dequantize_4bit).
+
+    Decodes the whole quantization blocks covering the range (block starts are even, so byte
+    aligned): one table lookup per byte, one broadcast multiply by the block scales, then the same
+    fp32 product and single rounding to the stored dtype as bitsandbytes."""
     bs = wq.blocksize
     k0, k1 = start // bs, (stop - 1) // bs + 1
-    scales = nf4_decode_absmax(wq, k0, k1).repeat_interleave(bs)
-    scales = scales[start - k0 * bs:start - k0 * bs + stop - start]
-    return (wq.code[codes.long()] * scales).to(wq.dtype)
+    lo, hi = k0 * bs, min(k1 * bs, wq.N * wq.K)
+    packed = wq.packed.reshape(-1)[lo // 2:(hi + 1) // 2]
+    values = _nf4_pair_table(wq.code).index_select(0, packed.int()).view(torch.float32)  # not [idx]: 3x slower
+    if values.numel() < (k1 - k0) * bs:  # a partial last block
+        values = torch.nn.functional.pad(values, (0, (k1 - k0) * bs - values.numel()))
+    scaled = values.view(k1 - k0, bs) * nf4_decode_absmax(wq, k0, k1)[:, None]
+    return scaled.view(-1)[start - lo:stop - lo].to(wq.dtype)
 
 
 def _nf4_rows(wq, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:

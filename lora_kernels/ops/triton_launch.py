@@ -76,7 +76,7 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
 
 def is_interpreted() -> bool:
     """True when triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import)."""
-    return type(lora_forward_gemm_kernel).__name__ == "InterpretedFunction"
+    return type(lora_shrink_kernel).__name__ == "InterpretedFunction"  # any of our kernels
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,12 +126,13 @@ def _config_key(x_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.
     return kind, _device_arch(device)
 
 
-def _m_splits(M: int, block_m: int, other_programs: int, device: torch.device):
-    """Split M into contiguous row ranges (multiples of block_m): returns (splits, rows_per_split)."""
-    m_blocks = triton.cdiv(M, block_m)
-    splits = max(1, min(m_blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    return triton.cdiv(M, rows_per_split), rows_per_split
+def split_ranges(length: int, block: int, other_programs: int, device: torch.device):
+    """Split a reduction dimension (M of dA/dB, K of small-M forward) into contiguous ranges of whole
+    blocks so that splits * other_programs fills the device: returns (splits, length_per_split)."""
+    blocks = triton.cdiv(length, block)
+    splits = max(1, min(blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(length, per_split), per_split
 
 
 def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed,
@@ -159,17 +160,26 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4")
-    grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"]),)
+    small_m = M <= configs.SMALL_M_MAX
+    cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4", small_m=small_m)
+    block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    splits, k_per_split = split_ranges(K, block_k, tiles, x2.device) if small_m else (1, K)
+    # Split-K (every small-M launch) writes fp32 partials [splits, M, N], summed below in a fixed
+    # order, so results do not depend on scheduling.
+    out = torch.empty((splits, M, N), dtype=torch.float32, device=x2.device) if small_m else y2
+    out_2d = out[0] if small_m else out
     w_ptrs, w_consts, w_opts = _weight_args(wq)
-    lora_forward_gemm_kernel[grid](
-        x2, weight, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
-        M, N, K, r,
+    lora_forward_gemm_kernel[(tiles, splits)](
+        x2, weight, h, lora_B, bias if bias is not None else out, out, *w_ptrs,
+        M, N, K, r, k_per_split,
         x2.stride(0), x2.stride(1), *_weight_strides(weight, wq), h.stride(0), h.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y2.stride(0), y2.stride(1),
+        lora_B.stride(0), lora_B.stride(1), M * N if small_m else 0, out_2d.stride(0), out_2d.stride(1),
         scale,
-        R=R, HAS_BIAS=bias is not None, **flags, **cfg.blocks, **w_consts,
+        R=R, HAS_BIAS=bias is not None, SPLIT_K=small_m, **flags, **cfg.blocks, **w_consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **w_opts)
+    if small_m:
+        y2.copy_(out.sum(0) if splits > 1 else out_2d)
     return y2, h
 
 
@@ -201,7 +211,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     if need_dh or need_B or need_bias:
         cfg = configs.grad_out_pass_config(R, *key)
         n_tiles = triton.cdiv(N, cfg.blocks["BLOCK_N"])
-        splits, rows_per_split = _m_splits(M, cfg.blocks["BLOCK_M"], n_tiles, device)
+        splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], n_tiles, device)
         dummy = torch.empty(1, **f32)
         dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else dummy
         db_ws = torch.empty((splits, N, r), **f32) if need_B else dummy
@@ -239,7 +249,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     if need_A:
         cfg = configs.grad_a_config(R, *key)
         k_tiles = triton.cdiv(K, cfg.blocks["BLOCK_K"])
-        splits, rows_per_split = _m_splits(M, cfg.blocks["BLOCK_M"], k_tiles, device)
+        splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], k_tiles, device)
         da_ws = torch.empty((splits, r, K), **f32)
         lora_grad_a_kernel[(k_tiles, splits)](
             x2, d_h, seed if has_dropout else d_h, da_ws,

@@ -40,8 +40,8 @@ DEQUANT_KERNEL = "nf4_dequantize_kernel"
 
 
 def variants(kernels=None, ranks=None):
-    """Yield (kernel_name, R, x_dtype, adapter_dtype, precision, weight_format) for every launchable
-    config (the dequantize kernel: R = 0, x_dtype = the stored dtype)."""
+    """Yield (kernel_name, R, x_dtype, adapter_dtype, precision, weight_format, small_m) for every
+    launchable config (the dequantize kernel: R = 0, x_dtype = the stored dtype)."""
     from lora_kernels.kernels import configs
     for name in configs.KERNEL_CONFIGS:
         if kernels and name not in kernels:
@@ -51,10 +51,11 @@ def variants(kernels=None, ranks=None):
                 continue
             for x_dtype, adapter_dtype, precision in DTYPE_PAIRS:
                 for weight_format in configs.WEIGHT_FORMATS.get(name, ("dense",)):
-                    yield name, R, x_dtype, adapter_dtype, precision, weight_format
+                    for small_m in ((False, True) if name in configs.SMALL_M_KERNELS else (False,)):
+                        yield name, R, x_dtype, adapter_dtype, precision, weight_format, small_m
     if not kernels or DEQUANT_KERNEL in kernels:
         for stored in ("bf16", "fp16", "fp32"):
-            yield DEQUANT_KERNEL, 0, stored, "-", "-", "nf4"
+            yield DEQUANT_KERNEL, 0, stored, "-", "-", "nf4", False
 
 
 TL_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -73,7 +74,7 @@ def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
     return out
 
 
-def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense"):
+def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense", small_m=False):
     """Argument types as triton.jit would infer them for contiguous tensors and 16-aligned sizes."""
     sig = {}
     for arg in fn.arg_names:
@@ -83,6 +84,8 @@ def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense"):
             sig[arg] = "*u8"  # packed codes; double-quantized absmax
         elif arg in ("out_ptr",):
             sig[arg] = "*" + x_dtype
+        elif small_m and arg == "y_ptr":
+            sig[arg] = "*fp32"  # split-K partials
         elif arg in NF4_PTR_ARGS or arg.startswith("absmax_") or arg == "code_ptr":
             sig[arg] = "*fp32"
         elif arg in X_DTYPE_ARGS:
@@ -120,7 +123,7 @@ def compile_one(variant, arch: int) -> dict:
 
     from lora_kernels.kernels import configs
 
-    name, R, x_dtype, adapter_dtype, precision, weight_format = variant
+    name, R, x_dtype, adapter_dtype, precision, weight_format, small_m = variant
     if name == DEQUANT_KERNEL:
         fn = getattr(importlib.import_module("lora_kernels.kernels.nf4"), name)
         cfg = configs.nf4_dequantize_config()
@@ -129,22 +132,23 @@ def compile_one(variant, arch: int) -> dict:
         module_name, config_fn = configs.KERNEL_CONFIGS[name]
         fn = getattr(importlib.import_module(module_name), name)
         kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
-        cfg = (config_fn(R, kind, ARCH_FAMILY.get(arch, 90), weight_format)
+        extra = {"small_m": True} if small_m else {}
+        cfg = (config_fn(R, kind, ARCH_FAMILY.get(arch, 90), weight_format, **extra)
                if name in configs.WEIGHT_FORMATS else config_fn(R, kind, ARCH_FAMILY.get(arch, 90)))
-        constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32",
+        constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32", "SPLIT_K": small_m,
                       "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
                       **ALL_ON_FLAGS, **cfg.blocks, **_weight_constexprs(fn, x_dtype, weight_format)}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     constexprs.update({k: 1 for k in UNIT_STRIDE_ARGS if k in fn.arg_names})
     row = {"kernel": name, "R": R, "x": x_dtype, "adapter": adapter_dtype, "precision": precision,
-           "weight": weight_format, "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
+           "weight": weight_format + ("/smallM" if small_m else ""), "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
            "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}
     # Kernels decoding NF4 are launched with enable_fp_fusion=False (bit-exact absmax decode).
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if weight_format == "nf4":
         options["enable_fp_fusion"] = False
     try:
-        sig = _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format)
+        sig = _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format, small_m)
         src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                         _attrs(fn, sig))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -187,7 +191,7 @@ def spilled(row) -> bool:
 
 
 def format_table(rows) -> str:
-    head = f"{'kernel':27} {'W':5} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
+    head = f"{'kernel':27} {'W':10} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
            f"{'regs':>4} {'smem KiB':>8} {'spill B':>7} {'wgmma':5} status"
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -199,7 +203,7 @@ def format_table(rows) -> str:
             spill = row["stack"] + row["local"]
             mma = "yes" if row["wgmma"] else "no"
             status = ("SPILL" if is_main(row) else "spill (not main)") if spilled(row) else "ok"
-        lines.append(f"{row['kernel']:27} {row['weight']:5} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
+        lines.append(f"{row['kernel']:27} {row['weight']:10} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
                      f"{row['precision']:4} {row['arch']:5} {row['warps']:>2} {row['stages']:>2} "
                      f"{regs:>4} {smem:>8} {spill:>7} {mma:5} {status}")
     return "\n".join(lines)

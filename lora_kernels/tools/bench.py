@@ -128,11 +128,13 @@ def environment_metadata(device="cpu", dtype: Optional[torch.dtype] = None) -> d
 @dataclass
 class Impl:
     """One implementation: ``forward()`` returns y [M, N]; ``leaves`` get gradients; ``params``
-    are weight/adapter tensors (excluded from activation accounting)."""
+    are weight/adapter tensors (excluded from activation accounting); ``infer()``, if given, is the
+    inference forward (no autograd graph, x without grad)."""
     name: str
     forward: Callable[[], torch.Tensor]
     leaves: list
     params: list = field(default_factory=list)
+    infer: Optional[Callable[[], torch.Tensor]] = None
 
 
 @dataclass
@@ -265,14 +267,19 @@ def _sample(fn, setup, device, flush: Optional[torch.Tensor]):
     return lambda: dt
 
 
-def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: bool = False) -> dict:
-    """name -> {"fwd": [ms...], "bwd": [...], "fwdbwd": [...]}; dy [M, N] is the output gradient."""
+TRAIN_PHASES = ("fwd", "bwd", "fwdbwd")
+
+
+def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: bool = False,
+               phases=TRAIN_PHASES) -> dict:
+    """name -> {"fwd": [ms...], "bwd": [...], "fwdbwd": [...]}; dy [M, N] is the output gradient.
+    phases: a subset of TRAIN_PHASES, plus "infer" (``Impl.infer`` under ``torch.no_grad()``)."""
     device = dy.device
     flush = None
     if flush_l2 and device.type == "cuda":
         flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
 
-    def phases(impl):
+    def plan_for(impl):
         def reset():
             _reset_grads(impl)
 
@@ -285,12 +292,18 @@ def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: 
             y.backward(dy)
             return y
 
-        return {"fwd": (lambda _: impl.forward(), reset),
-                "fwdbwd": (fwdbwd, reset),
-                "bwd": (lambda y: y.backward(dy), fwd_then_keep)}
+        def infer(_):
+            with torch.no_grad():
+                return impl.infer()
 
-    plans = {name: phases(impl) for name, impl in impls.items()}
-    pending = {name: {ph: [] for ph in ("fwd", "bwd", "fwdbwd")} for name in impls}
+        plan = {"fwd": (lambda _: impl.forward(), reset),
+                "fwdbwd": (fwdbwd, reset),
+                "bwd": (lambda y: y.backward(dy), fwd_then_keep),
+                "infer": (infer, reset)}
+        return {ph: plan[ph] for ph in phases}
+
+    plans = {name: plan_for(impl) for name, impl in impls.items()}
+    pending = {name: {ph: [] for ph in phases} for name in impls}
     for i in range(warmup + reps):
         for name, plan in plans.items():
             for ph, (fn, setup) in plan.items():
@@ -507,16 +520,16 @@ def _plot_bench(result, path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def add_common_arguments(parser: argparse.ArgumentParser):
-    """--device, --dtype, --shapes, --out, --impls (shared by bench and memory)."""
+def add_common_arguments(parser: argparse.ArgumentParser, impls=ALL_IMPLS):
+    """--device, --dtype, --shapes, --out, --impls (shared by bench, memory and qlora)."""
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--shapes", type=parse_shapes, default=None, help='"M,K,N,r;M,K,N,r"')
     parser.add_argument("--out", type=Path, default=None,
                         help="output dir (default benchmarks/results/<device-kind>/)")
-    parser.add_argument("--impls", type=lambda s: [v for v in s.split(",") if v], default=list(ALL_IMPLS),
-                        help=f"comma-separated subset of {','.join(ALL_IMPLS)}")
+    parser.add_argument("--impls", type=lambda s: [v for v in s.split(",") if v], default=list(impls),
+                        help=f"comma-separated subset of {','.join(impls)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser):

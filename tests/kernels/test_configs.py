@@ -79,7 +79,8 @@ def test_config_blocks_are_valid(name, R, kind, arch):
 
 def test_aot_variants_cover_every_kernel_and_rank():
     rows = list(aot_check.variants())
-    formats = sum(len(configs.WEIGHT_FORMATS.get(name, ("dense",))) for name in configs.KERNEL_CONFIGS)
+    formats = sum(len(configs.WEIGHT_FORMATS.get(name, ("dense",))) * (2 if name in configs.SMALL_M_KERNELS else 1)
+                  for name in configs.KERNEL_CONFIGS)
     dequant = [r for r in rows if r[0] == aot_check.DEQUANT_KERNEL]
     assert len(rows) - len(dequant) == formats * len(configs.PADDED_RANKS) * len(aot_check.DTYPE_PAIRS)
     assert {r[0] for r in rows} == set(configs.KERNEL_CONFIGS) | {aot_check.DEQUANT_KERNEL}
@@ -87,6 +88,7 @@ def test_aot_variants_cover_every_kernel_and_rank():
     assert sorted(r[2] for r in dequant) == ["bf16", "fp16", "fp32"]
     # every kernel that reads W is compiled for NF4 weights too
     assert {r[0] for r in rows if r[5] == "nf4"} == set(configs.WEIGHT_FORMATS) | {aot_check.DEQUANT_KERNEL}
+    assert {r[0] for r in rows if r[6]} == set(configs.SMALL_M_KERNELS)
     only = list(aot_check.variants(kernels=["lora_shrink_kernel"], ranks=[32]))
     assert len(only) == len(aot_check.DTYPE_PAIRS) and all(v[:2] == ("lora_shrink_kernel", 32) for v in only)
 
@@ -108,7 +110,7 @@ def test_parse_res_usage():
 _COMPILE_SCRIPT = """
 import json, sys
 from lora_kernels.tools import aot_check
-print(json.dumps(aot_check.compile_one(("lora_forward_gemm_kernel", 16, "bf16", "bf16", "tf32", "nf4"), 90)))
+print(json.dumps(aot_check.compile_one(("lora_forward_gemm_kernel", 16, "bf16", "bf16", "tf32", "nf4", True), 90)))
 """
 
 

@@ -66,3 +66,57 @@ def test_every_config_matches_reference(monkeypatch, arch, kind, padded):
             assert _rel(got.grad, want.grad) < bound, name
     finally:
         torch.set_float32_matmul_precision(old_precision)
+
+
+class _GridRecorder:
+    """Stands in for a @triton.jit kernel: records each launch grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("weight_format", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", configs.DOT_KINDS)
+@pytest.mark.parametrize("M", [1, 5, configs.SMALL_M_MAX, configs.SMALL_M_MAX + 1])
+def test_small_m_split_k_matches_reference(monkeypatch, weight_format, kind, M):
+    # M <= SMALL_M_MAX runs the forward GEMM split-K over a second grid axis (fp32 partials summed
+    # on the host; LoRA term and bias added by split 0 only); above it, one split.
+    x_dtype, adapter_dtype, precision = KINDS[kind]
+    recorder = _GridRecorder(triton_launch.lora_forward_gemm_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_gemm_kernel", recorder)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        K, N, r = 333, 40, 7  # several BLOCK_K of every small-M config, a partial last block
+        gen = torch.Generator().manual_seed(M * 31 + len(kind))
+        x = torch.randn(M, K, generator=gen).to(x_dtype)
+        weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
+        lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype)
+        lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype)
+        bias = torch.randn(N, generator=gen).to(x_dtype)
+        lora_B_bias = torch.randn(N, generator=gen).to(adapter_dtype)
+        kwargs = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=0.25)
+        torch.manual_seed(11)
+        if weight_format == "nf4":
+            qweight = lora_kernels.NF4Weight.quantize(weight)
+            y = lora_kernels.nf4_lora_linear(x, qweight, lora_A, lora_B, 0.5, **kwargs)
+            weight = qweight.dequantize()
+        else:
+            y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, **kwargs)
+        torch.manual_seed(11)
+        keep = dropout_keep_mask(torch.randint(0, 2**62, (1,), dtype=torch.int64), M, K, 0.25)
+        ref = lora_linear_reference(x.double(), weight.double(), lora_A.double(), lora_B.double(), 0.5,
+                                    bias=bias.double(), lora_B_bias=lora_B_bias.double(),
+                                    keep_mask=keep, dropout_p=0.25)
+        assert len(recorder.grids) == 1
+        splits = recorder.grids[0][1]
+        assert (splits > 1) == (M <= configs.SMALL_M_MAX)
+        assert y.dtype == x_dtype and y.shape == (M, N)
+        assert _rel(y, ref) < BOUND[x_dtype]
+    finally:
+        torch.set_float32_matmul_precision(old_precision)

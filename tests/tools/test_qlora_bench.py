@@ -1,0 +1,72 @@
+"""Fast checks of the QLoRA benchmark on tiny shapes (CPU: lora_kernels' torch path, bitsandbytes'
+CPU backend, PEFT's lora.bnb.Linear4bit)."""
+import json
+
+import pytest
+
+from lora_kernels.tools import qlora_bench
+
+M, K, N, R = 5, 128, 40, 4  # K a multiple of 64 (see qlora_bench.CPU_KN)
+F32 = 4
+
+
+def test_default_shapes_are_the_issue_grid():
+    import torch
+
+    cuda = qlora_bench.default_shapes(torch.device("cuda"))
+    assert sorted({s[0] for s in cuda}) == [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 8192]
+    assert {(s[1], s[2]) for s in cuda} == {(4096, 4096), (4096, 14336), (8192, 28672)}
+    assert {s[3] for s in cuda} == {16} and len(cuda) == 33
+    assert all(s[1] % 64 == 0 for s in qlora_bench.default_shapes(torch.device("cpu")))
+
+
+def test_qlora_bench_writes_sane_results(tmp_path):
+    res = qlora_bench.run(shapes=[(M, K, N, R)], device="cpu", dtype="fp32", reps=2, warmup=1,
+                          out=tmp_path, verbose=False)
+    stem = tmp_path / "bench_qlora_float32"
+    for ext in ("json", "csv", "png"):
+        assert stem.with_suffix(f".{ext}").stat().st_size > 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for key in ("device", "torch", "triton", "bitsandbytes", "peft", "git_commit", "utc_date"):
+        assert key in data["metadata"]
+    fmt = data["formats"][f"{K},{N}"]
+    assert fmt["dense_bytes"] == N * K * F32 and fmt["nf4_bytes"] < fmt["dense_bytes"] / 3
+
+    rows = {r["impl"]: r for r in data["rows"]}
+    skipped = data["skipped"].get(f"{M},{K},{N},{R}", {})
+    assert set(rows) | set(skipped) == set(data["config"]["impls"]) == set(qlora_bench.QLORA_IMPLS)
+    assert not skipped, skipped  # bitsandbytes and peft are test dependencies: every row runs
+    for r in rows.values():
+        assert all(r[f"{ph}_ms"] > 0 for ph in qlora_bench.PHASES)
+        assert r["out_rel_err"] < 1e-5, r["impl"]  # every row computes what it claims
+        assert r["peak_fwdbwd_bytes"] is None  # CPU: no allocator statistics
+    assert rows["peft_qlora"]["fwd_vs_peft"] == pytest.approx(1.0)
+    assert rows["base_dense"]["fwd_vs_dense"] == pytest.approx(1.0)
+    assert rows["lora_kernels_nf4"]["fwdbwd_vs_peft"] > 0
+    # Saved activations: LoRA-FA keeps h [M, r] only; full LoRA adds x; the NF4 weight never counts.
+    assert rows["lora_kernels_nf4_fa"]["saved_bytes"] == M * R * F32
+    assert rows["lora_kernels_nf4"]["saved_bytes"] == M * K * F32 + M * R * F32
+    assert rows["peft_qlora"]["saved_bytes"] >= M * K * F32
+    assert rows["base_dense"]["saved_bytes"] == 0
+    assert len(data["goals"]["checks"]) == 2  # M = 5: fwd and fwd+bwd vs PEFT
+
+
+def test_check_goals_flags_misses():
+    def row(M, fwd_peft, fb_peft, fwd_dense):
+        return {"impl": "lora_kernels_nf4", "shape": f"{M},4096,4096,16", "M": M, "fwd_vs_peft": fwd_peft,
+                "fwdbwd_vs_peft": fb_peft, "fwd_vs_dense": fwd_dense}
+    checks = qlora_bench.check_goals([row(8, 0.5, 0.6, 3.0), row(4096, 0.9, 0.7, 1.04),
+                                      {"impl": "peft_qlora", "M": 8}])
+    got = {(c["goal"], c["shape"].split(",")[0]): c["met"] for c in checks}
+    assert got == {("fwdbwd_vs_peft", "8"): True, ("fwd_vs_peft", "8"): True,
+                   ("fwdbwd_vs_peft", "4096"): False, ("nf4_gemm_vs_dense_fwd", "4096"): True}
+
+
+def test_cli_qlora_subset(tmp_path):
+    from lora_kernels.__main__ import main
+
+    main(["qlora", "--device", "cpu", "--shapes", "3,64,16,2", "--reps", "1", "--warmup", "0",
+          "--impls", "lora_kernels_nf4,base_dense", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_qlora_float32.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["lora_kernels_nf4", "base_dense"]
+    assert rows[0]["fwd_vs_peft"] is None  # no PEFT row asked for
