@@ -1,5 +1,5 @@
 # Two entry points (see README):
-#   make bench   install, then run the benchmark and the memory profile on whatever device is present
+#   make bench   install, then run the LoRA and QLoRA benchmarks and the memory profile on whatever device is present
 #   make test    install, then run the test suite (CPU: Triton kernels under the interpreter)
 PYTHON ?= python3
 VENV ?= .venv

@@ -89,7 +89,9 @@ def poisoned_memory():
 # Backends. "triton": CPU tensors through the Triton interpreter; "torch": the lean PyTorch path;
 # "cuda": CUDA tensors (Triton compiled), only where a GPU exists.
 # ---------------------------------------------------------------------------------------------
-BACKENDS = ("triton", "torch")  # CPU tensors: Triton interpreter, lean torch path
+# CPU tensors: Triton interpreter, lean torch path; CUDA tensors where a GPU exists (lent GPU machines
+# run the whole suite that way).
+BACKENDS = ("triton", "torch") + (("cuda",) if torch.cuda.is_available() else ())
 
 
 @dataclasses.dataclass

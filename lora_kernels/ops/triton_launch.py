@@ -3,6 +3,7 @@ compute grids, reduce split partials. Arguments are assumed checked (``ops.check
 non-empty; strides are passed through, so x and dY need not be contiguous.
 """
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -126,6 +127,25 @@ def _config_key(x_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.
     return kind, _device_arch(device)
 
 
+# Overrides configs.SMALL_M_MAX (read per call): for tuning the threshold on a new GPU, e.g. with
+# ``python -m lora_kernels split-k``. 0 disables split-K; a huge value forces it.
+SMALL_M_ENV = "LORA_KERNELS_SMALL_M_MAX"
+
+
+def small_m_max() -> int:
+    """Largest M that takes the split-K small-M forward (env override, else configs.SMALL_M_MAX)."""
+    text = os.environ.get(SMALL_M_ENV, "").strip()
+    if not text:
+        return configs.SMALL_M_MAX
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{SMALL_M_ENV} must be a non-negative integer, got {text!r}")
+    return value
+
+
 def split_ranges(length: int, block: int, other_programs: int, device: torch.device):
     """Split a reduction dimension (M of dA/dB, K of small-M forward) into contiguous ranges of whole
     blocks so that splits * other_programs fills the device: returns (splits, length_per_split)."""
@@ -160,7 +180,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    small_m = M <= configs.SMALL_M_MAX
+    small_m = M <= small_m_max()
     cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4", small_m=small_m)
     block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)

@@ -14,7 +14,7 @@ requiring grad: bitsandbytes then takes its 4-bit GEMV for one row.
 Ratios are times over the reference's time in the same run (< 1: faster than the reference).
 """
 import argparse
-import math
+import os
 import statistics
 import warnings
 from pathlib import Path
@@ -245,6 +245,121 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
         print(f"wrote {out}/{stem}.{{json,csv,png}}")
     return result
 
+
+# ----------------------------------------------------------------------------- split-K threshold
+
+SWEEP_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+SPLIT_K_CSV_FIELDS = ["shape", "weight", "M", "split_ms", "no_split_ms", "split_vs_no_split"]
+
+
+def _with_small_m_max(value: int, fn):
+    """fn() with the split-K threshold overridden (see ``ops.triton_launch.SMALL_M_ENV``)."""
+    from lora_kernels.ops.triton_launch import SMALL_M_ENV
+
+    def call():
+        old = os.environ.get(SMALL_M_ENV)
+        os.environ[SMALL_M_ENV] = str(value)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[SMALL_M_ENV]
+            else:
+                os.environ[SMALL_M_ENV] = old
+    return call
+
+
+def suggest_threshold(rows, weight: str) -> int:
+    """Largest swept M such that split-K is no slower at it and at every smaller swept M, for every
+    (K, N) (0: split-K never pays)."""
+    best = 0
+    for M in sorted({r["M"] for r in rows if r["weight"] == weight}):
+        ratios = [r["split_vs_no_split"] for r in rows if r["weight"] == weight and r["M"] == M]
+        if not ratios or max(ratios) > 1.0:
+            break
+        best = M
+    return best
+
+
+def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=None, warmup=None, out=None,
+                  plot=True, verbose=True) -> dict:
+    """Inference forward of ``lora_linear`` (dense W) and ``nf4_lora_linear`` with the small-M split-K
+    path forced on and off, for each M in ``ms`` and (K, N) in ``kns``; writes
+    split_k_<dtype>.{json,csv,png} and suggests ``configs.SMALL_M_MAX`` per weight format. Needs the
+    Triton path (CUDA, or CPU with LORA_KERNELS_CPU_BACKEND=triton under the interpreter)."""
+    from lora_kernels import lora_linear, nf4_lora_linear
+    from lora_kernels.ops import select_backend
+
+    device, dtype = resolve_device_dtype(device, dtype)
+    cuda = device.type == "cuda"
+    kns = kns or (CUDA_KN if cuda else ((128, 64),))
+    reps = reps or (30 if cuda else 3)
+    warmup = warmup if warmup is not None else (5 if cuda else 1)
+    out = Path(out) if out is not None else default_out_dir(device)
+    backends = {select_backend(device, M, N, K, r) for (K, N) in kns for M in ms}
+    if backends != {"triton"}:
+        raise RuntimeError(f"the split-K sweep needs the Triton path, but {device} takes {sorted(backends)} "
+                           "(use a GPU, or LORA_KERNELS_CPU_BACKEND=triton with TRITON_INTERPRET=1)")
+    rows = []
+    for (K, N) in kns:
+        for M in ms:
+            p = QLoRAProblem(M, K, N, r, device, dtype)
+            x, A, B = p.x.detach(), p.lora_A.detach(), p.lora_B.detach()
+            calls = {"nf4": lambda: nf4_lora_linear(x, p.qweight, A, B, p.scale),
+                     "dense": lambda: lora_linear(x, p.dense, A, B, p.scale)}
+            impls = {}
+            for weight, fn in calls.items():
+                for mode, threshold in (("split", 1 << 30), ("no_split", 0)):
+                    call = _with_small_m_max(threshold, fn)
+                    impls[f"{weight}:{mode}"] = Impl(f"{weight}:{mode}", call, [], infer=call)
+            dy = torch.empty(M, N, device=device, dtype=dtype)
+            times = time_impls(impls, dy, reps, warmup, phases=("infer",))
+            med = {n: statistics.median(t["infer"]) for n, t in times.items()}
+            for weight in calls:
+                split, no_split = med[f"{weight}:split"], med[f"{weight}:no_split"]
+                rows.append({"shape": f"{M},{K},{N},{r}", "weight": weight, "M": M, "K": K, "N": N,
+                             "split_ms": split, "no_split_ms": no_split, "split_vs_no_split": split / no_split})
+            del p, impls
+    from lora_kernels.kernels.configs import SMALL_M_MAX
+    result = {"metadata": environment_metadata(device, dtype),
+              "config": {"reps": reps, "warmup": warmup, "statistic": "median", "phase": "infer", "r": r,
+                         "current_small_m_max": SMALL_M_MAX},
+              "rows": rows,
+              "suggested_small_m_max": {w: suggest_threshold(rows, w) for w in ("nf4", "dense")}}
+    stem = f"split_k_{result['metadata']['dtype']}"
+    write_outputs(result, out, stem, SPLIT_K_CSV_FIELDS, _plot_split_k if plot else None)
+    if verbose:
+        print(f"{'shape M,K,N,r':<20}{'weight':<7}{'split ms':>10}{'no split':>10}{'ratio':>8}")
+        for row in rows:
+            print(f"{row['shape']:<20}{row['weight']:<7}{row['split_ms']:10.4f}{row['no_split_ms']:10.4f}"
+                  f"{row['split_vs_no_split']:8.3f}")
+        print(f"suggested SMALL_M_MAX: {result['suggested_small_m_max']} (current {SMALL_M_MAX})")
+        print(f"wrote {out}/{stem}.{{json,csv,png}}")
+    return result
+
+
+def _plot_split_k(result, path):
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for weight in ("nf4", "dense"):
+        for K, N in dict.fromkeys((r["K"], r["N"]) for r in rows):
+            pts = [(r["M"], r["split_vs_no_split"]) for r in rows if r["weight"] == weight and (r["K"], r["N"]) == (K, N)]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{weight} {K}x{N}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("forward time, split-K / no split")
+    ax.legend(fontsize=6)
+    meta = result["metadata"]
+    ax.set_title(f"small-M split-K, {meta['device']}, {meta['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- output
 
 def format_table(rows, meta) -> str:
     """Fixed-width text table of QLoRA rows (ms; ratios are time over PEFT's / dense's time)."""

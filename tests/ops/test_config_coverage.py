@@ -120,3 +120,27 @@ def test_small_m_split_k_matches_reference(monkeypatch, weight_format, kind, M):
         assert _rel(y, ref) < BOUND[x_dtype]
     finally:
         torch.set_float32_matmul_precision(old_precision)
+
+
+@pytest.mark.parametrize("override, M, split", [("32", 17, True), ("32", 32, True), ("0", 1, False),
+                                                 (" 4 ", 5, False), ("", 1, True)])
+def test_small_m_env_override(monkeypatch, override, M, split):
+    recorder = _GridRecorder(triton_launch.lora_forward_gemm_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_gemm_kernel", recorder)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.SMALL_M_ENV, override)
+    gen = torch.Generator().manual_seed(M)
+    x, weight = torch.randn(M, 200, generator=gen), torch.randn(24, 200, generator=gen) / 15
+    A, B = torch.randn(3, 200, generator=gen) / 15, torch.randn(24, 3, generator=gen)
+    y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
+    assert (recorder.grids[0][1] > 1) == split
+    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 0.5)
+    assert _rel(y, ref) < BOUND[torch.float32]
+
+
+@pytest.mark.parametrize("bad", ["-1", "sixteen", "1.5"])
+def test_small_m_env_rejects_bad_values(monkeypatch, bad):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.SMALL_M_ENV, bad)
+    with pytest.raises(ValueError, match=triton_launch.SMALL_M_ENV):
+        lora_kernels.lora_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(1, 8), torch.randn(4, 1), 1.0)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lora_kernels.ops.triton_launch import is_interpreted
 from lora_kernels.tools import qlora_bench
 
 M, K, N, R = 5, 128, 40, 4  # K a multiple of 64 (see qlora_bench.CPU_KN)
@@ -70,3 +71,32 @@ def test_cli_qlora_subset(tmp_path):
     rows = json.loads((tmp_path / "bench_qlora_float32.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == ["lora_kernels_nf4", "base_dense"]
     assert rows[0]["fwd_vs_peft"] is None  # no PEFT row asked for
+
+
+def test_suggest_threshold():
+    def rows(ratios):
+        return [{"weight": "nf4", "M": M, "split_vs_no_split": v} for M, v in ratios]
+    assert qlora_bench.suggest_threshold(rows([(1, 0.5), (8, 0.9), (16, 1.2), (32, 0.8)]), "nf4") == 8
+    assert qlora_bench.suggest_threshold(rows([(1, 1.1), (8, 0.9)]), "nf4") == 0
+    # every (K, N) must agree at an M
+    assert qlora_bench.suggest_threshold(rows([(1, 0.5), (1, 1.01), (8, 0.5)]), "nf4") == 0
+    assert qlora_bench.suggest_threshold(rows([(1, 0.5)]), "dense") == 0
+
+
+@pytest.mark.skipif(not is_interpreted(), reason="needs TRITON_INTERPRET=1")
+def test_split_k_sweep_under_interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    res = qlora_bench.split_k_sweep(device="cpu", dtype="fp32", ms=(1, 17), kns=((128, 40),), r=4, reps=1,
+                                    warmup=0, out=tmp_path, verbose=False)
+    for ext in ("json", "csv", "png"):
+        assert (tmp_path / f"split_k_float32.{ext}").stat().st_size > 0
+    assert {(r["weight"], r["M"]) for r in res["rows"]} == {(w, m) for w in ("nf4", "dense") for m in (1, 17)}
+    assert all(r["split_ms"] > 0 and r["no_split_ms"] > 0 for r in res["rows"])
+    assert set(res["suggested_small_m_max"].values()) <= {0, 1, 17}
+
+
+def test_split_k_sweep_refuses_the_torch_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    with pytest.raises(RuntimeError, match="Triton path"):
+        qlora_bench.split_k_sweep(device="cpu", dtype="fp32", ms=(1,), kns=((64, 16),), r=2, reps=1,
+                                  out=tmp_path, verbose=False)
