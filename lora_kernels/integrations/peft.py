@@ -1,0 +1,279 @@
+"""Convert a PEFT model in place: its LoRA layers keep everything and run on lora_kernels.
+
+``patch_peft_model`` swaps the class of every ``peft.tuners.lora.Linear`` and
+``peft.tuners.lora.bnb.Linear4bit`` instance for a subclass whose forward calls
+``lora_kernels.lora_linear`` / ``nf4_lora_linear``. The instance keeps its Parameter objects
+(optimizer state stays valid) and stays a PEFT tuner layer: a look-alike module with the same
+attribute names would make ``save_pretrained`` write zero adapter tensors without a warning. The
+subclass adds no parameters or buffers, so state_dicts and adapter files are unchanged.
+
+Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
+not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
+adapters, DoRA and other variants, autocast, extra arguments...): never a wrong answer. Scaling is
+read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
+PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
+
+peft and bitsandbytes are imported inside the functions only.
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+
+from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.ops.nf4 import NF4Weight
+
+_ORIGINAL_CLASS = "_lora_kernels_original_class"
+_A_REQUIRES_GRAD = "_lora_kernels_lora_A_requires_grad"  # adapter -> requires_grad before lora_fa
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FAST_CLASSES: dict = {}  # PEFT class -> its fast subclass, built on first use
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch_peft_model`` did: swapped layers by PEFT class, layers left on PEFT's own path
+    (module name -> reason), and how many lora_A weights ``lora_fa=True`` froze."""
+    swapped: dict
+    left_on_peft: dict
+    frozen_lora_A: int = 0
+
+    @property
+    def num_swapped(self) -> int:
+        return sum(self.swapped.values())
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in self.swapped.items()) or "none"
+        lines = [f"lora_kernels: swapped {kinds}; froze {self.frozen_lora_A} lora_A"]
+        lines += [f"  left on PEFT: {name}: {why}" for name, why in self.left_on_peft.items()]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- call-time rule
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch without the device argument
+        return torch.is_autocast_enabled()
+
+
+def _active_adapter(layer) -> tuple:
+    """(adapter name, None) for the single active adapter with LoRA weights, else (None, reason)."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters"
+    return active[0], None
+
+
+def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
+    """None if this call of ``layer`` (a patched PEFT LoRA layer) can run on lora_kernels with PEFT's
+    exact semantics, else the reason it takes PEFT's own forward."""
+    kwargs = kwargs or {}
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (adapter_names=, variant or base-layer arguments)"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapters merged"
+    adapter, why = _active_adapter(layer)
+    if why:
+        return why
+    static = static_fallback_reason(layer, adapter)
+    if static:
+        return static
+    if not isinstance(x, torch.Tensor) or x.dtype not in _SUPPORTED_DTYPES:
+        return f"input dtype {getattr(x, 'dtype', type(x).__name__)}"
+    if _autocast_enabled(x.device.type):
+        return "autocast is enabled"
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if A.dtype != x.dtype and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True)):
+        return f"adapter dtype {A.dtype} with input dtype {x.dtype}"
+    if A.device != x.device or B.device != x.device:
+        return "adapters on another device than the input"
+    base = layer.get_base_layer()
+    bias = getattr(base, "bias", None)
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32) and not _is_linear4bit(base):
+        return f"bias dtype {bias.dtype}"
+    if _is_linear4bit(base):
+        return _linear4bit_reason(base, x)
+    if base.weight.requires_grad:
+        return "the base weight is trainable"
+    if base.weight.dtype != x.dtype:
+        return f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
+    return None
+
+
+def static_fallback_reason(layer, adapter: str) -> Optional[str]:
+    """Why ``adapter`` of ``layer`` always needs PEFT's forward (variant, DoRA, fan_in_fan_out,
+    dropout module, base layer type), or None."""
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return "DoRA"
+    if adapter in getattr(layer, "lora_variant", {}):
+        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+        return f"dropout module {type(dropout).__name__}"
+    base = layer.get_base_layer()
+    if not (_is_linear4bit(base) or isinstance(base, torch.nn.Linear)):
+        return f"base layer {type(base).__name__}"
+    return None
+
+
+def _is_linear4bit(module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _linear4bit_reason(base, x) -> Optional[str]:
+    state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if state is None:
+        return "bitsandbytes weight not quantized yet"
+    if state.quant_type != "nf4":
+        return f"quant type {state.quant_type}"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "bitsandbytes repacked the weight for its CPU kernel"
+    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
+        return f"compute dtype {base.compute_dtype} with input dtype {x.dtype}"
+    return None
+
+
+# ----------------------------------------------------------------------------- fast forward
+
+def _fast_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    adapter, _ = _active_adapter(layer)
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    dropout = layer.lora_dropout[adapter]
+    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    A = lora_A.weight
+    base = layer.get_base_layer()
+    common = dict(bias=base.bias, lora_B_bias=lora_B.bias, dropout_p=dropout_p, training=dropout.training)
+    scale = layer.scaling[adapter]
+    if _is_linear4bit(base):
+        if not base.compute_type_is_set:  # what bnb's own first forward does
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        from lora_kernels.integrations.bitsandbytes import nf4_from_bnb
+        qweight: NF4Weight = nf4_from_bnb(base)
+        if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
+            common["bias"] = common["bias"].to(x.dtype)  # bnb adds the bias in its compute dtype
+        return nf4_lora_linear(x, qweight, A, lora_B.weight, scale, **common)
+    return lora_linear(x, base.weight, A, lora_B.weight, scale, **common)
+
+
+class _FastLoRAForward:
+    """Mixin placed before the PEFT layer class: fast forward when ``fallback_reason`` allows."""
+
+    def forward(self, x, *args, **kwargs):
+        if fallback_reason(self, x, args, kwargs) is None:
+            self._check_forward_args(x, *args, **kwargs)
+            return _fast_forward(self, x)
+        return super().forward(x, *args, **kwargs)
+
+
+def _peft_classes() -> dict:
+    """PEFT layer class -> short name, for the classes lora_kernels can swap."""
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as exc:
+        raise ImportError("patch_peft_model needs peft (pip install peft)") from exc
+    classes = {Linear: "lora.Linear"}
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+        classes[Linear4bit] = "lora.bnb.Linear4bit"
+    except (ImportError, AttributeError):  # peft defines it only when bitsandbytes imports
+        pass
+    return classes
+
+
+def _fast_class(peft_class):
+    if peft_class not in _FAST_CLASSES:
+        name = f"LoRAKernels{peft_class.__name__}"  # LoRAKernelsLinear, LoRAKernelsLinear4bit
+        cls = type(name, (_FastLoRAForward, peft_class), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = cls  # a module-level name: pickling a patched model works
+        _FAST_CLASSES[peft_class] = cls
+    return _FAST_CLASSES[peft_class]
+
+
+def is_patched(module) -> bool:
+    return type(module) in _FAST_CLASSES.values()
+
+
+# ----------------------------------------------------------------------------- public API
+
+def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchReport:
+    """Swap, in place, every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` in ``model`` for a
+    subclass running lora_kernels' fused layer. Parameters, names, optimizer state, state_dict,
+    ``save_pretrained`` and ``merge_and_unload`` are unchanged.
+
+    Args:
+        model: a PEFT model (or any module containing PEFT LoRA layers).
+        lora_fa: freeze every lora_A of the swapped layers (LoRA-FA): backward then keeps only
+            h = dropout(x) A^T [M, r] per layer, not x. An lora_A frozen by the user is honoured
+            either way. ``unpatch_peft_model`` restores the previous requires_grad.
+    Returns:
+        A ``PatchReport``: layers swapped per PEFT class, layers left on PEFT's path and why.
+    Raises:
+        ValueError: the model has no PEFT LoRA layers, or is already patched.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(lora_fa, bool):
+        raise TypeError(f"lora_fa must be a bool, got {type(lora_fa).__name__}")
+    classes = _peft_classes()
+    from peft.tuners.lora.layer import LoraLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("model has no PEFT LoRA layers to patch (expected peft.tuners.lora layers, e.g. "
+                         "from peft.get_peft_model)")
+    patched = [name for name, m in layers if is_patched(m)]
+    if patched:
+        raise ValueError(f"model is already patched ({len(patched)} layers, e.g. {patched[0]!r}); "
+                         "call unpatch_peft_model first")
+    report = PatchReport(swapped={}, left_on_peft={})
+    for name, module in layers:
+        kind = classes.get(type(module))
+        if kind is None:
+            report.left_on_peft[name] = f"{type(module).__module__}.{type(module).__name__} is not supported " \
+                                        "(only lora.Linear and lora.bnb.Linear4bit)"
+            continue
+        static = [why for a in module.lora_A if (why := static_fallback_reason(module, a))]
+        if static and len(static) == len(module.lora_A):
+            report.left_on_peft[name] = static[0]
+            continue
+        setattr(module, _ORIGINAL_CLASS, type(module))
+        module.__class__ = _fast_class(type(module))
+        report.swapped[kind] = report.swapped.get(kind, 0) + 1
+        if lora_fa:
+            setattr(module, _A_REQUIRES_GRAD, {a: m.weight.requires_grad for a, m in module.lora_A.items()})
+            for m in module.lora_A.values():
+                report.frozen_lora_A += int(m.weight.requires_grad)
+                m.weight.requires_grad_(False)
+    return report
+
+
+def unpatch_peft_model(model: torch.nn.Module) -> int:
+    """Restore PEFT's classes (and lora_A requires_grad changed by ``lora_fa``); returns the number
+    of layers restored. Raises ValueError if ``model`` has no patched layer."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    restored = 0
+    for module in model.modules():
+        if not is_patched(module):
+            continue
+        module.__class__ = getattr(module, _ORIGINAL_CLASS)
+        delattr(module, _ORIGINAL_CLASS)
+        for adapter, flag in getattr(module, _A_REQUIRES_GRAD, {}).items():
+            if adapter in module.lora_A:
+                module.lora_A[adapter].weight.requires_grad_(flag)
+        if hasattr(module, _A_REQUIRES_GRAD):
+            delattr(module, _A_REQUIRES_GRAD)
+        restored += 1
+    if not restored:
+        raise ValueError("model has no layers patched by lora_kernels.patch_peft_model")
+    return restored

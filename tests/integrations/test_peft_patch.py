@@ -1,0 +1,402 @@
+"""patch_peft_model on a small Llama built from a transformers config (random init, no download):
+same logits, gradients and optimizer trajectory as PEFT, fallbacks to PEFT's own forward, adapter
+files, merge_and_unload, unpatch, LoRA-FA and saved-activation memory."""
+import copy
+import math
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.integrations import peft as lk_peft
+from tests.helpers import assert_close, use_backend
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+@pytest.fixture(autouse=True)
+def _torch_cpu_path(monkeypatch):
+    # The lean PyTorch path unless a test asks for the Triton kernels (interpreted, slow on a model).
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BOUND = 1e-5  # fp32, relative error
+
+
+def tiny_llama(hidden=64, intermediate=128, layers=2, vocab=100, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def _to_qlora(model):
+    """Replace the targeted nn.Linear layers with bitsandbytes NF4 Linear4bit (quantized on CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(parent, name, q.to("cpu"))  # .to quantizes
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
+    return model
+
+
+def peft_model(qlora=False, dropout=0.0, seed=0, **lora_kwargs):
+    # K a multiple of 64 for QLoRA: bnb 0.50.2's native CPU dequantize mis-scales rows otherwise.
+    model = tiny_llama(hidden=128, intermediate=256, seed=seed) if qlora else tiny_llama(seed=seed)
+    if qlora:
+        model = _to_qlora(model)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
+                          init_lora_weights=False, **lora_kwargs)  # B random: every gradient is non-trivial
+    return peft.get_peft_model(model, cfg)
+
+
+def _ids(seed=1, batch=2, seq=9, vocab=100):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def _compare_step(patched, reference, ids):
+    out, ref = patched(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert_close(out.logits, ref.logits, BOUND, "logits")
+    out.loss.backward()
+    ref.loss.backward()
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], BOUND, name)
+
+
+def _fast_calls(record):
+    return len(record.impls("fwd"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_patched_matches_peft(qlora, backend):
+    reference = peft_model(qlora=qlora)
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    kind = "lora.bnb.Linear4bit" if qlora else "lora.Linear"
+    assert report.swapped == {kind: 14} and not report.left_on_peft and report.num_swapped == 14
+    names = [n for n, _ in patched.named_parameters()]
+    assert names == [n for n, _ in reference.named_parameters()]
+    with use_backend(backend) as record:
+        _compare_step(patched, reference, _ids(vocab=100))
+    assert _fast_calls(record) == 14  # every LoRA layer ran lora_kernels' op
+    assert len(record.impls("bwd")) == 14
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_adamw_steps_match(qlora):
+    reference = peft_model(qlora=qlora, seed=3)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (patched, reference)]
+    for step in range(3):
+        ids = _ids(seed=10 + step)
+        losses = []
+        for model, opt in zip((patched, reference), opts):
+            opt.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert math.isclose(losses[0], losses[1], rel_tol=BOUND), (step, losses)
+
+
+def test_training_with_dropout_uses_the_fast_path_and_a_seeded_mask():
+    model = peft_model(dropout=0.1)
+    lora_kernels.patch_peft_model(model)
+    ids = _ids()
+    with use_backend("torch") as record:
+        torch.manual_seed(5)
+        a = model(input_ids=ids).logits
+        torch.manual_seed(5)
+        b = model(input_ids=ids).logits
+        torch.manual_seed(6)
+        c = model(input_ids=ids).logits
+    assert _fast_calls(record) == 42
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    model.eval()  # dropout off: PEFT's numbers again
+    reference = peft_model(dropout=0.1).eval()
+    assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "eval logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallbacks: whatever the fast path does not implement runs PEFT's forward
+# ---------------------------------------------------------------------------------------------
+def test_scaling_is_read_on_every_call():
+    reference = peft_model(use_rslora=True)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    for m in (patched, reference):
+        for module in m.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.set_scale("default", 0.5)
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "set_scale")
+    assert _fast_calls(record) == 14
+
+
+def test_disabled_merged_and_mixed_batches_fall_back():
+    reference = peft_model()
+    reference.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    for m in (patched, reference):
+        m.eval()  # PEFT accepts adapter_names= only in eval mode
+
+    def both(fn):
+        with use_backend("torch") as record:
+            out, ref = fn(patched), fn(reference)
+        assert_close(out, ref, BOUND)
+        return _fast_calls(record)
+
+    def disabled(m):
+        with m.disable_adapter():
+            return m(input_ids=ids).logits
+    assert both(disabled) == 0
+    assert both(lambda m: m(input_ids=ids, adapter_names=["default", "other"]).logits) == 0
+    for m in (patched, reference):
+        m.base_model.set_adapter(["default", "other"])
+    assert both(lambda m: m(input_ids=ids).logits) == 0  # two active adapters
+    for m in (patched, reference):
+        m.base_model.set_adapter("other")
+        m.merge_adapter()
+    assert both(lambda m: m(input_ids=ids).logits) == 0  # merged
+    for m in (patched, reference):
+        m.unmerge_adapter()
+    assert both(lambda m: m(input_ids=ids).logits) == 14  # back on the fast path, adapter "other"
+
+
+def test_fallback_reason_names_the_cause():
+    model = peft_model()
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    assert lk_peft.fallback_reason(layer, x) is None
+    assert "dtype" in lk_peft.fallback_reason(layer, x.double())
+    assert "extra" in lk_peft.fallback_reason(layer, x, kwargs={"adapter_names": ["default"] * 3})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" in lk_peft.fallback_reason(layer, x)
+    layer.base_layer.weight.requires_grad_(True)
+    assert "trainable" in lk_peft.fallback_reason(layer, x)
+
+
+def test_dora_layers_are_left_on_peft():
+    reference = peft_model(use_dora=True)
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.swapped == {} and len(report.left_on_peft) == 14
+    assert set(report.left_on_peft.values()) == {"DoRA"}
+    assert "left on PEFT" in str(report)
+    ids = _ids()
+    assert torch.equal(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, merge, unpatch, bad use
+# ---------------------------------------------------------------------------------------------
+def test_save_pretrained_and_reload(tmp_path):
+    reference = peft_model(seed=7)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    patched.save_pretrained(tmp_path / "patched")
+    reference.save_pretrained(tmp_path / "reference")
+    from safetensors.torch import load_file
+    saved, ref_saved = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("patched", "reference"))
+    assert saved.keys() == ref_saved.keys() and len(saved) == 28
+    for k in saved:
+        assert torch.equal(saved[k], ref_saved[k]) and saved[k].abs().sum() > 0, k
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(seed=7), tmp_path / "patched")
+    ids = _ids()
+    assert torch.equal(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_merge_and_unload():
+    reference = peft_model(seed=8)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    expected = reference(input_ids=ids).logits
+    merged = patched.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
+    assert_close(merged(input_ids=ids).logits, expected, BOUND, "merged")
+
+
+def test_unpatch_restores_peft_exactly():
+    model = peft_model()
+    ids = _ids()
+    expected = model(input_ids=ids).logits
+    report = lora_kernels.patch_peft_model(model, lora_fa=True)
+    assert report.frozen_lora_A == 14
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    assert lora_kernels.unpatch_peft_model(model) == 14
+    assert all(type(m) is peft.tuners.lora.Linear for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert not any(hasattr(m, lk_peft._ORIGINAL_CLASS) for m in model.modules())
+    assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_bad_use_gives_clear_errors():
+    model = peft_model()
+    lora_kernels.patch_peft_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        lora_kernels.patch_peft_model(model)
+    lora_kernels.unpatch_peft_model(model)
+    with pytest.raises(ValueError, match="no layers patched"):
+        lora_kernels.unpatch_peft_model(model)
+    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+        lora_kernels.patch_peft_model(tiny_llama())
+    with pytest.raises(TypeError, match="model"):
+        lora_kernels.patch_peft_model("not a model")
+    with pytest.raises(TypeError, match="lora_fa"):
+        lora_kernels.patch_peft_model(model, lora_fa="yes")
+
+
+def test_unsupported_lora_layers_are_reported():
+    model = tiny_llama()
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    report = lora_kernels.patch_peft_model(pm)
+    assert report.swapped == {"lora.Linear": 2}
+    assert list(report.left_on_peft) == ["base_model.model.model.embed_tokens"]
+    assert "Embedding" in report.left_on_peft["base_model.model.model.embed_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA-FA and memory
+# ---------------------------------------------------------------------------------------------
+def _saved_bytes(model, ids) -> int:
+    """Unique non-parameter storages autograd saves in one training forward (bytes)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.sum()
+    return sum(storages.values())
+
+
+def _facts_model(dropout, seed=0):
+    """FACTS.md's memory model: h512, 2 layers, r=16 alpha=32 on all seven projections, fp32."""
+    model = tiny_llama(hidden=512, intermediate=1408, layers=2, vocab=1000, seed=seed)
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=dropout)
+    return peft.get_peft_model(model, cfg).train()
+
+
+def test_saved_activation_memory_against_peft():
+    ids = _ids(batch=4, seq=256, vocab=1000)
+    mib = 2 ** 20
+    peft_bytes = _saved_bytes(_facts_model(0.1), ids)
+    assert 120 * mib < peft_bytes < 132 * mib  # FACTS.md: 126.0 MiB
+    patched = {}
+    for dropout, lora_fa in ((0.0, False), (0.1, False), (0.1, True)):
+        model = _facts_model(dropout)
+        lora_kernels.patch_peft_model(model, lora_fa=lora_fa)
+        patched[dropout, lora_fa] = _saved_bytes(model, ids)
+    # Dropout costs one 8-byte seed per layer (14 layers), never a mask or a dropped copy of x.
+    assert patched[0.1, False] - patched[0.0, False] == 14 * 8
+    assert patched[0.1, False] <= 0.65 * peft_bytes
+    assert patched[0.1, True] <= 0.50 * peft_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and distributed training
+# ---------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph_training_step():
+    ids = _ids()
+    eager = peft_model(seed=4)
+    lora_kernels.patch_peft_model(eager)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)  # any graph break raises
+    with use_backend("torch") as record:
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert _fast_calls(record) == 14 and len(record.impls("bwd")) == 14
+    ref = eager(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=BOUND)
+    grads, ref_grads = _lora_grads(compiled_model), _lora_grads(eager)
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], BOUND, name)
+    # with dropout: the seed is drawn inside the graph, training still runs end to end
+    dropped = peft_model(dropout=0.1, seed=4)
+    lora_kernels.patch_peft_model(dropped)
+    loss = torch.compile(dropped, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(g.abs().sum() > 0 for g in _lora_grads(dropped).values())
+
+
+def _train(model, ids_per_step, lr=0.05):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for ids in ids_per_step:
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["LORA_KERNELS_CPU_BACKEND"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = peft_model(seed=11)
+        lora_kernels.patch_peft_model(model)
+        if wrapper == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            trained = DistributedDataParallel(model)
+        else:  # FSDP2: shard every decoder layer, then the root
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer)
+            trained = fully_shard(model)
+        _train(trained, [ids[rank::world] for ids in steps])
+        params = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+        if wrapper == "fsdp2":
+            params = {n: p.full_tensor() for n, p in params.items()}  # gather the shards
+        if rank == 0:
+            torch.save(params, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
+    import torch.multiprocessing as mp
+
+    steps = [_ids(seed=20 + i, batch=4) for i in range(2)]
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt"), steps, wrapper),
+             nprocs=2, join=True)
+    distributed = torch.load(tmp_path / "out.pt")
+    single = peft_model(seed=11)
+    lora_kernels.patch_peft_model(single)
+    _train(single, steps)
+    expected = {n: p.detach() for n, p in single.named_parameters() if "lora_" in n}
+    assert distributed.keys() == expected.keys() and len(expected) == 28
+    initial = {n: p.detach() for n, p in peft_model(seed=11).named_parameters() if "lora_" in n}
+    for n in expected:
+        assert not torch.equal(expected[n], initial[n])  # training moved every adapter
+        assert_close(distributed[n], expected[n], BOUND, n)
