@@ -31,8 +31,10 @@ def tiny_llama(hidden=64, intermediate=128, layers=2, vocab=100, seed=0):
     return transformers.LlamaForCausalLM(cfg).float()
 
 
-def _to_qlora(model):
-    """Replace the targeted nn.Linear layers with bitsandbytes NF4 Linear4bit (quantized on CPU)."""
+def _to_qlora(model, quant_storage=torch.uint8):
+    """Replace the targeted nn.Linear layers with bitsandbytes NF4 Linear4bit (quantized on CPU), as
+    transformers loads them (the parameter knows its module, which then keeps the quant_state:
+    FSDP2 needs that, and a float quant_storage, to shard the packed weight)."""
     bnb = pytest.importorskip("bitsandbytes")
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -41,19 +43,20 @@ def _to_qlora(model):
                 if lin is None:
                     continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                                      quant_storage=quant_storage)
                 q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
+                                             compress_statistics=True, quant_storage=quant_storage, module=q)
                 setattr(parent, name, q.to("cpu"))  # .to quantizes
     model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
     return model
 
 
-def peft_model(qlora=False, dropout=0.0, seed=0, **lora_kwargs):
+def peft_model(qlora=False, dropout=0.0, seed=0, quant_storage=torch.uint8, **lora_kwargs):
     # K a multiple of 64 for QLoRA: bnb 0.50.2's native CPU dequantize mis-scales rows otherwise.
     model = tiny_llama(hidden=128, intermediate=256, seed=seed) if qlora else tiny_llama(seed=seed)
     if qlora:
-        model = _to_qlora(model)
+        model = _to_qlora(model, quant_storage)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
                           init_lora_weights=False, **lora_kwargs)  # B random: every gradient is non-trivial
     return peft.get_peft_model(model, cfg)
@@ -363,7 +366,7 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
     os.environ["LORA_KERNELS_CPU_BACKEND"] = "torch"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = peft_model(seed=11)
+        model = peft_model(seed=11, **_WRAPPER_MODELS[wrapper])
         lora_kernels.patch_peft_model(model)
         if wrapper == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -373,9 +376,11 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
             trained = fully_shard(model)
-        _train(trained, [ids[rank::world] for ids in steps])
+        with use_backend("torch") as record:
+            _train(trained, [ids[rank::world] for ids in steps])
+        assert _fast_calls(record) == 14 * len(steps)  # the sharded layers ran lora_kernels' op
         params = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-        if wrapper == "fsdp2":
+        if wrapper != "ddp":
             params = {n: p.full_tensor() for n, p in params.items()}  # gather the shards
         if rank == 0:
             torch.save(params, out_file)
@@ -383,7 +388,10 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+_WRAPPER_MODELS = {"ddp": {}, "fsdp2": {}, "fsdp2_qlora": {"qlora": True, "quant_storage": torch.float32}}
+
+
+@pytest.mark.parametrize("wrapper", list(_WRAPPER_MODELS))
 def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     import torch.multiprocessing as mp
 
@@ -391,12 +399,13 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt"), steps, wrapper),
              nprocs=2, join=True)
     distributed = torch.load(tmp_path / "out.pt")
-    single = peft_model(seed=11)
+    single = peft_model(seed=11, **_WRAPPER_MODELS[wrapper])
     lora_kernels.patch_peft_model(single)
     _train(single, steps)
     expected = {n: p.detach() for n, p in single.named_parameters() if "lora_" in n}
     assert distributed.keys() == expected.keys() and len(expected) == 28
-    initial = {n: p.detach() for n, p in peft_model(seed=11).named_parameters() if "lora_" in n}
+    initial = {n: p.detach() for n, p in peft_model(seed=11, **_WRAPPER_MODELS[wrapper]).named_parameters()
+               if "lora_" in n}
     for n in expected:
         assert not torch.equal(expected[n], initial[n])  # training moved every adapter
         assert_close(distributed[n], expected[n], BOUND, n)
