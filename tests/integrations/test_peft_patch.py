@@ -409,3 +409,26 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     for n in expected:
         assert not torch.equal(expected[n], initial[n])  # training moved every adapter
         assert_close(distributed[n], expected[n], BOUND, n)
+
+
+def test_bf16_model_with_fp32_adapters():
+    # get_peft_model keeps adapters in fp32 on a bf16 model (autocast_adapter_dtype=True): PEFT casts
+    # x to fp32 for the LoRA branch; lora_kernels takes the fp32 adapters as they are.
+    model = tiny_llama(seed=9).to(torch.bfloat16)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    reference = peft.get_peft_model(model, cfg)
+    assert reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    with use_backend("torch") as record:
+        out, ref = patched(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert _fast_calls(record) == 14
+    assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
+    assert_close(out.logits, ref.logits, 2e-2, "bf16 logits")  # a few bf16 roundings differ per layer
+    out.loss.backward()
+    ref.loss.backward()
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32
+        assert_close(grads[name], ref_grads[name], 5e-2, name)
