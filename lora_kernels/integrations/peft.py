@@ -157,12 +157,29 @@ def _fast_forward(layer, x: torch.Tensor) -> torch.Tensor:
         if not base.compute_type_is_set:  # what bnb's own first forward does
             base.set_compute_type(x)
             base.compute_type_is_set = True
-        from lora_kernels.integrations.bitsandbytes import nf4_from_bnb
-        qweight: NF4Weight = nf4_from_bnb(base)
+        qweight = _cached_nf4(base)
         if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
             common["bias"] = common["bias"].to(x.dtype)  # bnb adds the bias in its compute dtype
         return nf4_lora_linear(x, qweight, A, lora_B.weight, scale, **common)
     return lora_linear(x, base.weight, A, lora_B.weight, scale, **common)
+
+
+_NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing its tensors)
+
+
+def _cached_nf4(base) -> NF4Weight:
+    """The NF4Weight view of a bnb Linear4bit, rebuilt only when its weight or quant state object
+    changes: the view shares bnb's tensors, and rebuilding it (with its checks) costs tens of
+    microseconds per layer and call, as much as a decode-sized kernel."""
+    from lora_kernels.integrations.bitsandbytes import nf4_from_bnb
+
+    state = getattr(base.weight, "quant_state", None) or base.quant_state
+    key = (base.weight.data_ptr(), id(state), id(state.absmax), id(state.state2))
+    cached = base.__dict__.get(_NF4_CACHE)
+    if cached is None or cached[0] != key:
+        cached = (key, nf4_from_bnb(base))
+        base.__dict__[_NF4_CACHE] = cached
+    return cached[1]
 
 
 class _FastLoRAForward:
@@ -273,6 +290,7 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
                 module.lora_A[adapter].weight.requires_grad_(flag)
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
+        module.get_base_layer().__dict__.pop(_NF4_CACHE, None)
         restored += 1
     if not restored:
         raise ValueError("model has no layers patched by lora_kernels.patch_peft_model")

@@ -432,3 +432,25 @@ def test_bf16_model_with_fp32_adapters():
     for name in ref_grads:
         assert grads[name].dtype == torch.float32
         assert_close(grads[name], ref_grads[name], 5e-2, name)
+
+
+def test_nf4_view_is_cached_and_follows_weight_changes():
+    bnb = pytest.importorskip("bitsandbytes")
+    reference = peft_model(qlora=True, seed=12)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layers = [m.base_model.model.model.layers[0].self_attn.q_proj for m in (patched, reference)]
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    layers[0](x)
+    first = layers[0].base_layer.__dict__[lk_peft._NF4_CACHE][1]
+    assert_close(layers[0](x), layers[1](x), BOUND, "before")
+    assert layers[0].base_layer.__dict__[lk_peft._NF4_CACHE][1] is first  # reused, not rebuilt
+    new = torch.randn(128, 128, generator=torch.Generator().manual_seed(3)) / 11
+    for layer in layers:  # a new quantized weight (e.g. a checkpoint loaded into the model)
+        base = layer.base_layer
+        base.weight = bnb.nn.Params4bit(new.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                        module=base).to("cpu")
+    assert_close(layers[0](x), layers[1](x), BOUND, "after")
+    assert layers[0].base_layer.__dict__[lk_peft._NF4_CACHE][1] is not first
+    lora_kernels.unpatch_peft_model(patched)
+    assert lk_peft._NF4_CACHE not in layers[0].base_layer.__dict__
