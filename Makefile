@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 # would download a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 # On a machine with an NVIDIA GPU the venv sees the system site-packages, so the machine's own CUDA
-# torch and triton are used instead of the CPU build.
+# torch and triton are used instead of the CPU build, and csrc/ is built in place into lora_kernels._C
+# (against that torch; a failed build only leaves the CUDA kernels out).
 VENV_FLAGS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --system-site-packages)
 PYTEST_ARGS ?= -n auto -q
 
-.PHONY: install test bench aot-check clean
+.PHONY: install test bench aot-check csrc-check clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
 	$(BIN)/pip install -q -e ".[test]"
+	$(if $(VENV_FLAGS),($(BIN)/python -c "import setuptools" 2>/dev/null || $(BIN)/pip install -q setuptools) && $(BIN)/python setup.py -q build_ext --inplace || echo "make: lora_kernels._C not built: NF4 decoding stays on Triton")
 	touch $@
 
 test: install
@@ -31,5 +33,9 @@ bench: install
 aot-check: install
 	$(BIN)/python -m lora_kernels.tools.aot_check
 
+# Compile-only check of csrc/*.cu (sm_80, sm_90) and csrc/*.cpp with nvcc: registers, spills (no GPU needed)
+csrc-check: install
+	$(BIN)/python -m lora_kernels.tools.csrc_check
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis lora_kernels/_C*.so

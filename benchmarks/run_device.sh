@@ -3,12 +3,14 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"]
-#   steps: tests bench memory qlora split-k (each under its own time limit, so that one slow step
-#   cannot use up a 10-minute call; split them over calls when the GPU is slow to compile)
+#   steps: build tests sanitizer bench memory qlora split-k csrc (each under its own time limit, so
+#   that one slow step cannot use up a 10-minute call; split them over calls when the GPU is slow to
+#   compile). "build" compiles csrc/ into lora_kernels._C in place (the later steps then use the CUDA
+#   NF4 GEMV where they ask for it); "sanitizer" runs its tests under compute-sanitizer memcheck.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
-STEPS=${*:-tests bench memory qlora split-k}
+STEPS=${*:-build tests sanitizer bench memory qlora split-k}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -19,6 +21,13 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for step in $STEPS; do
     echo "=== $step"
     case $step in
+        build) timeout 400 python setup.py build_ext --inplace 2>&1 | tail -15 | tee "$OUT/build.txt"
+               python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" ;;
+        sanitizer) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x \
+                       -p no:cacheprovider tests/ops/test_nf4_gemv.py -k cuda 2>&1 \
+                       | tail -15 | tee "$OUT/sanitizer.txt" ;;
+        csrc) timeout 240 python -m lora_kernels.tools.csrc_check --json "$OUT/csrc_check.json" 2>&1 \
+                  | tee "$OUT/csrc_check.txt" ;;
         tests) timeout 240 python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
                    | tail -25 | tee "$OUT/pytest.txt" ;;
         bench|memory|qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;

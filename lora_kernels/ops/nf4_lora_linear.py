@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.ops.lora_linear import _rows, select_backend
+from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
                                             triton_lora_forward, triton_nf4_dequantize)
@@ -59,7 +60,10 @@ def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: 
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
               nested_blocksize, weight_dtype)
     x2 = x.reshape(_rows(x), K)
-    if select_backend(x.device, x2.shape[0], N, K, r) == "triton":
+    backend = select_backend(x.device, x2.shape[0], N, K, r)
+    if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed):
+        y2, h = cuda_gemv_forward(x2, wq, lora_A, lora_B, bias, scale)
+    elif backend == "triton":
         y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
     else:
         y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)

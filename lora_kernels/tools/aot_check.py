@@ -221,8 +221,11 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         import json
+
+        from lora_kernels.tools.bench import environment_metadata
+        meta = dict(environment_metadata(), targets=[f"sm_{a}" for a in args.arch])
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     errors = [r for r in rows if r["error"]]
     main_spills = [r for r in rows if spilled(r) and is_main(r)]
     print(f"\n{len(rows)} compiles: {len(errors)} errors, {len(main_spills)} main configurations spill, "

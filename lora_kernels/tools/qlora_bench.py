@@ -7,6 +7,8 @@ timed in the same run (interleaved rep by rep, medians; see ``lora_kernels.tools
     lora_kernels_nf4_fa  the same with lora_A frozen (LoRA-FA)
     peft_qlora           PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                          the same NF4 tensors (what transformers + PEFT build for QLoRA)
+    lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on for M <= 16 (csrc/; CUDA
+                         with the built extension only)
     bnb_matmul_4bit      ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
     base_dense           ``F.linear(x, W)`` with W = dequant(Q) in x's dtype: the dense (cuBLAS) floor
 x requires grad (a hidden layer). "infer" is the forward under ``torch.no_grad()`` with x not
@@ -27,8 +29,10 @@ from lora_kernels.tools.bench import (Impl, add_common_arguments, default_out_di
                                       fmt_num, measure_ceilings, probe, resolve_device_dtype, time_impls,
                                       write_outputs)
 
-QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "peft_qlora", "bnb_matmul_4bit", "base_dense")
-LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "peft_qlora")  # compute base + LoRA
+QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit",
+               "base_dense")
+LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora")  # base + LoRA
+NF4_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit")
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
 CUDA_M = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 8192)
@@ -39,7 +43,7 @@ CPU_M = (1, 16, 256)
 CPU_KN = ((512, 512), (1024, 2048))
 QLORA_CSV_FIELDS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwdbwd_ms", "infer_ms", "fwd_vs_peft",
                     "fwdbwd_vs_peft", "infer_vs_peft", "fwd_vs_dense", "fwdbwd_vs_dense", "saved_bytes",
-                    "peak_fwdbwd_bytes", "out_rel_err"]
+                    "peak_fwdbwd_bytes", "out_rel_err", "infer_weight_GBps"]
 # Goals of the QLoRA issue, checked on GPU results (times relative to the reference, same run).
 GOALS = {
     "nf4_gemm_vs_dense_fwd_max": 1.05,      # M >= 4096: lora_kernels_nf4 fwd / base_dense fwd
@@ -123,6 +127,11 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             out[name] = Impl(name, lambda a=a: nf4_lora_linear(x, q, a, B, s),
                              [x, B] + ([A] if a is A else []), params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s))
+        elif name == "lora_kernels_nf4_gemv":
+            from lora_kernels.ops.nf4_gemv import GEMV_MAX_ROWS, NF4_GEMV_ENV
+            fwd = _with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x, q, A, B, s))
+            out[name] = Impl(name, fwd, [x, A, B], params,
+                             infer=_with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x_infer, q, A, B, s)))
         elif name == "peft_qlora":
             layer, adapters = _peft_qlora_layer(p)
             out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,
@@ -191,6 +200,9 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
     warmup = warmup if warmup is not None else (5 if cuda else 2)
     out = Path(out) if out is not None else default_out_dir(device)
     impls = available_qlora_impls(impls)
+    from lora_kernels.ops.nf4_gemv import load_extension
+    if not (cuda and load_extension()):  # the CUDA GEMV row needs a GPU and the built extension
+        impls = [i for i in impls if i != "lora_kernels_nf4_gemv"]
 
     rows, skipped, formats = [], {}, {}
     for (M, K, N, r) in shapes:
@@ -223,6 +235,9 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
                 **{f"{ph}_vs_peft": _ratio(med[n][ph], peft.get(ph)) for ph in ("fwd", "fwdbwd", "infer")},
                 **{f"{ph}_vs_dense": _ratio(med[n][ph], dense.get(ph)) for ph in ("fwd", "fwdbwd")},
                 "saved_bytes": saved, "peak_fwdbwd_bytes": peak, "out_rel_err": errs[n],
+                # weight bytes streamed per inference forward over its time (compare with the copy ceiling)
+                "infer_weight_GBps": (p.qweight.nbytes if n in NF4_IMPLS else formats[f"{K},{N}"]["dense_bytes"])
+                / (med[n]["infer"] * 1e6),
             })
         del built, p, dy
     ceilings = measure_ceilings(device, dtype)
@@ -252,20 +267,19 @@ SWEEP_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
 SPLIT_K_CSV_FIELDS = ["shape", "weight", "M", "split_ms", "no_split_ms", "split_vs_no_split"]
 
 
-def _with_small_m_max(value: int, fn):
-    """fn() with the split-K threshold overridden (see ``ops.triton_launch.SMALL_M_ENV``)."""
-    from lora_kernels.ops.triton_launch import SMALL_M_ENV
-
+def _with_env(name: str, value, fn):
+    """A callable running fn() with environment variable ``name`` set to ``value`` (the dispatch
+    overrides of lora_kernels are read per call)."""
     def call():
-        old = os.environ.get(SMALL_M_ENV)
-        os.environ[SMALL_M_ENV] = str(value)
+        old = os.environ.get(name)
+        os.environ[name] = str(value)
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ[SMALL_M_ENV]
+                del os.environ[name]
             else:
-                os.environ[SMALL_M_ENV] = old
+                os.environ[name] = old
     return call
 
 
@@ -289,6 +303,7 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     Triton path (CUDA, or CPU with LORA_KERNELS_CPU_BACKEND=triton under the interpreter)."""
     from lora_kernels import lora_linear, nf4_lora_linear
     from lora_kernels.ops import select_backend
+    from lora_kernels.ops.triton_launch import SMALL_M_ENV
 
     device, dtype = resolve_device_dtype(device, dtype)
     cuda = device.type == "cuda"
@@ -310,7 +325,7 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
             impls = {}
             for weight, fn in calls.items():
                 for mode, threshold in (("split", 1 << 30), ("no_split", 0)):
-                    call = _with_small_m_max(threshold, fn)
+                    call = _with_env(SMALL_M_ENV, threshold, fn)
                     impls[f"{weight}:{mode}"] = Impl(f"{weight}:{mode}", call, [], infer=call)
             dy = torch.empty(M, N, device=device, dtype=dtype)
             times = time_impls(impls, dy, reps, warmup, phases=("infer",))

@@ -1,0 +1,24 @@
+// Registers the CUDA kernels of csrc/ as the CUDA implementations of ops whose schemas are declared
+// once, in Python (lora_kernels/ops/nf4_gemv.py: torch.library.define), before this library loads.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace lora_kernels {
+std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
+    const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scale, int64_t blocksize,
+    int64_t nested_blocksize, at::ScalarType weight_dtype);
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("nf4_gemv_lora", &lora_kernels::nf4_gemv_lora_cuda);
+}
+
+// An importable module (lora_kernels._C) whose import runs the registration above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lora_kernels CUDA kernels (registered as torch.ops.lora_kernels.*)";
+}

@@ -1,0 +1,279 @@
+// NF4 decode GEMV with the LoRA term fused: y = x dequant(Q)^T + bias + scale * h B^T, h = x A^T,
+// for M <= 16 rows (token-by-token decoding, small batches), where the cost is the bytes of Q.
+//
+// Format (bitsandbytes NF4, see lora_kernels/ops/nf4.py): the [N, K] weight flattened row-major,
+// two 4-bit codes per byte (first element in the HIGH nibble), one absmax per `blocksize`
+// consecutive elements (blocks may span rows), absmax either fp32 or double-quantized
+// (uint8 code into a 256-entry fp32 table, times an fp32 scale per `nested_blocksize` blocks,
+// plus an fp32 offset). Decoding is bit-exact with bitsandbytes' dequantize_4bit: absmax =
+// fl(fl(code2[q] * scale2) + offset), w = round_to_stored_dtype(fl(NF4[c] * absmax)), then w is
+// rounded to x's dtype (bnb casts the dequantized weight to the input dtype). Built without
+// --use_fast_math and with explicit __fmul_rn / __fadd_rn so nothing is contracted into an FMA.
+//
+// Two launches: a shrink kernel h = x A^T ([M, r], rounded to the adapters' dtype like the Triton
+// path), then the decode GEMV whose epilogue adds scale * h B^T and the combined bias. The LoRA
+// term cannot live in one launch without a grid-wide dependency (every output row needs all of h).
+//
+// Decode GEMV layout: one warp per output row n, 8 warps per block. The block walks K in chunks of
+// K_CHUNK elements: x[:, chunk] is staged in shared memory once for all 8 warps, then each lane
+// decodes 32 consecutive weights per step from one 16-byte load of packed codes (fast path: K a
+// multiple of 32 and a 16-byte aligned packed pointer, so every 16-byte load is aligned and lies in
+// one quantization block) or element by element (any K). Accumulation is fp32 per row of x,
+// reduced across the warp with shuffles at the end.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <tuple>
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunk = 1024;  // K elements staged per step (x tile: M_TILE x kChunk)
+constexpr int kMaxRank = 64;
+
+enum StoredDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// fl(NF4[c] * absmax) rounded to the stored dtype, then to x's dtype T, as a float.
+template <typename T>
+__device__ __forceinline__ float decode(const float* nf4, int c, float absmax, int stored) {
+  float w = __fmul_rn(nf4[c], absmax);
+  if (stored == kFloat16) {
+    w = __half2float(__float2half_rn(w));
+  } else if (stored == kBFloat16) {
+    w = __bfloat162float(__float2bfloat16_rn(w));
+  }
+  return to_float<T>(from_float<T>(w));
+}
+
+struct NF4Args {
+  const uint8_t* packed;
+  const void* absmax;          // float [n_blocks], or uint8 [n_blocks] with double quantization
+  const float* absmax_code;    // [256] or nullptr
+  const float* absmax_scale;   // [ceil(n_blocks / nested_blocksize)] or nullptr
+  const float* absmax_offset;  // 0-d or nullptr
+  const float* code;           // [16]
+  int64_t blocksize;
+  int64_t nested_blocksize;
+  int stored;
+};
+
+template <bool DQ>
+__device__ __forceinline__ float block_absmax(const NF4Args& q, const float* code2_s, int64_t b, float offset) {
+  if (DQ) {
+    const uint8_t qa = static_cast<const uint8_t*>(q.absmax)[b];
+    return __fadd_rn(__fmul_rn(code2_s[qa], q.absmax_scale[b / q.nested_blocksize]), offset);
+  }
+  return static_cast<const float*>(q.absmax)[b];
+}
+
+// h[m, j] = sum_k x[m, k] A[j, k]: one block per (j, m), a block-wide reduction over K.
+template <typename T, typename TA>
+__global__ void lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, TA* __restrict__ h,
+                                   int64_t K, int64_t r, int64_t stride_xm) {
+  const int64_t j = blockIdx.x, m = blockIdx.y;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    // the adapters' dtype decides the product's precision, as x.to(A.dtype) does in PEFT
+    acc += to_float<TA>(from_float<TA>(to_float<T>(x[m * stride_xm + k]))) * to_float<TA>(A[j * K + k]);
+  }
+  __shared__ float partial[kWarps];
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x == 0) h[m * r + j] = from_float<TA>(acc);
+  }
+}
+
+template <typename T, typename TA, int M_TILE, bool DQ>
+__global__ void __launch_bounds__(kThreads)
+nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h, const TA* __restrict__ B,
+                     const float* __restrict__ bias, T* __restrict__ y, int64_t M, int64_t N, int64_t K,
+                     int64_t r, int64_t stride_xm, float scale, bool vector_path) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* x_s = reinterpret_cast<T*>(smem_raw);                     // [M_TILE][kChunk]
+  __shared__ float nf4_s[16];
+  __shared__ float code2_s[256];
+  __shared__ float h_s[M_TILE][kMaxRank];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (threadIdx.x < 16) nf4_s[threadIdx.x] = q.code[threadIdx.x];
+  if (DQ) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = q.absmax_code[i];
+  }
+  for (int i = threadIdx.x; i < M_TILE * kMaxRank; i += kThreads) {
+    const int m = i / kMaxRank, j = i % kMaxRank;
+    h_s[m][j] = (m < M && j < r) ? to_float<TA>(h[m * r + j]) : 0.f;
+  }
+  const float offset = DQ ? *q.absmax_offset : 0.f;
+
+  float acc[M_TILE];
+#pragma unroll
+  for (int m = 0; m < M_TILE; ++m) acc[m] = 0.f;
+
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t len = K - k0 < kChunk ? K - k0 : kChunk;
+    __syncthreads();  // previous chunk consumed (and, first time, the tables written)
+    for (int64_t i = threadIdx.x; i < M_TILE * kChunk; i += kThreads) {
+      const int64_t m = i / kChunk, k = i % kChunk;
+      x_s[i] = (m < M && k < len) ? x[m * stride_xm + k0 + k] : from_float<T>(0.f);
+    }
+    __syncthreads();
+    if (n >= N) continue;  // no early return: the warp still takes part in the block's barriers
+    const int64_t row = n * K + k0;  // flat index of this chunk's first weight
+    if (vector_path) {
+      // 32 weights per lane per step, one aligned 16-byte load, all in one quantization block.
+      for (int64_t k = static_cast<int64_t>(lane) * 32; k < len; k += 32 * 32) {
+        const int64_t e = row + k;
+        const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(q.packed + e / 2));
+        const float absmax = block_absmax<DQ>(q, code2_s, e / q.blocksize, offset);
+        const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+#pragma unroll
+          for (int bi = 0; bi < 4; ++bi) {
+            const uint32_t byte = (words[wi] >> (8 * bi)) & 0xffu;
+            const int kk = static_cast<int>(k) + wi * 8 + bi * 2;
+            const float w_hi = decode<T>(nf4_s, byte >> 4, absmax, q.stored);
+            const float w_lo = decode<T>(nf4_s, byte & 0xfu, absmax, q.stored);
+#pragma unroll
+            for (int m = 0; m < M_TILE; ++m) {
+              acc[m] += w_hi * to_float<T>(x_s[m * kChunk + kk]) + w_lo * to_float<T>(x_s[m * kChunk + kk + 1]);
+            }
+          }
+        }
+      }
+    } else {
+      // Any K: element by element (rows may start mid-byte and mid-block).
+      for (int64_t k = lane; k < len; k += 32) {
+        const int64_t e = row + k;
+        const uint8_t byte = __ldg(q.packed + e / 2);
+        const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
+        const float w = decode<T>(nf4_s, c, block_absmax<DQ>(q, code2_s, e / q.blocksize, offset), q.stored);
+#pragma unroll
+        for (int m = 0; m < M_TILE; ++m) acc[m] += w * to_float<T>(x_s[m * kChunk + k]);
+      }
+    }
+  }
+  if (n >= N) return;  // past the last barrier
+
+  // LoRA term: scale * sum_j h[m, j] B[n, j], lanes over the rank, folded into the same reduction.
+  for (int64_t j = lane; j < r; j += 32) {
+    const float b = to_float<TA>(B[n * r + j]);
+#pragma unroll
+    for (int m = 0; m < M_TILE; ++m) acc[m] += scale * (h_s[m][j] * b);
+  }
+#pragma unroll
+  for (int m = 0; m < M_TILE; ++m) {
+    float v = acc[m];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && m < M) y[m * N + n] = from_float<T>(bias != nullptr ? v + bias[n] : v);
+  }
+}
+
+template <typename T, typename TA, int M_TILE>
+void launch_gemv(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& h, const at::Tensor& B,
+                 const float* bias, at::Tensor& y, int64_t M, int64_t N, int64_t K, int64_t r, float scale,
+                 bool vector_path, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
+  const size_t smem = static_cast<size_t>(M_TILE) * kChunk * sizeof(T);
+  auto kernel = dq ? nf4_gemv_lora_kernel<T, TA, M_TILE, true> : nf4_gemv_lora_kernel<T, TA, M_TILE, false>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), q, reinterpret_cast<const TA*>(h.data_ptr()),
+      reinterpret_cast<const TA*>(B.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, r,
+      x.stride(0), scale, vector_path);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename TA>
+void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, const at::Tensor& B,
+         const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool vector_path) {
+  const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = B.size(1);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  lora_shrink_kernel<T, TA><<<dim3(static_cast<unsigned>(r), static_cast<unsigned>(M)), kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const TA*>(A.data_ptr()),
+      reinterpret_cast<TA*>(h.data_ptr()), K, r, x.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const float s = static_cast<float>(scale);
+  if (M <= 1) launch_gemv<T, TA, 1>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
+  else if (M <= 2) launch_gemv<T, TA, 2>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
+  else if (M <= 4) launch_gemv<T, TA, 4>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
+  else if (M <= 8) launch_gemv<T, TA, 8>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
+  else launch_gemv<T, TA, 16>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
+}
+
+}  // namespace
+
+// x [M, K] (unit stride along K), NF4 weight [N, K], lora_A [r, K], lora_B [N, r] contiguous;
+// bias: combined bias (bias + scale * lora_B_bias) as fp32 [N], or undefined.
+// Returns (y [M, N] in x's dtype, h [M, r] in the adapters' dtype). Checks are in Python
+// (lora_kernels/ops/nf4_gemv.py); the TORCH_CHECKs here guard against direct calls.
+std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
+    const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scale, int64_t blocksize,
+    int64_t nested_blocksize, at::ScalarType weight_dtype) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv_lora: x must be a CUDA [M, K] tensor with unit stride along K");
+  TORCH_CHECK(x.size(0) <= 16, "nf4_gemv_lora: at most 16 rows, got ", x.size(0));
+  TORCH_CHECK(lora_B.size(1) <= kMaxRank, "nf4_gemv_lora: rank at most ", kMaxRank, ", got ", lora_B.size(1));
+  TORCH_CHECK(blocksize >= 32 && blocksize % 32 == 0, "nf4_gemv_lora: blocksize must be a multiple of 32");
+  const bool dq = absmax.scalar_type() == at::kByte;
+  TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset), "nf4_gemv_lora: double quantization needs its tables");
+  TORCH_CHECK(lora_A.is_contiguous() && lora_B.is_contiguous() && packed.is_contiguous() && absmax.is_contiguous(),
+              "nf4_gemv_lora: lora_A, lora_B, packed and absmax must be contiguous");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), r = lora_B.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor h = at::empty({M, r}, lora_A.options());
+  if (M == 0 || N == 0) return {y, h};
+  at::Tensor bias32;
+  if (bias && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
+  NF4Args q;
+  q.packed = packed.data_ptr<uint8_t>();
+  q.absmax = absmax.data_ptr();
+  q.absmax_code = dq ? absmax_code->data_ptr<float>() : nullptr;
+  q.absmax_scale = dq ? absmax_scale->data_ptr<float>() : nullptr;
+  q.absmax_offset = dq ? absmax_offset->data_ptr<float>() : nullptr;
+  q.code = code.data_ptr<float>();
+  q.blocksize = blocksize;
+  q.nested_blocksize = nested_blocksize;
+  q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
+  const bool vector_path = K % 32 == 0 && reinterpret_cast<uintptr_t>(q.packed) % 16 == 0;
+  const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const bool fp32_adapters = lora_A.scalar_type() == at::kFloat;
+  if (x.scalar_type() == at::kHalf) {
+    if (fp32_adapters) run<__half, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+    else run<__half, __half>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    if (fp32_adapters) run<__nv_bfloat16, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+    else run<__nv_bfloat16, __nv_bfloat16>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+  } else {
+    TORCH_CHECK(false, "nf4_gemv_lora: x must be float16 or bfloat16, got ", x.scalar_type());
+  }
+  return {y, h};
+}
+
+}  // namespace lora_kernels

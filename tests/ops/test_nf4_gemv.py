@@ -1,0 +1,127 @@
+"""``lora_kernels::nf4_gemv_lora`` (csrc/ CUDA decode GEMV): schema, fake and CPU spec on CPU; the CUDA
+kernel against the float64 reference where a GPU and the built extension exist."""
+import math
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import NF4Weight
+from lora_kernels.ops import nf4_gemv
+from tests.helpers import assert_close
+
+OP = torch.ops.lora_kernels.nf4_gemv_lora.default
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = NF4Weight.quantize((torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype), double_quant=double_quant)
+    q = q.to(device)
+    x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=adapter_dtype)
+    b = torch.randn(N, generator=g).to(device=device, dtype=torch.float32) if bias else None
+    dq = q.double_quant
+    args = (x, q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
+            q.absmax_offset if dq else None, q.code, A, B, b, 0.75, q.blocksize, q.nested_blocksize, q.dtype)
+    return args, q
+
+
+def _dequantized(q):
+    """The weight as bitsandbytes decodes it (its own dequantize_4bit when installed; else ours, which
+    tests/ops/test_nf4_format.py proves bit-exact with it)."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return q.dequantize()
+    from lora_kernels.integrations.bitsandbytes import nf4_to_bnb
+    params, state = nf4_to_bnb(q)
+    return bnbf.dequantize_4bit(params.data, state)
+
+
+def _reference(args, q):
+    x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
+    W = _dequantized(q).to(x.dtype).double().cpu()  # bnb: decode to the stored dtype, then x's dtype
+    h = x.double().cpu() @ A.double().cpu().t()
+    y = x.double().cpu() @ W.t() + scale * (h @ B.double().cpu().t())
+    return (y + b.double().cpu() if b is not None else y), h
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpu_spec_matches_reference(bias, double_quant):
+    args, q = _inputs(5, 100, 37, 8, torch.float32, torch.float32, bias, double_quant)
+    y, h = OP(*args)
+    y_ref, h_ref = _reference(args, q)
+    assert y.shape == (5, 37) and h.shape == (5, 8)
+    assert_close(y, y_ref, 1e-5, "y")
+    assert_close(h, h_ref, 1e-5, "h")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    args, _ = _inputs(3, 64, 16, 4, torch.float32, torch.float32, bias)
+    torch.library.opcheck(OP, args)
+
+
+def test_dispatch_rule(monkeypatch):
+    x = torch.randn(2, 8)
+    assert not nf4_gemv.use_cuda_gemv(x, torch.randn(2, 8), 0.0, None)  # CPU tensors never
+    monkeypatch.delenv(nf4_gemv.NF4_GEMV_ENV, raising=False)
+    assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.DEFAULT_GEMV_MAX_M
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "64")
+    assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.GEMV_MAX_ROWS
+    for bad in ("-1", "x"):
+        monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, bad)
+        with pytest.raises(ValueError, match=nf4_gemv.NF4_GEMV_ENV):
+            nf4_gemv.cuda_gemv_max_m()
+
+
+def test_missing_extension_is_silent(recwarn):
+    nf4_gemv.load_extension.cache_clear()
+    try:
+        import lora_kernels._C  # noqa: F401
+        has_ext = True
+    except ImportError:
+        has_ext = False
+    assert nf4_gemv.load_extension() == has_ext
+    assert not [w for w in recwarn if "_C" in str(w.message)] or has_ext
+
+
+needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv.load_extension(),
+                                   reason="needs a GPU and the built lora_kernels._C extension")
+
+
+@needs_gpu_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("K", [4096, 4000 + 7])  # vector path, element path (K % 32 != 0)
+@pytest.mark.parametrize("r", [8, 16, 64])
+def test_cuda_kernel_matches_reference(dtype, M, K, r):
+    for bias, dq, adapter_dtype in ((False, True, dtype), (True, True, torch.float32), (True, False, dtype)):
+        args, q = _inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r)
+        poison = torch.full((M, 333), float("nan"), device="cuda", dtype=dtype)
+        del poison  # the op's output reuses this block from the caching allocator: NaN unless written
+        y, h = OP(*args)
+        y_ref, h_ref = _reference(args, q)
+        bound = 3e-3 if dtype == torch.float16 else 1.5e-2
+        assert y.dtype == dtype and h.dtype == adapter_dtype
+        assert_close(y, y_ref, bound, f"y bias={bias} dq={dq} A={adapter_dtype}")
+        assert_close(h, h_ref, bound, "h")
+
+
+@needs_gpu_ext
+def test_nf4_lora_linear_dispatches_to_the_cuda_gemv(monkeypatch):
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "16")
+    calls = []
+    real = nf4_gemv.cuda_gemv_forward
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+    monkeypatch.setattr("lora_kernels.ops.nf4_lora_linear.cuda_gemv_forward", spy)
+    args, q = _inputs(4, 512, 128, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    y = lora_kernels.nf4_lora_linear(args[0], q, args[7], args[8], 0.75, training=False)
+    assert calls == [(4, 512)]
+    y_ref, _ = _reference(args, q)
+    assert_close(y, y_ref, 1.5e-2, "y")
