@@ -1,0 +1,187 @@
+"""Rank analysis of LoRA adapters against brute-force float64 SVDs of the full ΔW."""
+import json
+import math
+
+import pytest
+import torch
+
+from lora_kernels import NF4Weight
+from lora_kernels.__main__ import main as cli
+from lora_kernels.tools import rank_analysis as ra
+
+
+def _adapter(N, K, r, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, K, generator=g).to(dtype), torch.randn(N, r, generator=g).to(dtype)
+
+
+def _full_svd(A, B, scale):
+    delta = scale * B.double() @ A.double()
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return delta, U, S, Vh.t()
+
+
+@pytest.mark.parametrize("N,K,r", [(37, 53, 1), (37, 53, 5), (64, 29, 16), (9, 200, 12), (5, 7, 6)])
+def test_delta_svd_matches_full_svd(N, K, r):
+    A, B = _adapter(N, K, r, seed=N + K + r)
+    svd = ra.delta_svd(A, B, scale=0.7)
+    delta, U, S, V = _full_svd(A, B, 0.7)
+    q = min(N, K, r)
+    assert svd.S.shape == (q,) and svd.U.shape == (N, q) and svd.V.shape == (K, q)
+    assert torch.allclose(svd.S, S[:q], rtol=1e-10, atol=1e-12 * float(S[0]))
+    # U diag(S) V^T reconstructs ΔW; U, V are orthonormal
+    rebuilt = svd.U @ torch.diag(svd.S) @ svd.V.t()
+    assert float((rebuilt - delta).norm() / delta.norm()) < 1e-12
+    assert torch.allclose(svd.U.t() @ svd.U, torch.eye(q, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(svd.V.t() @ svd.V, torch.eye(q, dtype=torch.float64), atol=1e-10)
+    assert svd.frobenius == pytest.approx(float(delta.norm()), rel=1e-12)
+
+
+def test_effective_rank_of_a_rank_deficient_adapter():
+    A, B = _adapter(40, 30, 8, seed=3)
+    A[4:] = A[:4] * 2.0  # rows 4..7 repeat rows 0..3: ΔW has rank 4
+    svd = ra.delta_svd(A, B)
+    assert float(svd.S[4:].max()) < 1e-10 * float(svd.S[0])
+    assert svd.effective_rank(1.0) == 4
+    power = svd.S.square()
+    k = svd.effective_rank(0.5)
+    assert float(power[:k].sum()) >= 0.5 * float(power.sum()) > float(power[:k - 1].sum())
+    assert ra.delta_svd(torch.zeros(3, 5), torch.randn(4, 3)).effective_rank() == 0
+
+
+def test_subspace_similarity_against_brute_force():
+    A1, B1 = _adapter(48, 40, 8, seed=1)
+    A2, B2 = _adapter(48, 40, 6, seed=2)
+    s1, s2 = ra.delta_svd(A1, B1, 2.0), ra.delta_svd(A2, B2, 0.5)
+    _, U1, _, V1 = _full_svd(A1, B1, 2.0)
+    _, U2, _, V2 = _full_svd(A2, B2, 0.5)
+    grid = ra.similarity_grid(s1, s2)
+    grid_right = ra.similarity_grid(s1, s2, side="right")
+    for i in range(1, 9):
+        for j in range(1, 7):
+            # singular vectors are defined up to sign: the squared norm of the overlap is not
+            expect = float((U1[:, :i].t() @ U2[:, :j]).square().sum()) / min(i, j)
+            expect_right = float((V1[:, :i].t() @ V2[:, :j]).square().sum()) / min(i, j)
+            assert ra.subspace_similarity(s1, s2, i, j) == pytest.approx(expect, abs=1e-10)
+            assert float(grid[i - 1, j - 1]) == pytest.approx(expect, abs=1e-10)
+            assert float(grid_right[i - 1, j - 1]) == pytest.approx(expect_right, abs=1e-10)
+            assert 0.0 <= expect <= 1.0 + 1e-12
+
+
+def test_subspace_similarity_limits():
+    A, B = _adapter(30, 20, 6, seed=5)
+    s = ra.delta_svd(A, B)
+    assert ra.subspace_similarity(s, s, 6, 6) == pytest.approx(1.0, abs=1e-12)
+    assert ra.subspace_similarity(s, s, 2, 5) == pytest.approx(1.0, abs=1e-12)  # nested spans
+    # B columns in orthogonal coordinate blocks: disjoint output subspaces
+    B1, B2 = torch.zeros(30, 3), torch.zeros(30, 3)
+    B1[:10] = torch.randn(10, 3)
+    B2[15:25] = torch.randn(10, 3)
+    o1, o2 = ra.delta_svd(A[:3], B1), ra.delta_svd(A[:3], B2)
+    assert ra.subspace_similarity(o1, o2, 3, 3) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 4096])
+def test_base_projection_dense_and_nf4(rows_per_chunk):
+    N, K, r = 24, 40, 4
+    A, B = _adapter(N, K, r, seed=7)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(8))
+    svd = ra.delta_svd(A, B, 0.25)
+    _, U, S, V = _full_svd(A, B, 0.25)
+    for k in (1, 3, 4):
+        got = ra.base_projection(W, svd, k, rows_per_chunk=rows_per_chunk)
+        expect = float((U[:, :k].t() @ W.double() @ V[:, :k]).norm())
+        assert got["projection"] == pytest.approx(expect, rel=1e-10)
+        assert got["delta_frobenius"] == pytest.approx(float(S[:k].norm()), rel=1e-12)
+        assert got["amplification"] == pytest.approx(float(S[:k].norm()) / expect, rel=1e-10)
+        assert got["weight_frobenius"] == pytest.approx(float(W.double().norm()), rel=1e-12)
+    # NF4 base weight: exactly the projection of its dequantized (bnb-exact) weight, decoded by row blocks
+    q = NF4Weight.quantize(W.to(torch.bfloat16), double_quant=True)  # 960 elements: blocks span rows
+    got = ra.base_projection(q, svd, 3, rows_per_chunk=rows_per_chunk)
+    Wq = q.dequantize().double()
+    assert got["projection"] == pytest.approx(float((U[:, :3].t() @ Wq @ V[:, :3]).norm()), rel=1e-10)
+    assert got["weight_frobenius"] == pytest.approx(float(Wq.norm()), rel=1e-12)
+
+
+def test_bad_arguments():
+    A, B = _adapter(10, 12, 4, seed=0)
+    s = ra.delta_svd(A, B)
+    with pytest.raises(ValueError, match="share r"):
+        ra.delta_svd(A, B[:, :3])
+    with pytest.raises(TypeError, match="lora_A"):
+        ra.delta_svd(A.numpy(), B)
+    with pytest.raises(ValueError, match="lora_B"):
+        ra.delta_svd(A, B[0])
+    with pytest.raises(ValueError, match="i must be"):
+        ra.subspace_similarity(s, s, 5, 1)
+    with pytest.raises(ValueError, match="j must be"):
+        ra.subspace_similarity(s, s, 1, 0)
+    with pytest.raises(ValueError, match="different spaces"):
+        ra.subspace_similarity(s, ra.delta_svd(*_adapter(11, 12, 4, seed=1)), 1, 1)
+    with pytest.raises(ValueError, match="side"):
+        ra.similarity_grid(s, s, side="up")
+    with pytest.raises(TypeError, match="svd1"):
+        ra.subspace_similarity((A, B), s, 1, 1)
+    with pytest.raises(ValueError, match="weight must be"):
+        ra.base_projection(torch.randn(10, 13), s)
+    with pytest.raises(ValueError, match="k must be"):
+        ra.base_projection(torch.randn(10, 12), s, k=5)
+    with pytest.raises(ValueError, match="energy"):
+        s.effective_rank(0.0)
+
+
+# --------------------------------------------------------------------------------------------- PEFT adapters
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _saved_adapter(tmp_path, name, seed, **lora_kwargs):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=50)
+    base = transformers.LlamaForCausalLM(cfg)
+    model = peft.get_peft_model(base, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+    model.save_pretrained(tmp_path / name)
+    return model, base
+
+
+def test_load_peft_adapter_matches_the_model(tmp_path):
+    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                  rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 5})
+    model, _ = _saved_adapter(tmp_path, "a", 0, **kwargs)
+    layers = ra.load_peft_adapter(tmp_path / "a")
+    peft_layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(layers) == len(peft_layers) == 3
+    for name, (A, B, scale) in layers.items():
+        layer = next(m for n, m in peft_layers.items() if n.endswith(name.removeprefix("base_model.model.")))
+        assert torch.equal(A, layer.lora_A["default"].weight.detach())
+        assert torch.equal(B, layer.lora_B["default"].weight.detach())
+        assert scale == pytest.approx(layer.scaling["default"], rel=1e-12)
+
+
+def test_analyze_cli(tmp_path):
+    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model, base = _saved_adapter(tmp_path, "a", 0, **kwargs)
+    _saved_adapter(tmp_path, "b", 1, **kwargs)
+    from safetensors.torch import save_file
+    base_sd = {k: v.contiguous() for k, v in base.state_dict().items() if "lora_" not in k and "base_layer" in k}
+    base_sd = {k.replace(".base_layer", ""): v for k, v in base_sd.items()}
+    save_file(base_sd, str(tmp_path / "base.safetensors"))
+    cli(["analyze", str(tmp_path / "a"), "--compare", str(tmp_path / "b"), "--base", str(tmp_path / "base.safetensors"),
+         "--top", "4", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert (tmp_path / "out" / "spectra.png").stat().st_size > 0
+    assert result["metadata"]["torch"] and len(result["rows"]) == 2
+    layers = ra.load_peft_adapter(tmp_path / "a")
+    other = ra.load_peft_adapter(tmp_path / "b")
+    for row in result["rows"]:
+        A, B, scale = layers[row["layer"]]
+        _, U, S, V = _full_svd(A, B, scale)
+        assert row["singular_values"] == pytest.approx(S[:8].tolist(), rel=1e-9)
+        s1, s2 = ra.delta_svd(A, B, scale), ra.delta_svd(*other[row["layer"]])
+        assert row["similarity_top1"] == pytest.approx(ra.subspace_similarity(s1, s2, 1, 1), abs=1e-12)
+        W = base_sd[row["layer"].removeprefix("base_model.model.") + ".weight"].double()
+        assert row["base_projection"] == pytest.approx(float((U[:, :4].t() @ W @ V[:, :4]).norm()), rel=1e-9)
+        assert not math.isnan(row["base_amplification"])
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        ra.load_peft_adapter(tmp_path)
