@@ -1,7 +1,8 @@
 """Convert a PEFT model in place: its LoRA layers keep everything and run on lora_kernels.
 
 ``patch_peft_model`` swaps the class of every ``peft.tuners.lora.Linear`` and
-``peft.tuners.lora.bnb.Linear4bit`` instance for a subclass whose forward calls
+``peft.tuners.lora.bnb.Linear4bit`` instance (and AdaLoRA's ``adalora.SVDLinear`` /
+``adalora.bnb.SVDLinear4bit``, whose E is folded into A) for a subclass whose forward calls
 ``lora_kernels.lora_linear`` / ``nf4_lora_linear``. The instance keeps its Parameter objects
 (optimizer state stays valid) and stays a PEFT tuner layer: a look-alike module with the same
 attribute names would make ``save_pretrained`` write zero adapter tensors without a warning. The
@@ -16,6 +17,7 @@ PEFT but through lora_kernels' own generator, so with dropout > 0 the masks diff
 peft and bitsandbytes are imported inside the functions only.
 """
 import dataclasses
+import importlib
 from typing import Optional
 
 import torch
@@ -85,7 +87,7 @@ def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
         return f"input dtype {getattr(x, 'dtype', type(x).__name__)}"
     if _autocast_enabled(x.device.type):
         return "autocast is enabled"
-    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
     if A.dtype != x.dtype and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True)):
         return f"adapter dtype {A.dtype} with input dtype {x.dtype}"
     if A.device != x.device or B.device != x.device:
@@ -144,15 +146,55 @@ def _linear4bit_reason(base, x) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- fast forward
 
+def _is_adalora(layer, adapter: str) -> bool:
+    return adapter in getattr(layer, "lora_E", {})
+
+
+def _lora_A_weight(layer, adapter: str) -> torch.Tensor:
+    """lora_A [r, K]: a Linear's weight in LoRA layers, a bare Parameter in AdaLoRA's SVD layers."""
+    a = layer.lora_A[adapter]
+    return a if isinstance(a, torch.Tensor) else a.weight
+
+
+def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
+    b = layer.lora_B[adapter]
+    return b if isinstance(b, torch.Tensor) else b.weight
+
+
+_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (id, _version, float value)
+
+
+def _adalora_rank_divisor(layer, adapter: str) -> float:
+    """AdaLoRA's ranknum + 1e-5 as a float. ranknum is a device tensor: reading it costs a device sync,
+    so the value is cached until the tensor object or its version counter (in-place writes) changes."""
+    ranknum = layer.ranknum[adapter]
+    cache = layer.__dict__.setdefault(_RANKNUM_CACHE, {})
+    key = (id(ranknum), ranknum._version)
+    if adapter not in cache or cache[adapter][0] != key:
+        cache[adapter] = (key, float(ranknum.detach().float().cpu()) + 1e-5)
+    return cache[adapter][1]
+
+
+def _adapter_tensors(layer, adapter: str) -> tuple:
+    """(A [r, K], B [N, r], lora_B bias or None, scale) with PEFT's semantics of the layer class.
+
+    AdaLoRA's SVD form ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5), E [r, 1] the singular values with
+    pruned ranks zeroed by its rank allocator: E is folded into A (an r×K product, as PEFT computes it),
+    so the fused kernels run unchanged and autograd gives A and E their gradients."""
+    if _is_adalora(layer, adapter):
+        A = layer.lora_A[adapter] * layer.lora_E[adapter]
+        return A, layer.lora_B[adapter], None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
+    lora_B = layer.lora_B[adapter]
+    return layer.lora_A[adapter].weight, lora_B.weight, lora_B.bias, layer.scaling[adapter]
+
+
 def _fast_forward(layer, x: torch.Tensor) -> torch.Tensor:
     adapter, _ = _active_adapter(layer)
-    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter)
     dropout = layer.lora_dropout[adapter]
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    A = lora_A.weight
     base = layer.get_base_layer()
-    common = dict(bias=base.bias, lora_B_bias=lora_B.bias, dropout_p=dropout_p, training=dropout.training)
-    scale = layer.scaling[adapter]
+    common = dict(bias=base.bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
     if _is_linear4bit(base):
         if not base.compute_type_is_set:  # what bnb's own first forward does
             base.set_compute_type(x)
@@ -160,8 +202,8 @@ def _fast_forward(layer, x: torch.Tensor) -> torch.Tensor:
         qweight = _cached_nf4(base)
         if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
             common["bias"] = common["bias"].to(x.dtype)  # bnb adds the bias in its compute dtype
-        return nf4_lora_linear(x, qweight, A, lora_B.weight, scale, **common)
-    return lora_linear(x, base.weight, A, lora_B.weight, scale, **common)
+        return nf4_lora_linear(x, qweight, A, B, scale, **common)
+    return lora_linear(x, base.weight, A, B, scale, **common)
 
 
 _NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing its tensors)
@@ -200,16 +242,23 @@ def _peft_classes() -> dict:
         raise ImportError("patch_peft_model needs peft (pip install peft)") from exc
     classes = {Linear: "lora.Linear"}
     try:
-        from peft.tuners.lora.bnb import Linear4bit
-        classes[Linear4bit] = "lora.bnb.Linear4bit"
-    except (ImportError, AttributeError):  # peft defines it only when bitsandbytes imports
+        from peft.tuners.adalora.layer import SVDLinear
+        classes[SVDLinear] = "adalora.SVDLinear"
+    except ImportError:
         pass
+    for module, name, short in (("peft.tuners.lora.bnb", "Linear4bit", "lora.bnb.Linear4bit"),
+                                ("peft.tuners.adalora.bnb", "SVDLinear4bit", "adalora.bnb.SVDLinear4bit")):
+        try:  # peft defines these only when bitsandbytes imports
+            classes[getattr(importlib.import_module(module), name)] = short
+        except (ImportError, AttributeError):
+            pass
     return classes
 
 
 def _fast_class(peft_class):
     if peft_class not in _FAST_CLASSES:
-        name = f"LoRAKernels{peft_class.__name__}"  # LoRAKernelsLinear, LoRAKernelsLinear4bit
+        # LoRAKernelsLinear, LoRAKernelsLinear4bit, LoRAKernelsSVDLinear, LoRAKernelsSVDLinear4bit
+        name = f"LoRAKernels{peft_class.__name__}"
         cls = type(name, (_FastLoRAForward, peft_class), {"__module__": __name__, "__qualname__": name})
         globals()[name] = cls  # a module-level name: pickling a patched model works
         _FAST_CLASSES[peft_class] = cls
@@ -223,7 +272,8 @@ def is_patched(module) -> bool:
 # ----------------------------------------------------------------------------- public API
 
 def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchReport:
-    """Swap, in place, every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` in ``model`` for a
+    """Swap, in place, every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` (and AdaLoRA
+    ``SVDLinear`` / ``SVDLinear4bit``, so AdaLoRA's rank allocator and orthogonality loss keep working) in ``model`` for a
     subclass running lora_kernels' fused layer. Parameters, names, optimizer state, state_dict,
     ``save_pretrained`` and ``merge_and_unload`` are unchanged.
 
@@ -257,7 +307,7 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         kind = classes.get(type(module))
         if kind is None:
             report.left_on_peft[name] = f"{type(module).__module__}.{type(module).__name__} is not supported " \
-                                        "(only lora.Linear and lora.bnb.Linear4bit)"
+                                        f"(only {', '.join(classes.values())})"
             continue
         static = [why for a in module.lora_A if (why := static_fallback_reason(module, a))]
         if static and len(static) == len(module.lora_A):
@@ -267,10 +317,11 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         module.__class__ = _fast_class(type(module))
         report.swapped[kind] = report.swapped.get(kind, 0) + 1
         if lora_fa:
-            setattr(module, _A_REQUIRES_GRAD, {a: m.weight.requires_grad for a, m in module.lora_A.items()})
-            for m in module.lora_A.values():
-                report.frozen_lora_A += int(m.weight.requires_grad)
-                m.weight.requires_grad_(False)
+            weights = {a: _lora_A_weight(module, a) for a in module.lora_A}
+            setattr(module, _A_REQUIRES_GRAD, {a: w.requires_grad for a, w in weights.items()})
+            for w in weights.values():
+                report.frozen_lora_A += int(w.requires_grad)
+                w.requires_grad_(False)
     return report
 
 
@@ -287,10 +338,11 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
         delattr(module, _ORIGINAL_CLASS)
         for adapter, flag in getattr(module, _A_REQUIRES_GRAD, {}).items():
             if adapter in module.lora_A:
-                module.lora_A[adapter].weight.requires_grad_(flag)
+                _lora_A_weight(module, adapter).requires_grad_(flag)
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
         module.get_base_layer().__dict__.pop(_NF4_CACHE, None)
+        module.__dict__.pop(_RANKNUM_CACHE, None)
         restored += 1
     if not restored:
         raise ValueError("model has no layers patched by lora_kernels.patch_peft_model")
