@@ -160,9 +160,15 @@ class _LoRALinearBase(nn.Module):
         """True after merge() (forward is then the base layer alone), until unmerge()."""
         return self._merged
 
+    def _adapters(self) -> tuple:
+        """(lora_A [r, in], lora_B [out, r], scale) used by forward and merge. Variants (DyLoRA) return
+        views of a larger adapter and their own scale here."""
+        return self.lora_A, self.lora_B, self._scale
+
     def _delta(self) -> torch.Tensor:
         """scale * B @ A, [out, in] in float32 (merging rounds once, at the final cast)."""
-        return self._scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        A, B, scale = self._adapters()
+        return scale * (B.detach().float() @ A.detach().float())
 
     def merge(self) -> None:
         """Fold the adapter into the base weight once: W <- W + scale * B @ A (computed in fp32).
@@ -286,7 +292,8 @@ class LoRALinear(_LoRALinearBase):
         return module
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self._scale, bias=self.bias,
+        A, B, scale = self._adapters()
+        return lora_linear(x, self.weight, A, B, scale, bias=self.bias,
                            dropout_p=self.dropout_p, training=self.training)
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,7 +477,8 @@ class NF4LoRALinear(_LoRALinearBase):
     # ---- forward / merge --------------------------------------------------------------------------
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_lora_linear(x, self.qweight, self.lora_A, self.lora_B, self._scale, bias=self.bias,
+        A, B, scale = self._adapters()
+        return nf4_lora_linear(x, self.qweight, A, B, scale, bias=self.bias,
                                dropout_p=self.dropout_p, training=self.training)
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:

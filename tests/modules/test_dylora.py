@@ -1,0 +1,179 @@
+"""DyLoRA layers: any active rank on views of the r_max adapters (no copies), scale alpha/r (or
+alpha/sqrt(r)), rank sampling in training, the frozen mode, NF4 base weights; float64 references."""
+import math
+
+import pytest
+import torch
+
+from lora_kernels import DyLoRALinear, NF4DyLoRALinear, dylora_sample_rank, dylora_set_rank
+from lora_kernels.modules import LoRALinear
+from lora_kernels.ops.triton_launch import is_interpreted
+from tests.helpers import rel_err
+
+K, N, R_MAX, ALPHA = 64, 24, 8, 16.0
+FP32 = 1e-5
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton" and not is_interpreted():
+        pytest.skip("the CPU Triton backend needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
+    return request.param
+
+
+def _layer(cls=DyLoRALinear, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = cls(K, N, R_MAX, ALPHA, **kwargs)
+    with torch.no_grad():  # B random: PEFT's zero init would hide the LoRA term
+        layer.lora_B.copy_(torch.randn(N, R_MAX, generator=torch.Generator().manual_seed(seed + 1)))
+    return layer
+
+
+def _x(seed=3, lead=(2, 5)):
+    return torch.randn(*lead, K, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+
+
+def _weight(layer):
+    return layer.qweight.dequantize() if hasattr(layer, "qweight") else layer.weight
+
+
+def _reference(layer, x, r, scale):
+    """float64 output and gradients of x W^T + b + scale x A[:r]^T B[:, :r]^T."""
+    x64 = x.detach().double().requires_grad_(True)
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    y = x64 @ _weight(layer).double().t() + layer.bias.double() + scale * (x64 @ A[:r].t()) @ B[:, :r].t()
+    return y, x64, A, B
+
+
+@pytest.mark.parametrize("cls", [DyLoRALinear, NF4DyLoRALinear])
+@pytest.mark.parametrize("r", [1, 3, R_MAX])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_truncated_rank_matches_plain_lora(backend, cls, r, rslora):
+    layer = _layer(cls, use_rslora=rslora)
+    layer.rank = r
+    scale = ALPHA / (math.sqrt(r) if rslora else r)
+    assert layer.scale == pytest.approx(scale)
+    x = _x()
+    y = layer(x)
+    y_ref, x64, A, B = _reference(layer, x, r, scale)
+    assert rel_err(y, y_ref) < FP32
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert rel_err(x.grad, x64.grad) < FP32
+    assert rel_err(layer.lora_A.grad[:r], A.grad[:r]) < FP32
+    assert rel_err(layer.lora_B.grad[:, :r], B.grad[:, :r]) < FP32
+    # outside the active rank: exactly zero
+    assert not layer.lora_A.grad[r:].any() and not layer.lora_B.grad[:, r:].any()
+    if cls is DyLoRALinear:  # the same function as a plain LoRALinear holding the truncated matrices
+        plain = LoRALinear(K, N, r, ALPHA, use_rslora=rslora)
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight)
+            plain.bias.copy_(layer.bias)
+            plain.lora_A.copy_(layer.lora_A[:r])
+            plain.lora_B.copy_(layer.lora_B[:, :r])
+        assert rel_err(plain(x), y_ref) < FP32 and rel_err(y, plain(x).double()) < FP32
+
+
+def test_frozen_mode_updates_only_the_last_active_rank(backend):
+    layer = _layer(frozen=True)
+    layer.rank = 5
+    x = _x()
+    y = layer(x)
+    y_ref, _, A, B = _reference(layer, x, 5, ALPHA / 5)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert not layer.lora_A.grad[:4].any() and not layer.lora_A.grad[5:].any()
+    assert not layer.lora_B.grad[:, :4].any() and not layer.lora_B.grad[:, 5:].any()
+    assert rel_err(layer.lora_A.grad[4], A.grad[4]) < FP32
+    assert rel_err(layer.lora_B.grad[:, 4], B.grad[:, 4]) < FP32
+
+
+def test_training_samples_ranks_in_range_and_eval_uses_r_max(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    layer = _layer(r_min=3)
+    x = _x()
+    with torch.no_grad():
+        outputs = {r: _reference(layer, x, r, ALPHA / r)[0] for r in range(1, R_MAX + 1)}
+        torch.manual_seed(0)
+        seen = []
+        for _ in range(40):
+            y = layer(x).double()
+            seen.append(min(outputs, key=lambda r: float((outputs[r] - y).norm())))
+            assert rel_err(y, outputs[seen[-1]]) < FP32
+        assert set(seen) == set(range(3, R_MAX + 1))  # every rank of [r_min, r_max], nothing else
+        layer.eval()
+        assert rel_err(layer(x), outputs[R_MAX]) < FP32
+
+
+def test_one_rank_per_step_for_the_whole_model(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    model = torch.nn.Sequential(_layer(seed=0, r_min=2), torch.nn.ReLU(), DyLoRALinear(N, K, R_MAX, ALPHA, r_min=2))
+    ranks = {dylora_sample_rank(model, torch.Generator().manual_seed(s)) for s in range(30)}
+    assert ranks == set(range(2, R_MAX + 1))
+    assert model[0].rank == model[2].rank
+    assert dylora_set_rank(model, None) == 2 and model[0].rank is None
+    with pytest.raises(ValueError, match="different"):
+        dylora_sample_rank(torch.nn.Sequential(_layer(r_min=1), _layer(r_min=2)))
+    with pytest.raises(ValueError, match="no DyLoRA"):
+        dylora_set_rank(torch.nn.Linear(2, 2), 1)
+
+
+def test_merge_uses_the_fixed_rank(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    layer = _layer()
+    layer.rank = 4
+    x = _x()
+    expect = _reference(layer, x, 4, ALPHA / 4)[0]
+    layer.merge()
+    assert rel_err(layer(x), expect) < FP32
+    with pytest.raises(ValueError, match="merged"):
+        layer.rank = 2
+    layer.unmerge()
+    layer.rank = 2
+    assert rel_err(layer(x), _reference(layer, x, 2, ALPHA / 2)[0]) < FP32
+
+
+def test_views_are_not_copies():
+    layer = _layer()
+    layer.rank = 3
+    A, B, _ = layer._adapters()
+    assert A.data_ptr() == layer.lora_A.data_ptr() and B.data_ptr() == layer.lora_B.data_ptr()
+    assert B.stride() == layer.lora_B.stride()  # a strided view of B's first columns
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="r_min"):
+        DyLoRALinear(K, N, 4, ALPHA, r_min=5)
+    with pytest.raises(ValueError, match="r_min"):
+        DyLoRALinear(K, N, 4, ALPHA, r_min=0)
+    with pytest.raises(TypeError, match="frozen"):
+        DyLoRALinear(K, N, 4, ALPHA, frozen=1)
+    layer = _layer()
+    with pytest.raises(ValueError, match="r_max"):
+        layer.rank = R_MAX + 1
+    with pytest.raises(ValueError, match="rank"):
+        layer.rank = 0
+    with pytest.raises(TypeError, match="rank"):
+        layer.rank = 2.5
+    with pytest.raises(ValueError, match="alpha"):
+        layer.scale = 3.0
+    with pytest.raises(TypeError, match="model"):
+        dylora_set_rank("model", 2)
+
+
+def test_from_linear_shares_the_base_weight(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(K, N)
+    layer = DyLoRALinear.from_linear(linear, R_MAX, ALPHA, r_min=2, frozen=True)
+    assert layer.weight.data_ptr() == linear.weight.data_ptr() and layer.r_min == 2 and layer.frozen
+    q = NF4DyLoRALinear.from_linear(linear, R_MAX, ALPHA, r_min=2)
+    assert q.r_max == R_MAX and q.qweight.shape == (N, K)
+    x = _x()
+    q.eval()
+    with torch.no_grad():  # B = 0 after PEFT-style init: the base layer alone (NF4-rounded)
+        assert rel_err(q(x), x.double() @ q.qweight.dequantize().double().t() + linear.bias.double()) < FP32
