@@ -40,6 +40,16 @@ def _peft_models():
     return {"llama": llama, "norm_and_head": small}
 
 
+def test_groups_match_peft_on_a_qlora_model():
+    from tests.integrations.test_peft_patch import peft_model
+    model = peft_model(qlora=True)
+    lora_kernels.patch_peft_model(model)
+    reference = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16.0)
+    ref_groups = [{k: g[k] for k in ("params", "lr", "weight_decay")} for g in reference.param_groups]
+    ours = loraplus_param_groups(model, 1e-4)
+    assert _summary(ours) == _summary(ref_groups) and len(ours[2]["params"]) == 14
+
+
 def _summary(groups):
     return [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in groups]
 

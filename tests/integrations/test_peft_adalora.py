@@ -110,3 +110,34 @@ def test_unpatch_restores_adalora():
     assert lora_kernels.unpatch_peft_model(model) == 14
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_svd_layer_against_float64(backend):
+    """One patched SVDLinear against the float64 AdaLoRA formula y = x W^T + b + x (A ⊙ E)^T B^T α / (r + 1e-5),
+    with the gradients of x, A, E and B."""
+    from peft.tuners.adalora.layer import SVDLinear
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40)
+    cfg = peft.AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, total_step=10, target_modules=["x"])
+    layer = SVDLinear(base, "default", cfg, r=5, lora_alpha=6)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]):
+            p.copy_(torch.randn(p.shape, generator=g))
+    lora_kernels.patch_peft_model(torch.nn.Sequential(layer))
+    x = torch.randn(3, 7, 48, generator=g).requires_grad_(True)
+    with use_backend(backend) as record:
+        y = layer(x)
+        dy = torch.randn(y.shape, generator=g)
+        y.backward(dy)
+    assert len(record.impls("fwd")) == 1
+    x64 = x.detach().double().requires_grad_(True)
+    A, B, E = (t.detach().double().requires_grad_(True) for t in
+               (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]))
+    y64 = x64 @ base.weight.double().t() + base.bias.double() + (x64 @ (A * E).t() @ B.t()) * 6 / (5 + 1e-5)
+    y64.backward(dy.double())
+    assert_close(y, y64, BOUND, "y")
+    for got, ref, name in ((x.grad, x64.grad, "dx"), (layer.lora_A["default"].grad, A.grad, "dA"),
+                           (layer.lora_E["default"].grad, E.grad, "dE"), (layer.lora_B["default"].grad, B.grad, "dB")):
+        assert_close(got, ref, BOUND, name)
