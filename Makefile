@@ -13,7 +13,7 @@ TORCH_CPU := torch==2.13.0
 VENV_FLAGS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --system-site-packages)
 PYTEST_ARGS ?= -n auto -q
 
-.PHONY: install test bench aot-check csrc-check clean
+.PHONY: install test bench aot-check csrc-check clean readme-results
 
 install: $(VENV)/.installed
 
@@ -39,3 +39,6 @@ csrc-check: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis lora_kernels/_C*.so
+
+readme-results: install
+	$(BIN)/python -m lora_kernels.tools.report
