@@ -1,0 +1,468 @@
+"""End-to-end training benchmark: full AdamW steps of the built-in Llama model, PEFT vs lora_kernels.
+
+``python -m lora_kernels bench --train [options]`` (or ``python -m lora_kernels.tools.train_bench``).
+
+Variants (rows), each built by ``models.build_lora_model`` with the same seed (same base weights,
+same adapters) and trained on the same sequence of random batches (labels = input_ids, causal LM
+loss):
+    peft                   PEFT ``lora.Linear`` on the seven projections
+    lora_kernels           the same model patched with ``lora_kernels.patch_peft_model``
+    lora_kernels_fa        patched with ``lora_fa=True`` (lora_A frozen: fewer trainable parameters)
+    peft_qlora             PEFT ``lora.bnb.Linear4bit`` on bitsandbytes NF4 ``Linear4bit`` projections
+    lora_kernels_qlora     the QLoRA model patched
+    lora_kernels_qlora_fa  the QLoRA model patched with ``lora_fa=True``
+The QLoRA rows need bitsandbytes (skipped with a warning when it does not import).
+
+One step: ``zero_grad(set_to_none=True)``, forward with labels, ``loss.backward()``, AdamW step over
+the trainable parameters. Warm-up steps run untimed (they also absorb Triton JIT and autotuning);
+each timed step is bracketed by ``torch.cuda.synchronize`` + ``time.perf_counter`` (CPU:
+``perf_counter``). Reported per row: median step time, tokens/s = batch * seq / median, CUDA peak
+``max_memory_allocated`` over the timed steps (weights, optimizer state and activations; None on
+CPU), the loss of every step (warm-up included), and, against the PEFT row of the same family
+(dense or QLoRA): ``speedup_vs_peft`` (PEFT median / this median), ``peak_ratio_vs_peft``,
+``max_loss_diff_vs_peft`` (max |loss - PEFT loss| over the steps) and ``first_loss_diff_vs_peft``.
+Patched full-LoRA rows must match PEFT's losses to rounding; the LoRA-FA rows train only lora_B, so
+their losses leave PEFT's after the first step (the first one must still match). With dropout > 0
+the masks come from different generators, so losses differ from the first step.
+"""
+import argparse
+import gc
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, resolve_device_dtype,
+                                      write_outputs)
+
+# name -> (models.ModelSpec variant, qlora)
+VARIANTS = {
+    "peft": ("peft", False),
+    "lora_kernels": ("lora_kernels", False),
+    "lora_kernels_fa": ("lora_kernels_fa", False),
+    "peft_qlora": ("peft", True),
+    "lora_kernels_qlora": ("lora_kernels", True),
+    "lora_kernels_qlora_fa": ("lora_kernels_fa", True),
+}
+PEFT_REF = {False: "peft", True: "peft_qlora"}  # the reference row of each family
+CPU_DEFAULTS = dict(preset="tiny", batch=2, seq=64, steps=5, warmup_steps=1)
+# 1b: 4 x 1024 tokens per step. The 128k-vocabulary logits (bf16, then fp32 inside the loss, and their
+# gradients) take ~6 GiB at this size; the whole step peaks well under 30 GiB, far below an H100/H200.
+CUDA_DEFAULTS = dict(preset="1b", batch=4, seq=1024, steps=20, warmup_steps=3)
+# Goal of the end-to-end issue, checked on GPU results: QLoRA tokens/s, patched over PEFT + bitsandbytes.
+GOALS = {"qlora_tokens_per_s_vs_peft_min": 1.5}
+TRAIN_CSV_FIELDS = ["variant", "family", "trainable_params", "patched_layers", "median_step_ms", "min_step_ms",
+                    "tokens_per_s", "speedup_vs_peft", "peak_bytes", "peak_ratio_vs_peft", "first_loss",
+                    "final_loss", "max_loss_diff_vs_peft", "first_loss_diff_vs_peft"]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_variants(variants) -> list:
+    if isinstance(variants, str):
+        variants = [v for v in variants.split(",") if v]
+    variants = list(variants)
+    if not variants:
+        raise ValueError(f"variants must name at least one of {list(VARIANTS)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants must not repeat a name, got {variants}")
+    return variants
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (math.isfinite(value) and ok_low and ok_high):
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {span}, got {value!r}")
+    return value
+
+
+def available_variants(variants) -> list:
+    """``variants`` without the QLoRA rows when bitsandbytes cannot be imported (warns)."""
+    qlora = [v for v in variants if VARIANTS[v][1]]
+    if qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # any import failure: the dense rows are still worth measuring
+            warnings.warn(f"bitsandbytes unavailable ({e!r}); skipping the QLoRA rows {qlora}")
+            variants = [v for v in variants if v not in qlora]
+    return variants
+
+
+# ----------------------------------------------------------------------------- one variant
+
+def _fallback_probe(model):
+    """Forward pre-hooks on every patched PEFT layer that count, per call, whether lora_kernels'
+    fast path runs or why the layer falls back to PEFT's forward. Returns (counts, remove)."""
+    from lora_kernels.integrations.peft import fallback_reason, is_patched
+
+    counts = {}
+    handles = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        rest = {k: v for k, v in kwargs.items() if k != "x"}
+        reason = fallback_reason(module, x, args[1:], rest) or "fast path"
+        counts[reason] = counts.get(reason, 0) + 1
+
+    for m in model.modules():
+        if is_patched(m):
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove():
+        for h in handles:
+            h.remove()
+    return counts, remove
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.dtype, batch: int, seq: int,
+                  steps: int, warmup_steps: int, lr: float, dropout: float, r: int, seed: int) -> dict:
+    """Builds variant ``name`` and runs ``warmup_steps`` untimed + ``steps`` timed training steps on
+    input_ids [batch, seq] (step i draws its batch with seed ``seed + 1 + i``: every variant sees the
+    same batches). Returns the raw measurements (losses of all steps, timed step times in ms, CUDA peak
+    bytes over the timed steps, trainable parameters, patched layers, and per patched layer call of the
+    first step whether it took the fast path or why it fell back: counted by forward pre-hooks that are
+    removed after that step, a warm-up step unless ``warmup_steps`` is 0)."""
+    from lora_kernels.integrations.peft import is_patched
+    from lora_kernels.tools.models import ModelSpec, build_lora_model, random_batch
+
+    variant, qlora = VARIANTS[name]
+    spec = ModelSpec(preset=preset, variant=variant, qlora=qlora, dropout=dropout, r=r, alpha=2 * r)
+    model = build_lora_model(spec, device, dtype, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    # Batches made before timing: drawing them is not part of a training step.
+    inputs = [random_batch(preset, batch, seq, device, seed=seed + 1 + i) for i in range(warmup_steps + steps)]
+    patched_layers = sum(is_patched(m) for m in model.modules())
+    path_counts, remove_probe = _fallback_probe(model)
+
+    def step(input_ids):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    torch.manual_seed(seed)  # same RNG stream for every variant (dropout masks, if any)
+    losses, step_ms = [], []
+    peak = None
+    try:
+        for i, input_ids in enumerate(inputs):
+            if i == warmup_steps:
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+            timed = i >= warmup_steps
+            _sync(device)
+            t0 = time.perf_counter()
+            losses.append(step(input_ids))
+            _sync(device)
+            if timed:
+                step_ms.append((time.perf_counter() - t0) * 1e3)
+            if i == 0:
+                remove_probe()  # the layers' paths are known after one step; hooks cost time
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+    finally:
+        remove_probe()
+    trainable = sum(p.numel() for p in params)
+    del model, optimizer, params, inputs
+    return {"losses": [float(v) for v in losses], "step_ms": step_ms, "peak_bytes": peak,
+            "trainable_params": trainable, "patched_layers": patched_layers, "first_step_paths": dict(path_counts)}
+
+
+def _free(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _max_abs_diff(a, b):
+    n = min(len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a[:n], b[:n])) if n else None
+
+
+def make_rows(raw: dict, batch: int, seq: int) -> list:
+    """Rows (one per variant in ``raw``: name -> ``train_variant`` result) with the summary statistics and
+    the comparisons against the PEFT row of the same family (None where that row did not run)."""
+    rows = []
+    medians = {n: statistics.median(m["step_ms"]) for n, m in raw.items()}
+    for n, m in raw.items():
+        qlora = VARIANTS[n][1]
+        ref = PEFT_REF[qlora]
+        ref_raw = raw.get(ref)
+        med = medians[n]
+        rows.append({
+            "variant": n, "family": "qlora" if qlora else "dense", "peft_ref": ref if ref_raw else None,
+            "trainable_params": m["trainable_params"], "patched_layers": m["patched_layers"],
+            "first_step_paths": m["first_step_paths"],
+            "median_step_ms": med, "min_step_ms": min(m["step_ms"]), "step_ms": m["step_ms"],
+            "tokens_per_s": batch * seq / (med / 1e3),
+            "speedup_vs_peft": _ratio(medians.get(ref), med),
+            "peak_bytes": m["peak_bytes"],
+            "peak_ratio_vs_peft": _ratio(m["peak_bytes"], ref_raw["peak_bytes"]) if ref_raw else None,
+            "losses": m["losses"], "first_loss": m["losses"][0], "final_loss": m["losses"][-1],
+            "max_loss_diff_vs_peft": _max_abs_diff(m["losses"], ref_raw["losses"]) if ref_raw else None,
+            "first_loss_diff_vs_peft": abs(m["losses"][0] - ref_raw["losses"][0]) if ref_raw else None,
+        })
+    return rows
+
+
+def check_goals(rows) -> list:
+    """The issue's goal evaluated on ``rows`` (meaningful on GPU results only), in qlora_bench's format:
+    one entry per goal with the measured ratio, the bound ("min": the ratio must reach it) and whether
+    it is met. The ratio is lora_kernels_qlora tokens/s over peft_qlora tokens/s."""
+    by_name = {r["variant"]: r for r in rows}
+    row = by_name.get("lora_kernels_qlora")
+    if row is None or "peft_qlora" not in by_name:
+        return []
+    bound = GOALS["qlora_tokens_per_s_vs_peft_min"]
+    ratio = row["speedup_vs_peft"]
+    return [{"goal": "qlora_tokens_per_s_vs_peft", "shape": row.get("shape"), "ratio": ratio, "min": bound,
+             "met": ratio is not None and ratio >= bound}]
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, batch=None, seq=None,
+        variants=tuple(VARIANTS), dropout=0.0, r=16, lr=1e-4, seed=0, out=None, plot=True, verbose=True) -> dict:
+    """Trains every variant in ``variants`` for ``warmup_steps`` + ``steps`` AdamW steps on input_ids
+    [batch, seq] of ``preset`` and writes train_<dtype>.{json,csv,png} under ``out`` (default
+    ``benchmarks/results/<device-kind>/``). Defaults: CPU tiny/fp32, batch 2, seq 64, 5 steps, 1
+    warm-up; CUDA 1b/bf16, batch 4, seq 1024, 20 steps, 3 warm-ups. LoRA rank ``r`` with alpha = 2r
+    on the seven projections. Returns the results dict (metadata, config, rows, skipped, goals)."""
+    from lora_kernels.tools.models import PRESETS, TARGETS
+
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch float dtype, got {dtype!r}")
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(f"dtype must be a str or torch.dtype, got {type(dtype).__name__}")
+    if isinstance(dtype, torch.dtype) and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    device, dtype = resolve_device_dtype(device, dtype)
+    cuda = device.type == "cuda"
+    defaults = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
+    preset = defaults["preset"] if preset is None else preset
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    steps = _check_int("steps", defaults["steps"] if steps is None else steps, 1)
+    warmup_steps = _check_int("warmup_steps", defaults["warmup_steps"] if warmup_steps is None else warmup_steps, 0)
+    batch = _check_int("batch", defaults["batch"] if batch is None else batch, 1)
+    # seq >= 2: the causal LM loss predicts token t+1 from t, so one token gives no loss term.
+    seq = _check_int("seq", defaults["seq"] if seq is None else seq, 2)
+    r = _check_int("r", r, 1)
+    seed = _check_int("seed", seed, 0)
+    lr = _check_float("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
+    dropout = _check_float("dropout", dropout, 0.0, 1.0, low_open=False, high_open=True)
+    variants = available_variants(_check_variants(variants))
+    out = Path(out) if out is not None else default_out_dir(device)
+
+    from lora_kernels.ops import select_backend
+
+    hidden = PRESETS[preset]["hidden_size"]
+    raw, skipped = {}, {}
+    for name in variants:
+        try:
+            raw[name] = train_variant(name, preset=preset, device=device, dtype=dtype, batch=batch, seq=seq,
+                                      steps=steps, warmup_steps=warmup_steps, lr=lr, dropout=dropout, r=r,
+                                      seed=seed)
+        except Exception as e:  # report a failing variant (e.g. out of memory) and measure the others
+            err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            warnings.warn(f"{name} failed: {err}")
+            skipped[name] = err
+        _free(device)
+    rows = make_rows(raw, batch, seq)
+    shape = f"{preset} {batch}x{seq}"
+    for row in rows:
+        row["shape"] = shape
+    result = {
+        "metadata": environment_metadata(device, dtype),
+        "config": {
+            "preset": preset, "model": dict(PRESETS[preset]), "batch": batch, "seq": seq,
+            "tokens_per_step": batch * seq, "steps": steps, "warmup_steps": warmup_steps,
+            "optimizer": "AdamW", "lr": lr, "r": r, "lora_alpha": 2 * r, "dropout": dropout,
+            "targets": list(TARGETS), "seed": seed, "batch_seeds": "seed + 1 + step (step 0 = first warm-up)",
+            "labels": "input_ids (causal LM loss)", "variants": list(variants), "statistic": "median",
+            "timing": "synchronize + perf_counter around zero_grad, forward, backward, optimizer step",
+            "peak": "CUDA max_memory_allocated over the timed steps (None on CPU)",
+            "lora_kernels_backend": select_backend(device, batch * seq, hidden, hidden, r),
+        },
+        "rows": rows,
+        "skipped": skipped,
+        "goals": {"bounds": GOALS, "checks": check_goals(rows), "device_type": device.type},
+    }
+    stem = f"train_{result['metadata']['dtype']}"
+    write_outputs(result, out, stem, TRAIN_CSV_FIELDS, _plot if plot else None)
+    if verbose:
+        print(format_table(rows, result["metadata"], result["config"]))
+        print(format_losses(rows, warmup_steps))
+        print(format_goals(result["goals"]))
+        for name, err in skipped.items():
+            print(f"skipped {name}: {err}")
+        print(f"wrote {out}/{stem}.{{json,csv,png}}")
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_table(rows, meta, config) -> str:
+    """Fixed-width text table of the rows (ms, tokens/s, MiB; ratios against the family's PEFT row)."""
+    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
+    lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  peft {meta['peft']}  "
+             f"bitsandbytes {meta['bitsandbytes']}",
+             f"preset {config['preset']}, batch {config['batch']} x seq {config['seq']}, {config['steps']} timed steps "
+             f"after {config['warmup_steps']} warm-up, r={config['r']}, dropout {config['dropout']:g}, "
+             f"lora_kernels backend {config['lora_kernels_backend']}",
+             f"{'variant':<23}{'step ms':>9}{'tokens/s':>11}{'x peft':>8}{'peak MiB':>10}{'x peft':>8}"
+             f"{'max |dloss|':>13}{'1st |dloss|':>13}  paths (step 1)"]
+    for r in rows:
+        paths = ", ".join(f"{k} {v}" for k, v in r["first_step_paths"].items()) or "-"
+        lines.append(f"{r['variant']:<23}{r['median_step_ms']:9.2f}{r['tokens_per_s']:11.1f}"
+                     f"{fmt_num(r['speedup_vs_peft'], '8.3f')}{fmt_num(mib(r['peak_bytes']), '10.1f')}"
+                     f"{fmt_num(r['peak_ratio_vs_peft'], '8.3f')}{fmt_num(r['max_loss_diff_vs_peft'], '13.2e')}"
+                     f"{fmt_num(r['first_loss_diff_vs_peft'], '13.2e')}  {paths}")
+    return "\n".join(lines)
+
+
+def format_losses(rows, warmup_steps: int) -> str:
+    """Side-by-side losses: one line per step (warm-up steps marked w), one column per variant."""
+    if not rows:
+        return "no losses (no variant ran)"
+    width = max(14, max(len(r["variant"]) for r in rows) + 2)
+    lines = ["loss per step", f"{'step':>6}" + "".join(f"{r['variant']:>{width}}" for r in rows)]
+    for i in range(max(len(r["losses"]) for r in rows)):
+        label = f"{i + 1}{'w' if i < warmup_steps else ''}"
+        lines.append(f"{label:>6}" + "".join(
+            f"{r['losses'][i]:>{width}.6f}" if i < len(r["losses"]) else f"{'-':>{width}}" for r in rows))
+    return "\n".join(lines)
+
+
+def format_goals(goals) -> str:
+    checks = goals["checks"]
+    if not checks:
+        return "goals: not checked (lora_kernels_qlora and peft_qlora both needed)"
+    head = f"goals: {sum(c['met'] for c in checks)}/{len(checks)} met"
+    if goals["device_type"] != "cuda":
+        head += " (CPU run: the goals are GPU goals, shown for completeness)"
+    lines = [head]
+    for c in checks:
+        lines.append(f"  {c['goal']}: {fmt_num(c['ratio'], '.3f')} (goal >= {c['min']:g}) "
+                     f"{'met' if c['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _plot(result, path):
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    cfg, meta = result["config"], result["metadata"]
+    fig, (ax_tok, ax_loss, ax_diff) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"dense": "tab:blue", "qlora": "tab:orange"}
+    xs = range(len(rows))
+    bars = ax_tok.bar(xs, [r["tokens_per_s"] for r in rows], color=[colors[r["family"]] for r in rows])
+    for bar, r in zip(bars, rows):
+        if r["speedup_vs_peft"] is not None:
+            ax_tok.annotate(f"{r['speedup_vs_peft']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax_tok.set_xticks(list(xs))
+    ax_tok.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax_tok.set_ylabel("tokens/s (median step; label: x PEFT of its family)")
+    losses = {r["variant"]: r["losses"] for r in rows}
+    for r in rows:
+        steps = range(1, len(r["losses"]) + 1)
+        style = "--" if r["variant"].startswith("peft") else "-"
+        ax_loss.plot(steps, r["losses"], style, marker="o", ms=3, label=r["variant"])
+        ref = losses.get(r["peft_ref"]) if r["peft_ref"] != r["variant"] else None
+        if ref:
+            ax_diff.plot(steps[:len(ref)], [a - b for a, b in zip(r["losses"], ref)], marker="o", ms=3,
+                         label=f"{r['variant']} - {r['peft_ref']}")
+    for ax in (ax_loss, ax_diff):
+        if cfg["warmup_steps"]:
+            ax.axvline(cfg["warmup_steps"] + 0.5, color="k", lw=0.8, ls=":")
+        ax.set_xlabel(f"step (first {cfg['warmup_steps']} untimed warm-up)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    ax_loss.set_ylabel("training loss")
+    ax_diff.axhline(0.0, color="k", lw=0.8)
+    ax_diff.set_ylabel("loss - loss of its family's PEFT row")
+    fig.suptitle(f"training steps, {cfg['preset']} {cfg['batch']}x{cfg['seq']}, r={cfg['r']}, "
+                 f"{meta['device']}, {meta['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _variant_list(text: str) -> list:
+    return [v for v in text.split(",") if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """Training benchmark CLI options. --device, --dtype, --out and --no-plot have bench's meaning and
+    are added only when ``parser`` does not define them already (so these options can join bench's
+    parser; bench's --rank is a list, so the LoRA rank here is --r)."""
+    common = [("--device", dict(default=None, help="cpu or cuda[:i] (default: cuda if present)")),
+              ("--dtype", dict(default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")),
+              ("--out", dict(type=Path, default=None, help="output dir (default benchmarks/results/<device-kind>/)")),
+              ("--no-plot", dict(action="store_true", help="write JSON and CSV only"))]
+    for flag, kwargs in common:
+        try:
+            parser.add_argument(flag, **kwargs)
+        except argparse.ArgumentError:  # already defined by the parser this joins (bench's)
+            pass
+    parser.add_argument("--preset", default=None, help="built-in model: tiny, facts, 1b (default 1b CUDA, tiny CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 CUDA, 5 CPU)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 3 CUDA, 1 CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 CUDA, 2 CPU)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024 CUDA, 64 CPU)")
+    parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0: losses comparable)")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r; default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, adapters and batches seed (default 0)")
+
+
+def run_from_args(args) -> dict:
+    return run(device=args.device, dtype=args.dtype, preset=args.preset, steps=args.steps,
+               warmup_steps=args.warmup_steps, batch=args.batch, seq=args.seq, variants=args.variants,
+               dropout=args.dropout, r=args.r, lr=args.lr, seed=args.seed, out=args.out,
+               plot=not getattr(args, "no_plot", False))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Fast checks of the end-to-end training benchmark on the tiny built-in model (CPU: lora_kernels'
+PyTorch path, bitsandbytes' CPU backend for the QLoRA rows). No assertion on speed."""
+import argparse
+import csv
+import json
+import math
+import sys
+
+import pytest
+
+from lora_kernels.tools import train_bench
+from lora_kernels.tools.models import PRESETS, TARGETS
+
+CFG = dict(device="cpu", dtype="fp32", preset="tiny", steps=2, warmup_steps=1, batch=1, seq=16, r=4)
+LOSS_RTOL = 1e-5  # fp32, same weights, same batches: PEFT and patched agree to rounding
+
+
+@pytest.fixture(autouse=True)
+def torch_cpu_backend(monkeypatch):
+    # conftest sets TRITON_INTERPRET=1, which makes the CPU default the interpreted Triton path;
+    # the benchmark's CPU runs use the lean PyTorch path.
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    out = tmp_path_factory.mktemp("train")
+    try:
+        res = train_bench.run(**CFG, out=out, verbose=False)
+    finally:
+        mp.undo()
+    return res, out
+
+
+def _projection_shapes(preset):
+    """(in_features, out_features) of the seven projections of one layer of ``preset``."""
+    c = PRESETS[preset]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _close(a, b, rtol=LOSS_RTOL):
+    return abs(a - b) <= rtol * abs(b)
+
+
+def test_writes_files_with_metadata(result):
+    res, out = result
+    stem = out / "train_float32"
+    for ext in ("json", "csv", "png"):
+        assert stem.with_suffix(f".{ext}").stat().st_size > 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for key in ("device", "torch", "triton", "bitsandbytes", "peft", "git_commit", "utc_date", "dtype"):
+        assert key in data["metadata"]
+    assert data["metadata"]["dtype"] == "float32"
+    assert data["config"]["lora_kernels_backend"] == "torch"
+    assert [r["variant"] for r in data["rows"]] == list(train_bench.VARIANTS)
+    assert all(len(r["losses"]) == CFG["warmup_steps"] + CFG["steps"] for r in data["rows"])  # per-step losses
+    with open(stem.with_suffix(".csv")) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in csv_rows] == list(train_bench.VARIANTS)
+    assert set(csv_rows[0]) == set(train_bench.TRAIN_CSV_FIELDS)
+
+
+def test_every_variant_ran_and_measured(result):
+    res, _ = result
+    assert res["skipped"] == {}  # bitsandbytes and peft are test dependencies: every row runs
+    tokens = CFG["batch"] * CFG["seq"]
+    for r in res["rows"]:
+        assert len(r["step_ms"]) == CFG["steps"] and all(t > 0 for t in r["step_ms"])
+        assert r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["median_step_ms"] / 1e3))
+        assert all(math.isfinite(v) for v in r["losses"])
+        assert r["peak_bytes"] is None and r["peak_ratio_vs_peft"] is None  # CPU: no allocator statistics
+    rows = {r["variant"]: r for r in res["rows"]}
+    for name, r in rows.items():
+        ref = rows["peft_qlora" if r["family"] == "qlora" else "peft"]
+        assert r["peft_ref"] == ref["variant"]
+        assert r["speedup_vs_peft"] == pytest.approx(ref["median_step_ms"] / r["median_step_ms"])
+
+
+def test_patched_rows_take_the_fast_path(result):
+    # A patched row whose layers fell back to PEFT's forward would compare PEFT with itself.
+    layers = PRESETS["tiny"]["num_hidden_layers"] * len(TARGETS)
+    for r in result[0]["rows"]:
+        if r["variant"].startswith("peft"):
+            assert r["patched_layers"] == 0 and r["first_step_paths"] == {}
+        else:
+            assert r["patched_layers"] == layers
+            assert r["first_step_paths"] == {"fast path": layers}  # one call per layer in step 1
+
+
+def test_trainable_parameters(result):
+    shapes = _projection_shapes("tiny").values()
+    n_layers, r = PRESETS["tiny"]["num_hidden_layers"], CFG["r"]
+    full = n_layers * sum(r * (k + n) for k, n in shapes)
+    fa = n_layers * sum(r * n for _, n in shapes)  # LoRA-FA: lora_B [n, r] only
+    for row in result[0]["rows"]:
+        assert row["trainable_params"] == (fa if row["variant"].endswith("_fa") else full), row["variant"]
+
+
+def test_losses_match_peft(result):
+    rows = {r["variant"]: r for r in result[0]["rows"]}
+    for peft_name, patched in (("peft", "lora_kernels"), ("peft_qlora", "lora_kernels_qlora")):
+        ref, got = rows[peft_name]["losses"], rows[patched]["losses"]
+        assert len(set(ref)) > 1  # the batches differ from step to step: the comparison is not vacuous
+        for step, (a, b) in enumerate(zip(got, ref)):
+            assert _close(a, b), (patched, step, a, b)
+        assert rows[patched]["max_loss_diff_vs_peft"] == pytest.approx(max(abs(a - b) for a, b in zip(got, ref)),
+                                                                       abs=0)
+    for peft_name, fa in (("peft", "lora_kernels_fa"), ("peft_qlora", "lora_kernels_qlora_fa")):
+        ref, got = rows[peft_name]["losses"], rows[fa]["losses"]
+        assert _close(got[0], ref[0]), (fa, got[0], ref[0])  # same weights before the first update
+        assert rows[fa]["first_loss_diff_vs_peft"] == abs(got[0] - ref[0])
+    # The QLoRA model is a different model (NF4 base weights): its losses are its own.
+    assert rows["peft_qlora"]["losses"][0] != rows["peft"]["losses"][0]
+
+
+def test_goal_check_format(result):
+    res, _ = result
+    rows = {r["variant"]: r for r in res["rows"]}
+    (check,) = res["goals"]["checks"]
+    assert check["goal"] == "qlora_tokens_per_s_vs_peft" and check["min"] == 1.5
+    assert check["ratio"] == rows["lora_kernels_qlora"]["speedup_vs_peft"]
+    assert check["met"] == (check["ratio"] >= 1.5)
+    assert res["goals"]["device_type"] == "cpu"
+
+
+def test_check_goals_flags_misses():
+    def rows(speedup):
+        return [{"variant": "peft_qlora", "speedup_vs_peft": 1.0},
+                {"variant": "lora_kernels_qlora", "speedup_vs_peft": speedup, "shape": "1b 4x1024"}]
+    assert train_bench.check_goals(rows(1.6))[0]["met"] is True
+    assert train_bench.check_goals(rows(1.4))[0]["met"] is False
+    assert train_bench.check_goals(rows(1.6)[1:]) == []  # no PEFT QLoRA row: nothing to compare with
+
+
+def test_qlora_rows_skipped_without_bitsandbytes(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.warns(UserWarning, match="bitsandbytes unavailable"):
+        res = train_bench.run(**{**CFG, "steps": 1, "warmup_steps": 0},
+                              variants=("peft", "peft_qlora", "lora_kernels_qlora"), out=tmp_path, plot=False,
+                              verbose=False)
+    assert [r["variant"] for r in res["rows"]] == ["peft"]
+    assert res["config"]["variants"] == ["peft"]
+    assert res["goals"]["checks"] == []
+
+
+@pytest.mark.parametrize("kwargs, name, exc", [
+    (dict(steps=0), "steps", ValueError),
+    (dict(steps=1.5), "steps", TypeError),
+    (dict(warmup_steps=-1), "warmup_steps", ValueError),
+    (dict(batch=0), "batch", ValueError),
+    (dict(seq=1), "seq", ValueError),
+    (dict(variants=("peft", "nope")), "variants", ValueError),
+    (dict(variants=()), "variants", ValueError),
+    (dict(lr=-1e-4), "lr", ValueError),
+    (dict(lr=float("nan")), "lr", ValueError),
+    (dict(dropout=1.0), "dropout", ValueError),
+    (dict(r=0), "r", ValueError),
+    (dict(preset="huge"), "preset", ValueError),
+    (dict(dtype="int8"), "dtype", ValueError),
+])
+def test_invalid_arguments(kwargs, name, exc, tmp_path):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        train_bench.run(**{**CFG, **kwargs}, out=tmp_path, verbose=False)
+    assert not any(tmp_path.iterdir())  # rejected before anything ran or was written
+
+
+def test_format_losses_marks_warmup():
+    rows = [{"variant": "peft", "losses": [1.0, 2.0, 3.0]}, {"variant": "lora_kernels", "losses": [1.0, 2.0]}]
+    lines = train_bench.format_losses(rows, warmup_steps=1).splitlines()
+    assert lines[2].split() == ["1w", "1.000000", "1.000000"]
+    assert lines[4].split() == ["3", "3.000000", "-"]
+
+
+def test_cli_main(tmp_path):
+    train_bench.main(["--device", "cpu", "--steps", "1", "--warmup-steps", "0", "--batch", "1", "--seq", "8",
+                      "--variants", "peft,lora_kernels", "--r", "2", "--no-plot", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_float32.json").read_text())
+    assert not (tmp_path / "train_float32.png").exists()
+    assert [r["variant"] for r in data["rows"]] == ["peft", "lora_kernels"]
+    assert (data["config"]["preset"], data["config"]["r"], data["config"]["seq"]) == ("tiny", 2, 8)
+
+
+def test_options_join_the_bench_parser():
+    # `bench --train`: the training options are added to bench's parser, which already defines
+    # --device, --dtype and --out; run_from_args reads them from there.
+    from lora_kernels.tools import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    train_bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--dtype", "fp32", "--steps", "3", "--warmup-steps", "0",
+                              "--variants", "peft_qlora,lora_kernels_qlora", "--lr", "0.001", "--r", "8", "--no-plot"])
+    assert (args.device, args.dtype, args.steps, args.warmup_steps, args.lr, args.r) == ("cpu", "fp32", 3, 0, 1e-3, 8)
+    assert args.no_plot
+    assert args.variants == ["peft_qlora", "lora_kernels_qlora"]
