@@ -9,6 +9,7 @@ holds the same weights, so PEFT and patched runs are comparable step by step.
 Presets (``PRESETS``): ``tiny`` (CPU default), ``facts`` (FACTS.md's memory model), ``1b`` (a
 Llama-3.2-1B-shaped model, the GPU default).
 """
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,14 +58,30 @@ def llama_config(preset: str):
     return transformers.LlamaConfig(**PRESETS[preset])
 
 
-def build_base_model(preset: str = "tiny", device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """``LlamaForCausalLM`` with random weights (same seed, same weights), on ``device`` in ``dtype``."""
+_BASE_CACHE: dict = {}  # (preset, seed) -> the last CPU fp32 model built (one entry)
+
+
+def build_base_model(preset: str = "tiny", device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                     cache: bool = True):
+    """``LlamaForCausalLM`` with random weights (same seed, same weights), on ``device`` in ``dtype``.
+
+    The weights are initialised on CPU (independent of the device's RNG). With ``cache`` the last CPU
+    model is kept (one entry, in host memory) and copied for the next call with the same preset and
+    seed: a benchmark builds one model per variant, and random init of the 1b preset takes far longer
+    than a copy."""
     import transformers
 
-    cfg = llama_config(preset)
-    torch.manual_seed(seed)
-    with torch.device("cpu"):  # initialise on CPU so the weights do not depend on the device's RNG
-        model = transformers.LlamaForCausalLM(cfg)
+    key = (preset, seed)
+    cpu_model = _BASE_CACHE.get(key) if cache else None
+    if cpu_model is None:
+        cfg = llama_config(preset)
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            cpu_model = transformers.LlamaForCausalLM(cfg)
+        _BASE_CACHE.clear()
+        if cache:
+            _BASE_CACHE[key] = cpu_model
+    model = copy.deepcopy(cpu_model) if cache else cpu_model
     return model.to(device=device, dtype=dtype)
 
 
