@@ -3,14 +3,14 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"]
-#   steps: build tests sanitizer bench memory qlora split-k csrc (each under its own time limit, so
+#   steps: build tests sanitizer bench qlora memory train variants split-k csrc (each under its own time limit, so
 #   that one slow step cannot use up a 10-minute call; split them over calls when the GPU is slow to
 #   compile). "build" compiles csrc/ into lora_kernels._C in place (the later steps then use the CUDA
 #   NF4 GEMV where they ask for it); "sanitizer" runs its tests under compute-sanitizer memcheck.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
-STEPS=${*:-build tests sanitizer bench memory qlora split-k}
+STEPS=${*:-build tests sanitizer bench qlora memory train variants split-k}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -30,7 +30,14 @@ for step in $STEPS; do
                   | tee "$OUT/csrc_check.txt" ;;
         tests) timeout 240 python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
                    | tail -25 | tee "$OUT/pytest.txt" ;;
-        bench|memory|qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
+        memory) timeout 400 python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
+                timeout 120 python -m lora_kernels memory --layer --out "$OUT" 2>&1 | tee "$OUT/memory_layer.txt" ;;
+        bench) timeout 300 python -m lora_kernels bench --family dense --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
+        train) timeout 300 python -m lora_kernels bench --train --out "$OUT" 2>&1 | tee "$OUT/train.txt" ;;
+        variants) timeout 240 python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
+                      --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
+                      | tee "$OUT/variants.txt" ;;
+        qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
         *) echo "unknown step $step" ;;
     esac
 done

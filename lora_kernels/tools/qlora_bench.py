@@ -1,23 +1,29 @@
-"""Benchmark of one QLoRA layer (NF4 base weight + LoRA): forward, backward, forward+backward,
-inference forward, saved activations and, on CUDA, peak memory.
+"""Benchmark of one QLoRA layer (NF4 base weight + LoRA): ``python -m lora_kernels qlora``, and the
+"nf4" family of ``python -m lora_kernels bench``.
 
-Implementations, all on the same NF4 bytes (block size 64, double quantization), adapters and x,
-timed in the same run (interleaved rep by rep, medians; see ``lora_kernels.tools.bench``):
-    lora_kernels_nf4     ``lora_kernels.nf4_lora_linear`` (A and B trainable)
-    lora_kernels_nf4_fa  the same with lora_A frozen (LoRA-FA)
-    peft_qlora           PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
-                         the same NF4 tensors (what transformers + PEFT build for QLoRA)
-    lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on for M <= 16 (csrc/; CUDA
-                         with the built extension only)
-    bnb_matmul_4bit      ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
-    base_dense           ``F.linear(x, W)`` with W = dequant(Q) in x's dtype: the dense (cuBLAS) floor
+Providers, all on the same NF4 bytes (block size 64, double quantization), adapters and x, timed
+in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_bench on CUDA):
+    lora_kernels_nf4       ``lora_kernels.nf4_lora_linear`` (A and B trainable)
+    lora_kernels_nf4_fa    the same with lora_A frozen (LoRA-FA)
+    lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on (csrc/; CUDA with the built
+                           extension, M <= 16, fp16/bf16, r <= 64 only: "not_applicable" elsewhere)
+    peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
+                           the same NF4 tensors (what transformers + PEFT build for QLoRA)
+    bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
+    base_dense             ``F.linear(x, W)`` with W = dequant(Q) in x's dtype: the dense (cuBLAS) floor
 x requires grad (a hidden layer). "infer" is the forward under ``torch.no_grad()`` with x not
-requiring grad: bitsandbytes then takes its 4-bit GEMV for one row.
-Ratios are times over the reference's time in the same run (< 1: faster than the reference).
+requiring grad: bitsandbytes then takes its 4-bit GEMV for one row. Ratios are times over the
+reference's time in the same case (< 1: faster): *_vs_peft against peft_qlora, *_vs_base against
+base_dense. Rows also carry the saved activations of one forward and, on CUDA, the peak memory of
+one fwd+bwd.
+
+``qlora`` default sweep: (K, N) in ``CUDA_KN`` x M in ``CUDA_M`` (decode to training sizes), r = 16,
+modes fwd, bwd, fwdbwd, infer on a GPU; ``CPU_KN`` x ``CPU_M`` on CPU. ``--quick``: the first
+(K, N) and M in {1, 16, 4096} (GPU) or {1, 16} (CPU), shorter timing. The options are those of
+``bench`` (``--model``, ``--proj``, ``--m``, ``--rank``, ``--shapes``, ``--providers``, ``--modes``).
 """
 import argparse
 import os
-import statistics
 import warnings
 from pathlib import Path
 
@@ -25,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.tools import memory
-from lora_kernels.tools.bench import (Impl, add_common_arguments, default_out_dir, environment_metadata,
-                                      fmt_num, measure_ceilings, probe, resolve_device_dtype, time_impls,
-                                      write_outputs)
+from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
+                                      csv_fields, environment_metadata, fmt_num, measure, random_factory, resolve_cases,
+                                      resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
+                                      write_outputs, _names, ALL_MODES)
 
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit",
                "base_dense")
@@ -41,9 +48,7 @@ CUDA_KN = ((4096, 4096), (4096, 14336), (8192, 28672))
 # quantization blocks span two rows when K % 16 == 0 (PEFT's QLoRA forward goes through it).
 CPU_M = (1, 16, 256)
 CPU_KN = ((512, 512), (1024, 2048))
-QLORA_CSV_FIELDS = ["shape", "impl", "fwd_ms", "bwd_ms", "fwdbwd_ms", "infer_ms", "fwd_vs_peft",
-                    "fwdbwd_vs_peft", "infer_vs_peft", "fwd_vs_dense", "fwdbwd_vs_dense", "saved_bytes",
-                    "peak_fwdbwd_bytes", "out_rel_err", "infer_weight_GBps"]
+EXTRA_FIELDS = ("saved_bytes", "peak_fwdbwd_bytes")
 # Goals of the QLoRA issue, checked on GPU results (times relative to the reference, same run).
 GOALS = {
     "nf4_gemm_vs_dense_fwd_max": 1.05,      # M >= 4096: lora_kernels_nf4 fwd / base_dense fwd
@@ -52,9 +57,16 @@ GOALS = {
 }
 
 
+def qlora_grid(device: torch.device, quick: bool = False) -> tuple:
+    """Default (kns, ms) of ``qlora``: the issue's M x (K, N) grid on CUDA, a small one on CPU."""
+    if device.type == "cuda":
+        return (CUDA_KN[:1], (1, 16, 4096)) if quick else (CUDA_KN, CUDA_M)
+    return (CPU_KN[:1], (1, 16)) if quick else (CPU_KN, CPU_M)
+
+
 def default_shapes(device: torch.device) -> list:
-    """(M, K, N, r) grid: the issue's M x (K, N) grid at r = 16 on CUDA, a small one on CPU."""
-    ms, kns = (CUDA_M, CUDA_KN) if device.type == "cuda" else (CPU_M, CPU_KN)
+    """(M, K, N, r) of the default ``qlora`` grid on ``device`` (r = 16)."""
+    kns, ms = qlora_grid(torch.device(device))
     return [(M, K, N, RANK) for (K, N) in kns for M in ms]
 
 
@@ -65,16 +77,12 @@ class QLoRAProblem:
     def __init__(self, M: int, K: int, N: int, r: int, device, dtype, seed: int = 0):
         from lora_kernels import NF4Weight
 
-        g = torch.Generator(device="cpu").manual_seed(seed)
-
-        def rand(*shape, std=1.0):
-            return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
-
-        self.x = rand(M, K).requires_grad_(True)
-        self.qweight = NF4Weight.quantize(rand(N, K, std=K ** -0.5), blocksize=64, double_quant=True)
+        rand = random_factory(device, dtype, seed)
+        self.x = rand(M, K).to(device).requires_grad_(True)
+        self.qweight = NF4Weight.quantize(rand(N, K, std=K ** -0.5).to(device), blocksize=64, double_quant=True)
         self.dense = self.qweight.dequantize(dtype)
-        self.lora_A = rand(r, K, std=K ** -0.5).requires_grad_(True)
-        self.lora_B = rand(N, r, std=r ** -0.5).requires_grad_(True)
+        self.lora_A = rand(r, K, std=K ** -0.5).to(device).requires_grad_(True)
+        self.lora_B = rand(N, r, std=r ** -0.5).to(device).requires_grad_(True)
         self.r, self.alpha = r, 2 * r
         self.scale = self.alpha / r
 
@@ -111,7 +119,7 @@ def _peft_qlora_layer(p: QLoRAProblem, freeze_A: bool = False):
 
 
 def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
-    """name -> Impl for the requested implementation names (see ``QLORA_IMPLS``)."""
+    """name -> Impl for the requested provider names (see ``QLORA_IMPLS``)."""
     from lora_kernels import nf4_lora_linear
 
     unknown = set(impls) - set(QLORA_IMPLS)
@@ -126,7 +134,7 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             a = A if name == "lora_kernels_nf4" else A_frozen
             out[name] = Impl(name, lambda a=a: nf4_lora_linear(x, q, a, B, s),
                              [x, B] + ([A] if a is A else []), params,
-                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s))
+                             infer=lambda a=a: nf4_lora_linear(x_infer, q, a, B, s))
         elif name == "lora_kernels_nf4_gemv":
             from lora_kernels.ops.nf4_gemv import GEMV_MAX_ROWS, NF4_GEMV_ENV
             fwd = _with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x, q, A, B, s))
@@ -150,7 +158,8 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
 
 
 def available_qlora_impls(impls) -> list:
-    """``impls`` without the rows whose libraries cannot be imported (warns)."""
+    """``impls`` without the rows whose libraries cannot be imported (warns), and without
+    lora_kernels_nf4_gemv unless the CUDA extension is built and a GPU is present."""
     impls = list(impls)
     for lib, rows in (("bitsandbytes", ("peft_qlora", "bnb_matmul_4bit")), ("peft", ("peft_qlora",))):
         if any(i in rows for i in impls):
@@ -159,106 +168,109 @@ def available_qlora_impls(impls) -> list:
             except Exception as e:  # any import failure: the other rows are still worth measuring
                 warnings.warn(f"{lib} unavailable ({e!r}); skipping {[i for i in impls if i in rows]}")
                 impls = [i for i in impls if i not in rows]
+    if "lora_kernels_nf4_gemv" in impls:
+        from lora_kernels.ops.nf4_gemv import load_extension
+        if not (torch.cuda.is_available() and load_extension()):  # a GPU and the built extension
+            impls = [i for i in impls if i != "lora_kernels_nf4_gemv"]
     return impls
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+def _not_applicable(case, provider, device, dtype):
+    if provider != "lora_kernels_nf4_gemv":
+        return None
+    from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS
+    if device.type != "cuda":
+        return "CUDA only"
+    if case.M > GEMV_MAX_ROWS:
+        return f"M > {GEMV_MAX_ROWS}: the GEMV is not dispatched, the row would repeat lora_kernels_nf4"
+    if case.r > GEMV_MAX_RANK or dtype not in (torch.float16, torch.bfloat16):
+        return f"the GEMV needs fp16/bf16 and r <= {GEMV_MAX_RANK}"
+    return None
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
+def _expected(p: QLoRAProblem, provider: str) -> torch.Tensor:
+    x = p.x.detach().float()
+    y = x @ p.dense.float().t()
+    if provider in LORA_IMPLS:
+        y = y + p.scale * (x @ p.lora_A.detach().float().t()) @ p.lora_B.detach().float().t()
+    return y
+
+
+def _extras(impl, dy) -> dict:
+    saved, _ = memory.saved_activations(impl)
+    peak = memory.cuda_peak(impl, dy)[0] if dy.device.type == "cuda" else None
+    return {"saved_bytes": saved, "peak_fwdbwd_bytes": peak}
+
+
+def _shape_info(p: QLoRAProblem) -> dict:
+    return {"nf4_bytes": p.qweight.nbytes, "dense_bytes": p.dense.numel() * p.dense.element_size(),
+            "bits_per_parameter": p.qweight.bits_per_parameter}
+
+
+def _finalize(result: dict):
+    result["config"]["nf4"] = {"blocksize": 64, "double_quant": True}
+    result["goals"] = {"bounds": GOALS, "checks": check_goals(result["rows"]),
+                       "device_type": result["metadata"]["device_type"]}
+
+
+NF4 = Family(
+    name="nf4", stem="bench_qlora", title="QLoRA linear (NF4 base)", providers=QLORA_IMPLS, base="base_dense",
+    default_peft="peft_qlora", peft_refs={}, no_lora=("bnb_matmul_4bit", "base_dense"),
+    frozen_A=("lora_kernels_nf4_fa",), quick_drop=(),
+    make_problem=lambda c, device, dtype, seed=0: QLoRAProblem(c.M, c.K, c.N, c.r, device, dtype, seed),
+    build=build_qlora_impls,
+    tensors=lambda p: [p.x, p.dense, p.lora_A, p.lora_B] + p.quant_tensors(),
+    weight_bytes=lambda p, provider: (p.qweight.nbytes if provider in NF4_IMPLS
+                                      else p.dense.numel() * p.dense.element_size()),
+    expected=_expected, available=available_qlora_impls, not_applicable=_not_applicable,
+    extras=_extras, extra_fields=EXTRA_FIELDS, shape_info=_shape_info, finalize=_finalize,
+    summary=lambda result: format_goals(result["goals"]),
+)
+QLORA_CSV_FIELDS = csv_fields(PHASES, EXTRA_FIELDS)
 
 
 def check_goals(rows) -> list:
     """The QLoRA issue's goals evaluated on ``rows`` (meaningful on GPU results only): one entry per
-    (goal, shape) with the measured ratio, the bound and whether it is met."""
+    (goal, shape) with the measured ratio, the bound and whether it is met. Goals whose mode was
+    not measured are left out."""
     checks = []
     for r in rows:
         if r["impl"] != "lora_kernels_nf4":
             continue
-        cases = [("fwdbwd_vs_peft", r["fwdbwd_vs_peft"], GOALS["fwdbwd_vs_peft_max"])]
+        cases = [("fwdbwd_vs_peft", "fwdbwd_vs_peft", GOALS["fwdbwd_vs_peft_max"])]
         if 2 <= r["M"] <= 64:
-            cases.append(("fwd_vs_peft", r["fwd_vs_peft"], GOALS["fwd_vs_peft_max"]))
+            cases.append(("fwd_vs_peft", "fwd_vs_peft", GOALS["fwd_vs_peft_max"]))
         if r["M"] >= 4096:
-            cases.append(("nf4_gemm_vs_dense_fwd", r["fwd_vs_dense"], GOALS["nf4_gemm_vs_dense_fwd_max"]))
-        for goal, value, bound in cases:
+            cases.append(("nf4_gemm_vs_dense_fwd", "fwd_vs_base", GOALS["nf4_gemm_vs_dense_fwd_max"]))
+        for goal, key, bound in cases:
+            if key not in r:
+                continue
+            value = r[key]
             checks.append({"goal": goal, "shape": r["shape"], "ratio": value, "max": bound,
                            "met": value is not None and value <= bound})
     return checks
 
 
-def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, impls=QLORA_IMPLS,
-        flush_l2=False, plot=True, verbose=True) -> dict:
-    """Benchmarks every (M, K, N, r) in ``shapes`` and writes bench_qlora_<dtype>.{json,csv,png}
-    under ``out``. Returns the results dict (metadata, ceilings, rows, goal checks)."""
+def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, impls=None, *, providers=None,
+        modes=PHASES, models=None, projs=None, ms=None, ranks=None, quick=False, rep_ms=None, warmup_ms=None,
+        plot=True, verbose=True) -> dict:
+    """Benchmarks the NF4 providers (``QLORA_IMPLS``, or ``providers`` / its alias ``impls``) over
+    ``shapes`` [(M, K, N, r)] or the grid of ``qlora_grid`` (options as ``bench.run``), and writes
+    bench_qlora_<dtype>.{json,csv,png} under ``out``. Returns the results dict (metadata, ceilings,
+    config, formats, rows, skipped, not_applicable, goal checks)."""
+    if impls is not None and providers is not None:
+        raise ValueError("give providers or impls (its alias), not both")
+    providers = providers if providers is not None else impls
     device, dtype = resolve_device_dtype(device, dtype)
-    cuda = device.type == "cuda"
-    shapes = shapes or default_shapes(device)
-    reps = reps or (30 if cuda else 10)
-    warmup = warmup if warmup is not None else (5 if cuda else 2)
-    out = Path(out) if out is not None else default_out_dir(device)
-    impls = available_qlora_impls(impls)
-    from lora_kernels.ops.nf4_gemv import load_extension
-    if not (cuda and load_extension()):  # the CUDA GEMV row needs a GPU and the built extension
-        impls = [i for i in impls if i != "lora_kernels_nf4_gemv"]
-
-    rows, skipped, formats = [], {}, {}
-    for (M, K, N, r) in shapes:
-        shape = f"{M},{K},{N},{r}"
-        p = QLoRAProblem(M, K, N, r, device, dtype)
-        formats[f"{K},{N}"] = {"nf4_bytes": p.qweight.nbytes, "dense_bytes": p.dense.numel() * p.dense.element_size(),
-                               "bits_per_parameter": p.qweight.bits_per_parameter}
-        built = build_qlora_impls(p, impls)
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        for n in list(built):
-            err = probe(built[n], dy)
-            if err is not None:
-                warnings.warn(f"{n} failed at M,K,N,r={shape}: {err}")
-                skipped.setdefault(shape, {})[n] = err
-                del built[n]
-        with torch.no_grad():
-            base = F.linear(p.x, p.dense)
-            with_lora = base + p.scale * F.linear(F.linear(p.x, p.lora_A), p.lora_B)
-            # Guard: every row computes the function it claims (same NF4 bytes, same adapters).
-            errs = {n: _rel_err(i.forward(), with_lora if n in LORA_IMPLS else base) for n, i in built.items()}
-        times = time_impls(built, dy, reps, warmup, flush_l2, phases=PHASES)
-        med = {n: {ph: statistics.median(v) for ph, v in t.items()} for n, t in times.items()}
-        for n, impl in built.items():
-            saved, _ = memory.saved_activations(impl)
-            peak = memory.cuda_peak(impl, dy)[0] if cuda else None
-            peft, dense = med.get("peft_qlora", {}), med.get("base_dense", {})
-            rows.append({
-                "shape": shape, "M": M, "K": K, "N": N, "r": r, "impl": n,
-                **{f"{ph}_ms": med[n][ph] for ph in PHASES},
-                **{f"{ph}_vs_peft": _ratio(med[n][ph], peft.get(ph)) for ph in ("fwd", "fwdbwd", "infer")},
-                **{f"{ph}_vs_dense": _ratio(med[n][ph], dense.get(ph)) for ph in ("fwd", "fwdbwd")},
-                "saved_bytes": saved, "peak_fwdbwd_bytes": peak, "out_rel_err": errs[n],
-                # weight bytes streamed per inference forward over its time (compare with the copy ceiling)
-                "infer_weight_GBps": (p.qweight.nbytes if n in NF4_IMPLS else formats[f"{K},{N}"]["dense_bytes"])
-                / (med[n]["infer"] * 1e6),
-            })
-        del built, p, dy
-    ceilings = measure_ceilings(device, dtype)
-    result = {
-        "metadata": environment_metadata(device, dtype),
-        "ceilings": ceilings,
-        "config": {"reps": reps, "warmup": warmup, "flush_l2": flush_l2 and cuda, "statistic": "median",
-                   "phases": list(PHASES), "impls": list(impls), "scale": 2.0,
-                   "nf4": {"blocksize": 64, "double_quant": True}, "ratios": "time / reference time"},
-        "formats": formats,
-        "rows": rows,
-        "skipped": skipped,
-        "goals": {"bounds": GOALS, "checks": check_goals(rows), "device_type": device.type},
-    }
-    stem = f"bench_qlora_{result['metadata']['dtype']}"
-    write_outputs(result, out, stem, QLORA_CSV_FIELDS, _plot if plot else None)
-    if verbose:
-        print(format_table(rows, result["metadata"]))
-        print(format_goals(result["goals"]))
-        print(f"wrote {out}/{stem}.{{json,csv,png}}")
-    return result
+    modes = _names("modes", modes, ALL_MODES)
+    if providers is not None:
+        providers = _names("providers", providers, QLORA_IMPLS)
+    cases = resolve_cases(device, qlora_grid, shapes, models, projs, ms, ranks, quick)
+    timing = default_timing(quick, reps, warmup, rep_ms, warmup_ms)
+    chosen = resolve_providers(NF4, providers, quick)
+    if not chosen:
+        raise ValueError(f"no NF4 provider left to run (asked for {providers}; see the warnings)")
+    return run_family(NF4, cases, device, dtype, chosen, modes, timing, out, plot=plot, verbose=verbose)
 
 
 # ----------------------------------------------------------------------------- split-K threshold
@@ -308,8 +320,8 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     device, dtype = resolve_device_dtype(device, dtype)
     cuda = device.type == "cuda"
     kns = kns or (CUDA_KN if cuda else ((128, 64),))
-    reps = reps or (30 if cuda else 3)
-    warmup = warmup if warmup is not None else (5 if cuda else 1)
+    # reps / warmup: CPU sample counts; CUDA times with do_bench's default budgets.
+    timing = default_timing(reps=reps or 3, warmup=warmup if warmup is not None else 1)
     out = Path(out) if out is not None else default_out_dir(device)
     backends = {select_backend(device, M, N, K, r) for (K, N) in kns for M in ms}
     if backends != {"triton"}:
@@ -319,17 +331,16 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     for (K, N) in kns:
         for M in ms:
             p = QLoRAProblem(M, K, N, r, device, dtype)
-            x, A, B = p.x.detach(), p.lora_A.detach(), p.lora_B.detach()
-            calls = {"nf4": lambda: nf4_lora_linear(x, p.qweight, A, B, p.scale),
-                     "dense": lambda: lora_linear(x, p.dense, A, B, p.scale)}
+            x, A, B, q, W, s = p.x.detach(), p.lora_A.detach(), p.lora_B.detach(), p.qweight, p.dense, p.scale
+            calls = {"nf4": lambda: nf4_lora_linear(x, q, A, B, s),
+                     "dense": lambda: lora_linear(x, W, A, B, s)}
             impls = {}
             for weight, fn in calls.items():
                 for mode, threshold in (("split", 1 << 30), ("no_split", 0)):
                     call = _with_env(SMALL_M_ENV, threshold, fn)
                     impls[f"{weight}:{mode}"] = Impl(f"{weight}:{mode}", call, [], infer=call)
             dy = torch.empty(M, N, device=device, dtype=dtype)
-            times = time_impls(impls, dy, reps, warmup, phases=("infer",))
-            med = {n: statistics.median(t["infer"]) for n, t in times.items()}
+            med = {n: t["infer"] for n, t in measure([impls], [dy], ("infer",), timing).items()}
             for weight in calls:
                 split, no_split = med[f"{weight}:split"], med[f"{weight}:no_split"]
                 rows.append({"shape": f"{M},{K},{N},{r}", "weight": weight, "M": M, "K": K, "N": N,
@@ -337,7 +348,7 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
             del p, impls
     from lora_kernels.kernels.configs import SMALL_M_MAX
     result = {"metadata": environment_metadata(device, dtype),
-              "config": {"reps": reps, "warmup": warmup, "statistic": "median", "phase": "infer", "r": r,
+              "config": {"timing": timing.describe(device), "statistic": "median", "phase": "infer", "r": r,
                          "current_small_m_max": SMALL_M_MAX},
               "rows": rows,
               "suggested_small_m_max": {w: suggest_threshold(rows, w) for w in ("nf4", "dense")}}
@@ -376,22 +387,6 @@ def _plot_split_k(result, path):
 
 # ----------------------------------------------------------------------------- output
 
-def format_table(rows, meta) -> str:
-    """Fixed-width text table of QLoRA rows (ms; ratios are time over PEFT's / dense's time)."""
-    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
-    lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  bitsandbytes {meta['bitsandbytes']}  "
-             f"peft {meta['peft']}",
-             f"{'shape M,K,N,r':<20}{'impl':<20}{'fwd':>8}{'fwdbwd':>8}{'infer':>8}{'fwd/peft':>9}"
-             f"{'fb/peft':>8}{'fwd/dense':>10}{'saved MiB':>10}{'peak MiB':>9}"]
-    for r in rows:
-        lines.append(f"{r['shape']:<20}{r['impl']:<20}{fmt_num(r['fwd_ms'], '8.3f')}"
-                     f"{fmt_num(r['fwdbwd_ms'], '8.3f')}{fmt_num(r['infer_ms'], '8.3f')}"
-                     f"{fmt_num(r['fwd_vs_peft'], '9.3f')}{fmt_num(r['fwdbwd_vs_peft'], '8.3f')}"
-                     f"{fmt_num(r['fwd_vs_dense'], '10.3f')}{fmt_num(mib(r['saved_bytes']), '10.2f')}"
-                     f"{fmt_num(mib(r['peak_fwdbwd_bytes']), '9.1f')}")
-    return "\n".join(lines)
-
-
 def format_goals(goals) -> str:
     checks = goals["checks"]
     met = sum(c["met"] for c in checks)
@@ -403,45 +398,14 @@ def format_goals(goals) -> str:
     return "\n".join([head] + missed[:20] + (["  ..."] if len(missed) > 20 else []))
 
 
-def _plot(result, path):
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    kns = list(dict.fromkeys((r["K"], r["N"]) for r in rows))
-    panels = [("fwd_vs_peft", "forward: time / PEFT+bnb"), ("fwdbwd_vs_peft", "fwd+bwd: time / PEFT+bnb"),
-              ("fwd_vs_dense", "forward: time / dense base matmul")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for impl in ("lora_kernels_nf4", "lora_kernels_nf4_fa", "bnb_matmul_4bit"):
-            for K, N in kns:
-                pts = [(r["M"], r[key]) for r in rows
-                       if r["impl"] == impl and (r["K"], r["N"]) == (K, N) and r[key] is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=f"{impl} {K}x{N}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel(label)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    meta = result["metadata"]
-    fig.suptitle(f"QLoRA layer (NF4, r={RANK}), {meta['device']}, {meta['dtype']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
 
 def add_arguments(parser: argparse.ArgumentParser):
-    """QLoRA bench CLI options."""
-    add_common_arguments(parser, impls=QLORA_IMPLS)
-    parser.add_argument("--reps", type=int, default=None, help="timed samples (default 10 CPU, 30 CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2 CPU, 5 CUDA)")
-    parser.add_argument("--flush-l2", action="store_true", help="CUDA: evict L2 before every sample")
+    """QLoRA bench CLI options (the sweep options of ``bench``, modes default fwd,bwd,fwdbwd,infer)."""
+    add_sweep_arguments(parser, QLORA_IMPLS, PHASES)
 
 
 def run_from_args(args) -> dict:
-    return run(shapes=args.shapes, device=args.device, dtype=args.dtype, reps=args.reps, warmup=args.warmup,
-               out=args.out, impls=args.impls, flush_l2=args.flush_l2)
+    return run(**sweep_kwargs(args))
 
 
 def main(argv=None) -> dict:

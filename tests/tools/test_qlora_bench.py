@@ -43,9 +43,14 @@ def test_qlora_bench_writes_sane_results(tmp_path):
         assert all(r[f"{ph}_ms"] > 0 for ph in qlora_bench.PHASES)
         assert r["out_rel_err"] < 1e-5, r["impl"]  # every row computes what it claims
         assert r["peak_fwdbwd_bytes"] is None  # CPU: no allocator statistics
-        assert r["infer_weight_GBps"] > 0
+        # weight bytes read per inference forward over its time: NF4 bytes, or the dense weight's
+        weight = fmt["dense_bytes"] if r["impl"] == "base_dense" else fmt["nf4_bytes"]
+        assert r["infer_GBps"] == pytest.approx(weight / (r["infer_ms"] * 1e6))
+        assert r["infer_vs_base"] == pytest.approx(r["infer_ms"] / rows["base_dense"]["infer_ms"])
+        assert r["fwdbwd_vs_peft"] == pytest.approx(r["fwdbwd_ms"] / rows["peft_qlora"]["fwdbwd_ms"])
+    assert data["config"]["modes"] == list(qlora_bench.PHASES)
     assert rows["peft_qlora"]["fwd_vs_peft"] == pytest.approx(1.0)
-    assert rows["base_dense"]["fwd_vs_dense"] == pytest.approx(1.0)
+    assert rows["base_dense"]["fwd_vs_base"] == pytest.approx(1.0)
     assert rows["lora_kernels_nf4"]["fwdbwd_vs_peft"] > 0
     # Saved activations: LoRA-FA keeps h [M, r] only; full LoRA adds x; the NF4 weight never counts.
     assert rows["lora_kernels_nf4_fa"]["saved_bytes"] == M * R * F32
@@ -58,12 +63,15 @@ def test_qlora_bench_writes_sane_results(tmp_path):
 def test_check_goals_flags_misses():
     def row(M, fwd_peft, fb_peft, fwd_dense):
         return {"impl": "lora_kernels_nf4", "shape": f"{M},4096,4096,16", "M": M, "fwd_vs_peft": fwd_peft,
-                "fwdbwd_vs_peft": fb_peft, "fwd_vs_dense": fwd_dense}
+                "fwdbwd_vs_peft": fb_peft, "fwd_vs_base": fwd_dense}
     checks = qlora_bench.check_goals([row(8, 0.5, 0.6, 3.0), row(4096, 0.9, 0.7, 1.04),
                                       {"impl": "peft_qlora", "M": 8}])
     got = {(c["goal"], c["shape"].split(",")[0]): c["met"] for c in checks}
     assert got == {("fwdbwd_vs_peft", "8"): True, ("fwd_vs_peft", "8"): True,
                    ("fwdbwd_vs_peft", "4096"): False, ("nf4_gemm_vs_dense_fwd", "4096"): True}
+    # a mode that was not measured gives no check (not a miss)
+    only_fwd = {"impl": "lora_kernels_nf4", "shape": "8,64,64,4", "M": 8, "fwd_vs_peft": 0.5, "fwd_vs_base": 2.0}
+    assert [c["goal"] for c in qlora_bench.check_goals([only_fwd])] == ["fwd_vs_peft"]
 
 
 def test_cli_qlora_subset(tmp_path):
@@ -103,3 +111,39 @@ def test_split_k_sweep_refuses_the_torch_path(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Triton path"):
         qlora_bench.split_k_sweep(device="cpu", dtype="fp32", ms=(1,), kns=((64, 16),), r=2, reps=1,
                                   out=tmp_path, verbose=False)
+
+
+def test_qlora_cli_shares_the_bench_sweep_options():
+    import argparse
+
+    import torch
+
+    from lora_kernels.tools import bench
+
+    parser = argparse.ArgumentParser()
+    qlora_bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "8b", "--proj", "down", "--m", "1,8", "--providers", "lora_kernels_nf4",
+                              "--quick"])
+    kw = bench.sweep_kwargs(args)
+    assert kw["modes"] == list(qlora_bench.PHASES) and kw["providers"] == ["lora_kernels_nf4"] and kw["quick"]
+    cases = bench.resolve_cases(torch.device("cpu"), qlora_bench.qlora_grid, kw["shapes"], kw["models"],
+                                kw["projs"], kw["ms"], kw["ranks"], kw["quick"])
+    assert [(c.M, c.K, c.N, c.r) for c in cases] == [(1, 14336, 4096, 16), (8, 14336, 4096, 16)]
+    with pytest.raises(ValueError, match="providers"):
+        qlora_bench.run(shapes=[(M, K, N, R)], device="cpu", providers=["lora_kernels"], verbose=False)
+
+
+def test_gemv_provider_applicability():
+    import torch
+
+    from lora_kernels.tools.bench import Case
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    na = qlora_bench._not_applicable
+    assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16) is None
+    assert na(Case(16, 4096, 4096, 64), "lora_kernels_nf4_gemv", cuda, torch.float16) is None
+    assert "M > 16" in na(Case(17, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16)
+    assert na(Case(8, 4096, 4096, 128), "lora_kernels_nf4_gemv", cuda, torch.bfloat16)
+    assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.float32)
+    assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cpu, torch.bfloat16) == "CUDA only"
+    assert na(Case(4096, 4096, 4096, 16), "lora_kernels_nf4", cuda, torch.bfloat16) is None

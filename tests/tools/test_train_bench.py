@@ -199,3 +199,15 @@ def test_options_join_the_bench_parser():
     assert (args.device, args.dtype, args.steps, args.warmup_steps, args.lr, args.r) == ("cpu", "fp32", 3, 0, 1e-3, 8)
     assert args.no_plot
     assert args.variants == ["peft_qlora", "lora_kernels_qlora"]
+
+
+def test_bench_train_subcommand(tmp_path, monkeypatch):
+    """``python -m lora_kernels bench --train ...`` runs this benchmark with bench's --device/--dtype/--out."""
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    from lora_kernels.__main__ import main
+    main(["bench", "--train", "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--warmup-steps", "0",
+          "--batch", "1", "--seq", "8", "--variants", "peft,lora_kernels", "--r", "4", "--out", str(tmp_path),
+          "--no-plot"])
+    data = json.loads((tmp_path / "train_float32.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["peft", "lora_kernels"]
+    assert not (tmp_path / "bench_float32.json").exists()  # the layer benchmark did not run
