@@ -272,8 +272,8 @@ def is_patched(module) -> bool:
 # ----------------------------------------------------------------------------- public API
 
 def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchReport:
-    """Swap, in place, every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` (and AdaLoRA
-    ``SVDLinear`` / ``SVDLinear4bit``, so AdaLoRA's rank allocator and orthogonality loss keep working) in ``model`` for a
+    """Swap, in place, every PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` (and AdaLoRA ``SVDLinear`` /
+    ``SVDLinear4bit``: its rank allocator and orthogonality loss keep working) in ``model`` for a
     subclass running lora_kernels' fused layer. Parameters, names, optimizer state, state_dict,
     ``save_pretrained`` and ``merge_and_unload`` are unchanged.
 

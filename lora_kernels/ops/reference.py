@@ -34,14 +34,19 @@ def _dropped(x2: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -
     return x2 * keep.to(x2.dtype) * (1.0 / (1.0 - dropout_p))
 
 
-def _merged_weight(weight, lora_A, lora_B, scale: float, seed) -> Optional[torch.Tensor]:
+def _merged_weight(weight, lora_A, lora_B, scale: float, seed, rows: int) -> Optional[torch.Tensor]:
     """W + scale * B A [N, K] when the LoRA branch can be folded into the base GEMM, else None.
 
-    Only in fp32 (folding into a 16-bit weight would round the small LoRA delta away) and without
-    dropout (the LoRA branch then sees the same x). On CPU one full GEMM is cheaper than two thin
-    rank-r GEMMs that each re-read an M x N or M x K operand.
+    Only in fp32 (folding into a 16-bit weight would round the small LoRA delta away), without
+    dropout (the LoRA branch then sees the same x), and for rows >= N K / (N + K): the fold costs
+    2 N K r flops and an N x K write, the thin rank-r GEMMs it replaces 2 rows r (N + K), so below
+    that break-even (e.g. decoding, small batches) the unfolded branch is cheaper. Above it one
+    full GEMM beats two thin rank-r GEMMs that each re-read an M x N or M x K operand on CPU BLAS.
     """
     if seed is not None or weight.dtype != torch.float32 or lora_A.dtype != torch.float32:
+        return None
+    N, K = weight.shape
+    if rows * (N + K) < N * K:
         return None
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
@@ -124,7 +129,7 @@ def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p
 
     weight: dense [N, K], or None with ``wq`` (``triton_launch.NF4Tensors``) for an NF4 weight."""
     h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
-    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if wq is None else None
+    merged = _merged_weight(weight, lora_A, lora_B, scale, seed, x2.shape[0]) if wq is None else None
     y2 = _base_forward(x2, merged if merged is not None else weight, wq, bias)
     if merged is None:
         # In place: no second M x N buffer for the LoRA term.
@@ -160,7 +165,9 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     adapter_dtype = lora_A.dtype
     dy_a = grad_y2.to(adapter_dtype)
     dx2 = d_a = d_b = d_bias = d_h = keep = None
-    merged = _merged_weight(weight, lora_A, lora_B, scale, seed) if need_x and wq is None else None
+    merged = None
+    if need_x and wq is None:
+        merged = _merged_weight(weight, lora_A, lora_B, scale, seed, grad_y2.shape[0])
     # Order: every pass over dY runs back to back while dY is still in cache, the M x K dX last.
     if need_A or (need_x and merged is None):
         d_h = torch.mm(dy_a, lora_B).mul_(scale)

@@ -370,7 +370,8 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
 
     unknown = set(impls) - set(DENSE_PROVIDERS + VARIANT_PROVIDERS)
     if unknown:
-        raise ValueError(f"unknown implementations {sorted(unknown)}; choose from {DENSE_PROVIDERS + VARIANT_PROVIDERS}")
+        raise ValueError(f"unknown implementations {sorted(unknown)}; "
+                         f"choose from {DENSE_PROVIDERS + VARIANT_PROVIDERS}")
     x, W, A, B, s = p.x, p.weight, p.lora_A, p.lora_B, p.scale
     x_infer, A_frozen = x.detach(), A.detach()  # same storage, no grad (LoRA-FA: A frozen)
     params = [W, A, B]
