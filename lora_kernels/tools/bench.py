@@ -1150,7 +1150,6 @@ def format_table(rows, meta, modes=MODES) -> str:
     main mode (``main_mode``); saved / peak memory when the rows carry them."""
     main = main_mode(modes)
     mem = any("saved_bytes" in r for r in rows)
-    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
     head = (f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  triton {meta['triton']}  "
             f"peft {meta['peft']}  bitsandbytes {meta['bitsandbytes']}")
     cols = f"{'shape M,K,N,r':<22}{'provider':<23}" + "".join(f"{m + ' ms':>11}" for m in modes)
@@ -1304,10 +1303,20 @@ def run_from_args(args) -> dict:
     return run(families=args.family, **sweep_kwargs(args))
 
 
+def standalone_main(doc: str, add_args: Callable, run_args: Callable, argv=None):
+    """``python -m lora_kernels.tools.<tool>``: a parser titled by the tool's docstring, its options, its run."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_args(parser)
+    return run_args(parser.parse_args(argv))
+
+
+def mib(value) -> Optional[float]:
+    """Bytes as MiB (None stays None)."""
+    return None if value is None else value / 2 ** 20
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return standalone_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 from lora_kernels.tools.bench import (ALL_IMPLS, add_common_arguments, available_impls, build_impls,
                                       default_out_dir, environment_metadata, make_problem, probe,
-                                      resolve_device_dtype, write_outputs, fmt_num)
+                                      resolve_device_dtype, write_outputs, fmt_num, mib, standalone_main)
 
 CPU_SHAPES = [(2048, 1024, 1024, 16)]
 CUDA_SHAPES = [(8192, 4096, 4096, 16)]
@@ -128,7 +128,6 @@ def run_layer(shapes=None, device=None, dtype=None, dropouts=(0.0, 0.1), out=Non
 
 def format_layer_table(rows, meta) -> str:
     """Fixed-width text table of memory rows (MiB)."""
-    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
     lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  peft {meta['peft']}",
              f"{'shape M,K,N,r':<22}{'impl':<17}{'p':>5}{'saved MiB':>11}{'#':>4}{'/ x':>7}"
              f"{'peak MiB':>10}"]
@@ -366,7 +365,6 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
 
 def format_model_table(rows, meta, config) -> str:
     """Fixed-width text table of model-mode rows (MiB)."""
-    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
     short = {"embedding": "embed", "attn_proj": "attnproj", "attn_core": "attncore", "mlp_proj": "mlpproj",
              "mlp_act": "mlpact", "norm": "norm", "head_loss": "head+loss", "other": "other"}
     lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  peft {meta['peft']}  "
@@ -476,9 +474,7 @@ def run_from_args(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return standalone_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

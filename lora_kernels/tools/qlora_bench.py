@@ -34,7 +34,7 @@ from lora_kernels.tools import memory
 from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
                                       csv_fields, environment_metadata, fmt_num, measure, random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
-                                      write_outputs, _names, ALL_MODES)
+                                      write_outputs, _names, ALL_MODES, standalone_main)
 
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit",
                "base_dense")
@@ -409,9 +409,7 @@ def run_from_args(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return standalone_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, resolve_device_dtype,
-                                      write_outputs)
+from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, mib,
+                                      resolve_device_dtype, standalone_main, write_outputs)
 
 # name -> (models.ModelSpec variant, qlora)
 VARIANTS = {
@@ -334,7 +334,6 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
 
 def format_table(rows, meta, config) -> str:
     """Fixed-width text table of the rows (ms, tokens/s, MiB; ratios against the family's PEFT row)."""
-    mib = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
     lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  peft {meta['peft']}  "
              f"bitsandbytes {meta['bitsandbytes']}",
              f"preset {config['preset']}, batch {config['batch']} x seq {config['seq']}, {config['steps']} timed steps "
@@ -459,9 +458,7 @@ def run_from_args(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return standalone_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":
