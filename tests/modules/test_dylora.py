@@ -177,3 +177,40 @@ def test_from_linear_shares_the_base_weight(monkeypatch):
     q.eval()
     with torch.no_grad():  # B = 0 after PEFT-style init: the base layer alone (NF4-rounded)
         assert rel_err(q(x), x.double() @ q.qweight.dequantize().double().t() + linear.bias.double()) < FP32
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: odd sizes, M = 0 and 1, 3-D and non-contiguous inputs, ranks up to 128
+# ---------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 70), n=st.integers(1, 50), r_max=st.integers(1, 128), data=st.data(),
+       lead=st.sampled_from([(0,), (1,), (3,), (2, 5), (1, 1, 7)]), strided=st.booleans(),
+       use_rslora=st.booleans())
+def test_any_shape_and_rank_against_float64(monkeypatch, k, n, r_max, data, lead, strided, use_rslora):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    rank = data.draw(st.integers(1, r_max), label="rank")
+    torch.manual_seed(r_max)
+    layer = DyLoRALinear(k, n, r_max, 2.0 * r_max, use_rslora=use_rslora)
+    g = torch.Generator().manual_seed(k * 131 + n)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(n, r_max, generator=g))
+    layer.rank = rank
+    x_full = torch.randn(*lead, 2 * k if strided else k, generator=g)
+    x = (x_full[..., ::2] if strided else x_full).requires_grad_(True)  # every other column: non-contiguous
+    y = layer(x)
+    assert y.shape == (*lead, n)
+    scale = 2.0 * r_max / (math.sqrt(rank) if use_rslora else rank)
+    y_ref, x64, A, B = _reference(layer, x, rank, scale)
+    if y.numel() == 0:
+        return
+    assert rel_err(y, y_ref) < FP32
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert rel_err(x.grad, x64.grad) < FP32
+    assert rel_err(layer.lora_B.grad[:, :rank], B.grad[:, :rank]) < FP32
+    assert rel_err(layer.lora_A.grad[:rank], A.grad[:rank]) < FP32
+    assert not layer.lora_A.grad[rank:].any() and not layer.lora_B.grad[:, rank:].any()

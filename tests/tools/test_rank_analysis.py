@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from lora_kernels import NF4Weight
 from lora_kernels.__main__ import main as cli
@@ -35,6 +36,20 @@ def test_delta_svd_matches_full_svd(N, K, r):
     assert torch.allclose(svd.U.t() @ svd.U, torch.eye(q, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(svd.V.t() @ svd.V, torch.eye(q, dtype=torch.float64), atol=1e-10)
     assert svd.frobenius == pytest.approx(float(delta.norm()), rel=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(N=st.integers(1, 60), K=st.integers(1, 60), r=st.integers(1, 128), seed=st.integers(0, 2 ** 20),
+       half=st.booleans())
+def test_delta_svd_any_shape(N, K, r, seed, half):
+    A, B = _adapter(N, K, r, seed, torch.bfloat16 if half else torch.float32)
+    svd = ra.delta_svd(A, B, scale=1.5)
+    delta, _, S, _ = _full_svd(A, B, 1.5)
+    q = min(N, K, r)
+    assert svd.S.shape == (q,)
+    assert torch.allclose(svd.S, S[:q], rtol=1e-9, atol=1e-11 * float(S[0]))
+    rebuilt = svd.U @ torch.diag(svd.S) @ svd.V.t()
+    assert float((rebuilt - delta).norm()) <= 1e-10 * float(delta.norm())
 
 
 def test_effective_rank_of_a_rank_deficient_adapter():
