@@ -4,10 +4,10 @@ Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 te
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
 """
-from lora_kernels.autograd.lora_linear import (bias_and_dropout, lora_grads_to_inputs,
+from lora_kernels.autograd.lora_linear import (bias_and_dropout, direct_call_ok, lora_grads_to_inputs,
                                                save_for_lora_backward, saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
-from lora_kernels.ops.nf4_lora_linear import nf4_lora_linear_bwd, nf4_lora_linear_fwd
+from lora_kernels.ops.nf4_lora_linear import nf4_lora_linear_bwd, nf4_lora_linear_forward, nf4_lora_linear_fwd
 
 # Positions in nf4_lora_linear_fwd's inputs (x, the six NF4 tensors, lora_A, lora_B, bias, ...).
 _X, _A, _B, _BIAS = 0, 7, 8, 9
@@ -58,8 +58,8 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
     q = qweight
     dq = q.double_quant
-    y, _ = nf4_lora_linear_fwd(x, q.packed, q.absmax, q.absmax_code if dq else None,
-                               q.absmax_scale if dq else None, q.absmax_offset if dq else None, q.code,
-                               lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
-                               q.nested_blocksize, q.dtype)
+    forward = nf4_lora_linear_forward if direct_call_ok(x, lora_A, lora_B, combined_bias) else nf4_lora_linear_fwd
+    y, _ = forward(x, q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
+                   q.absmax_offset if dq else None, q.code, lora_A, lora_B, combined_bias, scale, dropout_p, seed,
+                   q.blocksize, q.nested_blocksize, q.dtype)
     return y

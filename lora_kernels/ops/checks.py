@@ -31,9 +31,10 @@ def _require_real(name: str, value) -> float:
     return value
 
 
-def _check_lora_args(x, N: int, K: int, weight_desc: str, lora_A, lora_B, scale, bias, lora_B_bias,
-                     dropout_p, weight_device, weight_name="weight"):
-    """Checks shared by the dense and the NF4 layer, for a base weight of shape [N, K]."""
+def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p, weight_device,
+                     weight_name="weight"):
+    """Checks shared by the dense and the NF4 layer, for a base weight of shape [N, K]. Messages are
+    formatted only on failure: this runs on every call."""
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(name, t)
     _require_tensor("bias", bias, optional=True)
@@ -46,7 +47,8 @@ def _check_lora_args(x, N: int, K: int, weight_desc: str, lora_A, lora_B, scale,
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
     if x.shape[-1] != K:
-        raise ValueError(f"x must have last dimension K={K} ({weight_desc}), got x of shape {list(x.shape)}")
+        raise ValueError(f"x must have last dimension K={K} ({weight_name} is [N, K] = {[N, K]}), "
+                         f"got x of shape {list(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must have shape [r, K] with K={K}, got {list(lora_A.shape)}")
     r = lora_A.shape[0]
@@ -85,8 +87,8 @@ def check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias, 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
     N, K = weight.shape
-    scale, dropout_p = _check_lora_args(x, N, K, f"weight is [N, K] = {list(weight.shape)}", lora_A, lora_B,
-                                        scale, bias, lora_B_bias, dropout_p, weight_device=weight.device)
+    scale, dropout_p = _check_lora_args(x, N, K, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p,
+                                        weight_device=weight.device)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
@@ -110,5 +112,5 @@ def check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_b
     if len(qweight.shape) != 2:
         raise ValueError(f"qweight must be 2-D [N, K], got shape {list(qweight.shape)}")
     N, K = qweight.shape
-    return _check_lora_args(x, N, K, f"qweight is [N, K] = {list(qweight.shape)}", lora_A, lora_B, scale,
-                            bias, lora_B_bias, dropout_p, weight_device=qweight.device, weight_name="qweight")
+    return _check_lora_args(x, N, K, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p,
+                            weight_device=qweight.device, weight_name="qweight")

@@ -49,12 +49,13 @@ def _nf4_dequantize_fake(packed, absmax, absmax_code, absmax_scale, absmax_offse
     return packed.new_empty((numel,), dtype=weight_dtype)
 
 
-@torch.library.custom_op("lora_kernels::nf4_lora_linear_fwd", mutates_args=())
-def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
-                        absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
-                        lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
-                        dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
-                        weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                            absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
+                            lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
+                            dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
+                            weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The forward implementation run by the custom op ``nf4_lora_linear_fwd`` (and directly by the
+    public function when no gradient is needed and nothing is being compiled): (y [..., N], h [M, r])."""
     K = x.shape[-1]
     N, r = lora_B.shape
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
@@ -68,6 +69,17 @@ def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: 
     else:
         y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
     return y2.view(*x.shape[:-1], N), h
+
+
+@torch.library.custom_op("lora_kernels::nf4_lora_linear_fwd", mutates_args=())
+def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                        absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
+                        lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
+                        dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
+                        weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return nf4_lora_linear_forward(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A,
+                                   lora_B, bias, scale, dropout_p, seed, blocksize, nested_blocksize,
+                                   weight_dtype)
 
 
 @nf4_lora_linear_fwd.register_fake
