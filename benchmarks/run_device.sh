@@ -3,33 +3,55 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"]
-#   steps: build tests sanitizer bench qlora memory train variants split-k csrc (each under its own time limit, so
-#   that one slow step cannot use up a 10-minute call; split them over calls when the GPU is slow to
-#   compile). "build" compiles csrc/ into lora_kernels._C in place (the later steps then use the CUDA
-#   NF4 GEMV where they ask for it); "sanitizer" runs its tests under compute-sanitizer memcheck.
+#   steps: build tests sanitizer tests-property bench qlora memory train variants split-k csrc tests-all
+#   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
+#   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
+#   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
+#   "tests" runs the tests that exercise the GPU (the "cuda" backend, the CUDA GEMV, the Triton dropout
+#   hash; CPU CI runs the rest) except the hypothesis property tests, which "tests-property" runs
+#   (their random shapes and dtypes make Triton compile anew for most examples); "tests-all" runs the
+#   whole suite (long: not a default step); "sanitizer" runs the GEMV tests under compute-sanitizer
+#   memcheck with torch's caching allocator off (so that an out-of-bounds access hits the end of its
+#   own allocation). Each step's full log is in $OUT; pytest is stopped with SIGINT at its time limit,
+#   so it still prints its summary and writes its XML.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
-STEPS=${*:-build tests sanitizer bench qlora memory train variants split-k}
+STEPS=${*:-build tests sanitizer tests-property bench qlora memory train variants split-k}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+python -c "import bitsandbytes, peft, transformers as t; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', t.__version__)" 2>&1 | tail -3
+# pytest under a time limit: SIGINT first (pytest then reports what ran and writes its XML), KILL 30 s later
+PYTEST_TIMEOUT="timeout -s INT -k 30"
 for step in $STEPS; do
     echo "=== $step"
     case $step in
-        build) timeout 400 python setup.py build_ext --inplace 2>&1 | tail -15 | tee "$OUT/build.txt"
+        build) # SASS for this GPU only (setup.py's default builds sm_80 and sm_90: twice the nvcc time)
+               arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+               LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout 400 python setup.py build_ext --inplace \
+                   > "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
                python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" ;;
-        sanitizer) timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x \
-                       -p no:cacheprovider tests/ops/test_nf4_gemv.py -k cuda 2>&1 \
-                       | tail -15 | tee "$OUT/sanitizer.txt" ;;
+        sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 \
+                       python -m pytest -q -x -p no:cacheprovider tests/ops/test_nf4_gemv.py -k cuda \
+                       > "$OUT/sanitizer.txt" 2>&1; tail -15 "$OUT/sanitizer.txt" ;;
         csrc) timeout 240 python -m lora_kernels.tools.csrc_check --json "$OUT/csrc_check.json" 2>&1 \
                   | tee "$OUT/csrc_check.txt" ;;
-        tests) timeout 240 python -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
-                   | tail -25 | tee "$OUT/pytest.txt" ;;
+        tests) $PYTEST_TIMEOUT 400 python -m pytest tests -q -p no:cacheprovider --maxfail=10 --durations=15 \
+                   -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
+                   > "$OUT/pytest.txt" 2>&1
+               tail -40 "$OUT/pytest.txt" ;;
+        tests-property) $PYTEST_TIMEOUT 400 python -m pytest tests/autograd -q -p no:cacheprovider --maxfail=5 \
+                            -k "cuda and matches_float64_reference" --junitxml="$OUT/pytest_property.xml" \
+                            > "$OUT/pytest_property.txt" 2>&1
+                        tail -40 "$OUT/pytest_property.txt" ;;
+        tests-all) $PYTEST_TIMEOUT 560 python -m pytest tests -q -p no:cacheprovider --maxfail=20 --durations=25 \
+                       --junitxml="$OUT/pytest_all.xml" > "$OUT/pytest_all.txt" 2>&1
+                   tail -40 "$OUT/pytest_all.txt" ;;
         memory) timeout 400 python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
                 timeout 120 python -m lora_kernels memory --layer --out "$OUT" 2>&1 | tee "$OUT/memory_layer.txt" ;;
         bench) timeout 300 python -m lora_kernels bench --family dense --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;

@@ -13,6 +13,9 @@ def _has_cuda_gpu() -> bool:
 if not _has_cuda_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# tests.helpers.poisoned_memory turns on torch.use_deterministic_algorithms; torch releases before
+# ~2.10 then refuse every cuBLAS matmul on CUDA unless this is set before cuBLAS starts (harmless on CPU).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # CI runs a fixed set of hypothesis examples (a red CI must mean a regression, and it must be
 # reproducible); local runs draw fresh examples each time.

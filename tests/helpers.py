@@ -92,6 +92,16 @@ def poisoned_memory():
 # CPU tensors: Triton interpreter, lean torch path; CUDA tensors where a GPU exists (lent GPU machines
 # run the whole suite that way).
 BACKENDS = ("triton", "torch") + (("cuda",) if torch.cuda.is_available() else ())
+# Device of the backend ``use_backend`` selected (None outside it: CPU). Tests written once for every
+# backend build their tensors with the helpers below without naming a device; the "cuda" case must
+# then get CUDA tensors, or it silently runs the CPU path (and fails its check of which impl ran).
+_ACTIVE_DEVICE: Optional[torch.device] = None
+
+
+def default_device() -> torch.device:
+    """Where the helpers put tensors when no device is given: the device of the backend selected by
+    ``use_backend`` (CUDA for "cuda"), else the CPU."""
+    return _ACTIVE_DEVICE if _ACTIVE_DEVICE is not None else torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -103,10 +113,16 @@ class BackendRecord:
     def impls(self, kind: Optional[str] = None) -> list:
         return [c[0] for c in self.calls if kind is None or c[1] == kind]
 
+    @property
+    def impl(self) -> str:
+        """The implementation this backend runs on non-empty problems: "torch" or "triton" (also for
+        "cuda", whose calls are recorded as "triton")."""
+        return "torch" if self.name == "torch" else "triton"
+
     def expected_impl(self, M: int, N: int, K: int, r: int) -> str:
         if M == 0 or N == 0 or K == 0 or r > lora_kernels.kernels.configs.MAX_RANK:
             return "torch"
-        return "torch" if self.name == "torch" else "triton"
+        return self.impl
 
     def clear(self) -> None:
         self.calls.clear()
@@ -123,8 +139,10 @@ def backend_available(name: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Select the backend (env LORA_KERNELS_CPU_BACKEND is read per call) and record every call
-    of the four implementations, so tests can assert which one actually ran."""
+    """Select the backend (env LORA_KERNELS_CPU_BACKEND is read per call; tensors the helpers make
+    without a device go to the backend's device, see ``default_device``) and record every call of the
+    four implementations, so tests can assert which one actually ran."""
+    global _ACTIVE_DEVICE
     reason = backend_available(name)
     if reason:
         pytest.skip(reason)
@@ -136,8 +154,9 @@ def use_backend(name: str):
             return fn(*args, **kwargs)
         return wrapper
 
-    old_env = os.environ.get(CPU_BACKEND_ENV)
+    old_env, old_device = os.environ.get(CPU_BACKEND_ENV), _ACTIVE_DEVICE
     os.environ[CPU_BACKEND_ENV] = "torch" if name == "torch" else ("triton" if name == "triton" else "auto")
+    _ACTIVE_DEVICE = record.device
     # The dense and the NF4 custom ops call the same four implementations.
     patches = [mock.patch.object(module, attr, spy(impl, kind, getattr(module, attr)))
                for module in (ops_impl, nf4_ops_impl)
@@ -151,6 +170,7 @@ def use_backend(name: str):
                 stack.enter_context(p)
             yield record
     finally:
+        _ACTIVE_DEVICE = old_device
         if old_env is None:
             os.environ.pop(CPU_BACKEND_ENV, None)
         else:
@@ -233,13 +253,15 @@ class Problem:
 
 def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bias=False,
                  lora_B_bias=False, bias_dtype=None, layout="contiguous", seed=0, scale=None,
-                 device="cpu", requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias"),
+                 device=None, requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias"),
                  nf4: Optional[dict] = None) -> Problem:
     """Random inputs (never zeros; lora_B random, not PEFT's zero init), scaled so the base and
-    LoRA terms are of similar magnitude.
+    LoRA terms are of similar magnitude; on ``device`` (default: ``default_device()``), drawn on
+    the CPU so every device gets the same values.
 
     nf4: None for a dense weight, else NF4Weight.quantize options plus optional "weight_dtype" (the
     stored dtype, default x's): the problem then runs ``nf4_lora_linear``."""
+    device = default_device() if device is None else device
     adapter_dtype = adapter_dtype or x_dtype
     bias_dtype = bias_dtype or x_dtype
     gen = torch.Generator().manual_seed(seed)
@@ -313,14 +335,23 @@ def reference(problem: Problem, grad_y: Optional[torch.Tensor], keep_mask=None, 
     return y.detach(), grads
 
 
-def seed_after_manual_seed(s: int, device="cpu") -> torch.Tensor:
-    """The dropout seed lora_linear draws right after torch.manual_seed(s)."""
+def seed_after_manual_seed(s: int, device=None) -> torch.Tensor:
+    """The dropout seed lora_linear draws right after torch.manual_seed(s) for x on ``device``
+    (default ``default_device()``): it draws from that device's generator."""
     torch.manual_seed(s)
+    device = default_device() if device is None else device
     return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
 
 
-def keep_mask_for(s: int, M: int, K: int, p: float, device="cpu") -> torch.Tensor:
+def keep_mask_for(s: int, M: int, K: int, p: float, device=None) -> torch.Tensor:
     return dropout_keep_mask(seed_after_manual_seed(s, device), M, K, p)
+
+
+def rng_state(device=None) -> torch.Tensor:
+    """State of torch's generator for ``device`` (default ``default_device()``), the one a dropout
+    seed for x on that device is drawn from."""
+    device = torch.device(default_device() if device is None else device)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def check_against_reference(problem: Problem, y, grads, ref_y, ref_grads, bound: float,

@@ -13,7 +13,7 @@ import lora_kernels
 from lora_kernels.kernels.configs import MAX_RANK
 from tests.helpers import (BACKENDS, BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, SEED_HIGH, assert_close,
                            check_against_reference, keep_mask_for, make_grad_y, make_problem, poisoned_memory,
-                           reference, rel_err, run_public, use_backend)
+                           reference, rel_err, rng_state, run_public, use_backend)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (x dtype, adapter dtype): adapters in x's dtype, or fp32 beside 16-bit x (PEFT's autocast_adapter_dtype)
@@ -179,14 +179,14 @@ def _peft_layer(K, N, r, alpha, dtype, lora_bias, use_rslora, gen):
 def test_matches_peft_lora_linear(backend, dtype, lora_bias, use_rslora):
     K, N, r, alpha = 40, 33, 6, 16
     gen = torch.Generator().manual_seed(17)
-    layer = _peft_layer(K, N, r, alpha, dtype, lora_bias, use_rslora, gen)
+    layer = _peft_layer(K, N, r, alpha, dtype, lora_bias, use_rslora, gen).to(backend.device)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert A.dtype in (dtype, F32)
     assert B.abs().min() > 0  # really random, not zero-initialised
     scale = layer.scaling["default"]
     assert scale == pytest.approx(alpha / math.sqrt(r) if use_rslora else alpha / r)
-    x = torch.randn(3, 7, K, generator=gen).to(dtype).requires_grad_(True)
-    grad_y = torch.randn(3, 7, N, generator=gen).to(dtype)
+    x = torch.randn(3, 7, K, generator=gen).to(backend.device, dtype).requires_grad_(True)
+    grad_y = torch.randn(3, 7, N, generator=gen).to(backend.device, dtype)
 
     # reference: the PEFT layer itself in float64, on the same tensors upcast
     layer64 = copy.deepcopy(layer).double()
@@ -217,7 +217,7 @@ def test_matches_peft_lora_linear(backend, dtype, lora_bias, use_rslora):
     assert_close(y, y64, bound, "y")
     for name in ref:
         assert_close(got[name], ref[name], bound, f"d{name}")
-    assert backend.impls() == [backend.name] * 2
+    assert backend.impls() == [backend.impl] * 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +243,9 @@ def test_dropout_keep_rate(backend, p):
     # x = 1, A = B = I, scale = 1: y - x W^T = dropout(1) = keep / (1 - p) elementwise.
     M = K = N = r = 64
     gen = torch.Generator().manual_seed(8)
-    x = torch.ones(M, K)
-    weight = torch.randn(N, K, generator=gen) / math.sqrt(K)
-    eye = torch.eye(K)
+    x = torch.ones(M, K, device=backend.device)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(backend.device)
+    eye = torch.eye(K, device=backend.device)
     torch.manual_seed(2024)
     y = lora_kernels.lora_linear(x, weight, eye, eye, 1.0, dropout_p=p)
     lora = y.double() - x.double() @ weight.double().t()
@@ -255,23 +255,23 @@ def test_dropout_keep_rate(backend, p):
     assert torch.equal(kept, keep_mask_for(2024, M, K, p))
     rate = kept.double().mean().item()
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.numel()), rate
-    assert backend.impls() == [backend.name]
+    assert backend.impls() == [backend.impl]
 
 
 @pytest.mark.parametrize("how", ["training=False", "p=0"])
 def test_no_dropout_draws_nothing(backend, how):
     pb = make_problem((4, 6), 30, 20, 5, F32, bias=True, lora_B_bias=True, seed=4)
     kwargs = {"dropout_p": 0.4, "training": False} if how == "training=False" else {"dropout_p": 0.0}
-    state = torch.get_rng_state()
+    state = rng_state(pb.x_leaf.device)  # the generator a seed for x's device comes from
     y, grads = run_public(pb, make_grad_y(pb), **kwargs)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(rng_state(pb.x_leaf.device), state)
     y0, grads0 = run_public(pb, make_grad_y(pb))
     assert torch.equal(y, y0) and all(torch.equal(grads[k], grads0[k]) for k in grads)
     ref_y, ref_grads = reference(pb, make_grad_y(pb))
     check_against_reference(pb, y, grads, ref_y, ref_grads, BOUNDS[F32])
     # while active dropout does draw its seed from torch's RNG
     run_public(pb, None, dropout_p=0.4)
-    assert not torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(rng_state(pb.x_leaf.device), state)
 
 
 def test_dropout_reproducible_under_manual_seed(backend):
@@ -451,7 +451,7 @@ def test_torch_compile_fullgraph_aot_eager(backend, dropout_p):
     assert torch.equal(yc, ye)
     for k in gc:
         assert torch.equal(gc[k], ge[k]), k
-    assert set(backend.impls()) == {backend.name}
+    assert set(backend.impls()) == {backend.impl}
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])

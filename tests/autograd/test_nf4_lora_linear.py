@@ -155,16 +155,20 @@ def test_need_flags_follow_requires_grad(backend, trainable):
 def test_dequantize_op_is_bit_exact_with_bitsandbytes(backend, shape, dtype, double_quant):
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(dtype) * 3
+    # Both quantized on the CPU (where the bytes are known to agree), then decoded on the backend's
+    # device: bnb's kernel there against ours.
     packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    q = NF4Weight.quantize(w, double_quant=double_quant).to(backend.device)
+    packed = packed.to(backend.device)
+    state.to(backend.device)  # QuantState.to moves its tensors in place
     expected = bnb_f.dequantize_4bit(packed, state)
-    q = NF4Weight.quantize(w, double_quant=double_quant)
     dq = q.double_quant
     out = nf4_dequantize(q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
                          q.absmax_offset if dq else None, q.code, q.numel, q.blocksize, q.nested_blocksize, q.dtype)
     assert torch.equal(out.view(shape), expected)
 
 
-def _peft_qlora(K, N, r, dtype, seed):
+def _peft_qlora(K, N, r, dtype, seed, device="cpu"):
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     gen = torch.Generator().manual_seed(seed)
@@ -173,7 +177,7 @@ def _peft_qlora(K, N, r, dtype, seed):
     dense = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(dtype)
     model[0].weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
     model[0].bias = torch.nn.Parameter(torch.randn(N, generator=gen).to(dtype))
-    model = model.to("cpu")  # quantizes on CPU
+    model = model.to(device)  # quantizes on the device
     model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=0.0, bias="all")
     pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
@@ -192,9 +196,9 @@ def test_matches_peft_linear4bit(backend, dtype):
     # K a multiple of 64: bnb 0.50.2's native CPU dequantize mis-scales rows when K % 16 == 0 but
     # K % blocksize != 0 (blocks spanning rows), and PEFT's QLoRA forward goes through it.
     K, N, r = 128, 40, 8
-    layer = _peft_qlora(K, N, r, dtype, seed=12)
+    layer = _peft_qlora(K, N, r, dtype, seed=12, device=backend.device)
     q = nf4_from_bnb(layer.base_layer)
-    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(13)).to(dtype)
+    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(13)).to(backend.device, dtype)
     x_ref = x.clone().requires_grad_(True)
     y_ref = layer(x_ref)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -203,7 +207,7 @@ def test_matches_peft_linear4bit(backend, dtype):
     bound = BOUNDS[dtype]
     assert y.dtype == y_ref.dtype == dtype
     assert_close(y, y_ref, bound, "y vs PEFT")
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(14)).to(dtype)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(14)).to(backend.device, dtype)
     ref_grads = torch.autograd.grad(y_ref, (x_ref, A, B), grad_y)
     grads = torch.autograd.grad(y, (xk, A, B), grad_y)
     for name, g, g_ref in zip(("dx", "dA", "dB"), grads, ref_grads):
