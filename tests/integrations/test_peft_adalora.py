@@ -9,7 +9,7 @@ import torch
 
 import lora_kernels
 from tests.helpers import assert_close, use_backend
-from tests.integrations.test_peft_patch import TARGETS, _ids, _to_qlora, tiny_llama
+from tests.integrations.test_peft_patch import TARGETS, _ids, _to_qlora, tiny_llama, train_side_by_side
 
 peft = pytest.importorskip("peft")
 
@@ -70,18 +70,8 @@ def test_rank_allocator_steps_match():
     reference = adalora_model(seed=4, total_step=6)
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2) for m in (patched, reference)]
-    for step in range(6):
-        ids = _ids(seed=20 + step)
-        losses = []
-        for model, opt in zip((patched, reference), opts):
-            opt.zero_grad()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            model.base_model.update_and_allocate(step)
-            losses.append(loss.item())
-        assert math.isclose(losses[0], losses[1], rel_tol=1e-4), (step, losses)
+    train_side_by_side((patched, reference), steps=6, lr=2e-2, rel_tol=1e-4, first_seed=20,
+                       after_step=lambda model, step: model.base_model.update_and_allocate(step))
     masks = [[int((p == 0).sum()) for n, p in m.named_parameters() if "lora_E" in n] for m in (patched, reference)]
     assert masks[0] == masks[1] and sum(masks[0]) > 0  # the budget schedule pruned ranks, identically
 

@@ -101,22 +101,30 @@ def test_patched_matches_peft(qlora, backend):
     assert len(record.impls("bwd")) == 14
 
 
+def train_side_by_side(models, steps: int, lr: float, rel_tol: float, first_seed: int, after_step=None):
+    """AdamW steps on every model with the same batches; the losses must agree at every step.
+    ``after_step(model, step)`` runs after each optimizer step (e.g. AdaLoRA's rank allocator)."""
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in models]
+    for step in range(steps):
+        ids = _ids(seed=first_seed + step)
+        losses = []
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(model, step)
+            losses.append(loss.item())
+        assert all(math.isclose(v, losses[-1], rel_tol=rel_tol) for v in losses), (step, losses)
+
+
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
 def test_adamw_steps_match(qlora):
     reference = peft_model(qlora=qlora, seed=3)
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (patched, reference)]
-    for step in range(3):
-        ids = _ids(seed=10 + step)
-        losses = []
-        for model, opt in zip((patched, reference), opts):
-            opt.zero_grad()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert math.isclose(losses[0], losses[1], rel_tol=BOUND), (step, losses)
+    train_side_by_side((patched, reference), steps=3, lr=1e-2, rel_tol=BOUND, first_seed=10)
 
 
 def test_training_with_dropout_uses_the_fast_path_and_a_seeded_mask():

@@ -7,19 +7,10 @@ import torch
 
 from lora_kernels import DyLoRALinear, NF4DyLoRALinear, dylora_sample_rank, dylora_set_rank
 from lora_kernels.modules import LoRALinear
-from lora_kernels.ops.triton_launch import is_interpreted
 from tests.helpers import rel_err
 
 K, N, R_MAX, ALPHA = 64, 24, 8, 16.0
 FP32 = 1e-5
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton" and not is_interpreted():
-        pytest.skip("the CPU Triton backend needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
-    return request.param
 
 
 def _layer(cls=DyLoRALinear, seed=0, **kwargs):

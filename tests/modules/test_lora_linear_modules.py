@@ -12,7 +12,6 @@ import torch
 from lora_kernels.modules import LoRALinear, NF4LoRALinear
 from lora_kernels.ops import lora_linear_reference
 from lora_kernels.ops.nf4 import NF4Weight
-from lora_kernels.ops.triton_launch import is_interpreted
 from tests.helpers import keep_mask_for, rel_err
 
 K, N, R, ALPHA = 64, 24, 4, 8.0  # K a multiple of 64: bnb's CPU dequantize mis-indexes otherwise
@@ -22,14 +21,6 @@ FP32 = 1e-5
 # 0.078..0.10 for these shapes), and so has the output of a merged (re-quantized) layer: the bound
 # allows that one rounding, not a lost or doubled adapter (the base-only output is off by ~0.9).
 NF4_REQUANT = 0.15
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton" and not is_interpreted():
-        pytest.skip("the CPU Triton backend needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
-    return request.param
 
 
 @pytest.fixture
