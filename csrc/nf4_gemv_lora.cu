@@ -49,10 +49,19 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// fl(NF4[c] * absmax) rounded to the stored dtype, then to x's dtype T, as a float.
-template <typename T>
+template <typename T> constexpr int stored_kind();
+template <> constexpr int stored_kind<__half>() { return kFloat16; }
+template <> constexpr int stored_kind<__nv_bfloat16>() { return kBFloat16; }
+
+// fl(NF4[c] * absmax) rounded to the stored dtype, then to x's dtype T, as a float. STORED_IS_X (the
+// stored dtype is T, the common case): one rounding, since rounding again to the same format is exact;
+// it saves two conversions per weight in a loop that is instruction bound.
+template <typename T, bool STORED_IS_X>
 __device__ __forceinline__ float decode(const float* nf4, int c, float absmax, int stored) {
   float w = __fmul_rn(nf4[c], absmax);
+  if (STORED_IS_X) {
+    return to_float<T>(from_float<T>(w));
+  }
   if (stored == kFloat16) {
     w = __half2float(__float2half_rn(w));
   } else if (stored == kBFloat16) {
@@ -68,8 +77,10 @@ struct NF4Args {
   const float* absmax_scale;   // [ceil(n_blocks / nested_blocksize)] or nullptr
   const float* absmax_offset;  // 0-d or nullptr
   const float* code;           // [16]
-  int64_t blocksize;
-  int64_t nested_blocksize;
+  // log2 of the block sizes (powers of two, as all of bitsandbytes'): block indices by shifts, not
+  // 64-bit divisions (a division is a subroutine call whose saved registers spill to the stack).
+  int log2_blocksize;
+  int log2_nested_blocksize;
   int stored;
 };
 
@@ -77,7 +88,7 @@ template <bool DQ>
 __device__ __forceinline__ float block_absmax(const NF4Args& q, const float* code2_s, int64_t b, float offset) {
   if (DQ) {
     const uint8_t qa = static_cast<const uint8_t*>(q.absmax)[b];
-    return __fadd_rn(__fmul_rn(code2_s[qa], q.absmax_scale[b / q.nested_blocksize]), offset);
+    return __fadd_rn(__fmul_rn(code2_s[qa], q.absmax_scale[b >> q.log2_nested_blocksize]), offset);
   }
   return static_cast<const float*>(q.absmax)[b];
 }
@@ -103,7 +114,7 @@ __global__ void lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict
   }
 }
 
-template <typename T, typename TA, int M_TILE, bool DQ>
+template <typename T, typename TA, int M_TILE, bool DQ, bool STORED_IS_X>
 __global__ void __launch_bounds__(kThreads)
 nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h, const TA* __restrict__ B,
                      const float* __restrict__ bias, T* __restrict__ y, int64_t M, int64_t N, int64_t K,
@@ -145,16 +156,17 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
       for (int64_t k = static_cast<int64_t>(lane) * 32; k < len; k += 32 * 32) {
         const int64_t e = row + k;
         const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(q.packed + e / 2));
-        const float absmax = block_absmax<DQ>(q, code2_s, e / q.blocksize, offset);
-        const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+        const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
 #pragma unroll
           for (int bi = 0; bi < 4; ++bi) {
-            const uint32_t byte = (words[wi] >> (8 * bi)) & 0xffu;
+            // wi is unrolled, so this selects a field at compile time (no local array, no stack)
+            const uint32_t word = wi == 0 ? bytes.x : wi == 1 ? bytes.y : wi == 2 ? bytes.z : bytes.w;
+            const uint32_t byte = (word >> (8 * bi)) & 0xffu;
             const int kk = static_cast<int>(k) + wi * 8 + bi * 2;
-            const float w_hi = decode<T>(nf4_s, byte >> 4, absmax, q.stored);
-            const float w_lo = decode<T>(nf4_s, byte & 0xfu, absmax, q.stored);
+            const float w_hi = decode<T, STORED_IS_X>(nf4_s, byte >> 4, absmax, q.stored);
+            const float w_lo = decode<T, STORED_IS_X>(nf4_s, byte & 0xfu, absmax, q.stored);
 #pragma unroll
             for (int m = 0; m < M_TILE; ++m) {
               acc[m] += w_hi * to_float<T>(x_s[m * kChunk + kk]) + w_lo * to_float<T>(x_s[m * kChunk + kk + 1]);
@@ -168,7 +180,8 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
         const int64_t e = row + k;
         const uint8_t byte = __ldg(q.packed + e / 2);
         const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
-        const float w = decode<T>(nf4_s, c, block_absmax<DQ>(q, code2_s, e / q.blocksize, offset), q.stored);
+        const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
+        const float w = decode<T, STORED_IS_X>(nf4_s, c, absmax, q.stored);
 #pragma unroll
         for (int m = 0; m < M_TILE; ++m) acc[m] += w * to_float<T>(x_s[m * kChunk + k]);
       }
@@ -196,7 +209,11 @@ void launch_gemv(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tenso
                  bool vector_path, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
   const size_t smem = static_cast<size_t>(M_TILE) * kChunk * sizeof(T);
-  auto kernel = dq ? nf4_gemv_lora_kernel<T, TA, M_TILE, true> : nf4_gemv_lora_kernel<T, TA, M_TILE, false>;
+  const bool same = q.stored == stored_kind<T>();
+  auto kernel = dq ? (same ? nf4_gemv_lora_kernel<T, TA, M_TILE, true, true>
+                           : nf4_gemv_lora_kernel<T, TA, M_TILE, true, false>)
+                   : (same ? nf4_gemv_lora_kernel<T, TA, M_TILE, false, true>
+                           : nf4_gemv_lora_kernel<T, TA, M_TILE, false, false>);
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
@@ -239,8 +256,12 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv_lora: x must be a CUDA [M, K] tensor with unit stride along K");
   TORCH_CHECK(x.size(0) <= 16, "nf4_gemv_lora: at most 16 rows, got ", x.size(0));
   TORCH_CHECK(lora_B.size(1) <= kMaxRank, "nf4_gemv_lora: rank at most ", kMaxRank, ", got ", lora_B.size(1));
-  TORCH_CHECK(blocksize >= 32 && blocksize % 32 == 0, "nf4_gemv_lora: blocksize must be a multiple of 32");
+  TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0,
+              "nf4_gemv_lora: blocksize must be a power of two >= 32, got ", blocksize);
+
   const bool dq = absmax.scalar_type() == at::kByte;
+  TORCH_CHECK(!dq || (nested_blocksize >= 1 && (nested_blocksize & (nested_blocksize - 1)) == 0),
+              "nf4_gemv_lora: nested_blocksize must be a power of two, got ", nested_blocksize);
   TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset), "nf4_gemv_lora: double quantization needs its tables");
   TORCH_CHECK(lora_A.is_contiguous() && lora_B.is_contiguous() && packed.is_contiguous() && absmax.is_contiguous(),
               "nf4_gemv_lora: lora_A, lora_B, packed and absmax must be contiguous");
@@ -258,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   q.absmax_scale = dq ? absmax_scale->data_ptr<float>() : nullptr;
   q.absmax_offset = dq ? absmax_offset->data_ptr<float>() : nullptr;
   q.code = code.data_ptr<float>();
-  q.blocksize = blocksize;
-  q.nested_blocksize = nested_blocksize;
+  q.log2_blocksize = 63 - __builtin_clzll(static_cast<unsigned long long>(blocksize));
+  q.log2_nested_blocksize = dq ? 63 - __builtin_clzll(static_cast<unsigned long long>(nested_blocksize)) : 0;
   q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
   const bool vector_path = K % 32 == 0 && reinterpret_cast<uintptr_t>(q.packed) % 16 == 0;
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;

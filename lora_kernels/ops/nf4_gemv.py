@@ -83,14 +83,23 @@ def cuda_gemv_max_m() -> int:
     return min(value, GEMV_MAX_ROWS)
 
 
-def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor]) -> bool:
-    """Whether this NF4 forward (x2 [M, K]) runs on the CUDA GEMV instead of the Triton kernels."""
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor],
+                  wq: Optional[NF4Tensors] = None) -> bool:
+    """Whether this NF4 forward (x2 [M, K], weight ``wq``) runs on the CUDA GEMV instead of the Triton
+    kernels. The kernel indexes blocks by shifts: block sizes must be powers of two (bnb's always are)."""
     M = x2.shape[0]
     if x2.device.type != "cuda" or M == 0 or M > cuda_gemv_max_m():
         return False
     if x2.dtype not in (torch.float16, torch.bfloat16) or (dropout_p > 0 and seed is not None):
         return False
     if lora_A.shape[0] > GEMV_MAX_RANK:
+        return False
+    if wq is not None and not (_power_of_two(wq.blocksize) and
+                               (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))):
         return False
     return load_extension()
 

@@ -62,7 +62,7 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
               nested_blocksize, weight_dtype)
     x2 = x.reshape(_rows(x), K)
     backend = select_backend(x.device, x2.shape[0], N, K, r)
-    if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed):
+    if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed, wq):
         y2, h = cuda_gemv_forward(x2, wq, lora_A, lora_B, bias, scale)
     elif backend == "triton":
         y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)

@@ -13,9 +13,10 @@ from tests.helpers import assert_close
 OP = torch.ops.lora_kernels.nf4_gemv_lora.default
 
 
-def _inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0):
+def _inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0, weight_dtype=None):
     g = torch.Generator().manual_seed(seed)
-    q = NF4Weight.quantize((torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype), double_quant=double_quant)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype)  # the stored (decoded) dtype
+    q = NF4Weight.quantize(w, double_quant=double_quant)
     q = q.to(device)
     x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
     A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
@@ -77,6 +78,32 @@ def test_dispatch_rule(monkeypatch):
             nf4_gemv.cuda_gemv_max_m()
 
 
+def test_eligibility_rule_with_cuda_stand_ins(monkeypatch):
+    """The rule itself, with stand-ins for CUDA tensors and a loaded extension (no GPU here)."""
+    from types import SimpleNamespace as NS
+    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "16")
+    cuda = NS(type="cuda")
+
+    def x(M=4, dtype=torch.bfloat16):
+        return NS(shape=(M, 4096), device=cuda, dtype=dtype)
+    A = NS(shape=(16, 4096))
+    q = NF4Weight.quantize(torch.randn(8, 64), double_quant=True)
+    wq = NS(blocksize=q.blocksize, nested_blocksize=q.nested_blocksize, absmax_code=q.absmax_code)
+    assert nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, wq)
+    assert nf4_gemv.use_cuda_gemv(x(16, torch.float16), A, 0.1, None, wq)  # dropout_p without a seed: eval
+    assert not nf4_gemv.use_cuda_gemv(x(17), A, 0.0, None, wq)  # M above the limit
+    assert not nf4_gemv.use_cuda_gemv(x(0), A, 0.0, None, wq)
+    assert not nf4_gemv.use_cuda_gemv(x(dtype=torch.float32), A, 0.0, None, wq)
+    assert not nf4_gemv.use_cuda_gemv(x(), A, 0.1, torch.zeros(1), wq)  # training dropout
+    assert not nf4_gemv.use_cuda_gemv(x(), NS(shape=(65, 4096)), 0.0, None, wq)  # rank above 64
+    # block indices are shifts: a nested block size that is not a power of two stays on Triton
+    assert not nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, NS(blocksize=64, nested_blocksize=100, absmax_code=1))
+    assert nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, NS(blocksize=64, nested_blocksize=100, absmax_code=None))
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")  # the default: off
+    assert not nf4_gemv.use_cuda_gemv(x(1), A, 0.0, None, wq)
+
+
 def test_missing_extension_is_silent(recwarn):
     nf4_gemv.load_extension.cache_clear()
     try:
@@ -98,15 +125,20 @@ needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv
 @pytest.mark.parametrize("K", [4096, 4000 + 7])  # vector path, element path (K % 32 != 0)
 @pytest.mark.parametrize("r", [8, 16, 64])
 def test_cuda_kernel_matches_reference(dtype, M, K, r):
-    for bias, dq, adapter_dtype in ((False, True, dtype), (True, True, torch.float32), (True, False, dtype)):
-        args, q = _inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r)
+    # the last two: a stored dtype other than x's (decode rounds to it, then to x's dtype)
+    for bias, dq, adapter_dtype, weight_dtype in ((False, True, dtype, dtype), (True, True, torch.float32, dtype),
+                                                  (True, False, dtype, dtype), (False, True, dtype, torch.float32),
+                                                  (True, True, dtype, torch.float16 if dtype == torch.bfloat16
+                                                   else torch.bfloat16)):
+        args, q = _inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r,
+                          weight_dtype=weight_dtype)
         poison = torch.full((M, 333), float("nan"), device="cuda", dtype=dtype)
         del poison  # the op's output reuses this block from the caching allocator: NaN unless written
         y, h = OP(*args)
         y_ref, h_ref = _reference(args, q)
         bound = 3e-3 if dtype == torch.float16 else 1.5e-2
         assert y.dtype == dtype and h.dtype == adapter_dtype
-        assert_close(y, y_ref, bound, f"y bias={bias} dq={dq} A={adapter_dtype}")
+        assert_close(y, y_ref, bound, f"y bias={bias} dq={dq} A={adapter_dtype} stored={weight_dtype}")
         assert_close(h, h_ref, bound, "h")
 
 
