@@ -14,12 +14,15 @@
 // path), then the decode GEMV whose epilogue adds scale * h B^T and the combined bias. The LoRA
 // term cannot live in one launch without a grid-wide dependency (every output row needs all of h).
 //
-// Decode GEMV layout: one warp per output row n, 8 warps per block. The block walks K in chunks of
-// K_CHUNK elements: x[:, chunk] is staged in shared memory once for all 8 warps, then each lane
-// decodes 32 consecutive weights per step from one 16-byte load of packed codes (fast path: K a
-// multiple of 32 and a 16-byte aligned packed pointer, so every 16-byte load is aligned and lies in
-// one quantization block) or element by element (any K). Accumulation is fp32 per row of x,
-// reduced across the warp with shuffles at the end.
+// Decode GEMV layout: R output rows per warp (4 for M <= 2, 2 for M <= 8, 1 above: x is read from
+// shared memory once for all R), 8 warps per block. The block walks K in chunks of kChunk elements:
+// x[:, chunk] is staged in shared memory once for all 8 warps, then each lane decodes 32 consecutive
+// weights of each of its rows per step from one 16-byte load of packed codes per row (fast path: K
+// a multiple of 32 and a 16-byte aligned packed pointer, so every 16-byte load is aligned and lies in
+// one quantization block) or element by element (any K); x is read 16 bytes per row of x at a time.
+// Accumulation is fp32 per (row of W, row of x), reduced across the warp with shuffles at the end.
+// The work decomposition (every weight visited once, paired with the right x) was checked with a
+// Python mirror of these loops on CPU; the kernel itself has not run yet.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -43,6 +46,21 @@ template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The two 16-bit values packed in a 32-bit word (element 2i in the low half, 2i+1 in the high half,
+// little endian), as floats: x is read from shared memory 16 bytes at a time.
+template <typename T> __device__ __forceinline__ float lo_to_float(uint32_t u);
+template <typename T> __device__ __forceinline__ float hi_to_float(uint32_t u);
+template <> __device__ __forceinline__ float lo_to_float<__nv_bfloat16>(uint32_t u) { return __uint_as_float(u << 16); }
+template <> __device__ __forceinline__ float hi_to_float<__nv_bfloat16>(uint32_t u) {
+  return __uint_as_float(u & 0xffff0000u);
+}
+template <> __device__ __forceinline__ float lo_to_float<__half>(uint32_t u) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu)));
+}
+template <> __device__ __forceinline__ float hi_to_float<__half>(uint32_t u) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16)));
+}
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
@@ -114,11 +132,16 @@ __global__ void lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict
   }
 }
 
+// Output rows per warp: the warp reads x from shared memory once for all of them (shared-memory
+// bandwidth, not DRAM, is the limit at small M), and fewer rows when more rows of x need registers.
+__host__ __device__ constexpr int rows_per_warp(int m_tile) { return m_tile <= 2 ? 4 : (m_tile <= 8 ? 2 : 1); }
+
 template <typename T, typename TA, int M_TILE, bool DQ, bool STORED_IS_X>
 __global__ void __launch_bounds__(kThreads)
 nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h, const TA* __restrict__ B,
                      const float* __restrict__ bias, T* __restrict__ y, int64_t M, int64_t N, int64_t K,
                      int64_t r, int64_t stride_xm, float scale, bool vector_path) {
+  constexpr int R = rows_per_warp(M_TILE);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* x_s = reinterpret_cast<T*>(smem_raw);                     // [M_TILE][kChunk]
   __shared__ float nf4_s[16];
@@ -126,7 +149,12 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
   __shared__ float h_s[M_TILE][kMaxRank];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  // This warp's output rows n0 .. n0 + R - 1; rows past N are computed on row N - 1 (no divergence,
+  // no out-of-bounds read) and never written.
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * R;
+  int64_t row_start[R];  // flat index of each row's first weight
+#pragma unroll
+  for (int j = 0; j < R; ++j) row_start[j] = (n0 + j < N ? n0 + j : N - 1) * K;
   if (threadIdx.x < 16) nf4_s[threadIdx.x] = q.code[threadIdx.x];
   if (DQ) {
     for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = q.absmax_code[i];
@@ -137,9 +165,12 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
   }
   const float offset = DQ ? *q.absmax_offset : 0.f;
 
-  float acc[M_TILE];
+  float acc[R][M_TILE];
 #pragma unroll
-  for (int m = 0; m < M_TILE; ++m) acc[m] = 0.f;
+  for (int j = 0; j < R; ++j) {
+#pragma unroll
+    for (int m = 0; m < M_TILE; ++m) acc[j][m] = 0.f;
+  }
 
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t len = K - k0 < kChunk ? K - k0 : kChunk;
@@ -149,27 +180,53 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
       x_s[i] = (m < M && k < len) ? x[m * stride_xm + k0 + k] : from_float<T>(0.f);
     }
     __syncthreads();
-    if (n >= N) continue;  // no early return: the warp still takes part in the block's barriers
-    const int64_t row = n * K + k0;  // flat index of this chunk's first weight
+    if (n0 >= N) continue;  // no early return: the warp still takes part in the block's barriers
     if (vector_path) {
-      // 32 weights per lane per step, one aligned 16-byte load, all in one quantization block.
+      const int word_rotation = (lane >> 1) & 3;
+      // 32 weights per lane and row per step, one aligned 16-byte load per row, all in one
+      // quantization block (K % 32 == 0 and blocks are multiples of 32).
       for (int64_t k = static_cast<int64_t>(lane) * 32; k < len; k += 32 * 32) {
-        const int64_t e = row + k;
-        const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(q.packed + e / 2));
-        const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
+        uint4 bytes[R];
+        float absmax[R];
 #pragma unroll
-        for (int wi = 0; wi < 4; ++wi) {
+        for (int j = 0; j < R; ++j) {
+          const int64_t e = row_start[j] + k0 + k;
+          bytes[j] = __ldg(reinterpret_cast<const uint4*>(q.packed + e / 2));
+          absmax[j] = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
+        }
 #pragma unroll
-          for (int bi = 0; bi < 4; ++bi) {
-            // wi is unrolled, so this selects a field at compile time (no local array, no stack)
-            const uint32_t word = wi == 0 ? bytes.x : wi == 1 ? bytes.y : wi == 2 ? bytes.z : bytes.w;
-            const uint32_t byte = (word >> (8 * bi)) & 0xffu;
-            const int kk = static_cast<int>(k) + wi * 8 + bi * 2;
-            const float w_hi = decode<T, STORED_IS_X>(nf4_s, byte >> 4, absmax, q.stored);
-            const float w_lo = decode<T, STORED_IS_X>(nf4_s, byte & 0xfu, absmax, q.stored);
+        for (int wj = 0; wj < 4; ++wj) {
+          // Each lane takes the four words in its own rotated order: lanes are 64 bytes of x_s apart,
+          // so in the same order 16 lanes would hit the same bank; rotated by (lane >> 1) & 3 the
+          // 16-byte reads of a quarter warp fall in 8 different bank groups.
+          const int wi = (wj + word_rotation) & 3;
+          float w[R][8];  // the word's 8 weights of each row, decoded once for all rows of x
 #pragma unroll
-            for (int m = 0; m < M_TILE; ++m) {
-              acc[m] += w_hi * to_float<T>(x_s[m * kChunk + kk]) + w_lo * to_float<T>(x_s[m * kChunk + kk + 1]);
+          for (int j = 0; j < R; ++j) {
+            // selects, not an indexed local array (which would live on the stack)
+            const uint32_t word = wi == 0 ? bytes[j].x : wi == 1 ? bytes[j].y : wi == 2 ? bytes[j].z : bytes[j].w;
+#pragma unroll
+            for (int bi = 0; bi < 4; ++bi) {
+              const uint32_t byte = (word >> (8 * bi)) & 0xffu;
+              w[j][2 * bi] = decode<T, STORED_IS_X>(nf4_s, byte >> 4, absmax[j], q.stored);
+              w[j][2 * bi + 1] = decode<T, STORED_IS_X>(nf4_s, byte & 0xfu, absmax[j], q.stored);
+            }
+          }
+          // x[m, k + 8 wi : k + 8 wi + 8]: one 16-byte shared load per row of x, used by all R rows
+          // (16-byte aligned: k is a multiple of 32 elements, x_s is __align__(16))
+          const T* x_word = x_s + static_cast<int>(k) + wi * 8;
+#pragma unroll
+          for (int m = 0; m < M_TILE; ++m) {
+            const uint4 xv = *reinterpret_cast<const uint4*>(x_word + m * kChunk);
+            const float x0 = lo_to_float<T>(xv.x), x1 = hi_to_float<T>(xv.x), x2 = lo_to_float<T>(xv.y),
+                        x3 = hi_to_float<T>(xv.y), x4 = lo_to_float<T>(xv.z), x5 = hi_to_float<T>(xv.z),
+                        x6 = lo_to_float<T>(xv.w), x7 = hi_to_float<T>(xv.w);
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+              acc[j][m] += w[j][0] * x0 + w[j][1] * x1;
+              acc[j][m] += w[j][2] * x2 + w[j][3] * x3;
+              acc[j][m] += w[j][4] * x4 + w[j][5] * x5;
+              acc[j][m] += w[j][6] * x6 + w[j][7] * x7;
             }
           }
         }
@@ -177,29 +234,42 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
     } else {
       // Any K: element by element (rows may start mid-byte and mid-block).
       for (int64_t k = lane; k < len; k += 32) {
-        const int64_t e = row + k;
-        const uint8_t byte = __ldg(q.packed + e / 2);
-        const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
-        const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
-        const float w = decode<T, STORED_IS_X>(nf4_s, c, absmax, q.stored);
+        float w[R];
 #pragma unroll
-        for (int m = 0; m < M_TILE; ++m) acc[m] += w * to_float<T>(x_s[m * kChunk + k]);
+        for (int j = 0; j < R; ++j) {
+          const int64_t e = row_start[j] + k0 + k;
+          const uint8_t byte = __ldg(q.packed + e / 2);
+          const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
+          const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
+          w[j] = decode<T, STORED_IS_X>(nf4_s, c, absmax, q.stored);
+        }
+#pragma unroll
+        for (int m = 0; m < M_TILE; ++m) {
+          const float xm = to_float<T>(x_s[m * kChunk + k]);
+#pragma unroll
+          for (int j = 0; j < R; ++j) acc[j][m] += w[j] * xm;
+        }
       }
     }
   }
-  if (n >= N) return;  // past the last barrier
+  if (n0 >= N) return;  // past the last barrier
 
-  // LoRA term: scale * sum_j h[m, j] B[n, j], lanes over the rank, folded into the same reduction.
-  for (int64_t j = lane; j < r; j += 32) {
-    const float b = to_float<TA>(B[n * r + j]);
 #pragma unroll
-    for (int m = 0; m < M_TILE; ++m) acc[m] += scale * (h_s[m][j] * b);
-  }
+  for (int j = 0; j < R; ++j) {
+    const int64_t n = n0 + j;
+    if (n >= N) break;  // warp-uniform
+    // LoRA term: scale * sum_i h[m, i] B[n, i], lanes over the rank, folded into the same reduction.
+    for (int64_t i = lane; i < r; i += 32) {
+      const float b = to_float<TA>(B[n * r + i]);
 #pragma unroll
-  for (int m = 0; m < M_TILE; ++m) {
-    float v = acc[m];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && m < M) y[m * N + n] = from_float<T>(bias != nullptr ? v + bias[n] : v);
+      for (int m = 0; m < M_TILE; ++m) acc[j][m] += scale * (h_s[m][i] * b);
+    }
+#pragma unroll
+    for (int m = 0; m < M_TILE; ++m) {
+      float v = acc[j][m];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0 && m < M) y[m * N + n] = from_float<T>(bias != nullptr ? v + bias[n] : v);
+    }
   }
 }
 
@@ -207,7 +277,8 @@ template <typename T, typename TA, int M_TILE>
 void launch_gemv(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& h, const at::Tensor& B,
                  const float* bias, at::Tensor& y, int64_t M, int64_t N, int64_t K, int64_t r, float scale,
                  bool vector_path, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
+  const int64_t rows_per_block = static_cast<int64_t>(kWarps) * rows_per_warp(M_TILE);
+  const dim3 grid(static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block));
   const size_t smem = static_cast<size_t>(M_TILE) * kChunk * sizeof(T);
   const bool same = q.stored == stored_kind<T>();
   auto kernel = dq ? (same ? nf4_gemv_lora_kernel<T, TA, M_TILE, true, true>
