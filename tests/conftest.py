@@ -24,3 +24,17 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["triton", "torch"])
+def cpu_backend(request, monkeypatch):
+    """Both CPU backends of the public functions: the Triton kernels under the interpreter, and the
+    lean PyTorch path (LORA_KERNELS_CPU_BACKEND is read per call)."""
+    from lora_kernels.ops.triton_launch import is_interpreted
+
+    if request.param == "triton" and not is_interpreted():
+        pytest.skip("the CPU Triton backend needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
+    return request.param

@@ -6,18 +6,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
-from lora_kernels.ops.triton_launch import is_interpreted
 from tests.helpers import rel_err
 
 BOUNDS = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture(params=["triton", "torch"])
-def cpu_backend(request, monkeypatch):
-    if request.param == "triton" and not is_interpreted():
-        pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
-    return request.param
 
 
 def _rel(out, ref):
