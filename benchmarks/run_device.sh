@@ -3,7 +3,7 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"]
-#   steps: build tests sanitizer tests-property bench qlora memory train variants split-k csrc tests-all
+#   steps: build tests sanitizer gemv tests-property bench qlora memory train variants split-k csrc tests-all
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
-STEPS=${*:-build tests sanitizer tests-property bench qlora memory train variants split-k}
+STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -59,6 +59,7 @@ for step in $STEPS; do
         variants) timeout 240 python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
+        gemv) timeout 240 python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
         qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
         *) echo "unknown step $step" ;;
     esac

@@ -300,10 +300,12 @@ void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, co
          const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool vector_path) {
   const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = B.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  lora_shrink_kernel<T, TA><<<dim3(static_cast<unsigned>(r), static_cast<unsigned>(M)), kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const TA*>(A.data_ptr()),
-      reinterpret_cast<TA*>(h.data_ptr()), K, r, x.stride(0));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (r > 0) {  // rank 0: the decode GEMV alone (the benchmark's baseline for the LoRA term's cost)
+    lora_shrink_kernel<T, TA><<<dim3(static_cast<unsigned>(r), static_cast<unsigned>(M)), kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const TA*>(A.data_ptr()),
+        reinterpret_cast<TA*>(h.data_ptr()), K, r, x.stride(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const float s = static_cast<float>(scale);
   if (M <= 1) launch_gemv<T, TA, 1>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else if (M <= 2) launch_gemv<T, TA, 2>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);

@@ -1,4 +1,4 @@
-"""``python -m lora_kernels {bench,memory,qlora,split-k,analyze,all} [options]``.
+"""``python -m lora_kernels {bench,memory,qlora,gemv,split-k,analyze,all} [options]``.
 
 bench   LoRA (dense) and QLoRA (nf4) layer timings vs PEFT, torch.compile(PEFT), unfused PyTorch,
         bitsandbytes and the base matmul (``lora_kernels.tools.bench``); ``bench --train``: tokens/s,
@@ -8,11 +8,13 @@ memory  saved activations per module of the built-in model (``--layer``: of one 
         peak memory of a training step (``lora_kernels.tools.memory``)
 qlora   QLoRA layer (NF4 base) vs PEFT + bitsandbytes and the dense matmul, with memory columns and
         the GPU goals (``lora_kernels.tools.qlora_bench``)
+gemv    the CUDA NF4 decode GEMV (csrc/) vs bitsandbytes and the dense matmul, with and without its
+        LoRA term, against the copy bandwidth (``lora_kernels.tools.gemv_bench``; needs the built extension)
 split-k forward time with the small-M split-K path on vs off, per M: tunes SMALL_M_MAX (Triton path)
 analyze rank analysis of a PEFT adapter folder: ΔW spectra, subspace similarity, base projection
         (``lora_kernels.tools.rank_analysis``)
 all     the main job: bench (dense), qlora, memory (model and layer) and bench --train with their
-        defaults, and split-k where the Triton path runs (only --device, --dtype and --out apply)
+        defaults, and on CUDA split-k and (when csrc/ is built) gemv (only --device, --dtype and --out apply)
 Results go to --out, default ``benchmarks/results/<device-kind>/`` (e.g. ``cpu``, ``nvidia-h100-...``).
 """
 import argparse
@@ -20,7 +22,7 @@ import argparse
 
 def main(argv=None):
     # Tools are imported here, not at module level: `python -m lora_kernels --help` stays fast.
-    from lora_kernels.tools import bench, memory, qlora_bench, rank_analysis, train_bench
+    from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench
 
     parser = argparse.ArgumentParser(prog="python -m lora_kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +33,7 @@ def main(argv=None):
     train_bench.add_arguments(p_bench.add_argument_group("end-to-end training (--train)"))
     memory.add_arguments(sub.add_parser("memory", help="memory profile"))
     qlora_bench.add_arguments(sub.add_parser("qlora", help="QLoRA (NF4) layer benchmark and memory"))
+    gemv_bench.add_arguments(sub.add_parser("gemv", help="CUDA NF4 decode GEMV benchmark (issue 5 goals)"))
     p_split = sub.add_parser("split-k", help="small-M split-K threshold sweep")
     p_split.add_argument("--device", default=None)
     p_split.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES))
@@ -49,6 +52,8 @@ def main(argv=None):
         memory.run_from_args(args)
     elif args.command == "qlora":
         qlora_bench.run_from_args(args)
+    elif args.command == "gemv":
+        gemv_bench.run_from_args(args)
     elif args.command == "analyze":
         rank_analysis.run_from_args(args)
     elif args.command == "split-k":
@@ -63,6 +68,9 @@ def main(argv=None):
         device, _ = bench.resolve_device_dtype(args.device, args.dtype)
         if device.type == "cuda":  # the CPU default path is PyTorch: there is no split-K to tune
             qlora_bench.split_k_sweep(device=args.device, dtype=args.dtype, out=args.out)
+            from lora_kernels.ops.nf4_gemv import load_extension
+            if load_extension():  # the CUDA GEMV is built on this machine
+                gemv_bench.run(device=args.device, dtype=args.dtype, out=args.out)
 
 
 if __name__ == "__main__":

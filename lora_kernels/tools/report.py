@@ -527,6 +527,22 @@ def render_csrc_check(f: ResultFile) -> list:
                        body))
 
 
+def render_gemv(f: ResultFile) -> list:
+    """Decode benchmark of the CUDA NF4 GEMV (lora_kernels.tools.gemv_bench): per weight and M, ms of
+    the GEMV with and without the LoRA term, bitsandbytes and the dense matmul, and the goal ratios."""
+    body = [[f"{r['K']}×{r['N']}", str(r["M"]), fmt_num(r.get("gemv_lora_ms")), fmt_num(r.get("gemv_base_ms")),
+             fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")), fmt_num(r.get("copy_fraction")),
+             fmt_num(r.get("speedup_vs_bnb")), fmt_num(r.get("speedup_vs_dense")), fmt_num(r.get("lora_overhead"))]
+            for r in f.rows]
+    lines = md_table(["K×N", "M", "GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms", "× copy bandwidth",
+                      "speed-up vs bnb", "speed-up vs dense", "LoRA overhead"], body)
+    checks = f.data.get("goals", {}).get("checks", [])
+    if checks:
+        note = " (the goals are GPU goals)" if f.data["goals"].get("device_type") != "cuda" else ""
+        lines += ["", f"Goals at M = 1{note}: {sum(bool(c.get('met')) for c in checks)} of {len(checks)} met."]
+    return lines
+
+
 # Most specific pattern first: a stem takes the first renderer whose pattern it matches.
 RENDERERS: tuple = (
     ("bench_qlora_*", "QLoRA layer benchmark", render_qlora_bench),
@@ -535,6 +551,7 @@ RENDERERS: tuple = (
     ("memory_*", "layer memory profile", render_memory),
     ("train_*", "end-to-end training steps", render_train),
     ("split_k_*", "small-M split-K sweep", render_split_k),
+    ("gemv_*", "CUDA NF4 decode GEMV benchmark", render_gemv),
     ("aot_*", "AOT compile check of the Triton kernels", render_aot),
     ("csrc_check_*", "nvcc compile check of csrc/", render_csrc_check),
 )

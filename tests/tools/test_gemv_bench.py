@@ -1,0 +1,60 @@
+"""The CUDA NF4 GEMV benchmark's structure, run on CPU with the op's PyTorch spec (CPU times say
+nothing about the kernel): files, rows consistent with their own times, goals, bad arguments."""
+import json
+
+import pytest
+import torch
+
+from lora_kernels.tools import gemv_bench
+
+pytest.importorskip("bitsandbytes")
+
+
+def test_cpu_run_writes_consistent_rows(tmp_path, capsys):
+    res = gemv_bench.run(device="cpu", dtype="fp32", kns=[(128, 96)], ms=(1, 3), r=4, out=tmp_path, reps=2,
+                         warmup=0)
+    data = json.loads((tmp_path / "gemv_float32.json").read_text())
+    assert (tmp_path / "gemv_float32.csv").exists() and data["metadata"]["torch"] and data["ceilings"]["copy_GBps"] > 0
+    assert [(r["K"], r["N"], r["M"]) for r in data["rows"]] == [(128, 96, 1), (128, 96, 3)]
+    for r in res["rows"]:
+        assert r["rel_err"] < 1e-5  # the op (CPU spec) against the float64 reference
+        assert all(r[f"{p}_ms"] > 0 for p in gemv_bench.PROVIDERS)
+        assert r["speedup_vs_bnb"] == pytest.approx(r["bnb_ms"] / r["gemv_lora_ms"])
+        assert r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["gemv_lora_ms"])
+        assert r["lora_overhead"] == pytest.approx(r["gemv_lora_ms"] / r["gemv_base_ms"] - 1)
+        q_bytes = r["gemv_GBps"] * r["gemv_lora_ms"] * 1e6
+        assert r["copy_fraction"] == pytest.approx(r["gemv_GBps"] / res["ceilings"]["copy_GBps"])
+        assert q_bytes == pytest.approx(128 * 96 / 2 + 128 * 96 / 64 + 256 * 4 + 4 * 1 + 4 + 16 * 4, rel=0.05)
+    checks = res["goals"]["checks"]
+    assert {c["goal"] for c in checks} == {"copy bandwidth", "vs bitsandbytes", "vs dense", "LoRA overhead"}
+    assert all(c["shape"] == "128x96" for c in checks)  # M = 1 only
+    assert "GPU goals" in capsys.readouterr().out
+
+
+def test_rank_zero_is_the_plain_decode(tmp_path):
+    """gemv_base (rank 0) computes x W^T: the LoRA term's cost is measured against the same op."""
+    from lora_kernels import NF4Weight
+    q = NF4Weight.quantize(torch.randn(40, 64))
+    x, A, B = torch.randn(2, 64), torch.randn(4, 64), torch.randn(40, 4)
+    impls = gemv_bench._providers(x, q, q.dequantize(), A, B, 0.5)
+    y0, y = impls["gemv_base"].infer(), impls["gemv_lora"].infer()
+    W = q.dequantize().double()
+    assert torch.allclose(y0.double(), x.double() @ W.t(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose((y - y0).double(), 0.5 * (x.double() @ A.double().t()) @ B.double().t(), rtol=1e-4,
+                          atol=1e-4)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="r must"):
+        gemv_bench.run(device="cpu", r=65, out=tmp_path)
+    with pytest.raises(ValueError, match="ms must"):
+        gemv_bench.run(device="cpu", ms=(17,), out=tmp_path)
+    with pytest.raises(ValueError, match="ms must"):
+        gemv_bench.run(device="cpu", ms=(), out=tmp_path)
+
+
+def test_cli(tmp_path):
+    from lora_kernels.__main__ import main
+    main(["gemv", "--device", "cpu", "--shapes", "64,32", "--m", "1", "--r", "2", "--reps", "1",
+          "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "gemv_float32.json").read_text())["rows"][0]["N"] == 32
