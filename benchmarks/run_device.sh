@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (no network): put a carried bitsandbytes wheel (.whl/) on the path,
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
-#   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"]
+#   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
+#   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
 #   steps: build tests sanitizer gemv tests-property bench qlora memory train variants split-k csrc tests-all
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
@@ -28,6 +29,11 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
 python -c "import bitsandbytes, peft, transformers as t; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', t.__version__)" 2>&1 | tail -3
 # pytest under a time limit: SIGINT first (pytest then reports what ran and writes its XML), KILL 30 s later
 PYTEST_TIMEOUT="timeout -s INT -k 30"
+# With pytest-xdist (carried in .whl/), test steps run in worker processes: Triton compiles on the CPU,
+# so workers compile different kernels at once while sharing the one GPU (small test shapes).
+XDIST=""
+if python -c "import xdist" 2>/dev/null; then XDIST="-n ${PYTEST_WORKERS:-6}"; fi
+echo "pytest workers: ${XDIST:-none}"
 for step in $STEPS; do
     echo "=== $step"
     case $step in
@@ -41,15 +47,15 @@ for step in $STEPS; do
                        > "$OUT/sanitizer.txt" 2>&1; tail -15 "$OUT/sanitizer.txt" ;;
         csrc) timeout 240 python -m lora_kernels.tools.csrc_check --json "$OUT/csrc_check.json" 2>&1 \
                   | tee "$OUT/csrc_check.txt" ;;
-        tests) $PYTEST_TIMEOUT 400 python -m pytest tests -q -p no:cacheprovider --maxfail=10 --durations=15 \
+        tests) $PYTEST_TIMEOUT 400 python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=10 --durations=15 \
                    -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
                    > "$OUT/pytest.txt" 2>&1
                tail -40 "$OUT/pytest.txt" ;;
-        tests-property) $PYTEST_TIMEOUT 400 python -m pytest tests/autograd -q -p no:cacheprovider --maxfail=5 \
+        tests-property) $PYTEST_TIMEOUT 400 python -m pytest tests/autograd -q -p no:cacheprovider $XDIST --maxfail=5 \
                             -k "cuda and matches_float64_reference" --junitxml="$OUT/pytest_property.xml" \
                             > "$OUT/pytest_property.txt" 2>&1
                         tail -40 "$OUT/pytest_property.txt" ;;
-        tests-all) $PYTEST_TIMEOUT 560 python -m pytest tests -q -p no:cacheprovider --maxfail=20 --durations=25 \
+        tests-all) $PYTEST_TIMEOUT 560 python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=20 --durations=25 \
                        --junitxml="$OUT/pytest_all.xml" > "$OUT/pytest_all.txt" 2>&1
                    tail -40 "$OUT/pytest_all.txt" ;;
         memory) timeout 400 python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
