@@ -4,7 +4,7 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
-#   steps: build tests sanitizer gemv tests-property bench qlora memory train variants split-k csrc tests-all
+#   steps: build tests sanitizer gemv ncu-gemv tests-property bench qlora memory train variants split-k csrc tests-all
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -66,6 +66,13 @@ for step in $STEPS; do
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
         gemv) timeout 240 python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
+        ncu-gemv) # checks csrc/README.md's predictions: DRAM throughput, shared-memory bank conflicts,
+                  # issue-slot use of the decode GEMV at M = 1 (two launches of it, 8192 x 28672)
+                  timeout 240 ncu --target-processes all -k regex:nf4_gemv_lora_kernel --launch-count 2 \
+                      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                      --section Occupancy --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum \
+                      python -m lora_kernels gemv --shapes 8192,28672 --m 1 --out "$OUT/ncu" \
+                      > "$OUT/ncu_gemv.txt" 2>&1; tail -60 "$OUT/ncu_gemv.txt" ;;
         qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
         *) echo "unknown step $step" ;;
     esac
