@@ -57,9 +57,7 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
                                                   dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
     q = qweight
-    dq = q.double_quant
     forward = nf4_lora_linear_forward if direct_call_ok(x, lora_A, lora_B, combined_bias) else nf4_lora_linear_fwd
-    y, _ = forward(x, q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
-                   q.absmax_offset if dq else None, q.code, lora_A, lora_B, combined_bias, scale, dropout_p, seed,
-                   q.blocksize, q.nested_blocksize, q.dtype)
+    y, _ = forward(x, *q.op_tensors(), lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
+                   q.nested_blocksize, q.dtype)
     return y

@@ -1,6 +1,7 @@
 """Argument checks for the LoRA linear: every error names the argument and what was expected."""
 import math
 import numbers
+import os
 
 import torch
 
@@ -114,3 +115,18 @@ def check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_b
     N, K = qweight.shape
     return _check_lora_args(x, N, K, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p,
                             weight_device=qweight.device, weight_name="qweight")
+
+
+def env_nonnegative_int(name: str, default: int) -> int:
+    """The environment variable ``name`` as an int >= 0 (read per call, so tuning runs can change it),
+    or ``default`` when unset or empty. ValueError naming the variable otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {text!r}")
+    return value

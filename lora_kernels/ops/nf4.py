@@ -337,6 +337,14 @@ class NF4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    def op_tensors(self) -> tuple:
+        """(packed, absmax, absmax_code, absmax_scale, absmax_offset, code): the tensor arguments of the
+        ``lora_kernels::nf4_*`` custom ops, in their order; the three double-quantization tables are
+        None without double quantization."""
+        dq = self.double_quant
+        return (self.packed, self.absmax, self.absmax_code if dq else None, self.absmax_scale if dq else None,
+                self.absmax_offset if dq else None, self.code)
+
     def _tensors(self) -> list:
         return [t for t in (self.packed, self.absmax, self.code, self.absmax_code, self.absmax_scale,
                             self.absmax_offset) if t is not None]
@@ -389,10 +397,8 @@ class NF4Weight:
         if self.device.type == "cuda":
             # Same layer; imported here because nf4_lora_linear's checks import this module.
             from lora_kernels.ops.nf4_lora_linear import nf4_dequantize
-            dq = self.double_quant
-            out = nf4_dequantize(self.packed, self.absmax, self.absmax_code if dq else None,
-                                 self.absmax_scale if dq else None, self.absmax_offset if dq else None, self.code,
-                                 self.numel, self.blocksize, self.nested_blocksize, self.dtype).view(self.shape)
+            out = nf4_dequantize(*self.op_tensors(), self.numel, self.blocksize, self.nested_blocksize,
+                                 self.dtype).view(self.shape)
             return out if dtype is None or dtype == self.dtype else out.to(dtype)
         return dequantize_nf4_reference(self, dtype)
 

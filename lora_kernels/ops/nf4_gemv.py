@@ -15,13 +15,13 @@ measured against the Triton small-M path on a GPU; LORA_KERNELS_NF4_GEMV_MAX_M (
 turns it on, e.g. for the GPU tests and benchmarks.
 """
 import functools
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.reference import torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
 
@@ -71,24 +71,14 @@ def load_extension() -> bool:
 
 def cuda_gemv_max_m() -> int:
     """Largest M sent to the CUDA GEMV (env override, else DEFAULT_GEMV_MAX_M; capped at 16)."""
-    text = os.environ.get(NF4_GEMV_ENV, "").strip()
-    if not text:
-        return DEFAULT_GEMV_MAX_M
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{NF4_GEMV_ENV} must be a non-negative integer, got {text!r}")
-    return min(value, GEMV_MAX_ROWS)
+    return min(env_nonnegative_int(NF4_GEMV_ENV, DEFAULT_GEMV_MAX_M), GEMV_MAX_ROWS)
 
 
 def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor],
-                  wq: Optional[NF4Tensors] = None) -> bool:
+def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
     """Whether this NF4 forward (x2 [M, K], weight ``wq``) runs on the CUDA GEMV instead of the Triton
     kernels. The kernel indexes blocks by shifts: block sizes must be powers of two (bnb's always are)."""
     M = x2.shape[0]
@@ -98,8 +88,7 @@ def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[T
         return False
     if lora_A.shape[0] > GEMV_MAX_RANK:
         return False
-    if wq is not None and not (_power_of_two(wq.blocksize) and
-                               (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))):
+    if not (_power_of_two(wq.blocksize) and (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))):
         return False
     return load_extension()
 

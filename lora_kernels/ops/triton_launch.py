@@ -3,7 +3,6 @@ compute grids, reduce split partials. Arguments are assumed checked (``ops.check
 non-empty; strides are passed through, so x and dY need not be contiguous.
 """
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,6 +14,7 @@ from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_in
                                                 lora_grad_out_pass_kernel)
 from lora_kernels.kernels.lora_forward import lora_forward_gemm_kernel, lora_shrink_kernel
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
+from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
 
 
@@ -134,16 +134,7 @@ SMALL_M_ENV = "LORA_KERNELS_SMALL_M_MAX"
 
 def small_m_max() -> int:
     """Largest M that takes the split-K small-M forward (env override, else configs.SMALL_M_MAX)."""
-    text = os.environ.get(SMALL_M_ENV, "").strip()
-    if not text:
-        return configs.SMALL_M_MAX
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{SMALL_M_ENV} must be a non-negative integer, got {text!r}")
-    return value
+    return env_nonnegative_int(SMALL_M_ENV, configs.SMALL_M_MAX)
 
 
 def split_ranges(length: int, block: int, other_programs: int, device: torch.device):

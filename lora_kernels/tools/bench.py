@@ -520,7 +520,8 @@ def flops(case: Case, family: Family, provider: str, mode: str) -> float:
 WEIGHT_READS = {"fwd": 1, "bwd": 1, "fwdbwd": 2, "infer": 1}
 
 
-def _ratio(a, b):
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
     return a / b if a is not None and b else None
 
 
@@ -553,13 +554,13 @@ def make_row(family: Family, case: Case, provider: str, med: dict, weight_bytes:
         row[f"{m}_ms"] = t
         row[f"{m}_TFLOPs"] = flops(case, family, provider, m) / (t * 1e9)
         row[f"{m}_GBps"] = weight_bytes * WEIGHT_READS[m] / (t * 1e6) if case.M <= WEIGHT_BOUND_M else None
-        row[f"{m}_vs_base"] = _ratio(t, med[base][m]) if base else None
-        row[f"{m}_vs_peft"] = _ratio(t, med[peft][m]) if peft else None
+        row[f"{m}_vs_base"] = ratio(t, med[base][m]) if base else None
+        row[f"{m}_vs_peft"] = ratio(t, med[peft][m]) if peft else None
     main = main_mode(modes)
     row.update(base_ref=base, peft_ref=peft, ratio_vs_base=row[f"{main}_vs_base"],
                ratio_vs_peft=row[f"{main}_vs_peft"])
     if provider in family.optional and VARIANT_REF in med:  # a variant's cost over plain fused LoRA
-        row["ratio_vs_lora_kernels"] = _ratio(med[provider][main], med[VARIANT_REF][main])
+        row["ratio_vs_lora_kernels"] = ratio(med[provider][main], med[VARIANT_REF][main])
     return row
 
 

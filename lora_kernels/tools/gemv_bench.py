@@ -37,10 +37,8 @@ CSV_FIELDS = ["K", "N", "M", "r", "gemv_lora_ms", "gemv_base_ms", "bnb_ms", "den
 
 
 def _op_call(x, q, A, B, scale):
-    dq = q.double_quant
     return lambda: torch.ops.lora_kernels.nf4_gemv_lora(
-        x, q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
-        q.absmax_offset if dq else None, q.code, A, B, None, scale, q.blocksize, q.nested_blocksize, q.dtype)[0]
+        x, *q.op_tensors(), A, B, None, scale, q.blocksize, q.nested_blocksize, q.dtype)[0]
 
 
 def _providers(x, q, W, A, B, scale) -> dict:

@@ -22,7 +22,6 @@ of x and its mask, lora_kernels keeps an 8-byte seed and regenerates the mask.
 Writes memory_<dtype>.*.
 """
 import argparse
-import gc
 import os
 import re
 import warnings
@@ -219,20 +218,6 @@ def layer_index(name: str):
     return int(m.group(1)) if m else None
 
 
-def bitsandbytes_importable() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-        return True
-    except Exception:  # ImportError, or a native-library failure at import
-        return False
-
-
-def _free(device: torch.device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def profile_variant(spec, device, dtype, batch: int, seq: int, seed: int = 0) -> dict:
     """Builds ``spec`` (a ``models.ModelSpec``), profiles one training step on a random batch
     (input_ids = labels [batch, seq]) and returns the row (without ``ratio_vs_peft``)."""
@@ -310,7 +295,7 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
         raise ValueError(f"qlora must be None, False or True, got {qlora!r}")
     out = Path(out) if out is not None else default_out_dir(device)
     qloras = [False]
-    if qlora or (qlora is None and bitsandbytes_importable()):
+    if qlora or (qlora is None and models.bitsandbytes_importable()):
         qloras.append(True)
     elif qlora is None:
         warnings.warn("bitsandbytes does not import: no QLoRA rows")
@@ -325,7 +310,7 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
                 except Exception as e:  # report a failing variant (e.g. OOM, a bnb build without CUDA), go on
                     errors[spec.label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                     warnings.warn(f"{spec.label} failed: {errors[spec.label]}")
-                _free(device)
+                models.free_memory(device)
                 if verbose:
                     print(f"  profiled {spec.label}", flush=True)
     for row in rows:

@@ -10,6 +10,7 @@ Presets (``PRESETS``): ``tiny`` (CPU default), ``facts`` (FACTS.md's memory mode
 Llama-3.2-1B-shaped model, the GPU default).
 """
 import copy
+import gc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,22 @@ class ModelSpec:
         name = {"peft": "peft_qlora" if self.qlora else "peft"}.get(
             self.variant, self.variant.replace("lora_kernels", "lora_kernels_qlora" if self.qlora else "lora_kernels"))
         return f"{name} p={self.dropout:g}"
+
+
+def bitsandbytes_importable() -> bool:
+    """Whether the QLoRA variants can be built here (bitsandbytes imports, its native library too)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except Exception:  # ImportError, or a native-library failure at import
+        return False
+
+
+def free_memory(device) -> None:
+    """Release a dropped model's memory before building the next one (benchmarks build one per variant)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def default_preset(device: torch.device) -> str:

@@ -123,10 +123,7 @@ def similarity_grid(svd1: DeltaSVD, svd2: DeltaSVD, side: str = "left") -> Tenso
 def _nf4_tensors(weight: NF4Weight):
     from lora_kernels.ops.triton_launch import NF4Tensors
     N, K = weight.shape
-    dq = weight.double_quant
-    return NF4Tensors(weight.packed, weight.absmax, weight.absmax_code if dq else None,
-                      weight.absmax_scale if dq else None, weight.absmax_offset if dq else None, weight.code,
-                      N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+    return NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
 
 
 def _row_chunks(weight: Union[Tensor, NF4Weight], rows_per_chunk: int):

@@ -26,7 +26,6 @@ their losses leave PEFT's after the first step (the first one must still match).
 the masks come from different generators, so losses differ from the first step.
 """
 import argparse
-import gc
 import math
 import statistics
 import time
@@ -35,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, mib,
+from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, mib, ratio,
                                       resolve_device_dtype, standalone_main, write_outputs)
+from lora_kernels.tools.models import bitsandbytes_importable, free_memory
 
 # name -> (models.ModelSpec variant, qlora)
 VARIANTS = {
@@ -98,12 +98,9 @@ def _check_float(name: str, value, low: float, high: float, low_open: bool, high
 def available_variants(variants) -> list:
     """``variants`` without the QLoRA rows when bitsandbytes cannot be imported (warns)."""
     qlora = [v for v in variants if VARIANTS[v][1]]
-    if qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:  # any import failure: the dense rows are still worth measuring
-            warnings.warn(f"bitsandbytes unavailable ({e!r}); skipping the QLoRA rows {qlora}")
-            variants = [v for v in variants if v not in qlora]
+    if qlora and not bitsandbytes_importable():  # the dense rows are still worth measuring
+        warnings.warn(f"bitsandbytes unavailable; skipping the QLoRA rows {qlora}")
+        variants = [v for v in variants if v not in qlora]
     return variants
 
 
@@ -194,16 +191,6 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
             "trainable_params": trainable, "patched_layers": patched_layers, "first_step_paths": dict(path_counts)}
 
 
-def _free(device: torch.device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def _max_abs_diff(a, b):
     n = min(len(a), len(b))
     return max(abs(x - y) for x, y in zip(a[:n], b[:n])) if n else None
@@ -225,9 +212,9 @@ def make_rows(raw: dict, batch: int, seq: int) -> list:
             "first_step_paths": m["first_step_paths"],
             "median_step_ms": med, "min_step_ms": min(m["step_ms"]), "step_ms": m["step_ms"],
             "tokens_per_s": batch * seq / (med / 1e3),
-            "speedup_vs_peft": _ratio(medians.get(ref), med),
+            "speedup_vs_peft": ratio(medians.get(ref), med),
             "peak_bytes": m["peak_bytes"],
-            "peak_ratio_vs_peft": _ratio(m["peak_bytes"], ref_raw["peak_bytes"]) if ref_raw else None,
+            "peak_ratio_vs_peft": ratio(m["peak_bytes"], ref_raw["peak_bytes"]) if ref_raw else None,
             "losses": m["losses"], "first_loss": m["losses"][0], "final_loss": m["losses"][-1],
             "max_loss_diff_vs_peft": _max_abs_diff(m["losses"], ref_raw["losses"]) if ref_raw else None,
             "first_loss_diff_vs_peft": abs(m["losses"][0] - ref_raw["losses"][0]) if ref_raw else None,
@@ -297,7 +284,7 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
             err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             warnings.warn(f"{name} failed: {err}")
             skipped[name] = err
-        _free(device)
+        free_memory(device)
     rows = make_rows(raw, batch, seq)
     shape = f"{preset} {batch}x{seq}"
     for row in rows:

@@ -8,6 +8,7 @@ import torch
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
+from lora_kernels.ops.triton_launch import NF4Tensors
 from tests.helpers import assert_close
 
 OP = torch.ops.lora_kernels.nf4_gemv_lora.default
@@ -22,9 +23,7 @@ def _inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="c
     A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
     B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=adapter_dtype)
     b = torch.randn(N, generator=g).to(device=device, dtype=torch.float32) if bias else None
-    dq = q.double_quant
-    args = (x, q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
-            q.absmax_offset if dq else None, q.code, A, B, b, 0.75, q.blocksize, q.nested_blocksize, q.dtype)
+    args = (x, *q.op_tensors(), A, B, b, 0.75, q.blocksize, q.nested_blocksize, q.dtype)
     return args, q
 
 
@@ -66,8 +65,10 @@ def test_opcheck(bias):
 
 
 def test_dispatch_rule(monkeypatch):
-    x = torch.randn(2, 8)
-    assert not nf4_gemv.use_cuda_gemv(x, torch.randn(2, 8), 0.0, None)  # CPU tensors never
+    x = torch.randn(2, 64)
+    q = NF4Weight.quantize(torch.randn(8, 64))
+    wq = NF4Tensors(*q.op_tensors(), 8, 64, q.blocksize, q.nested_blocksize, q.dtype)
+    assert not nf4_gemv.use_cuda_gemv(x, torch.randn(2, 64), 0.0, None, wq)  # CPU tensors never
     monkeypatch.delenv(nf4_gemv.NF4_GEMV_ENV, raising=False)
     assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.DEFAULT_GEMV_MAX_M
     monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "64")

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from lora_kernels.ops import CPU_BACKEND_ENV
 from lora_kernels.tools import memory, models
@@ -59,7 +58,7 @@ def test_model_profile_rows(model_run):
     res, _ = model_run
     assert res["errors"] == {}
     rows = _by_key(res)
-    qloras = [False, True] if memory.bitsandbytes_importable() else [False]
+    qloras = [False, True] if models.bitsandbytes_importable() else [False]
     assert set(rows) == {(v, q, p) for v in models.VARIANTS for q in qloras for p in (0.0, 0.1)}
     for (variant, q, p), r in rows.items():
         peft_row = rows["peft", q, p]
