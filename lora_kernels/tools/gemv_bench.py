@@ -42,9 +42,7 @@ def _op_call(x, q, A, B, scale):
 
 
 def _providers(x, q, W, A, B, scale) -> dict:
-    """name -> Impl (inference only) for one problem."""
-    import lora_kernels.ops.nf4_gemv  # noqa: F401  (defines the op; loads nothing native)
-
+    """name -> Impl (inference only) for one problem (the op is defined by importing lora_kernels)."""
     out = {"gemv_lora": _op_call(x, q, A, B, scale), "gemv_base": _op_call(x, q, A[:0], B[:, :0], scale),
            "dense": lambda: F.linear(x, W)}
     try:
