@@ -21,52 +21,34 @@ with nvcc, build the extension against the environment's own CUDA torch with
 Targets sm_80 and sm_90 (SASS for each, no PTX); LORA_KERNELS_CUDA_ARCHS overrides the list, e.g.
 "90" or "80 90a" (separators: space, comma or semicolon; "9.0" and "sm_90" are accepted). Flags: -O3,
 -lineinfo, the C++ standard torch's headers need (c++17; c++20 from torch 2.13 on), and never
---use_fast_math (the NF4 decode must stay bit-exact). The compile-only check
-``python -m lora_kernels.tools.csrc_check`` uses the same flags: keep the two in sync."""
+--use_fast_math (the NF4 decode must stay bit-exact); they are defined in csrc/build_flags.py, which
+the compile-only check ``python -m lora_kernels.tools.csrc_check`` reads too."""
 import glob
+import importlib.util
 import os
-import re
 import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = ("80", "90")
-# Keep in sync with lora_kernels/tools/csrc_check.py (OPT_FLAGS, NVCC_FLAGS, cxx_std, arch parsing);
-# tests/tools/test_csrc_check.py compares these literals with the tool's. BuildExtension itself adds
-# -DTORCH_API_INCLUDE_EXTENSION_H, -DTORCH_EXTENSION_NAME=_C, torch's COMMON_NVCC_FLAGS (no half /
-# bfloat16 operators and conversions, --expt-relaxed-constexpr) and -fPIC; the check adds them by hand.
-OPT_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-lineinfo"]  # never --use_fast_math: the NF4 decode is bit-exact
+
+
+def _load_build_flags():
+    """csrc/build_flags.py (flags, architectures, C++ standard), loaded by path: it is shared with
+    lora_kernels.tools.csrc_check, and the package itself cannot be imported here (torch, triton)."""
+    spec = importlib.util.spec_from_file_location("lora_kernels_build_flags",
+                                                  os.path.join(ROOT, "csrc", "build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD_FLAGS = _load_build_flags()
 
 
 def _log(msg: str) -> None:
     print(f"lora_kernels setup.py: {msg}", file=sys.stderr)
-
-
-def cuda_archs(spec=None) -> list:
-    """Architectures from LORA_KERNELS_CUDA_ARCHS ("80 90", "90a", "8.0;9.0", "sm_90"), else 80 and 90."""
-    spec = os.environ.get("LORA_KERNELS_CUDA_ARCHS", "") if spec is None else spec
-    archs = []
-    for item in re.split(r"[\s,;]+", spec.strip()):
-        if not item:
-            continue
-        m = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d)?([af]?)", item)
-        if not m:
-            raise ValueError(f"LORA_KERNELS_CUDA_ARCHS: cannot parse {item!r} (expected e.g. 80, 90a, 9.0)")
-        archs.append(m.group(1) + (m.group(2) or "") + m.group(3))
-    return archs or list(DEFAULT_CUDA_ARCHS)
-
-
-def gencode_flags(archs) -> list:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-
-
-def cxx_std(torch_version: str) -> str:
-    """The C++ standard for torch's headers: torch >= 2.13 needs C++20 (2.14 #errors on C++17)."""
-    m = re.match(r"(\d+)\.(\d+)", torch_version)
-    return "c++20" if m and (int(m.group(1)), int(m.group(2))) >= (2, 13) else "c++17"
 
 
 def csrc_sources() -> list:
@@ -121,8 +103,8 @@ def cuda_extension_kwargs() -> dict:
         hint = f" (nvcc on PATH: {shutil.which('nvcc')}; set CUDA_HOME)" if shutil.which("nvcc") else ""
         _log(f"nvcc not found{hint}: not building the CUDA extension")
         return {}
-    archs = cuda_archs()
-    std = cxx_std(torch.__version__)
+    archs = BUILD_FLAGS.cuda_archs()
+    std = BUILD_FLAGS.cxx_std(torch.__version__)
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     _log(f"building lora_kernels._C from {', '.join(sources)} for sm_{', sm_'.join(archs)} "
          f"(torch {torch.__version__}, CUDA {torch.version.cuda}, nvcc in {CUDA_HOME})")
@@ -130,8 +112,9 @@ def cuda_extension_kwargs() -> dict:
         name="lora_kernels._C",
         sources=sources,
         extra_compile_args={
-            "cxx": OPT_FLAGS + [f"-std={std}", abi],
-            "nvcc": OPT_FLAGS + NVCC_FLAGS + [f"-std={std}", abi] + gencode_flags(archs),
+            "cxx": BUILD_FLAGS.OPT_FLAGS + [f"-std={std}", abi],
+            "nvcc": BUILD_FLAGS.OPT_FLAGS + BUILD_FLAGS.NVCC_FLAGS + [f"-std={std}", abi]
+            + BUILD_FLAGS.gencode_flags(archs),
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -9,7 +9,9 @@ A configuration is chosen from the padded rank R (16..256), the dot kind and the
     arch  80 (Ampere/Ada: mma.sync) or 90 (Hopper and newer: wgmma)
 Rank-heavy kernels hold [tile, R] fp32 accumulators, so their tiles shrink as R grows; FMA dots
 ("ieee") need smaller tiles than tensor-core dots. Every entry was compiled for sm_80 and sm_90
-and checked for register spills (python -m lora_kernels.tools.aot_check).
+and checked for register spills (python -m lora_kernels.tools.aot_check) with triton 3.9 (ptxas
+12.9, what CI installs) and triton 3.6 (ptxas 12.8, the GPU machine's): a few sm_80 entries are
+smaller than sm_90's because ptxas 12.8 spilled there.
 """
 from dataclasses import dataclass, field
 
@@ -70,15 +72,24 @@ def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
 SMALL_M_MAX = 16
 
 
-def _small_m_config(R: int, kind: str, weight_format: str) -> TileConfig:
+def _small_m_config(R: int, kind: str, arch: int, weight_format: str) -> TileConfig:
     """Forward tile for M <= SMALL_M_MAX: 16 rows (tl.dot's minimum), narrow N tiles for many programs."""
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
-    block_k = 64 if weight_format == "nf4" or kind == "tf32" else 128
+    r_chunk = min(R, 32)
+    if weight_format == "nf4":
+        # sm_80: triton 3.6's NF4 decode (ptxas 12.8) needs 168 registers and spills 8-40 B at
+        # BLOCK_K=64; half the K step fits in 128 (and 16-wide rank chunks keep R >= 128 from
+        # spilling under triton 3.9).
+        block_k = 32 if arch < 90 else 64
+        if arch < 90 and R >= 128:
+            r_chunk = 16
+    else:
+        block_k = 64 if kind == "tf32" else 128
     # NF4 tiles are decoded in registers, so deeper pipelining buys little and costs registers.
     return TileConfig({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1,
-                       "R_CHUNK": min(R, 32)}, num_warps=4, num_stages=2 if weight_format == "nf4" else 3)
+                       "R_CHUNK": r_chunk}, num_warps=4, num_stages=2 if weight_format == "nf4" else 3)
 
 
 def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense",
@@ -88,9 +99,9 @@ def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dens
     NF4 weights decode their [BLOCK_K, BLOCK_N] tile in registers (per element: code byte, table
     value, block scale), so they take smaller weight tiles. small_m: see SMALL_M_MAX."""
     if small_m:
-        return _small_m_config(R, kind, weight_format)
+        return _small_m_config(R, kind, arch, weight_format)
     if weight_format == "nf4":
-        return _nf4_gemm_config(R, kind, "BLOCK_N", "BLOCK_K")
+        return _nf4_gemm_config(R, kind, arch, "BLOCK_N", "BLOCK_K")
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
@@ -104,23 +115,25 @@ def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dens
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
 
 
-def _nf4_gemm_config(R: int, kind: str, out_block: str, red_block: str) -> TileConfig:
+def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: str) -> TileConfig:
     """GEMM tiles for an NF4 weight: output tile [BLOCK_M, out_block], reduction step red_block."""
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 32, out_block: 32, red_block: 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
-    # fp32 tiles take twice the registers of 16-bit ones.
+    # fp32 tiles take twice the registers of 16-bit ones. sm_80: a third stage (122 KiB of shared
+    # memory, one program per SM either way) spills under triton 3.6 (ptxas 12.8) at R >= 128.
     return TileConfig({"BLOCK_M": 64 if kind == "tf32" else 128, out_block: 128, red_block: 32, "GROUP_M": 8,
-                       "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
+                       "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=2 if arch < 90 else 3)
 
 
 def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
     """dX tile [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N steps (dropout mask on the tile)."""
     if weight_format == "nf4":
-        return _nf4_gemm_config(R, kind, "BLOCK_K", "BLOCK_N")
+        return _nf4_gemm_config(R, kind, arch, "BLOCK_K", "BLOCK_N")
     if kind == "ieee":
-        return TileConfig({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8, "R_CHUNK": 16},
-                          num_warps=4, num_stages=2)
+        # sm_80: 64 rows spill 8 B under triton 3.6 (ptxas 12.8); 32 rows do not under 3.6 or 3.9.
+        return TileConfig({"BLOCK_M": 32 if arch < 90 else 64, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8,
+                           "R_CHUNK": 16}, num_warps=4, num_stages=2)
     if kind == "tf32":
         return TileConfig({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "GROUP_M": 8,
                            "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
@@ -153,7 +166,9 @@ def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
         return TileConfig({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
     if R <= 64:
         block_k = 128 if kind == "half" else 64
-        return TileConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4, num_stages=3)
+        # sm_80 16-bit: a third stage spills 8 B under triton 3.6 (ptxas 12.8).
+        stages = 2 if arch < 90 and kind == "half" else 3
+        return TileConfig({"BLOCK_M": 64, "BLOCK_K": block_k}, num_warps=4, num_stages=stages)
     return TileConfig({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 

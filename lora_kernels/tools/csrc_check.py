@@ -17,6 +17,7 @@ supplies a stand-in with the content a CUDA wheel's has (it only matters on Wind
 """
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
 import re
@@ -29,26 +30,29 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CSRC = os.path.join(REPO_ROOT, "csrc")
-DEFAULT_ARCHS = (80, 90)
 SKIP_ENV = "LORA_KERNELS_CSRC_CHECK"
 
-# Keep in sync with setup.py (OPT_FLAGS, NVCC_FLAGS, cxx_std): tests/tools/test_csrc_check.py
-# compares them. setup.py cannot import this module without importing the package (torch, triton),
-# so the flags live in both places. The defines and torch's COMMON_NVCC_FLAGS below are what
-# torch's BuildExtension adds on its own when setup.py builds the extension.
-OPT_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-lineinfo"]  # never --use_fast_math: the NF4 decode is bit-exact
+
+def _load_build_flags():
+    """csrc/build_flags.py, by path: the flags setup.py builds ``lora_kernels._C`` with."""
+    spec = importlib.util.spec_from_file_location("lora_kernels_build_flags",
+                                                  os.path.join(DEFAULT_CSRC, "build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD_FLAGS = _load_build_flags()
+OPT_FLAGS = BUILD_FLAGS.OPT_FLAGS
+NVCC_FLAGS = BUILD_FLAGS.NVCC_FLAGS
+cxx_std = BUILD_FLAGS.cxx_std
+# What torch's BuildExtension adds on its own when setup.py builds the extension (and
+# torch's COMMON_NVCC_FLAGS, read at run time below).
 EXTENSION_DEFINES = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
 CMAKE_MACROS_STUB = ("c10/cuda/impl/cuda_cmake_macros.h",
                      "#pragma once\n// Stand-in written by lora_kernels.tools.csrc_check: the CPU torch wheel\n"
                      "// lacks this generated header (a CUDA wheel's has exactly this line).\n"
                      "#define C10_CUDA_BUILD_SHARED_LIBS\n")
-
-
-def cxx_std(torch_version: str) -> str:
-    """The C++ standard for torch's headers: torch >= 2.13 needs C++20 (2.14 #errors on C++17)."""
-    m = re.match(r"(\d+)\.(\d+)", torch_version)
-    return "c++20" if m and (int(m.group(1)), int(m.group(2))) >= (2, 13) else "c++17"
 
 
 # --------------------------------------------------------------------------- ptxas output parsing
@@ -311,7 +315,7 @@ def _warn_skip(msg: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+    parser.add_argument("--arch", type=int, nargs="+", default=[int(a) for a in BUILD_FLAGS.DEFAULT_CUDA_ARCHS],
                         help="SM architectures (default: 80 90)")
     parser.add_argument("--csrc", default=DEFAULT_CSRC, help="directory of the .cu / .cpp sources (default: csrc/)")
     parser.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")

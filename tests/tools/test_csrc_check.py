@@ -1,9 +1,8 @@
-"""Fast checks of the csrc/ compile check: the ptxas -v parser on captured output, the flags shared
-(by hand) with setup.py, and one real nvcc compile of a tiny kernel (skipped without nvcc)."""
+"""Fast checks of the csrc/ compile check: the ptxas -v parser on captured output, the build flags
+setup.py reads too (csrc/build_flags.py), and one real nvcc compile of a tiny kernel (skipped without nvcc)."""
 import ast
 import json
 import os
-import re
 
 import pytest
 
@@ -103,31 +102,39 @@ def test_main_without_nvcc(tmp_path, monkeypatch, capsys):
 
 
 def _setup_py_namespace() -> dict:
-    """setup.py's flag constants and helper functions, without running setup()."""
+    """setup.py's module-level constants and helper functions, without running setup()."""
     path = os.path.join(csrc_check.REPO_ROOT, "setup.py")
     tree = ast.parse(open(path).read())
-    keep = [node for node in tree.body if isinstance(node, (ast.Assign, ast.FunctionDef))
-            and not (isinstance(node, ast.Assign) and node.targets[0].id == "ROOT")]
-    ns = {"os": os, "re": re}
+    keep = [node for node in tree.body if isinstance(node, (ast.Assign, ast.FunctionDef, ast.Import))]
+    ns = {"__file__": path}
     exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
     return ns
 
 
-def test_flags_match_setup_py():
-    ns = _setup_py_namespace()
-    assert ns["OPT_FLAGS"] == csrc_check.OPT_FLAGS
-    assert ns["NVCC_FLAGS"] == csrc_check.NVCC_FLAGS
-    for version in ("2.6.0+cu124", "2.12.1", "2.13.0+cpu", "2.14.0.dev20260101+cu130", "3.0.0"):
-        assert ns["cxx_std"](version) == csrc_check.cxx_std(version)
-    assert csrc_check.cxx_std("2.12.0") == "c++17" and csrc_check.cxx_std("2.13.0") == "c++20"
-    assert ns["cuda_archs"]("") == ["80", "90"]
-    assert ns["cuda_archs"]("90") == ["90"]
-    assert ns["cuda_archs"]("8.0; 9.0") == ["80", "90"]
-    assert ns["cuda_archs"]("sm_90a,80") == ["90a", "80"]
-    assert ns["gencode_flags"](["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
+def test_setup_py_and_the_check_read_the_same_build_flags():
+    # One definition (csrc/build_flags.py) for the build and the compile-only check.
+    setup_flags = _setup_py_namespace()["BUILD_FLAGS"]
+    for name in ("OPT_FLAGS", "NVCC_FLAGS", "DEFAULT_CUDA_ARCHS"):
+        assert getattr(setup_flags, name) == getattr(csrc_check.BUILD_FLAGS, name)
+    assert setup_flags.__file__ == csrc_check.BUILD_FLAGS.__file__
+    assert csrc_check.OPT_FLAGS is csrc_check.BUILD_FLAGS.OPT_FLAGS
+    assert csrc_check.NVCC_FLAGS is csrc_check.BUILD_FLAGS.NVCC_FLAGS
+
+
+def test_build_flags():
+    flags = csrc_check.BUILD_FLAGS
+    assert flags.cxx_std("2.12.1") == "c++17" and flags.cxx_std("2.6.0+cu124") == "c++17"
+    for version in ("2.13.0", "2.13.0+cpu", "2.14.0.dev20260101+cu130", "3.0.0"):
+        assert flags.cxx_std(version) == "c++20", version
+    assert flags.cuda_archs("") == ["80", "90"]
+    assert flags.cuda_archs("90") == ["90"]
+    assert flags.cuda_archs("8.0; 9.0") == ["80", "90"]
+    assert flags.cuda_archs("sm_90a,80") == ["90a", "80"]
+    with pytest.raises(ValueError, match=flags.CUDA_ARCHS_ENV):
+        flags.cuda_archs("hopper")
+    assert flags.gencode_flags(["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
                                                  "-gencode=arch=compute_90,code=sm_90"]
-    for flags in (ns["OPT_FLAGS"], ns["NVCC_FLAGS"], csrc_check.OPT_FLAGS, csrc_check.NVCC_FLAGS):
-        assert not any("fast_math" in f or "fast-math" in f for f in flags)
+    assert not any("fast_math" in f or "fast-math" in f for f in flags.OPT_FLAGS + flags.NVCC_FLAGS)
 
 
 @pytest.mark.skipif(csrc_check.find_nvcc() is None, reason="nvcc not installed")
