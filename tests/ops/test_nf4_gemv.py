@@ -116,6 +116,16 @@ def test_missing_extension_is_silent(recwarn):
     assert not [w for w in recwarn if "_C" in str(w.message)] or has_ext
 
 
+@pytest.mark.skipif(not nf4_gemv.load_extension(), reason="lora_kernels._C is not built")
+def test_extension_registers_the_cuda_kernel_for_the_declared_schema():
+    # Runs wherever the extension is built, GPU or not (a CUDA torch loads without a driver):
+    # bindings.cpp registers its function under the schema declared in Python; a C++ signature that
+    # did not match the schema would have failed the import.
+    qualname = "lora_kernels::nf4_gemv_lora"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    assert "bindings.cpp" in torch._C._dispatch_dump(qualname).split("CUDA:")[1].splitlines()[0]
+
+
 needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv.load_extension(),
                                    reason="needs a GPU and the built lora_kernels._C extension")
 
