@@ -13,7 +13,7 @@ TORCH_CPU := torch==2.13.0
 VENV_FLAGS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --system-site-packages)
 PYTEST_ARGS ?= -n auto -q
 
-.PHONY: install test bench aot-check csrc-check clean readme-results
+.PHONY: install test bench aot-check aot-check-old-triton csrc-check clean readme-results
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ bench: install
 
 aot-check: install
 	$(BIN)/python -m lora_kernels.tools.aot_check
+
+# The same with the triton of our GPU machine (3.6: older ptxas, different register allocation),
+# shadowing the venv's triton through PYTHONPATH. Skipped with a message if that wheel cannot be
+# installed (no local copy, no network); a compile error or a spill still fails.
+OLD_TRITON ?= 3.6.0
+aot-check-old-triton: install
+	@if $(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/triton-$(OLD_TRITON) triton==$(OLD_TRITON); then \
+	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.aot_check; \
+	else echo "make: triton==$(OLD_TRITON) not installable here: AOT check with it SKIPPED"; fi
 
 # Compile-only check of csrc/*.cu (sm_80, sm_90) and csrc/*.cpp with nvcc: registers, spills (no GPU needed)
 csrc-check: install

@@ -167,6 +167,19 @@ def compile_one(variant, arch: int) -> dict:
     return row
 
 
+def toolchain() -> str:
+    """"triton X, ptxas Y": the compiler versions the table was made with (ptxas is triton's own)."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:
+        out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+        match = re.search(r"release (\d+\.\d+)", out)
+        version = match.group(1) if match else "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        version = "not found"
+    return f"triton {triton.__version__}, ptxas {version}"
+
+
 def _worker(args):
     return compile_one(*args)
 
@@ -217,13 +230,15 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    tools = toolchain()
     rows = run(args.arch, args.kernels, args.ranks, args.jobs)
+    print(tools)
     print(format_table(rows))
     if args.json:
         import json
 
         from lora_kernels.tools.bench import environment_metadata
-        meta = dict(environment_metadata(), targets=[f"sm_{a}" for a in args.arch])
+        meta = dict(environment_metadata(), targets=[f"sm_{a}" for a in args.arch], toolchain=tools)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     errors = [r for r in rows if r["error"]]

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,3 +131,11 @@ def test_aot_compile_one_for_sm90():
     assert 0 < row["regs"] <= 255
     assert row["arch"] == "sm_90" and row["dynamic_shared"] >= 0
     assert not aot_check.spilled(row)  # R = 16 is a main configuration: it must not spill
+
+
+def test_aot_toolchain_names_triton_and_its_ptxas():
+    import triton
+
+    tools = aot_check.toolchain()
+    assert tools.startswith(f"triton {triton.__version__}, ptxas ")
+    assert re.fullmatch(r"\d+\.\d+", tools.rsplit(" ", 1)[1])  # triton wheels bundle ptxas
