@@ -32,6 +32,7 @@ import torch
 from lora_kernels.tools.bench import (ALL_IMPLS, add_common_arguments, available_impls, build_impls,
                                       default_out_dir, environment_metadata, make_problem, probe,
                                       resolve_device_dtype, write_outputs, fmt_num, mib, standalone_main)
+from lora_kernels.tools.profile import OUTSIDE, SavedStorages, profile_memory, storage_keys
 
 CPU_SHAPES = [(2048, 1024, 1024, 16)]
 CUDA_SHAPES = [(8192, 4096, 4096, 16)]
@@ -42,21 +43,13 @@ MEMORY_CSV_FIELDS = ["shape", "impl", "dropout_p", "activation_bytes", "activati
 # ----------------------------------------------------------------------------- layer mode
 
 def saved_activations(impl) -> tuple:
-    """(bytes, count) of the non-parameter tensors one ``impl.forward()`` saves for backward."""
-    param_ptrs = {t.untyped_storage().data_ptr() for t in impl.params}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        # Parameters are stored regardless of the graph; an aliasing view of one costs nothing.
-        if not isinstance(t, torch.nn.Parameter) and ptr not in param_ptrs:
-            storages[(t.device, ptr)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """(bytes, count) of the non-parameter storages one ``impl.forward()`` saves for backward."""
+    # Parameters are stored regardless of the graph; an aliasing view of one costs nothing.
+    saved = SavedStorages(storage_keys(impl.params))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         y = impl.forward()
     del y
-    return sum(storages.values()), len(storages)
+    return saved.total_bytes, saved.total_count
 
 
 def cuda_peak(impl, dy: torch.Tensor) -> tuple:
@@ -190,8 +183,6 @@ MODEL_CSV_FIELDS = ["label", "preset", "variant", "qlora", "dropout_p", "batch",
 
 def module_kind(name: str, module_class: str = "") -> str:
     """Kind (one of ``MODULE_KINDS``) of the module ``name`` (qualified, in a PEFT Llama model)."""
-    from lora_kernels.tools.profile import OUTSIDE
-
     parts = name.split(".") if name else []
     if _ATTN_PROJ.intersection(parts):
         return "attn_proj"
@@ -222,7 +213,6 @@ def profile_variant(spec, device, dtype, batch: int, seq: int, seed: int = 0) ->
     """Builds ``spec`` (a ``models.ModelSpec``), profiles one training step on a random batch
     (input_ids = labels [batch, seq]) and returns the row (without ``ratio_vs_peft``)."""
     from lora_kernels.tools import models
-    from lora_kernels.tools.profile import profile_memory
 
     model = models.build_lora_model(spec, device, dtype, seed)
     ids = models.random_batch(spec.preset, batch, seq, device, seed=seed + 1)

@@ -113,6 +113,55 @@ def _storage_key(t: torch.Tensor):
         return ("tensor", id(t)), t.numel() * t.element_size(), None
 
 
+class SavedStorages:
+    """State of a ``saved_tensors_hooks`` pack hook that counts what autograd saves for backward:
+    unique storages (``_storage_key``), skipping parameters and the storage keys in ``persistent``,
+    each charged to ``owner()`` at the moment it is packed (e.g. the module running; None by
+    default). A key whose storage died and was replaced at the same address counts again.
+
+        saved = SavedStorages(persistent)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            out = forward()
+        saved.total_bytes, saved.total_count, saved.by_owner  # {owner: [bytes, count]}, first-save order
+    """
+
+    def __init__(self, persistent=frozenset(), owner: Callable[[], object] = lambda: None):
+        self.persistent, self.owner = persistent, owner
+        self.seen: dict = {}  # storage key -> weak reference (None when the storage cannot be tracked)
+        self.by_owner: dict = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        key, nbytes, ref = _storage_key(t)
+        if key in self.persistent:
+            return t
+        if key in self.seen and (self.seen[key] is None or not self.seen[key].expired()):
+            return t  # same storage already counted
+        self.seen[key] = ref
+        tally = self.by_owner.setdefault(self.owner(), [0, 0])
+        tally[0] += nbytes
+        tally[1] += 1
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b for b, _ in self.by_owner.values())
+
+    @property
+    def total_count(self) -> int:
+        return sum(c for _, c in self.by_owner.values())
+
+
+def storage_keys(tensors) -> set:
+    """Storage keys (as ``SavedStorages`` compares them) of ``tensors``."""
+    return {_storage_key(t)[0] for t in tensors}
+
+
 def _persistent_keys(model: torch.nn.Module) -> set:
     """Storage keys of what the model holds regardless of the autograd graph: parameters, buffers,
     plain tensor attributes of its modules (caches), and bitsandbytes quantization states (absmax,
@@ -213,28 +262,8 @@ def profile_memory(model: torch.nn.Module, batch: Union[Mapping, torch.Tensor], 
     cuda = device.type == "cuda"
     persistent = _persistent_keys(model)
     names = {id(m): name for name, m in model.named_modules()}
-    entries: dict = {}  # module name -> ModuleMemory, in first-save order
-    seen: dict = {}  # storage key -> weak reference (None when the storage cannot be tracked)
     stack: list = []
-
-    def pack(t):
-        if isinstance(t, torch.nn.Parameter):
-            return t
-        key, nbytes, ref = _storage_key(t)
-        if key in persistent:
-            return t
-        if key in seen and (seen[key] is None or not seen[key].expired()):
-            return t  # same storage already counted
-        # A key whose storage died is a new storage at a reused address: counted again.
-        seen[key] = ref
-        module = stack[-1] if stack else None
-        name = OUTSIDE if module is None else names[id(module)]
-        entry = entries.get(name)
-        if entry is None:
-            entry = entries[name] = ModuleMemory(name, "" if module is None else type(module).__name__)
-        entry.saved_bytes += nbytes
-        entry.saved_count += 1
-        return t
+    saved = SavedStorages(persistent, owner=lambda: stack[-1] if stack else None)
 
     def push(module, args):
         stack.append(module)
@@ -254,7 +283,7 @@ def profile_memory(model: torch.nn.Module, batch: Union[Mapping, torch.Tensor], 
             torch.cuda.synchronize(device)
             baseline = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             out = model(**batch) if isinstance(batch, Mapping) else model(batch)
             loss, source = _loss_of(out)
         del out
@@ -274,7 +303,9 @@ def profile_memory(model: torch.nn.Module, batch: Union[Mapping, torch.Tensor], 
             h.remove()
         stack.clear()
 
-    per_module = list(entries.values())
+    per_module = [ModuleMemory(OUTSIDE if module is None else names[id(module)],
+                               "" if module is None else type(module).__name__, nbytes, count)
+                  for module, (nbytes, count) in saved.by_owner.items()]
     return MemoryProfile(total_saved_bytes=sum(m.saved_bytes for m in per_module),
                          saved_count=sum(m.saved_count for m in per_module), per_module=per_module,
                          peak_bytes=peak, baseline_bytes=baseline, device=str(device), loss=loss_value,

@@ -108,8 +108,7 @@ def _saved(pb, dropout_p=0.0):
         y = lora_kernels.nf4_lora_linear(pb.x, pb.qweight, pb.lora_A, pb.lora_B, pb.scale, bias=pb.bias,
                                          dropout_p=dropout_p)
     q = pb.qweight
-    weight_tensors = [t for t in (q.packed, q.absmax, q.absmax_code, q.absmax_scale, q.absmax_offset, q.code)
-                      if t is not None]
+    weight_tensors = [t for t in q.op_tensors() if t is not None]
     own = weight_tensors + [pb.lora_A, pb.lora_B]
     others = [t for t in saved if not any(t.data_ptr() == o.data_ptr() and t.shape == o.shape for o in own)]
     return y, others
@@ -162,9 +161,7 @@ def test_dequantize_op_is_bit_exact_with_bitsandbytes(backend, shape, dtype, dou
     packed = packed.to(backend.device)
     state.to(backend.device)  # QuantState.to moves its tensors in place
     expected = bnb_f.dequantize_4bit(packed, state)
-    dq = q.double_quant
-    out = nf4_dequantize(q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
-                         q.absmax_offset if dq else None, q.code, q.numel, q.blocksize, q.nested_blocksize, q.dtype)
+    out = nf4_dequantize(*q.op_tensors(), q.numel, q.blocksize, q.nested_blocksize, q.dtype)
     assert torch.equal(out.view(shape), expected)
 
 
@@ -236,9 +233,7 @@ def test_torch_compile_fullgraph(backend):
 def test_opcheck(backend, double_quant):
     pb = make_problem((6,), 70, 12, 3, F32, bias=True, seed=16, nf4=dict(double_quant=double_quant))
     q = pb.qweight
-    dq = q.double_quant
-    wt = (q.packed, q.absmax, q.absmax_code if dq else None, q.absmax_scale if dq else None,
-          q.absmax_offset if dq else None, q.code)
+    wt = q.op_tensors()
     meta = (q.blocksize, q.nested_blocksize, q.dtype)
     x = pb.x.detach().requires_grad_(True)
     A, B = pb.lora_A.detach().requires_grad_(True), pb.lora_B.detach().requires_grad_(True)
