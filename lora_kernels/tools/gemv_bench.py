@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata, fmt_num,
+from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata, fmt_num, goal_check,
                                       measure, measure_ceilings, resolve_device_dtype, standalone_main,
                                       write_outputs)
 
@@ -135,10 +135,8 @@ def check_goals(rows, device_type: str) -> dict:
                                            ("vs bitsandbytes", "speedup_vs_bnb", GOALS["speedup_vs_bnb_min"], True),
                                            ("vs dense", "speedup_vs_dense", GOALS["speedup_vs_dense_min"], True),
                                            ("LoRA overhead", "lora_overhead", GOALS["lora_overhead_max"], False)):
-            value = row.get(key)
-            met = None if value is None else (value >= bound if at_least else value <= bound)
-            checks.append({"goal": goal, "shape": f"{row['K']}x{row['N']}", "value": value,
-                           ("min" if at_least else "max"): bound, "met": met})
+            checks.append(goal_check(goal, f"{row['K']}x{row['N']}", row.get(key),
+                                     **({"min": bound} if at_least else {"max": bound})))
     return {"bounds": GOALS, "checks": checks, "device_type": device_type}
 
 

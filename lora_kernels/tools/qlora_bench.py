@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from lora_kernels.tools import memory
 from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
-                                      csv_fields, environment_metadata, fmt_num, measure, random_factory, resolve_cases,
+                                      format_goals, goal_check, csv_fields, environment_metadata, measure,
+                                      random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
@@ -224,7 +225,7 @@ NF4 = Family(
                                       else p.dense.numel() * p.dense.element_size()),
     expected=_expected, available=available_qlora_impls, not_applicable=_not_applicable,
     extras=_extras, extra_fields=EXTRA_FIELDS, shape_info=_shape_info, finalize=_finalize,
-    summary=lambda result: format_goals(result["goals"]),
+    summary=lambda result: format_goals("QLoRA goals", result["goals"]),
 )
 QLORA_CSV_FIELDS = csv_fields(PHASES, EXTRA_FIELDS)
 
@@ -242,12 +243,7 @@ def check_goals(rows) -> list:
             cases.append(("fwd_vs_peft", "fwd_vs_peft", GOALS["fwd_vs_peft_max"]))
         if r["M"] >= 4096:
             cases.append(("nf4_gemm_vs_dense_fwd", "fwd_vs_base", GOALS["nf4_gemm_vs_dense_fwd_max"]))
-        for goal, key, bound in cases:
-            if key not in r:
-                continue
-            value = r[key]
-            checks.append({"goal": goal, "shape": r["shape"], "ratio": value, "max": bound,
-                           "met": value is not None and value <= bound})
+        checks += [goal_check(goal, r["shape"], r[key], max=bound) for goal, key, bound in cases if key in r]
     return checks
 
 
@@ -386,17 +382,6 @@ def _plot_split_k(result, path):
 
 
 # ----------------------------------------------------------------------------- output
-
-def format_goals(goals) -> str:
-    checks = goals["checks"]
-    met = sum(c["met"] for c in checks)
-    head = f"QLoRA goals: {met}/{len(checks)} met"
-    if goals["device_type"] != "cuda":
-        head += " (CPU run: the goals are GPU goals, shown for completeness)"
-    missed = [f"  {c['goal']} at {c['shape']}: {fmt_num(c['ratio'], '.3f')} > {c['max']:.3f}"
-              for c in checks if not c["met"]]
-    return "\n".join([head] + missed[:20] + (["  ..."] if len(missed) > 20 else []))
-
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -243,7 +243,8 @@ def _goal_line(goals) -> list:
         mine = [c for c in checks if c.get("goal") == goal]
         per_goal.append(f"{goal} {sum(bool(c.get('met')) for c in mine)} of {len(mine)}")
     met = sum(bool(c.get("met")) for c in checks)
-    note = " (the goals are GPU goals)" if goals.get("device_type") == "cpu" else ""
+    gpu_goals_on_cpu = goals.get("device_type") == "cpu" and any(c.get("device", "cuda") == "cuda" for c in checks)
+    note = " (the goals are GPU goals)" if gpu_goals_on_cpu else ""
     return [f"Goals checked in the file{note}: {met} of {len(checks)} met ({'; '.join(per_goal)})."]
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, mib, ratio,
-                                      resolve_device_dtype, standalone_main, write_outputs)
+from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, format_goals,
+                                      goal_check, mib, ratio, resolve_device_dtype, standalone_main, write_outputs)
 from lora_kernels.tools.models import bitsandbytes_importable, free_memory
 
 # name -> (models.ModelSpec variant, qlora)
@@ -232,8 +232,7 @@ def check_goals(rows) -> list:
         return []
     bound = GOALS["qlora_tokens_per_s_vs_peft_min"]
     ratio = row["speedup_vs_peft"]
-    return [{"goal": "qlora_tokens_per_s_vs_peft", "shape": row.get("shape"), "ratio": ratio, "min": bound,
-             "met": ratio is not None and ratio >= bound}]
+    return [goal_check("qlora_tokens_per_s_vs_peft", row.get("shape"), ratio, min=bound)]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -310,7 +309,7 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
     if verbose:
         print(format_table(rows, result["metadata"], result["config"]))
         print(format_losses(rows, warmup_steps))
-        print(format_goals(result["goals"]))
+        print(format_goals("goals (lora_kernels_qlora and peft_qlora tokens/s)", result["goals"]))
         for name, err in skipped.items():
             print(f"skipped {name}: {err}")
         print(f"wrote {out}/{stem}.{{json,csv,png}}")
@@ -347,20 +346,6 @@ def format_losses(rows, warmup_steps: int) -> str:
         label = f"{i + 1}{'w' if i < warmup_steps else ''}"
         lines.append(f"{label:>6}" + "".join(
             f"{r['losses'][i]:>{width}.6f}" if i < len(r["losses"]) else f"{'-':>{width}}" for r in rows))
-    return "\n".join(lines)
-
-
-def format_goals(goals) -> str:
-    checks = goals["checks"]
-    if not checks:
-        return "goals: not checked (lora_kernels_qlora and peft_qlora both needed)"
-    head = f"goals: {sum(c['met'] for c in checks)}/{len(checks)} met"
-    if goals["device_type"] != "cuda":
-        head += " (CPU run: the goals are GPU goals, shown for completeness)"
-    lines = [head]
-    for c in checks:
-        lines.append(f"  {c['goal']}: {fmt_num(c['ratio'], '.3f')} (goal >= {c['min']:g}) "
-                     f"{'met' if c['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 

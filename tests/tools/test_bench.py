@@ -412,3 +412,65 @@ def test_lora_variant_providers(tmp_path):
         assert "ratio_vs_lora_kernels" not in rows["lora_kernels"]
     with pytest.raises(ValueError, match="providers"):
         bench.run(shapes=SHAPES, device="cpu", out=tmp_path, families=["nf4"], providers=["lora_kernels_dylora"])
+
+
+def test_goal_check_bounds():
+    assert bench.goal_check("g", "s", 1.0, max=1.0)["met"] is True
+    assert bench.goal_check("g", "s", 1.0, max=1.0, strict=True)["met"] is False
+    assert bench.goal_check("g", "s", 0.99, max=1.0, strict=True)["met"] is True
+    assert bench.goal_check("g", "s", 1.4, min=1.5)["met"] is False
+    assert bench.goal_check("g", "s", 1.5, min=1.5)["met"] is True
+    unmeasured = bench.goal_check("g", "s", None, min=1.5, device="cpu")
+    assert unmeasured["met"] is None and unmeasured["device"] == "cpu" and unmeasured["min"] == 1.5
+    for bad in (dict(), dict(max=1.0, min=0.5)):
+        with pytest.raises(ValueError, match="exactly one"):
+            bench.goal_check("g", "s", 1.0, **bad)
+
+
+def _goal_row(M, K, N, r, **ratios):
+    return {"impl": "lora_kernels", "shape": f"{M},{K},{N},{r}", "M": M, "K": K, "N": N, "r": r, **ratios}
+
+
+def test_dense_goals_cpu_case():
+    M, K, N, r = bench.CPU_GOAL_CASES[0]
+    rows = [_goal_row(M, K, N, r, fwdbwd_vs_base=1.08, fwdbwd_vs_peft=0.93),
+            _goal_row(16, K, N, r, fwdbwd_vs_base=3.0, fwdbwd_vs_peft=2.0),  # not a goal case
+            {**_goal_row(M, K, N, r, fwdbwd_vs_base=1.0, fwdbwd_vs_peft=1.0), "impl": "peft"}]
+    checks = bench.check_dense_goals(rows, "cpu", "float32")
+    assert [(c["goal"], c["met"], c["device"]) for c in checks] == [("fwdbwd_vs_base", True, "cpu"),
+                                                                     ("fwdbwd_vs_peft", True, "cpu")]
+    missed = bench.check_dense_goals([_goal_row(M, K, N, r, fwdbwd_vs_base=1.12, fwdbwd_vs_peft=1.0)], "cpu", "float32")
+    assert [c["met"] for c in missed] == [False, False]  # "beat PEFT": a tie is a miss
+    assert bench.check_dense_goals(rows, "cpu", "bfloat16") == []  # the CPU goal is an fp32 goal
+    text = bench.format_goals("fused LoRA goals", {"checks": missed, "device_type": "cpu"})
+    assert text.startswith("fused LoRA goals: 0/2 met") and "GPU goals" not in text
+    assert "fwdbwd_vs_peft" in text and "(goal < 1.000)" in text
+
+
+def test_dense_goals_gpu_cases():
+    rows = [_goal_row(8192, K, N, 16, fwd_vs_base=1.04, fwdbwd_vs_peft=0.6) for K, N in bench.DENSE_GOALS["cuda"]["kn"]]
+    rows.append(_goal_row(8192, 4096, 1024, 16, fwd_vs_base=2.0, fwdbwd_vs_peft=1.0))  # k/v: not a goal shape
+    rows.append(_goal_row(4096, 4096, 4096, 16, fwd_vs_base=2.0, fwdbwd_vs_peft=1.0))  # not the goal M
+    rows[0]["fwdbwd_vs_peft"] = 0.7  # 1.43x faster: short of 1.5x
+    checks = bench.check_dense_goals(rows, "cuda", "bfloat16")
+    assert len(checks) == 6 and sum(c["met"] for c in checks) == 5
+    assert bench.check_dense_goals(rows, "cuda", "float32") == []
+    # a CPU run with GPU-goal checks says so; a mode not measured gives no check
+    assert "GPU goals" in bench.format_goals("t", {"checks": checks, "device_type": "cpu"})
+    fwd_only = [_goal_row(8192, 4096, 4096, 16, fwd_vs_base=1.0)]
+    assert [c["goal"] for c in bench.check_dense_goals(fwd_only, "cuda", "bfloat16")] == ["fwd_vs_base"]
+
+
+def test_default_cpu_sweep_adds_the_goal_case(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "CPU_KN", ((32, 16),))
+    monkeypatch.setattr(bench, "CPU_M", (3,))
+    monkeypatch.setattr(bench, "CPU_GOAL_CASES", ((5, 32, 24, 4),))
+    assert bench.default_extra_cases(torch.device("cpu"), quick=True) == []
+    assert bench.default_extra_cases(torch.device("cuda")) == []
+    res = bench.run(device="cpu", reps=1, warmup=0, out=tmp_path, providers=["lora_kernels", "peft", "base"],
+                    families=["dense"], verbose=False, plot=False)["dense"]
+    assert sorted({r["shape"] for r in res["rows"]}) == ["3,32,16,16", "5,32,24,4"]
+    # an explicit selection is taken as given
+    res = bench.run(device="cpu", ms=[3], reps=1, warmup=0, out=tmp_path, providers=["base"], families=["dense"],
+                    verbose=False, plot=False)["dense"]
+    assert {r["shape"] for r in res["rows"]} == {"3,32,16,16"}
