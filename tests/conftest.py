@@ -28,6 +28,28 @@ if os.environ.get("CI"):
 import pytest  # noqa: E402
 
 
+def _interpreter_numpy_problem(triton_version: str, numpy_version: str):
+    """Why this triton's interpreter cannot run with this numpy, or None. Triton 3.6 and older turn
+    a 1-element array into an int with int(array), which numpy 2.4 rejects ("only 0-dimensional
+    arrays can be converted to Python scalars", inside every kernel loop); 3.7 squeezes first."""
+    def major_minor(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} fails with numpy {numpy_version}: "
+                "install numpy<2.4 (or triton>=3.7) to run the tests without a GPU")
+    return None
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+        import triton
+
+        problem = _interpreter_numpy_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise pytest.UsageError(problem)
+
+
 @pytest.fixture(params=["triton", "torch"])
 def cpu_backend(request, monkeypatch):
     """Both CPU backends of the public functions: the Triton kernels under the interpreter, and the
