@@ -4,7 +4,9 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
-#   steps: build tests sanitizer gemv ncu-gemv tests-property bench qlora memory train variants split-k csrc tests-all
+#   steps: build tests sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants split-k csrc tests-all
+#   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
+#   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -15,10 +17,17 @@
 #   memcheck with torch's caching allocator off (so that an out-of-bounds access hits the end of its
 #   own allocation). Each step's full log is in $OUT; pytest is stopped with SIGINT at its time limit,
 #   so it still prints its summary and writes its XML.
+# Time: the device call is killed at 600 s, so no step runs past DEADLINE_S (default 570) from the
+# start: each step's limit is its own cap or what is left (10 s kept), a step with under 20 s left
+# is skipped, and a summary (per step: seconds, and the key lines of its log) is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
 STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k}
+STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
+DEADLINE_S=${DEADLINE_S:-570}
+# cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
+cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -27,53 +36,70 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 python -c "import bitsandbytes, peft, transformers as t; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', t.__version__)" 2>&1 | tail -3
-# pytest under a time limit: SIGINT first (pytest then reports what ran and writes its XML), KILL 30 s later
-PYTEST_TIMEOUT="timeout -s INT -k 30"
+# pytest under a time limit: SIGINT first (pytest then reports what ran and writes its XML), KILL 15 s later
+PYTEST_TIMEOUT="timeout -s INT -k 15"
 # With pytest-xdist (carried in .whl/), test steps run in worker processes: Triton compiles on the CPU,
 # so workers compile different kernels at once while sharing the one GPU (small test shapes).
 XDIST=""
 if python -c "import xdist" 2>/dev/null; then XDIST="-n ${PYTEST_WORKERS:-6}"; fi
 echo "pytest workers: ${XDIST:-none}"
+SUMMARY=()
 for step in $STEPS; do
+    if [ "$(cap 20)" -lt 20 ]; then
+        echo "=== $step SKIPPED: $((DEADLINE_S - SECONDS)) s left"; SUMMARY+=("$step: skipped (deadline)"); continue
+    fi
     echo "=== $step"
+    step_start=$SECONDS
     case $step in
         build) # SASS for this GPU only (setup.py's default builds sm_80 and sm_90: twice the nvcc time)
                arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-               LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout 400 python setup.py build_ext --inplace \
+               LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout $(cap 400) python setup.py build_ext --inplace \
                    > "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
                python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" ;;
-        sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap 300) compute-sanitizer --tool memcheck --error-exitcode 1 \
                        python -m pytest -q -x -p no:cacheprovider tests/ops/test_nf4_gemv.py -k cuda \
                        > "$OUT/sanitizer.txt" 2>&1; tail -15 "$OUT/sanitizer.txt" ;;
-        csrc) timeout 240 python -m lora_kernels.tools.csrc_check --json "$OUT/csrc_check.json" 2>&1 \
+        csrc) timeout $(cap 240) python -m lora_kernels.tools.csrc_check --json "$OUT/csrc_check.json" 2>&1 \
                   | tee "$OUT/csrc_check.txt" ;;
-        tests) $PYTEST_TIMEOUT 400 python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=10 --durations=15 \
+        tests) $PYTEST_TIMEOUT $(cap 400) python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=10 --durations=15 \
                    -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
                    > "$OUT/pytest.txt" 2>&1
                tail -40 "$OUT/pytest.txt" ;;
-        tests-property) $PYTEST_TIMEOUT 400 python -m pytest tests/autograd -q -p no:cacheprovider $XDIST --maxfail=5 \
+        tests-property) $PYTEST_TIMEOUT $(cap 400) python -m pytest tests/autograd -q -p no:cacheprovider $XDIST --maxfail=5 \
                             -k "cuda and matches_float64_reference" --junitxml="$OUT/pytest_property.xml" \
                             > "$OUT/pytest_property.txt" 2>&1
                         tail -40 "$OUT/pytest_property.txt" ;;
-        tests-all) $PYTEST_TIMEOUT 560 python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=20 --durations=25 \
+        tests-all) $PYTEST_TIMEOUT $(cap 560) python -m pytest tests -q -p no:cacheprovider $XDIST --maxfail=20 --durations=25 \
                        --junitxml="$OUT/pytest_all.xml" > "$OUT/pytest_all.txt" 2>&1
                    tail -40 "$OUT/pytest_all.txt" ;;
-        memory) timeout 400 python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
-                timeout 120 python -m lora_kernels memory --layer --out "$OUT" 2>&1 | tee "$OUT/memory_layer.txt" ;;
-        bench) timeout 300 python -m lora_kernels bench --family dense --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
-        train) timeout 300 python -m lora_kernels bench --train --out "$OUT" 2>&1 | tee "$OUT/train.txt" ;;
-        variants) timeout 240 python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
+        memory) timeout $(cap 400) python -m lora_kernels memory --out "$OUT" 2>&1 | tee "$OUT/memory.txt"
+                timeout $(cap 120) python -m lora_kernels memory --layer --out "$OUT" 2>&1 | tee "$OUT/memory_layer.txt" ;;
+        bench) timeout $(cap 300) python -m lora_kernels bench --family dense --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
+        bench-quick) # the dense goal rows (M = 8192 on the q, gate and down shapes of Llama-3 8B) and M = 16
+                     timeout $(cap 150) python -m lora_kernels bench --family dense --quick --model 8b \
+                         --proj q,gate,down --m 16,8192 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
+        train) timeout $(cap 300) python -m lora_kernels bench --train --out "$OUT" 2>&1 | tee "$OUT/train.txt" ;;
+        variants) timeout $(cap 240) python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
-        gemv) timeout 240 python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
+        gemv) timeout $(cap 240) python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
         ncu-gemv) # checks csrc/README.md's predictions: DRAM throughput, shared-memory bank conflicts,
                   # issue-slot use of the decode GEMV at M = 1 (two launches of it, 8192 x 28672)
-                  timeout 240 ncu --target-processes all -k regex:nf4_gemv_lora_kernel --launch-count 2 \
+                  timeout $(cap 240) ncu --target-processes all -k regex:nf4_gemv_lora_kernel --launch-count 2 \
                       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                       --section Occupancy --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum \
                       python -m lora_kernels gemv --shapes 8192,28672 --m 1 --out "$OUT/ncu" \
                       > "$OUT/ncu_gemv.txt" 2>&1; tail -60 "$OUT/ncu_gemv.txt" ;;
-        qlora|split-k) timeout 240 python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
+        qlora|split-k) timeout $(cap 240) python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
+        qlora-quick) timeout $(cap 150) python -m lora_kernels qlora --quick --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" ;;
         *) echo "unknown step $step" ;;
     esac
+    SUMMARY+=("$step: $((SECONDS - step_start)) s")
 done
+echo "=== summary ($SECONDS s; results in $OUT)"
+printf '  %s\n' "${SUMMARY[@]}"
+# key lines: the extension, pytest and sanitizer totals, goal checks (with the misses), ceilings
+grep -h "lora_kernels._C loaded" "$OUT"/build.txt 2>/dev/null
+for f in "$OUT"/pytest*.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -1)"; done
+grep -h "ERROR SUMMARY" "$OUT"/sanitizer.txt 2>/dev/null
+grep -h -A6 -E "goals" "$OUT"/{bench,qlora,gemv,train}.txt 2>/dev/null | grep -v "^--$" | head -40

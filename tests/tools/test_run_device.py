@@ -39,6 +39,18 @@ def test_every_documented_and_default_step_has_a_branch():
     documented = re.search(r"#\s+steps: ([\w -]+)\n", text).group(1).split()
     default = re.search(r"STEPS=\$\{\*:-([\w -]+)\}", text).group(1).split()
     assert set(default) <= set(documented) == set(branches) - {"*"}
+    # the alias "first" expands (documented and in the code alike) to steps that exist
+    documented_first = re.search(r"#\s+aliases: first = ([\w -]+?) \(", text).group(1).split()
+    expanded_first = re.search(r"STEPS=\$\{STEPS//first/([\w -]+)\}", text).group(1).split()
+    assert documented_first == expanded_first and set(expanded_first) <= set(documented)
+    assert expanded_first[0] == "build"  # the benchmarks then use the CUDA GEMV
+
+
+def test_every_step_runs_under_the_deadline_cap():
+    # a fixed limit would let one step run past the device call's 600 s; cap N takes what is left
+    for step, body in _branches().items():
+        assert not re.search(r"(?<![-\w])timeout \d", body), step
+        assert not re.search(r"\$PYTEST_TIMEOUT \d", body), step
 
 
 def test_lora_kernels_command_lines_parse(monkeypatch):
@@ -47,7 +59,7 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
         monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
     monkeypatch.setattr(qlora_bench, "split_k_sweep", lambda **kw: seen.append(("split_k_sweep", kw)))
     commands = {step: _lora_kernels_commands(body) for step, body in _branches().items()}
-    for step in ("memory", "bench", "train", "variants", "qlora", "gemv", "split-k"):
+    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "gemv", "split-k"):
         assert commands[step], f"step {step} runs no python -m lora_kernels command"
     for step, argvs in commands.items():
         for argv in argvs:
@@ -60,6 +72,11 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
     args = seen[-1][1]
     assert args.impls == ["lora_kernels", *bench.VARIANT_PROVIDERS, "base"] and args.m == [4096, 8192]
     assert args.family == ["dense"] and args.model == "8b"
+    # the quick bench keeps the fused-LoRA goal rows: M = 8192 on the three goal shapes
+    cli.main(_lora_kernels_commands(_branches()["bench-quick"])[0])
+    args = seen[-1][1]
+    kns = {bench.projection_kn(args.model, p) for p in args.proj}
+    assert args.quick and 8192 in args.m and kns == set(bench.DENSE_GOALS["cuda"]["kn"])
 
 
 @pytest.mark.parametrize("step", ["tests", "tests-property"])
