@@ -2,6 +2,7 @@
 compute grids, reduce split partials. Arguments are assumed checked (``ops.checks``), 2-D and
 non-empty; strides are passed through, so x and dY need not be contiguous.
 """
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -61,6 +62,25 @@ def _weight_args(wq: Optional[NF4Tensors]):
                   "DOUBLE_QUANT": dq, "W_STORED_DTYPE": TL_DTYPES[wq.dtype]}, {"enable_fp_fusion": False}
 
 
+def on_device(device: torch.device):
+    """Context in which Triton launches reach ``device``. A Triton launch runs on the *current* CUDA
+    device and its current stream, whatever device its tensors are on; a model spread over several
+    GPUs (e.g. device_map="auto") calls layers on other devices from the same thread."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launches_on(device_of):
+    """Decorator: run the launcher inside ``on_device(device_of(first argument))``."""
+    def wrap(launcher):
+        @functools.wraps(launcher)
+        def launch(first, *args, **kwargs):
+            with on_device(device_of(first)):
+                return launcher(first, *args, **kwargs)
+        return launch
+    return wrap
+
+
+@_launches_on(lambda wq: wq.packed.device)
 def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
     """Flat [numel] tensor in wq.dtype, equal bit for bit to bitsandbytes' dequantize_4bit."""
     out = torch.empty(numel, dtype=wq.dtype, device=wq.packed.device)
@@ -146,6 +166,7 @@ def split_ranges(length: int, block: int, other_programs: int, device: torch.dev
     return triton.cdiv(length, per_split), per_split
 
 
+@_launches_on(lambda x2: x2.device)
 def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed,
                         wq: Optional[NF4Tensors] = None):
     """(y2 [M, N] x.dtype, h [M, r] lora_A.dtype) for x2 [M, K]; bias is the combined bias or None.
@@ -199,6 +220,7 @@ def _weight_strides(weight, wq):
     return (0, 0) if wq is not None else (weight.stride(0), weight.stride(1))
 
 
+@_launches_on(lambda grad_y2: grad_y2.device)
 def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
                          dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
                          wq: Optional[NF4Tensors] = None):

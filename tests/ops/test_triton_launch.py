@@ -1,0 +1,61 @@
+"""Launcher plumbing of ops.triton_launch: every Triton launch runs with the tensors' CUDA device
+current (Triton launches on the current device and stream, whatever device its tensors are on)."""
+import contextlib
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels.ops import lora_linear_reference, triton_launch
+from lora_kernels.ops.nf4_lora_linear import nf4_dequantize
+
+
+def test_on_device_selects_the_tensors_cuda_device():
+    ctx = triton_launch.on_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # entering it needs a GPU; building it does not
+    assert isinstance(triton_launch.on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+def test_every_launcher_runs_on_its_tensors_device(monkeypatch):
+    entered = []
+
+    def recording_on_device(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(triton_launch, "on_device", recording_on_device)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 40, generator=gen, requires_grad=True)
+    weight = torch.randn(24, 40, generator=gen) / 7
+    A = (torch.randn(4, 40, generator=gen) / 7).requires_grad_(True)
+    B = torch.randn(24, 4, generator=gen).requires_grad_(True)
+    y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
+    y.backward(torch.ones_like(y))
+    assert entered == [x.device, x.device]  # forward launcher, backward launcher
+    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 0.5)
+    assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+    entered.clear()
+    q = lora_kernels.NF4Weight.quantize(weight)
+    nf4_dequantize(*q.op_tensors(), q.numel, q.blocksize, q.nested_blocksize, q.dtype)  # the Triton decode
+    assert entered == [q.packed.device]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_layer_on_a_second_gpu_while_the_first_is_current():
+    # e.g. a model spread over GPUs with device_map="auto": the current device stays cuda:0
+    device = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 256, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(192, 256, generator=gen) / 16).to(device, torch.bfloat16)
+    A = (torch.randn(8, 256, generator=gen) / 16).to(device).requires_grad_(True)
+    B = torch.randn(192, 8, generator=gen).to(device).requires_grad_(True)
+    y = lora_kernels.lora_linear(x, weight, A, B, 2.0)
+    y.float().sum().backward()
+    torch.cuda.synchronize(device)
+    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 2.0)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert x.grad.device == device and torch.isfinite(x.grad).all()
