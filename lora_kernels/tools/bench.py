@@ -559,7 +559,6 @@ def _dense_finalize(result: dict):
                        "checks": check_dense_goals(result["rows"], meta["device_type"], meta["dtype"])}
 
 
-
 def _dense_expected(p: Problem, provider: str) -> torch.Tensor:
     x = p.x.detach().float()
     y = x @ p.weight.float().t()
@@ -612,7 +611,6 @@ WEIGHT_READS = {"fwd": 1, "bwd": 1, "fwdbwd": 2, "infer": 1}
 def ratio(a, b):
     """a / b, or None when either is missing (or b is 0)."""
     return a / b if a is not None and b else None
-
 
 
 def main_mode(modes) -> str:
