@@ -381,8 +381,7 @@ def _plot_split_k(result, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- output
-
+# ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser):
     """QLoRA bench CLI options (the sweep options of ``bench``, modes default fwd,bwd,fwdbwd,infer)."""
