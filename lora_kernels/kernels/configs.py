@@ -115,6 +115,33 @@ def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dens
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
 
 
+# The one-launch forward (lora_forward_fused_kernel) holds h [BLOCK_M, R] in registers beside the
+# y tile for the whole program: ranks up to this padded value take it (when switched on), on sm_90
+# (wgmma reads x from shared memory; with sm_80's register operands it spills) and with
+# tensor-core dots (the exact-fp32 FMA dots spill).
+FUSED_MAX_PADDED_RANK = 32
+
+
+def fused_forward_supported(R: int, kind: str, arch: int) -> bool:
+    """Whether the one-launch forward may run for padded rank R, dot kind and GPU family."""
+    return R <= FUSED_MAX_PADDED_RANK and kind != "ieee" and arch >= 90
+
+
+def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
+    """The forward GEMM's tiles (``forward_gemm_config``) with row blocks and column groups in place of
+    the grouped tile order and the rank in one dot; narrower where h and its x tile would not fit
+    beside the y tile: fp32 adapters with 16-bit x (the x tile converted to fp32 for the rank dot)
+    and NF4 weights. Launched only where ``fused_forward_supported``."""
+    cfg = forward_gemm_config(min(R, FUSED_MAX_PADDED_RANK), kind, arch, weight_format)
+    blocks = {k: v for k, v in cfg.blocks.items() if k not in ("GROUP_M", "R_CHUNK")}
+    if kind == "half_lora32":
+        blocks["BLOCK_N"] = min(blocks["BLOCK_N"], 128)
+    if weight_format == "nf4":  # the decoded W tile is in registers too
+        blocks["BLOCK_N"] = min(blocks["BLOCK_N"], 64)
+    # 2 stages: with 3, triton 3.6 (ptxas 12.8) spills 16-24 B at 255 registers.
+    return TileConfig(blocks, num_warps=cfg.num_warps, num_stages=2)
+
+
 def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: str) -> TileConfig:
     """GEMM tiles for an NF4 weight: output tile [BLOCK_M, out_block], reduction step red_block."""
     if kind == "ieee":
@@ -180,12 +207,16 @@ def nf4_dequantize_config() -> TileConfig:
 # Kernels with a split-K small-M configuration (forward_gemm_config(..., small_m=True)).
 SMALL_M_KERNELS = ("lora_forward_gemm_kernel",)
 # Kernels that read the base weight W take it dense or as bitsandbytes NF4 (W_NF4).
-WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input_kernel": ("dense", "nf4")}
+WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input_kernel": ("dense", "nf4"),
+                  "lora_forward_fused_kernel": ("dense", "nf4")}
+# Kernels launched only for some (padded rank, dot kind, GPU family): name -> predicate.
+LAUNCH_LIMITS = {"lora_forward_fused_kernel": fused_forward_supported}
 
 # name -> (module of the kernel, config function). Used by the launchers and the AOT check.
 KERNEL_CONFIGS = {
     "lora_shrink_kernel": ("lora_kernels.kernels.lora_forward", shrink_config),
     "lora_forward_gemm_kernel": ("lora_kernels.kernels.lora_forward", forward_gemm_config),
+    "lora_forward_fused_kernel": ("lora_kernels.kernels.lora_forward", fused_forward_config),
     "lora_grad_out_pass_kernel": ("lora_kernels.kernels.lora_backward", grad_out_pass_config),
     "lora_grad_input_kernel": ("lora_kernels.kernels.lora_backward", grad_input_config),
     "lora_grad_a_kernel": ("lora_kernels.kernels.lora_backward", grad_a_config),

@@ -127,3 +127,117 @@ def lora_forward_gemm_kernel(
         y_ptr += pid_s.to(tl.int64) * stride_ys
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask, K,
+                  stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, drop_threshold,
+                  wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+                  acc_h,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WITH_H: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                  DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr):
+    """K-loop of one y tile: (x @ W^T [BLOCK_M, BLOCK_N], acc_h), with WITH_H also acc_h +=
+    dropout(x) @ A^T from the same x tiles (the first tile of a program)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
+                               k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
+                               wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                               wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
+                               W_STORED_DTYPE, x_ptr.dtype.element_ty)
+        acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
+        if WITH_H:
+            x_h = x
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+                x_h = tl.where(keep, x, 0.0)
+            a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            acc_h = mma(x_h.to(a_ptr.dtype.element_ty), a_t, acc_h, LORA_PRECISION, UPCAST_DOT)
+    return acc, acc_h
+
+
+@triton.jit
+def _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask, offs_n, offs_r, r_mask, scale,
+                      stride_bn, stride_br, stride_ym, stride_yn,
+                      HAS_BIAS: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """y tile = acc + scale * h @ B^T (+ bias), stored in y's dtype. The rank dot accumulates into
+    acc itself, brought to 1/scale units and back (no second [BLOCK_M, BLOCK_N] fp32 tile in
+    registers; exact when scale is a power of two, else within an fp32 ulp; scale != 0)."""
+    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                  mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    acc = mma(h, b_t, acc * (1.0 / scale), LORA_PRECISION, UPCAST_DOT) * scale
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def lora_forward_fused_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, h_ptr, seed_ptr,
+    wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+    M, N, K, r, n_groups,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_hm, stride_hr,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    drop_threshold, keep_scale, scale,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr,
+):
+    """One launch for the whole forward (large M): program (pid_m, g) computes the y tiles of row
+    block pid_m at column tiles g, g + n_groups, ... While it runs the K-loop of its first tile it
+    also accumulates h = dropout(x) @ A^T from the x tiles it loads anyway, so x is read from memory
+    once (the two-launch forward reads it a second time in the shrink kernel); h then serves every
+    tile of the program (added after the K-loop) and group 0 writes it for the backward. Each group
+    recomputes h for its rows: n_groups * r / N extra tensor-core work."""
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < M
+    r_mask = offs_r < r
+    rows = offs_m.to(tl.int64)
+    acc_h = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+
+    offs_n = pid_g * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = offs_n.to(tl.int64)
+    acc, acc_h = _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask,
+                               K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                               drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                               wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_M, BLOCK_N, BLOCK_K, True,
+                               HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
+                               DOUBLE_QUANT, W_STORED_DTYPE)
+    if HAS_DROPOUT:
+        acc_h = acc_h * keep_scale  # dropout(x) = mask * x / (1 - p): linear, applied once
+    # Rounded to h's dtype (the adapters') as the two-launch forward stores and reloads it.
+    h = acc_h.to(h_ptr.dtype.element_ty)
+    # Integer bound, not m_mask & (pid_g == 0): the interpreter rejects scalar-bool masks.
+    h_rows = tl.where(pid_g == 0, M, 0)
+    tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr, h,
+             mask=(offs_m < h_rows)[:, None] & r_mask[None, :])
+    _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask, offs_n, offs_r, r_mask, scale,
+                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, UPCAST_DOT)
+
+    for n0 in range((pid_g + n_groups) * BLOCK_N, N, n_groups * BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        cols = offs_n.to(tl.int64)
+        acc, acc_h = _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r,
+                                   r_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                                   drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                                   wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                                   HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
+                                   DOUBLE_QUANT, W_STORED_DTYPE)
+        _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask, offs_n, offs_r, r_mask,
+                          scale, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, UPCAST_DOT)

@@ -13,7 +13,8 @@ import triton.language as tl
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_input_kernel,
                                                 lora_grad_out_pass_kernel)
-from lora_kernels.kernels.lora_forward import lora_forward_gemm_kernel, lora_shrink_kernel
+from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
+                                               lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
@@ -157,6 +158,26 @@ def small_m_max() -> int:
     return env_nonnegative_int(SMALL_M_ENV, configs.SMALL_M_MAX)
 
 
+# The one-launch forward (lora_forward_fused_kernel: h computed inside the GEMM, x read once) for
+# M >= this many rows; 0 (the default) keeps the two-launch forward everywhere until a GPU measures
+# which is faster (read per call, like the other thresholds).
+FUSED_MIN_M_ENV = "LORA_KERNELS_FUSED_FORWARD_MIN_M"
+
+
+def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float) -> bool:
+    """Whether a forward of M rows (above the small-M path), rank r, dot kind and GPU family takes the
+    one-launch kernel (its epilogue divides by the scale: never for scale 0)."""
+    min_m = env_nonnegative_int(FUSED_MIN_M_ENV, 0)
+    return (0 < min_m <= M and scale != 0.0
+            and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
+
+
+def fused_column_groups(m_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """Column groups of the one-launch forward: enough programs (row blocks x groups) to fill the
+    GPU, each group recomputing h for its rows, so no more than needed."""
+    return max(1, min(n_tiles, triton.cdiv(_target_programs(device), max(m_blocks, 1))))
+
+
 def split_ranges(length: int, block: int, other_programs: int, device: torch.device):
     """Split a reduction dimension (M of dA/dB, K of small-M forward) into contiguous ranges of whole
     blocks so that splits * other_programs fills the device: returns (splits, length_per_split)."""
@@ -182,6 +203,23 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     y2 = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     has_dropout = seed is not None
 
+    small_m = M <= small_m_max()
+    w_ptrs, w_consts, w_opts = _weight_args(wq)
+    if not small_m and use_fused_forward(M, r, *key, scale):
+        cfg = configs.fused_forward_config(R, *key, "dense" if wq is None else "nf4")
+        m_blocks = triton.cdiv(M, cfg.blocks["BLOCK_M"])
+        groups = fused_column_groups(m_blocks, triton.cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
+        lora_forward_fused_kernel[(m_blocks, groups)](
+            x2, weight, lora_A, lora_B, bias if bias is not None else y2, y2, h, seed if has_dropout else h,
+            *w_ptrs,
+            M, N, K, r, groups,
+            x2.stride(0), x2.stride(1), *_weight_strides(weight, wq), lora_A.stride(0), lora_A.stride(1),
+            h.stride(0), h.stride(1), lora_B.stride(0), lora_B.stride(1), y2.stride(0), y2.stride(1),
+            drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p), scale,
+            R=R, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks, **w_consts,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **w_opts)
+        return y2, h
+
     cfg = configs.shrink_config(R, *key)
     lora_shrink_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
         x2, lora_A, h, seed if has_dropout else h,
@@ -192,7 +230,6 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    small_m = M <= small_m_max()
     cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4", small_m=small_m)
     block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -201,7 +238,6 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     # order, so results do not depend on scheduling.
     out = torch.empty((splits, M, N), dtype=torch.float32, device=x2.device) if small_m else y2
     out_2d = out[0] if small_m else out
-    w_ptrs, w_consts, w_opts = _weight_args(wq)
     lora_forward_gemm_kernel[(tiles, splits)](
         x2, weight, h, lora_B, bias if bias is not None else out, out, *w_ptrs,
         M, N, K, r, k_per_split,

@@ -180,6 +180,18 @@ def toolchain() -> str:
     return f"triton {triton.__version__}, ptxas {version}"
 
 
+def launchable(variant, arch: int) -> bool:
+    """False for the variants a launcher never runs (``configs.LAUNCH_LIMITS``)."""
+    from lora_kernels.kernels import configs
+
+    name, R, x_dtype, adapter_dtype, precision = variant[:5]
+    limit = configs.LAUNCH_LIMITS.get(name)
+    if limit is None:
+        return True
+    kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
+    return limit(R, kind, ARCH_FAMILY.get(arch, 90))
+
+
 def _worker(args):
     return compile_one(*args)
 
@@ -187,7 +199,7 @@ def _worker(args):
 def run(archs=(80, 90), kernels=None, ranks=None, jobs=None) -> list:
     """Compile all variants for all archs in a process pool; returns the result rows."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    tasks = [(v, a) for v in variants(kernels, ranks) for a in archs]
+    tasks = [(v, a) for v in variants(kernels, ranks) for a in archs if launchable(v, a)]
     jobs = jobs or max(1, min(len(tasks), os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_worker, tasks))

@@ -3,6 +3,7 @@ padded rank) picks different block sizes, and shapes are chosen to span several 
 tiles in every dimension, so the masking and split-M reduction logic is exercised per config."""
 import pytest
 import torch
+import triton
 
 import lora_kernels
 from lora_kernels.kernels import configs
@@ -147,3 +148,94 @@ def test_small_m_env_rejects_bad_values(monkeypatch, bad):
     monkeypatch.setenv(triton_launch.SMALL_M_ENV, bad)
     with pytest.raises(ValueError, match=triton_launch.SMALL_M_ENV):
         lora_kernels.lora_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(1, 8), torch.randn(4, 1), 1.0)
+
+
+FUSED_KINDS = [k for k in configs.DOT_KINDS if configs.fused_forward_supported(16, k, 90)]
+
+
+@pytest.mark.parametrize("weight_format", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+@pytest.mark.parametrize("r", [3, 20])  # padded ranks 16 and 32: the fused kernel's range
+def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
+    # The one-launch forward (h accumulated inside the GEMM's first tile per program, column groups
+    # walking strided tiles) against float64, forward and every gradient (the backward uses its h).
+    x_dtype, adapter_dtype, precision = KINDS[kind]
+    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
+    arch = 90  # the GPU family it runs on (fused_forward_supported)
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, "17")
+    monkeypatch.setattr(triton_launch, "fused_column_groups", lambda m_blocks, n_tiles, device: 2)
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        M, K, N = 45, 150, 520  # several column tiles per group, partial tiles everywhere
+        gen = torch.Generator().manual_seed(r * 7 + len(kind))
+        x = torch.randn(M, K, generator=gen).to(x_dtype).requires_grad_(True)
+        weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
+        lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_(True)
+        lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_(True)
+        bias = torch.randn(N, generator=gen).to(x_dtype).requires_grad_(True)
+        lora_B_bias = torch.randn(N, generator=gen).to(adapter_dtype)
+        grad_y = torch.randn(M, N, generator=gen).to(x_dtype)
+        kwargs = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=0.25)
+        torch.manual_seed(11)
+        if weight_format == "nf4":
+            qweight = lora_kernels.NF4Weight.quantize(weight)
+            y = lora_kernels.nf4_lora_linear(x, qweight, lora_A, lora_B, 0.5, **kwargs)
+            weight = qweight.dequantize()
+        else:
+            y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, **kwargs)
+        y.backward(grad_y)
+        # one launch, two column groups, each walking more than one column tile
+        block_n = configs.fused_forward_config(configs.padded_rank(r), kind, arch, weight_format).blocks["BLOCK_N"]
+        assert len(recorder.grids) == 1 and recorder.grids[0][1] == 2 and triton.cdiv(N, block_n) > 2
+        torch.manual_seed(11)
+        keep = dropout_keep_mask(torch.randint(0, 2**62, (1,), dtype=torch.int64), M, K, 0.25)
+        ref_in = [t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B, bias)]
+        ref = lora_linear_reference(ref_in[0], weight.double(), ref_in[1], ref_in[2], 0.5, bias=ref_in[3],
+                                    lora_B_bias=lora_B_bias.double(), keep_mask=keep, dropout_p=0.25)
+        ref.backward(grad_y.double())
+        bound = BOUND[x_dtype]
+        assert y.dtype == x_dtype and _rel(y, ref) < bound
+        for name, got, want in zip(("x", "lora_A", "lora_B", "bias"), (x, lora_A, lora_B, bias), ref_in):
+            assert _rel(got.grad, want.grad) < bound, name
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+
+
+def test_fused_column_groups():
+    cpu = torch.device("cpu")  # 4 target programs under the interpreter
+    assert [triton_launch.fused_column_groups(m, 8, cpu) for m in (1, 2, 3, 4, 9)] == [4, 2, 2, 1, 1]
+    assert triton_launch.fused_column_groups(1, 3, cpu) == 3  # never more groups than column tiles
+
+
+@pytest.mark.parametrize("min_m, M, r, arch, precision, scale, fused", [
+    ("0", 40, 4, 90, "high", 0.5, False),     # off by default
+    ("17", 40, 4, 90, "high", 0.5, True),
+    ("41", 40, 4, 90, "high", 0.5, False),    # below the threshold
+    ("17", 16, 4, 90, "high", 0.5, False),    # small M: split-K path
+    ("17", 40, 40, 90, "high", 0.5, False),   # padded rank 64
+    ("17", 40, 4, 80, "high", 0.5, False),    # sm_80
+    ("17", 40, 4, 90, "highest", 0.5, False),  # exact fp32 dots
+    ("17", 40, 4, 90, "high", 0.0, False),    # scale 0 (the epilogue divides by it)
+])
+def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale, fused):
+    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, min_m)
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        gen = torch.Generator().manual_seed(M + r)
+        x, weight = torch.randn(M, 48, generator=gen), torch.randn(24, 48, generator=gen) / 7
+        A, B = torch.randn(r, 48, generator=gen) / 7, torch.randn(24, r, generator=gen)
+        y = lora_kernels.lora_linear(x, weight, A, B, scale)
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+    assert bool(recorder.grids) == fused
+    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), scale)
+    assert _rel(y, ref) < 1e-3
