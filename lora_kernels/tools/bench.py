@@ -5,6 +5,9 @@ Two families of providers, each timed on the same device, dtype and tensors in t
 dense (writes bench_<dtype>.{json,csv,png})
     lora_kernels      ``lora_kernels.lora_linear`` (A and B trainable)
     lora_kernels_fa   the same with lora_A frozen (LoRA-FA)
+    lora_kernels_fused  the same as lora_kernels with the one-launch forward switched on (h computed
+                      inside the GEMM; sm_90 GPUs, M above the small-M path, padded rank <= 32:
+                      "not_applicable" elsewhere)
     peft              ``peft.tuners.lora.layer.Linear`` around ``nn.Linear(K, N, bias=False)``
     peft_fa           the same with lora_A frozen
     peft_compiled     ``torch.compile(<peft layer>, dynamic=True)`` (default mode); compiled by the
@@ -77,7 +80,8 @@ import lora_kernels
 
 # The eager dense providers (the memory profile uses these); ``DENSE_PROVIDERS`` adds torch.compile.
 ALL_IMPLS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "torch_unfused", "base")
-DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "peft_compiled", "torch_unfused", "base")
+DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "peft", "peft_fa", "peft_compiled",
+                   "torch_unfused", "base")
 # LoRA variants on the fused kernels (opt-in with --providers): their cost over plain lora_kernels is
 # reported as ratio_vs_lora_kernels. dylora: rank r out of an r_max = 2r adapter, run on the views
 # A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does.
@@ -391,6 +395,9 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
         elif name == "lora_kernels_fa":
             out[name] = Impl(name, lambda: lora_linear(x, W, A_frozen, B, s, dropout_p=dropout_p), [x, B], params,
                              infer=lambda: lora_linear(x_infer, W, A_frozen, B, s))
+        elif name == "lora_kernels_fused":
+            out[name] = Impl(name, fused_forward(lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p)),
+                             [x, A, B], params, infer=fused_forward(lambda: lora_linear(x_infer, W, A, B, s)))
         elif name in ("peft", "peft_fa", "peft_compiled"):
             layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=name == "peft_fa")
             if name == "peft_compiled":
@@ -417,6 +424,44 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
             out[name] = Impl(name, lambda: lora_linear(x, W, A * E, B, s, dropout_p=dropout_p), [x, A, B, E],
                              params + [E], infer=lambda: lora_linear(x_infer, W, A * E, B, s))
     return out
+
+
+def with_env(name: str, value, fn):
+    """A callable running fn() with environment variable ``name`` set to ``value`` (the dispatch
+    overrides of lora_kernels are read per call)."""
+    def call():
+        old = os.environ.get(name)
+        os.environ[name] = str(value)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return call
+
+
+def fused_forward(fn):
+    """fn() with the one-launch forward switched on for every M it supports."""
+    from lora_kernels.ops.triton_launch import FUSED_MIN_M_ENV
+    return with_env(FUSED_MIN_M_ENV, 1, fn)
+
+
+def fused_forward_not_applicable(case, device, dtype) -> Optional[str]:
+    """Why the one-launch forward would not run for ``case`` (its row would repeat the two-launch one)."""
+    from lora_kernels.kernels import configs
+    from lora_kernels.ops.triton_launch import small_m_max
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "the one-launch forward runs on sm_90 GPUs only"
+    if case.M <= small_m_max():
+        return "M in the small-M split-K range"
+    if configs.padded_rank(case.r) > configs.FUSED_MAX_PADDED_RANK:
+        return f"padded rank above {configs.FUSED_MAX_PADDED_RANK}"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "exact fp32 dots (FMA) are not supported by the one-launch forward"
+    return None
 
 
 def available_impls(impls) -> list:
@@ -577,6 +622,8 @@ DENSE = Family(
     weight_bytes=lambda p, provider: p.weight.numel() * p.weight.element_size(),
     expected=_dense_expected,
     available=available_impls,
+    not_applicable=lambda case, provider, device, dtype: (
+        fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused" else None),
     finalize=_dense_finalize,
     summary=lambda result: format_goals("fused LoRA goals", result["goals"]),
 )

@@ -7,6 +7,8 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
     lora_kernels_nf4_fa    the same with lora_A frozen (LoRA-FA)
     lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on (csrc/; CUDA with the built
                            extension, M <= 16, fp16/bf16, r <= 64 only: "not_applicable" elsewhere)
+    lora_kernels_nf4_fused the same with the one-launch forward switched on (see bench's
+                           lora_kernels_fused; "not_applicable" where it would not run)
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
@@ -23,7 +25,6 @@ modes fwd, bwd, fwdbwd, infer on a GPU; ``CPU_KN`` x ``CPU_M`` on CPU. ``--quick
 ``bench`` (``--model``, ``--proj``, ``--m``, ``--rank``, ``--shapes``, ``--providers``, ``--modes``).
 """
 import argparse
-import os
 import warnings
 from pathlib import Path
 
@@ -32,15 +33,17 @@ import torch.nn.functional as F
 
 from lora_kernels.tools import memory
 from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
-                                      format_goals, goal_check, csv_fields, environment_metadata, measure,
+                                      format_goals, fused_forward, fused_forward_not_applicable, goal_check,
+                                      csv_fields, environment_metadata, measure, with_env,
                                       random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
-QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit",
-               "base_dense")
-LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora")  # base + LoRA
-NF4_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "peft_qlora", "bnb_matmul_4bit")
+QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
+               "peft_qlora", "bnb_matmul_4bit", "base_dense")
+LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
+              "peft_qlora")  # base + LoRA
+NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
 CUDA_M = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 8192)
@@ -138,9 +141,12 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
                              infer=lambda a=a: nf4_lora_linear(x_infer, q, a, B, s))
         elif name == "lora_kernels_nf4_gemv":
             from lora_kernels.ops.nf4_gemv import GEMV_MAX_ROWS, NF4_GEMV_ENV
-            fwd = _with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x, q, A, B, s))
+            fwd = with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x, q, A, B, s))
             out[name] = Impl(name, fwd, [x, A, B], params,
-                             infer=_with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x_infer, q, A, B, s)))
+                             infer=with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x_infer, q, A, B, s)))
+        elif name == "lora_kernels_nf4_fused":
+            out[name] = Impl(name, fused_forward(lambda: nf4_lora_linear(x, q, A, B, s)), [x, A, B], params,
+                             infer=fused_forward(lambda: nf4_lora_linear(x_infer, q, A, B, s)))
         elif name == "peft_qlora":
             layer, adapters = _peft_qlora_layer(p)
             out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,
@@ -177,6 +183,8 @@ def available_qlora_impls(impls) -> list:
 
 
 def _not_applicable(case, provider, device, dtype):
+    if provider == "lora_kernels_nf4_fused":
+        return fused_forward_not_applicable(case, device, dtype)
     if provider != "lora_kernels_nf4_gemv":
         return None
     from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS
@@ -275,22 +283,6 @@ SWEEP_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
 SPLIT_K_CSV_FIELDS = ["shape", "weight", "M", "split_ms", "no_split_ms", "split_vs_no_split"]
 
 
-def _with_env(name: str, value, fn):
-    """A callable running fn() with environment variable ``name`` set to ``value`` (the dispatch
-    overrides of lora_kernels are read per call)."""
-    def call():
-        old = os.environ.get(name)
-        os.environ[name] = str(value)
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return call
-
-
 def suggest_threshold(rows, weight: str) -> int:
     """Largest swept M such that split-K is no slower at it and at every smaller swept M, for every
     (K, N) (0: split-K never pays)."""
@@ -333,7 +325,7 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
             impls = {}
             for weight, fn in calls.items():
                 for mode, threshold in (("split", 1 << 30), ("no_split", 0)):
-                    call = _with_env(SMALL_M_ENV, threshold, fn)
+                    call = with_env(SMALL_M_ENV, threshold, fn)
                     impls[f"{weight}:{mode}"] = Impl(f"{weight}:{mode}", call, [], infer=call)
             dy = torch.empty(M, N, device=device, dtype=dtype)
             med = {n: t["infer"] for n, t in measure([impls], [dy], ("infer",), timing).items()}

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -14,6 +15,7 @@ import time
 import pytest
 import torch
 
+from lora_kernels.ops import triton_launch
 from lora_kernels.tools import bench
 
 # Tiny but not tile-aligned; K a multiple of 64 for the NF4 family (bitsandbytes' CPU path).
@@ -474,3 +476,63 @@ def test_default_cpu_sweep_adds_the_goal_case(tmp_path, monkeypatch):
     res = bench.run(device="cpu", ms=[3], reps=1, warmup=0, out=tmp_path, providers=["base"], families=["dense"],
                     verbose=False, plot=False)["dense"]
     assert {r["shape"] for r in res["rows"]} == {"3,32,16,16"}
+
+
+def test_with_env_sets_and_restores(monkeypatch):
+    monkeypatch.delenv("LORA_KERNELS_TEST_VAR", raising=False)
+    seen = []
+    bench.with_env("LORA_KERNELS_TEST_VAR", 7, lambda: seen.append(os.environ["LORA_KERNELS_TEST_VAR"]))()
+    assert seen == ["7"] and "LORA_KERNELS_TEST_VAR" not in os.environ
+    monkeypatch.setenv("LORA_KERNELS_TEST_VAR", "old")
+    with pytest.raises(RuntimeError):
+        bench.with_env("LORA_KERNELS_TEST_VAR", 1, lambda: (_ for _ in ()).throw(RuntimeError()))()
+    assert os.environ["LORA_KERNELS_TEST_VAR"] == "old"
+
+
+def test_fused_forward_rows_apply_where_the_fused_kernel_runs(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    case = bench.Case(4096, 4096, 4096, 16)
+    assert "sm_90" in bench.fused_forward_not_applicable(case, cpu, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "sm_90" in bench.fused_forward_not_applicable(case, cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert bench.fused_forward_not_applicable(case, cuda, torch.bfloat16) is None
+    assert "small-M" in bench.fused_forward_not_applicable(bench.Case(16, 4096, 4096, 16), cuda, torch.bfloat16)
+    assert "rank" in bench.fused_forward_not_applicable(bench.Case(4096, 4096, 4096, 64), cuda, torch.bfloat16)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "exact fp32" in bench.fused_forward_not_applicable(case, cuda, torch.float32)
+        torch.set_float32_matmul_precision("high")
+        assert bench.fused_forward_not_applicable(case, cuda, torch.float32) is None
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_cpu_run_reports_the_fused_row_not_applicable(tmp_path):
+    res = bench.run(shapes=[(20, 32, 24, 4)], device="cpu", reps=1, warmup=0, out=tmp_path,
+                    providers=["lora_kernels_fused", "base"], families=["dense"], verbose=False, plot=False)["dense"]
+    assert [r["impl"] for r in res["rows"]] == ["base"]
+    assert "sm_90" in res["not_applicable"]["20,32,24,4"]["lora_kernels_fused"]
+
+
+@pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+def test_fused_provider_switches_the_one_launch_forward_on(monkeypatch):
+    launched = []
+    kernel = triton_launch.lora_forward_fused_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", Recorder())
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.delenv(triton_launch.FUSED_MIN_M_ENV, raising=False)
+    p = bench.make_problem(20, 32, 24, 4, torch.device("cpu"), torch.float16)
+    impls = bench.build_impls(p, ["lora_kernels", "lora_kernels_fused"])
+    y_fused = impls["lora_kernels_fused"].forward()
+    assert len(launched) == 1 and triton_launch.FUSED_MIN_M_ENV not in os.environ
+    y_two_launch = impls["lora_kernels"].forward()
+    assert len(launched) == 1  # the plain provider keeps the two-launch forward
+    assert torch.allclose(y_fused, y_two_launch, rtol=2e-3, atol=2e-3)
