@@ -48,3 +48,14 @@ def test_readme_example_runs(index, monkeypatch):
     exec(compile(code, f"README.md python block {index}", "exec"), ns)
     if "y" in ns:  # the functional examples computed an output of the documented shape
         assert ns["y"].shape == (2, 5, 48)
+
+
+def test_every_environment_variable_the_package_reads_is_documented():
+    root = README.parent
+    sources = [*root.glob("lora_kernels/**/*.py"), root / "setup.py", root / "csrc" / "build_flags.py"]
+    names = set()
+    for path in sources:
+        names |= set(re.findall(r'"(LORA_KERNELS_[A-Z0-9_]+)"', path.read_text()))
+    assert "LORA_KERNELS_FUSED_FORWARD_MIN_M" in names  # the scan finds them
+    documented = set(re.findall(r"^\| `(LORA_KERNELS_[A-Z0-9_]+)", README.read_text(), flags=re.M))
+    assert names <= documented, sorted(names - documented)
