@@ -239,3 +239,25 @@ def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale
     assert bool(recorder.grids) == fused
     ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), scale)
     assert _rel(y, ref) < 1e-3
+
+
+def test_fused_forward_strided_and_3d_input(monkeypatch):
+    # x with a non-unit column stride and leading dims: the kernel takes the strides as given
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, "1")
+    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
+    gen = torch.Generator().manual_seed(21)
+    big = torch.randn(3, 11, 2 * 70, generator=gen, dtype=torch.float16)
+    x = big[..., ::2]  # [3, 11, 70], stride 2 along K
+    weight = (torch.randn(90, 70, generator=gen) / 8).half()
+    A = (torch.randn(6, 70, generator=gen) / 8).half().requires_grad_(True)
+    B = torch.randn(90, 6, generator=gen).half().requires_grad_(True)
+    y = lora_kernels.lora_linear(x, weight, A, B, 1.5)
+    y.float().sum().backward()
+    assert recorder.grids and y.shape == (3, 11, 90)
+    Ar, Br = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+    ref = lora_linear_reference(x.double(), weight.double(), Ar, Br, 1.5)
+    ref.sum().backward()
+    assert _rel(y, ref) < BOUND[torch.float16]
+    assert _rel(A.grad, Ar.grad) < BOUND[torch.float16] and _rel(B.grad, Br.grad) < BOUND[torch.float16]
