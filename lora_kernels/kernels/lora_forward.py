@@ -22,6 +22,19 @@ from lora_kernels.kernels.nf4 import load_weight_tile
 
 
 @triton.jit
+def h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak, drop_threshold,
+           HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc_h + (mask * x) @ A[:, offs_k]^T for one x tile [BLOCK_M, BLOCK_K] (unscaled dropout: the
+    1/(1-p) is applied once to the finished h), in the adapters' dtype."""
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+        x = tl.where(keep, x, 0.0)
+    a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                  mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+    return mma(x.to(a_ptr.dtype.element_ty), a_t, acc_h, LORA_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
 def lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seed_ptr,
     M, K, r,
@@ -36,19 +49,14 @@ def lora_shrink_kernel(
     m_mask = offs_m < M
     r_mask = offs_r < r
     rows = offs_m.to(tl.int64)
-    lora_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-            x = tl.where(keep, x, 0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = mma(x.to(lora_dtype), a_t, acc, LORA_PRECISION, UPCAST_DOT)
+        acc = h_step(acc, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak,
+                     drop_threshold, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
     if HAS_DROPOUT:
         # dropout(x) = mask * x / (1 - p); the scale is linear, so it is applied once here.
         acc = acc * keep_scale
@@ -103,18 +111,12 @@ def lora_forward_gemm_kernel(
         acc = mma(h, b_t, acc, LORA_PRECISION, UPCAST_DOT)
     acc = acc * scale
 
-    # Base GEMM continues in the same accumulator.
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
-                               k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
-                               wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
-                               wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
-                               W_STORED_DTYPE, x_ptr.dtype.element_ty)
-        acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
+    # Base GEMM continues in the same accumulator (no h here: the shrink kernel computed it).
+    acc, _ = gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, h_ptr, h_ptr, rows, offs_m, m_mask, cols, n_mask,
+                         offs_m, m_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0,
+                         wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+                         acc, BLOCK_K, False, False, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK,
+                         QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
 
     if HAS_BIAS:
         bias_mask = n_mask
@@ -130,20 +132,18 @@ def lora_forward_gemm_kernel(
 
 
 @triton.jit
-def _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask, K,
-                  stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, drop_threshold,
-                  wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
-                  acc_h,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WITH_H: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                  DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr):
-    """K-loop of one y tile: (x @ W^T [BLOCK_M, BLOCK_N], acc_h), with WITH_H also acc_h +=
-    dropout(x) @ A^T from the same x tiles (the first tile of a program)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+def gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r,
+                r_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, drop_threshold,
+                wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+                acc_h, BLOCK_K: tl.constexpr, WITH_H: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr):
+    """K-loop of one y tile over [k_start, k_end): (acc + x @ W^T, acc_h); with WITH_H also
+    acc_h += dropout(x) @ A^T from the same x tiles (``h_step``). W dense or NF4 (decoded per tile)."""
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
@@ -153,13 +153,8 @@ def _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_m
                                W_STORED_DTYPE, x_ptr.dtype.element_ty)
         acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
         if WITH_H:
-            x_h = x
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-                x_h = tl.where(keep, x, 0.0)
-            a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            acc_h = mma(x_h.to(a_ptr.dtype.element_ty), a_t, acc_h, LORA_PRECISION, UPCAST_DOT)
+            acc_h = h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak,
+                           drop_threshold, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
     return acc, acc_h
 
 
@@ -212,12 +207,12 @@ def lora_forward_fused_kernel(
     offs_n = pid_g * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     cols = offs_n.to(tl.int64)
-    acc, acc_h = _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask,
-                               K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                               drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
-                               wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_M, BLOCK_N, BLOCK_K, True,
-                               HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
-                               DOUBLE_QUANT, W_STORED_DTYPE)
+    acc, acc_h = gemm_k_loop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), 0, K, x_ptr, w_ptr, a_ptr, seed_ptr,
+                             rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask, K, stride_xm, stride_xk, stride_wn,
+                             stride_wk, stride_ar, stride_ak, drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr,
+                             wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_K, True,
+                             HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
+                             DOUBLE_QUANT, W_STORED_DTYPE)
     if HAS_DROPOUT:
         acc_h = acc_h * keep_scale  # dropout(x) = mask * x / (1 - p): linear, applied once
     # Rounded to h's dtype (the adapters') as the two-launch forward stores and reloads it.
@@ -233,11 +228,11 @@ def lora_forward_fused_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         cols = offs_n.to(tl.int64)
-        acc, acc_h = _fused_k_loop(x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r,
-                                   r_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                                   drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
-                                   wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_M, BLOCK_N, BLOCK_K, False,
-                                   HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
-                                   DOUBLE_QUANT, W_STORED_DTYPE)
+        acc, acc_h = gemm_k_loop(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), 0, K, x_ptr, w_ptr, a_ptr,
+                                 seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask, K, stride_xm, stride_xk,
+                                 stride_wn, stride_wk, stride_ar, stride_ak, drop_threshold, wq_absmax_ptr,
+                                 wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr, acc_h,
+                                 BLOCK_K, False, HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4,
+                                 QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
         _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask, offs_n, offs_r, r_mask,
                           scale, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, UPCAST_DOT)

@@ -80,6 +80,38 @@ class _GridRecorder:
         return self.kernel[grid]
 
 
+def _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen, grads=False):
+    """Runs the layer (dense, or NF4 quantized from the same weight) on fresh inputs with a bias,
+    lora_B_bias and dropout 0.25, and the float64 reference with the same mask. Returns (y, ref,
+    [(name, leaf, reference leaf)]); with ``grads`` both ran their backward on the same grad_y."""
+    x = torch.randn(M, K, generator=gen).to(x_dtype).requires_grad_(grads)
+    weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
+    lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_(grads)
+    lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_(grads)
+    bias = torch.randn(N, generator=gen).to(x_dtype).requires_grad_(grads)
+    lora_B_bias = torch.randn(N, generator=gen).to(adapter_dtype)
+    kwargs = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=0.25)
+    torch.manual_seed(11)
+    if weight_format == "nf4":
+        qweight = lora_kernels.NF4Weight.quantize(weight)
+        y = lora_kernels.nf4_lora_linear(x, qweight, lora_A, lora_B, 0.5, **kwargs)
+        weight = qweight.dequantize()
+    else:
+        y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, **kwargs)
+    torch.manual_seed(11)
+    keep = dropout_keep_mask(torch.randint(0, 2**62, (1,), dtype=torch.int64), M, K, 0.25)
+    leaves = {"x": x, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
+    ref_leaves = {n: t.detach().double().requires_grad_(grads) for n, t in leaves.items()}
+    ref = lora_linear_reference(ref_leaves["x"], weight.double(), ref_leaves["lora_A"], ref_leaves["lora_B"], 0.5,
+                                bias=ref_leaves["bias"], lora_B_bias=lora_B_bias.double(), keep_mask=keep,
+                                dropout_p=0.25)
+    if grads:
+        grad_y = torch.randn(M, N, generator=gen).to(x_dtype)
+        y.backward(grad_y)
+        ref.backward(grad_y.double())
+    return y, ref, [(n, leaves[n], ref_leaves[n]) for n in leaves]
+
+
 @pytest.mark.parametrize("arch", configs.ARCHS)
 @pytest.mark.parametrize("weight_format", ["dense", "nf4"])
 @pytest.mark.parametrize("kind", configs.DOT_KINDS)
@@ -98,25 +130,7 @@ def test_small_m_split_k_matches_reference(monkeypatch, arch, weight_format, kin
     try:
         K, N, r = 333, 40, 7  # several BLOCK_K of every small-M config, a partial last block
         gen = torch.Generator().manual_seed(M * 31 + len(kind))
-        x = torch.randn(M, K, generator=gen).to(x_dtype)
-        weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
-        lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype)
-        lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype)
-        bias = torch.randn(N, generator=gen).to(x_dtype)
-        lora_B_bias = torch.randn(N, generator=gen).to(adapter_dtype)
-        kwargs = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=0.25)
-        torch.manual_seed(11)
-        if weight_format == "nf4":
-            qweight = lora_kernels.NF4Weight.quantize(weight)
-            y = lora_kernels.nf4_lora_linear(x, qweight, lora_A, lora_B, 0.5, **kwargs)
-            weight = qweight.dequantize()
-        else:
-            y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, **kwargs)
-        torch.manual_seed(11)
-        keep = dropout_keep_mask(torch.randint(0, 2**62, (1,), dtype=torch.int64), M, K, 0.25)
-        ref = lora_linear_reference(x.double(), weight.double(), lora_A.double(), lora_B.double(), 0.5,
-                                    bias=bias.double(), lora_B_bias=lora_B_bias.double(),
-                                    keep_mask=keep, dropout_p=0.25)
+        y, ref, _ = _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen)
         assert len(recorder.grids) == 1
         splits = recorder.grids[0][1]
         assert (splits > 1) == (M <= configs.SMALL_M_MAX)
@@ -172,34 +186,13 @@ def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
     try:
         M, K, N = 45, 150, 520  # several column tiles per group, partial tiles everywhere
         gen = torch.Generator().manual_seed(r * 7 + len(kind))
-        x = torch.randn(M, K, generator=gen).to(x_dtype).requires_grad_(True)
-        weight = (torch.randn(N, K, generator=gen) / K**0.5).to(x_dtype)
-        lora_A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_(True)
-        lora_B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_(True)
-        bias = torch.randn(N, generator=gen).to(x_dtype).requires_grad_(True)
-        lora_B_bias = torch.randn(N, generator=gen).to(adapter_dtype)
-        grad_y = torch.randn(M, N, generator=gen).to(x_dtype)
-        kwargs = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=0.25)
-        torch.manual_seed(11)
-        if weight_format == "nf4":
-            qweight = lora_kernels.NF4Weight.quantize(weight)
-            y = lora_kernels.nf4_lora_linear(x, qweight, lora_A, lora_B, 0.5, **kwargs)
-            weight = qweight.dequantize()
-        else:
-            y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, 0.5, **kwargs)
-        y.backward(grad_y)
+        y, ref, leaves = _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen, grads=True)
         # one launch, two column groups, each walking more than one column tile
         block_n = configs.fused_forward_config(configs.padded_rank(r), kind, arch, weight_format).blocks["BLOCK_N"]
         assert len(recorder.grids) == 1 and recorder.grids[0][1] == 2 and triton.cdiv(N, block_n) > 2
-        torch.manual_seed(11)
-        keep = dropout_keep_mask(torch.randint(0, 2**62, (1,), dtype=torch.int64), M, K, 0.25)
-        ref_in = [t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B, bias)]
-        ref = lora_linear_reference(ref_in[0], weight.double(), ref_in[1], ref_in[2], 0.5, bias=ref_in[3],
-                                    lora_B_bias=lora_B_bias.double(), keep_mask=keep, dropout_p=0.25)
-        ref.backward(grad_y.double())
         bound = BOUND[x_dtype]
         assert y.dtype == x_dtype and _rel(y, ref) < bound
-        for name, got, want in zip(("x", "lora_A", "lora_B", "bias"), (x, lora_A, lora_B, bias), ref_in):
+        for name, got, want in leaves:
             assert _rel(got.grad, want.grad) < bound, name
     finally:
         torch.set_float32_matmul_precision(old_precision)
