@@ -59,3 +59,32 @@ def test_layer_on_a_second_gpu_while_the_first_is_current():
     ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 2.0)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
     assert x.grad.device == device and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+def test_fused_forward_on_cuda_matches_the_two_launch_forward(monkeypatch, adapter_dtype):
+    # The one-launch forward compiled for the GPU (the interpreter tests cover its logic): same y, h
+    # (through dB) and gradients as the two-launch forward, and close to float64.
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(8)
+    M, K, N, r = 1000, 512, 1300, 16
+    x = torch.randn(M, K, generator=gen).to(device, torch.bfloat16)
+    weight = (torch.randn(N, K, generator=gen) / 23).to(device, torch.bfloat16)
+    A0 = (torch.randn(r, K, generator=gen) / 23).to(device, adapter_dtype)
+    B0 = torch.randn(N, r, generator=gen).to(device, adapter_dtype)
+    bias = torch.randn(N, generator=gen).to(device, torch.bfloat16)
+    results = {}
+    for min_m in ("0", "1"):
+        monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, min_m)
+        xs, A, B = x.clone().requires_grad_(True), A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        y = lora_kernels.lora_linear(xs, weight, A, B, 2.0, bias=bias, dropout_p=0.1)
+        y.float().square().sum().backward()
+        results[min_m] = (y.float(), xs.grad.float(), A.grad.float(), B.grad.float())
+    for two, one in zip(results["0"], results["1"]):
+        assert ((one - two).norm() / two.norm()).item() < 2e-2
+    ref = lora_linear_reference(x.double(), weight.double(), A0.double(), B0.double(), 2.0, bias=bias.double())
+    no_drop = lora_kernels.lora_linear(x, weight, A0, B0, 2.0, bias=bias, dropout_p=0.1, training=False)
+    assert ((no_drop.double() - ref).norm() / ref.norm()).item() < 1e-2
