@@ -392,6 +392,9 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
             params = {n: p.full_tensor() for n, p in params.items()}  # gather the shards
         if rank == 0:
             torch.save(params, out_file)
+        # Both ranks done before either tears the group down: with torch 2.11 a rank destroying gloo
+        # while the other still finished its last collective aborted now and then (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
