@@ -60,3 +60,23 @@ def cpu_backend(request, monkeypatch):
         pytest.skip("the CPU Triton backend needs TRITON_INTERPRET=1")
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", request.param)
     return request.param
+
+
+# After TRITON_INTERPRET is settled above: tests.helpers imports lora_kernels (and so triton).
+from tests.helpers import BACKENDS, poisoned_memory, use_backend  # noqa: E402
+
+
+@pytest.fixture
+def poisoned():
+    """Memory allocated during the test starts poisoned (``tests.helpers.poisoned_memory``): an output
+    a kernel forgets to write cannot pass for zeros. Modules use it with ``usefixtures``."""
+    with poisoned_memory():
+        yield
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend of the public functions (``tests.helpers.BACKENDS``: Triton, the PyTorch path, CUDA
+    where present), as a ``BackendRecord`` of what ran. tests/modules overrides it with the CPU pair."""
+    with use_backend(request.param) as record:
+        yield record

@@ -77,12 +77,20 @@ def _resolve_adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dt
     return adapter_dtype
 
 
-def _init_like_nn_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """nn.Linear.reset_parameters, so a freshly constructed layer behaves like a fresh nn.Linear."""
+def _new_linear_params(in_features, out_features, bias: bool, device, dtype) -> tuple:
+    """(weight [out, in], bias [out] or None) initialised as nn.Linear.reset_parameters does, so a freshly
+    constructed layer behaves like a fresh nn.Linear; sizes and dtype (default: torch's) checked first."""
+    in_features = _check_int("in_features", in_features, 1)
+    out_features = _check_int("out_features", out_features, 1)
+    dtype = _check_float_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
+    weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    if bias is not None:
-        bound = 1.0 / math.sqrt(weight.shape[1])
-        nn.init.uniform_(bias, -bound, bound)
+    b = None
+    if bias:
+        b = torch.empty(out_features, device=device, dtype=dtype)
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(b, -bound, bound)
+    return weight, b
 
 
 def _bnb_linear4bit_parts(obj):
@@ -243,14 +251,10 @@ class LoRALinear(_LoRALinearBase):
                  dropout: float = 0.0, use_rslora: bool = False, freeze_A: bool = False, device=None,
                  dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        in_features = _check_int("in_features", in_features, 1)
-        out_features = _check_int("out_features", out_features, 1)
+        weight, b = _new_linear_params(in_features, out_features, bias, device, dtype)
         r, alpha, dropout = _check_lora_config(r, alpha, dropout)
-        dtype = _check_float_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
-        adapter_dtype = _resolve_adapter_dtype(adapter_dtype, dtype)
-        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
-        _init_like_nn_linear(weight, b)
+        adapter_dtype = _resolve_adapter_dtype(adapter_dtype, weight.dtype)
+        out_features, in_features = weight.shape
         self._init_base(weight, b)
         self._init_lora(in_features, out_features, r, alpha, dropout, use_rslora, freeze_A, weight.device,
                         adapter_dtype)
@@ -360,14 +364,10 @@ class NF4LoRALinear(_LoRALinearBase):
                  dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
                  blocksize: int = 64, double_quant: bool = True):
         super().__init__()
-        in_features = _check_int("in_features", in_features, 1)
-        out_features = _check_int("out_features", out_features, 1)
+        weight, b = _new_linear_params(in_features, out_features, bias, device, dtype)
         r, alpha, dropout = _check_lora_config(r, alpha, dropout)
-        dtype = _check_float_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
-        adapter_dtype = _resolve_adapter_dtype(adapter_dtype, dtype)
-        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
-        _init_like_nn_linear(weight, b)
+        adapter_dtype = _resolve_adapter_dtype(adapter_dtype, weight.dtype)
+        out_features, in_features = weight.shape
         self._init_base(NF4Weight.quantize(weight, blocksize=blocksize, double_quant=bool(double_quant)), b)
         self._init_lora(in_features, out_features, r, alpha, dropout, use_rslora, freeze_A, weight.device,
                         adapter_dtype)

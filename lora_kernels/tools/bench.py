@@ -43,7 +43,8 @@ torch.compile never land in a timed call):
           budgets. When one problem's tensors (x, W or NF4 bytes, adapters, dy) fit in L2, enough
           copies to exceed 2x L2 are allocated and the calls rotate through them.
     CPU   ``time.perf_counter``; providers interleaved rep by rep so that clock or load drift hits
-          all of them alike; bwd = untimed forward then timed backward.
+          all of them alike, in a new (seeded) random order each rep so that no row always
+          follows the same call; bwd = untimed forward then timed backward.
 Gradients are reset to None before every timed call so no provider pays for accumulation.
 
 Metrics per row and mode: ms; TFLOP/s (``FLOP_RULE``); for M <= 16 GB/s of base-weight bytes
@@ -63,6 +64,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -719,7 +721,8 @@ class Timing:
                     "bwd": "untimed forward, L2 cleared, y.backward(dy) timed with CUDA events; same ms "
                            f"budgets over whole samples, at most {self.max_bwd_samples} samples",
                     "statistic": "median"}
-        return {"timer": "time.perf_counter, providers interleaved rep by rep", "reps": self.reps,
+        return {"timer": "time.perf_counter, providers interleaved rep by rep in a seeded random order",
+                "reps": self.reps,
                 "warmup": self.warmup, "bwd": "untimed forward, then timed backward", "statistic": "median"}
 
 
@@ -762,6 +765,7 @@ def _sample(fn, setup, device, flush: Optional[torch.Tensor]):
 
 
 TRAIN_PHASES = MODES
+ORDER_SEED = 0  # the CPU timer's per-rep call order: random, but the same in every run
 
 
 def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: bool = False,
@@ -798,12 +802,18 @@ def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: 
 
     plans = {name: plan_for(impl) for name, impl in impls.items()}
     pending = {name: {ph: [] for ph in phases} for name in impls}
+    samples = [(name, ph) for name, plan in plans.items() for ph in plan]
+    order = random.Random(ORDER_SEED)
     for i in range(warmup + reps):
-        for name, plan in plans.items():
-            for ph, (fn, setup) in plan.items():
-                got = _sample(fn, setup, device, flush)
-                if i >= warmup:
-                    pending[name][ph].append(got)
+        # A fresh order each rep: on a CPU a call's time depends on the call before it (cache and
+        # allocator state: a 1024^2 fp32 GEMM measured 20.8 ms after one call, 19.5 ms in random
+        # order), so a fixed order would bias some rows by a few percent.
+        order.shuffle(samples)
+        for name, ph in samples:
+            fn, setup = plans[name][ph]
+            got = _sample(fn, setup, device, flush)
+            if i >= warmup:
+                pending[name][ph].append(got)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return {name: {ph: [g() for g in lst] for ph, lst in d.items()} for name, d in pending.items()}

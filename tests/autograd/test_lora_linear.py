@@ -11,25 +11,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels.kernels.configs import MAX_RANK
-from tests.helpers import (BACKENDS, BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, SEED_HIGH, assert_close,
-                           check_against_reference, keep_mask_for, make_grad_y, make_problem, poisoned_memory,
-                           reference, rel_err, rng_state, run_public, use_backend)
+from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, SEED_HIGH, assert_close,
+                           check_against_reference, keep_mask_for, make_grad_y, make_problem, reference,
+                           rel_err, rng_state, run_public)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (x dtype, adapter dtype): adapters in x's dtype, or fp32 beside 16-bit x (PEFT's autocast_adapter_dtype)
 DTYPE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32)]
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_memory():
-        yield
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with use_backend(request.param) as record:
-        yield record
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _run_and_check(backend, pb, grad_y, dropout_p=0.0, rng_seed=1234, training=True):

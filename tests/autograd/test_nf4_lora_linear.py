@@ -12,24 +12,14 @@ import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
 from tests.autograd.test_lora_linear import DTYPE_PAIRS, _run_and_check
-from tests.helpers import (BACKENDS, BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, assert_close,
-                           check_against_reference, keep_mask_for, make_grad_y, make_problem, poisoned_memory,
-                           reference, run_public, use_backend)
+from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, assert_close, check_against_reference,
+                           keep_mask_for, make_grad_y, make_problem, reference, run_public)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DQ = dict(double_quant=True)
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_memory():
-        yield
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with use_backend(request.param) as record:
-        yield record
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 @st.composite

@@ -12,7 +12,6 @@ from lora_kernels.kernels.common import COL_MULT, DROPOUT_BITS, FMIX_C1, FMIX_C2
 from lora_kernels.ops import dropout_keep_mask
 from lora_kernels.ops.dropout_mask import drop_threshold
 from lora_kernels.ops.triton_launch import is_interpreted
-from tests.helpers import poisoned_memory
 
 if is_interpreted():
     DEVICE = "cpu"
@@ -20,15 +19,10 @@ elif torch.cuda.is_available():
     DEVICE = "cuda"
 else:
     DEVICE = None
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA device")
+pytestmark = [pytest.mark.skipif(DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA device"),
+              pytest.mark.usefixtures("poisoned")]
 
 SEEDS = [0, 1, 12345, 2**31 + 3, 2**32 - 1, 2**32, 2**32 + 7, 0x1234_5678_9ABC_DEF, 2**62 - 2, 2**62 - 1]
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_memory():
-        yield
 
 
 @triton.jit

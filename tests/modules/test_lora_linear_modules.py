@@ -284,6 +284,24 @@ def test_nf4_merge_warns_and_requantizes(torch_backend):
         q.unmerge()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_layer_starts_like_a_fresh_nn_linear(bias, dtype):
+    """Same seed, same base parameters as nn.Linear (then the NF4 layer quantizes exactly those)."""
+    torch.manual_seed(7)
+    linear = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    torch.manual_seed(7)
+    layer = LoRALinear(K, N, R, ALPHA, bias=bias, dtype=dtype)
+    torch.manual_seed(7)
+    q = NF4LoRALinear(K, N, R, ALPHA, bias=bias, dtype=dtype)
+    assert torch.equal(layer.weight, linear.weight)
+    assert torch.equal(q.qweight.dequantize(), NF4Weight.quantize(linear.weight.detach()).dequantize())
+    for got in (layer.bias, q.bias):
+        assert (got is None) == (not bias)
+        if bias:
+            assert torch.equal(got, linear.bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # state_dict
 # ---------------------------------------------------------------------------------------------

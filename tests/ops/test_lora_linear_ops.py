@@ -12,8 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lora_kernels.kernels.configs import MAX_RANK
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_bwd, lora_linear_fwd, select_backend
 from lora_kernels.ops.triton_launch import is_interpreted
-from tests.helpers import (BACKENDS, BWD_NEED_FLAGS, DTYPE_IDS, assert_close, bound_for, make_problem,
-                           poisoned_memory, use_backend)
+from tests.helpers import (BWD_NEED_FLAGS, DTYPE_IDS, assert_close, bound_for, make_problem, use_backend)
 
 FWD = torch.ops.lora_kernels.lora_linear_fwd.default
 BWD = torch.ops.lora_kernels.lora_linear_bwd.default
@@ -26,16 +25,7 @@ def _pair_id(pair):
     return f"x{DTYPE_IDS[pair[0]]}-lora{DTYPE_IDS[pair[1]]}"
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_memory():
-        yield
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with use_backend(request.param) as record:
-        yield record
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -536,3 +536,26 @@ def test_fused_provider_switches_the_one_launch_forward_on(monkeypatch):
     y_two_launch = impls["lora_kernels"].forward()
     assert len(launched) == 1  # the plain provider keeps the two-launch forward
     assert torch.allclose(y_fused, y_two_launch, rtol=2e-3, atol=2e-3)
+
+
+def test_cpu_timer_order_is_random_per_rep_and_seeded():
+    """Every (provider, mode) gets its samples; the call order changes from rep to rep (a fixed order
+    biases the row that always follows the same call) and is the same in every run."""
+    def run():
+        calls = []
+
+        def impl(name):
+            def forward():
+                calls.append(name)
+                return torch.ones(2, 2, requires_grad=True) * 1.0
+            return bench.Impl(name, forward, [])
+
+        impls = {n: impl(n) for n in ("a", "b", "c", "d")}
+        times = bench.time_impls(impls, torch.ones(2, 2), reps=6, warmup=1, phases=("fwd",))
+        assert {n: len(t["fwd"]) for n, t in times.items()} == dict.fromkeys(impls, 6)
+        return [tuple(calls[i:i + 4]) for i in range(0, len(calls), 4)]
+
+    orders = run()
+    assert len(orders) == 7 and all(sorted(o) == ["a", "b", "c", "d"] for o in orders)
+    assert len(set(orders)) > 1
+    assert run() == orders
