@@ -2,6 +2,7 @@
 
     h = dropout(x) @ A^T                          lora_shrink_kernel     [M, r]
     y = x @ W^T + scale * h @ B^T + bias          lora_forward_gemm_kernel [M, N]
+                                                  (lora_forward_gemm_tma_kernel: the same, TMA loads)
 
 The GEMM starts its fp32 accumulator from scale * h @ B^T (one dot over the rank, chunked by
 R_CHUNK to bound registers) and then runs the K-loop of x @ W^T, so no M x N intermediate is
@@ -98,8 +99,34 @@ def lora_forward_gemm_kernel(
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
 
-    # LoRA term first: acc = h @ B^T over the (padded) rank, scaled once. With split-K only split 0
-    # reads h and B (r_live masks the loads, keeping the rank loop unrolled); the others start at 0.
+    # LoRA term first. With split-K only split 0 reads h and B (r_live masks the loads, keeping the
+    # rank loop unrolled); the others start at 0.
+    acc = lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r_live, stride_hm, stride_hr, stride_bn, stride_br,
+                    scale, R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT)
+
+    # Base GEMM continues in the same accumulator (no h here: the shrink kernel computed it).
+    acc, _ = gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, h_ptr, h_ptr, rows, offs_m, m_mask, cols, n_mask,
+                         offs_m, m_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0,
+                         wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+                         acc, BLOCK_K, False, False, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK,
+                         QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
+
+    bias_mask = n_mask
+    if SPLIT_K:
+        # The bias belongs to split 0. An integer bound, not n_mask & (pid_s == 0): the interpreter
+        # rejects scalar-bool masks.
+        bias_mask = offs_n < tl.where(pid_s == 0, N, 0)
+        y_ptr += pid_s.to(tl.int64) * stride_ys
+    bias_and_store(acc, bias_ptr, y_ptr, rows, cols, offs_n, m_mask, n_mask, bias_mask, stride_ym, stride_yn,
+                   HAS_BIAS)
+
+
+@triton.jit
+def lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r_live, stride_hm, stride_hr, stride_bn, stride_br, scale,
+              R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """scale * h @ B^T for one y tile [BLOCK_M, BLOCK_N] (fp32), over the padded rank R in R_CHUNK
+    steps (bounds registers); ranks >= r_live are masked to zero."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, R, R_CHUNK):
         offs_r = r0 + tl.arange(0, R_CHUNK)
@@ -109,26 +136,49 @@ def lora_forward_gemm_kernel(
         b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(h, b_t, acc, LORA_PRECISION, UPCAST_DOT)
-    acc = acc * scale
+    return acc * scale
 
-    # Base GEMM continues in the same accumulator (no h here: the shrink kernel computed it).
-    acc, _ = gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, h_ptr, h_ptr, rows, offs_m, m_mask, cols, n_mask,
-                         offs_m, m_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0,
-                         wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
-                         acc, BLOCK_K, False, False, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK,
-                         QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
 
+@triton.jit
+def bias_and_store(acc, bias_ptr, y_ptr, rows, cols, offs_n, m_mask, n_mask, bias_mask, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr):
+    """y tile = acc (+ bias[offs_n] where bias_mask), stored in y's dtype."""
     if HAS_BIAS:
-        bias_mask = n_mask
-        if SPLIT_K:
-            # An integer bound, not n_mask & (pid_s == 0): the interpreter rejects scalar-bool masks.
-            bias_mask = offs_n < tl.where(pid_s == 0, N, 0)
         bias = tl.load(bias_ptr + offs_n, mask=bias_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    if SPLIT_K:
-        y_ptr += pid_s.to(tl.int64) * stride_ys
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def lora_forward_gemm_tma_kernel(
+    x_desc, w_desc, h_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, r,
+    stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
+    scale,
+    R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """``lora_forward_gemm_kernel`` (dense W, no split-K) with x and W tiles brought in by TMA
+    (host-made descriptors x [M, K], W [N, K]; the hardware zero-fills out-of-bounds rows and
+    columns, so the K-loop has no masks and no address arithmetic). Hopper and newer."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    acc = lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r, stride_hm, stride_hr, stride_bn, stride_br,
+                    scale, R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT)
+    for k0 in range(0, x_desc.shape[1], BLOCK_K):
+        x = x_desc.load([pid_m * BLOCK_M, k0])
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        acc = mma(x, w.T, acc, DOT_PRECISION, UPCAST_DOT)
+    bias_and_store(acc, bias_ptr, y_ptr, rows, cols, offs_n, m_mask, n_mask, n_mask, stride_ym, stride_yn,
+                   HAS_BIAS)
 
 
 @triton.jit
@@ -168,11 +218,8 @@ def _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     acc = mma(h, b_t, acc * (1.0 / scale), LORA_PRECISION, UPCAST_DOT) * scale
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    bias_and_store(acc, bias_ptr, y_ptr, rows, cols, offs_n, m_mask, n_mask, n_mask, stride_ym, stride_yn,
+                   HAS_BIAS)
 
 
 @triton.jit

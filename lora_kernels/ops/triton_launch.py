@@ -9,12 +9,13 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_input_kernel,
                                                 lora_grad_out_pass_kernel)
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
-                                               lora_shrink_kernel)
+                                               lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
@@ -172,6 +173,30 @@ def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float) -> boo
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
 
 
+# The TMA forward GEMM (lora_forward_gemm_tma_kernel: x and W tiles loaded by the Hopper tensor
+# memory accelerator) for M >= this many rows; 0 (the default) keeps the pointer-based GEMM until a
+# GPU measures which is faster (read per call).
+TMA_MIN_M_ENV = "LORA_KERNELS_TMA_FORWARD_MIN_M"
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can back a TMA descriptor: unit inner stride, 16-byte-aligned start and
+    row stride (e.g. a contiguous 16-bit [.., K] tensor needs K % 8 == 0)."""
+    size = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def use_tma_forward(M: int, r: int, kind: str, arch: int, x2: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether a forward of M rows (above the small-M path) takes the TMA GEMM: switched on for M
+    (LORA_KERNELS_TMA_FORWARD_MIN_M), a dense weight, a supported kind / GPU family, and x and W
+    that TMA can address."""
+    min_m = env_nonnegative_int(TMA_MIN_M_ENV, 0)
+    return (0 < min_m <= M and weight is not None
+            and configs.tma_forward_supported(configs.padded_rank(r), kind, arch)
+            and tma_compatible(x2) and tma_compatible(weight))
+
+
 def fused_column_groups(m_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Column groups of the one-launch forward: enough programs (row blocks x groups) to fill the
     GPU, each group recomputing h for its rows, so no more than needed."""
@@ -229,6 +254,20 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         R=R, HAS_DROPOUT=has_dropout, LORA_PRECISION=flags["LORA_PRECISION"],
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if not small_m and wq is None and use_tma_forward(M, r, *key, x2, weight):
+        cfg = configs.tma_forward_config(R, *key)
+        block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
+        lora_forward_gemm_tma_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
+            TensorDescriptor.from_tensor(x2, [block_m, block_k]),
+            TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+            h, lora_B, bias if bias is not None else y2, y2,
+            M, N, r,
+            h.stride(0), h.stride(1), lora_B.stride(0), lora_B.stride(1), y2.stride(0), y2.stride(1),
+            scale,
+            R=R, HAS_BIAS=bias is not None, **flags, **cfg.blocks,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return y2, h
 
     cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4", small_m=small_m)
     block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]

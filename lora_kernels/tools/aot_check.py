@@ -37,6 +37,8 @@ ALL_ON_FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "NEED_DH": True, "NEED_DB
 NF4_PTR_ARGS = ("wq_absmax_ptr", "wq_absmax_code_ptr", "wq_absmax_scale_ptr", "wq_absmax_offset_ptr",
                 "wq_code_ptr")
 DEQUANT_KERNEL = "nf4_dequantize_kernel"
+# TMA descriptor arguments: their block shape, by constexpr name.
+TMA_DESCRIPTOR_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K")}
 
 
 def variants(kernels=None, ranks=None):
@@ -80,6 +82,8 @@ def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense", sm
     for arg in fn.arg_names:
         if arg in constexprs or arg in UNIT_STRIDE_ARGS:
             sig[arg] = "constexpr"
+        elif arg in TMA_DESCRIPTOR_BLOCKS:  # host-made TMA descriptor of a 16-byte-aligned x or W
+            sig[arg] = f"tensordesc<{x_dtype}[{', '.join(str(constexprs[b]) for b in TMA_DESCRIPTOR_BLOCKS[arg])}]>"
         elif weight_format == "nf4" and arg in ("w_ptr", "packed_ptr", "wq_absmax_ptr", "absmax_ptr"):
             sig[arg] = "*u8"  # packed codes; double-quantized absmax
         elif arg in ("out_ptr",):
@@ -161,6 +165,7 @@ def compile_one(variant, arch: int) -> dict:
         row.update(_parse_res_usage(out))
         row["dynamic_shared"] = compiled.metadata.shared
         row["wgmma"] = "wgmma" in compiled.asm["ptx"]
+        row["tma"] = "cp.async.bulk.tensor" in compiled.asm["ptx"]  # tiles loaded by the TMA unit
         row["error"] = None
     except Exception as exc:  # reported in the table, turned into a failing exit status
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -8,6 +8,8 @@ dense (writes bench_<dtype>.{json,csv,png})
     lora_kernels_fused  the same as lora_kernels with the one-launch forward switched on (h computed
                       inside the GEMM; sm_90 GPUs, M above the small-M path, padded rank <= 32:
                       "not_applicable" elsewhere)
+    lora_kernels_tma  the same as lora_kernels with the TMA forward GEMM switched on (x and W tiles
+                      loaded by the tensor memory accelerator; sm_90 GPUs, M above the small-M path)
     peft              ``peft.tuners.lora.layer.Linear`` around ``nn.Linear(K, N, bias=False)``
     peft_fa           the same with lora_A frozen
     peft_compiled     ``torch.compile(<peft layer>, dynamic=True)`` (default mode); compiled by the
@@ -82,8 +84,8 @@ import lora_kernels
 
 # The eager dense providers (the memory profile uses these); ``DENSE_PROVIDERS`` adds torch.compile.
 ALL_IMPLS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "torch_unfused", "base")
-DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "peft", "peft_fa", "peft_compiled",
-                   "torch_unfused", "base")
+DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lora_kernels_tma", "peft", "peft_fa",
+                   "peft_compiled", "torch_unfused", "base")
 # LoRA variants on the fused kernels (opt-in with --providers): their cost over plain lora_kernels is
 # reported as ratio_vs_lora_kernels. dylora: rank r out of an r_max = 2r adapter, run on the views
 # A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does.
@@ -400,6 +402,9 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
         elif name == "lora_kernels_fused":
             out[name] = Impl(name, fused_forward(lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p)),
                              [x, A, B], params, infer=fused_forward(lambda: lora_linear(x_infer, W, A, B, s)))
+        elif name == "lora_kernels_tma":
+            out[name] = Impl(name, tma_forward(lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p)),
+                             [x, A, B], params, infer=tma_forward(lambda: lora_linear(x_infer, W, A, B, s)))
         elif name in ("peft", "peft_fa", "peft_compiled"):
             layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=name == "peft_fa")
             if name == "peft_compiled":
@@ -448,6 +453,27 @@ def fused_forward(fn):
     """fn() with the one-launch forward switched on for every M it supports."""
     from lora_kernels.ops.triton_launch import FUSED_MIN_M_ENV
     return with_env(FUSED_MIN_M_ENV, 1, fn)
+
+
+def tma_forward(fn):
+    """fn() with the TMA forward GEMM switched on for every M it supports."""
+    from lora_kernels.ops.triton_launch import TMA_MIN_M_ENV
+    return with_env(TMA_MIN_M_ENV, 1, fn)
+
+
+def tma_forward_not_applicable(case, device, dtype) -> Optional[str]:
+    """Why the TMA forward GEMM would not run for ``case`` (its row would repeat the default one)."""
+    from lora_kernels.ops.triton_launch import small_m_max
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "the TMA forward GEMM runs on sm_90 GPUs only"
+    if case.M <= small_m_max():
+        return "M in the small-M split-K range"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "exact fp32 dots (FMA) are not supported by the TMA forward GEMM"
+    if (case.K * torch.empty(0, dtype=dtype).element_size()) % 16:
+        return "rows of x and W not 16-byte aligned (TMA)"
+    return None
 
 
 def fused_forward_not_applicable(case, device, dtype) -> Optional[str]:
@@ -625,7 +651,8 @@ DENSE = Family(
     expected=_dense_expected,
     available=available_impls,
     not_applicable=lambda case, provider, device, dtype: (
-        fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused" else None),
+        fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused"
+        else tma_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_tma" else None),
     finalize=_dense_finalize,
     summary=lambda result: format_goals("fused LoRA goals", result["goals"]),
 )

@@ -254,3 +254,84 @@ def test_fused_forward_strided_and_3d_input(monkeypatch):
     ref.sum().backward()
     assert _rel(y, ref) < BOUND[torch.float16]
     assert _rel(A.grad, Ar.grad) < BOUND[torch.float16] and _rel(B.grad, Br.grad) < BOUND[torch.float16]
+
+
+TMA_KINDS = [k for k in configs.DOT_KINDS if configs.tma_forward_supported(16, k, 90)]
+
+
+@pytest.mark.parametrize("kind", TMA_KINDS)
+@pytest.mark.parametrize("r", [3, 40, 200])  # padded ranks 16, 64, 256 (the LoRA term's R_CHUNK loop)
+def test_tma_forward_matches_reference(monkeypatch, kind, r):
+    # The TMA GEMM against float64, forward and every gradient: partial tiles in M, N and K (the
+    # descriptors zero-fill what lies outside x and W; K = 152 is not a multiple of BLOCK_K).
+    x_dtype, adapter_dtype, precision = KINDS[kind]
+    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, "17")
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        M, K, N = 45, 152, 300
+        gen = torch.Generator().manual_seed(r * 5 + len(kind))
+        y, ref, leaves = _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, "dense", gen, grads=True)
+        cfg = configs.tma_forward_config(configs.padded_rank(r), kind, 90).blocks
+        assert recorder.grids == [(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)]
+        assert K % cfg["BLOCK_K"] and N % cfg["BLOCK_N"] and M % cfg["BLOCK_M"]
+        bound = BOUND[x_dtype]
+        assert y.dtype == x_dtype and _rel(y, ref) < bound
+        for name, got, want in leaves:
+            assert _rel(got.grad, want.grad) < bound, name
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+
+
+def _strided_x(M, K, gen):
+    return torch.randn(M, 2 * K, generator=gen)[:, ::2]
+
+
+def _offset_x(M, K, gen):
+    return torch.randn(M * K + 1, generator=gen)[1:].view(M, K)  # start 4 bytes past an aligned one
+
+
+@pytest.mark.parametrize("min_m, M, K, arch, precision, make_x, tma", [
+    ("0", 40, 48, 90, "high", None, False),        # off by default
+    ("17", 40, 48, 90, "high", None, True),
+    ("41", 40, 48, 90, "high", None, False),       # below the threshold
+    ("17", 16, 48, 90, "high", None, False),       # small M: split-K path
+    ("17", 40, 48, 80, "high", None, False),       # sm_80
+    ("17", 40, 48, 90, "highest", None, False),    # exact fp32 dots
+    ("17", 40, 50, 90, "high", None, False),       # rows of 200 B: not 16-byte aligned
+    ("17", 40, 48, 90, "high", _strided_x, False),  # x's inner stride 2
+    ("17", 40, 48, 90, "high", _offset_x, False),   # x starts off a 16-byte boundary
+])
+def test_tma_forward_dispatch(monkeypatch, min_m, M, K, arch, precision, make_x, tma):
+    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, min_m)
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        gen = torch.Generator().manual_seed(M + K)
+        x = make_x(M, K, gen) if make_x else torch.randn(M, K, generator=gen)
+        weight = torch.randn(24, K, generator=gen) / 7
+        A, B = torch.randn(4, K, generator=gen) / 7, torch.randn(24, 4, generator=gen)
+        y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+    assert bool(recorder.grids) == tma
+    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 0.5)
+    assert _rel(y, ref) < 1e-3
+
+
+def test_tma_forward_never_takes_nf4_weights(monkeypatch):
+    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
+    monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, "1")
+    gen = torch.Generator().manual_seed(3)
+    y, ref, _ = _layer_and_reference(40, 64, 24, 4, torch.float16, torch.float16, "nf4", gen)
+    assert not recorder.grids and _rel(y, ref) < BOUND[torch.float16]

@@ -64,9 +64,10 @@ def test_layer_on_a_second_gpu_while_the_first_is_current():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
-def test_fused_forward_on_cuda_matches_the_two_launch_forward(monkeypatch, adapter_dtype):
-    # The one-launch forward compiled for the GPU (the interpreter tests cover its logic): same y, h
-    # (through dB) and gradients as the two-launch forward, and close to float64.
+@pytest.mark.parametrize("switch", [triton_launch.FUSED_MIN_M_ENV, triton_launch.TMA_MIN_M_ENV])
+def test_forward_variant_on_cuda_matches_the_default_forward(monkeypatch, adapter_dtype, switch):
+    # The one-launch forward and the TMA GEMM compiled for the GPU (the interpreter tests cover their
+    # logic): same y, h (through dB) and gradients as the default forward, and close to float64.
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(8)
     M, K, N, r = 1000, 512, 1300, 16
@@ -77,7 +78,7 @@ def test_fused_forward_on_cuda_matches_the_two_launch_forward(monkeypatch, adapt
     bias = torch.randn(N, generator=gen).to(device, torch.bfloat16)
     results = {}
     for min_m in ("0", "1"):
-        monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, min_m)
+        monkeypatch.setenv(switch, min_m)
         xs, A, B = x.clone().requires_grad_(True), A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
         torch.manual_seed(5)
         y = lora_kernels.lora_linear(xs, weight, A, B, 2.0, bias=bias, dropout_p=0.1)

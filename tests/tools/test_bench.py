@@ -509,33 +509,58 @@ def test_fused_forward_rows_apply_where_the_fused_kernel_runs(monkeypatch):
         torch.set_float32_matmul_precision(old)
 
 
-def test_cpu_run_reports_the_fused_row_not_applicable(tmp_path):
+def test_tma_forward_rows_apply_where_the_tma_kernel_runs(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    case = bench.Case(4096, 4096, 4096, 64)  # any rank
+    assert "sm_90" in bench.tma_forward_not_applicable(case, cpu, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "sm_90" in bench.tma_forward_not_applicable(case, cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert bench.tma_forward_not_applicable(case, cuda, torch.bfloat16) is None
+    assert "small-M" in bench.tma_forward_not_applicable(bench.Case(16, 4096, 4096, 16), cuda, torch.bfloat16)
+    assert "aligned" in bench.tma_forward_not_applicable(bench.Case(4096, 4100, 4096, 16), cuda, torch.bfloat16)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert "exact fp32" in bench.tma_forward_not_applicable(case, cuda, torch.float32)
+        torch.set_float32_matmul_precision("high")
+        assert bench.tma_forward_not_applicable(case, cuda, torch.float32) is None
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("provider", ["lora_kernels_fused", "lora_kernels_tma"])
+def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provider):
     res = bench.run(shapes=[(20, 32, 24, 4)], device="cpu", reps=1, warmup=0, out=tmp_path,
-                    providers=["lora_kernels_fused", "base"], families=["dense"], verbose=False, plot=False)["dense"]
+                    providers=[provider, "base"], families=["dense"], verbose=False, plot=False)["dense"]
     assert [r["impl"] for r in res["rows"]] == ["base"]
-    assert "sm_90" in res["not_applicable"]["20,32,24,4"]["lora_kernels_fused"]
+    assert "sm_90" in res["not_applicable"]["20,32,24,4"][provider]
 
 
 @pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
-def test_fused_provider_switches_the_one_launch_forward_on(monkeypatch):
+@pytest.mark.parametrize("provider, kernel_name, env", [
+    ("lora_kernels_fused", "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV),
+    ("lora_kernels_tma", "lora_forward_gemm_tma_kernel", triton_launch.TMA_MIN_M_ENV),
+])
+def test_forward_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_name, env):
     launched = []
-    kernel = triton_launch.lora_forward_fused_kernel
+    kernel = getattr(triton_launch, kernel_name)
 
     class Recorder:
         def __getitem__(self, grid):
             launched.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", Recorder())
+    monkeypatch.setattr(triton_launch, kernel_name, Recorder())
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    monkeypatch.delenv(triton_launch.FUSED_MIN_M_ENV, raising=False)
+    monkeypatch.delenv(env, raising=False)
     p = bench.make_problem(20, 32, 24, 4, torch.device("cpu"), torch.float16)
-    impls = bench.build_impls(p, ["lora_kernels", "lora_kernels_fused"])
-    y_fused = impls["lora_kernels_fused"].forward()
-    assert len(launched) == 1 and triton_launch.FUSED_MIN_M_ENV not in os.environ
-    y_two_launch = impls["lora_kernels"].forward()
-    assert len(launched) == 1  # the plain provider keeps the two-launch forward
-    assert torch.allclose(y_fused, y_two_launch, rtol=2e-3, atol=2e-3)
+    impls = bench.build_impls(p, ["lora_kernels", provider])
+    y_variant = impls[provider].forward()
+    assert len(launched) == 1 and env not in os.environ
+    y_default = impls["lora_kernels"].forward()
+    assert len(launched) == 1  # the plain provider keeps the default forward
+    assert torch.allclose(y_variant, y_default, rtol=2e-3, atol=2e-3)
 
 
 def test_cpu_timer_order_is_random_per_rep_and_seeded():
