@@ -16,7 +16,7 @@ LoRA dots run in the adapters' dtype, the dY @ W dot in dY's dtype; all accumula
 import triton
 import triton.language as tl
 
-from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, tile_offsets
 from lora_kernels.kernels.nf4 import load_weight_tile
 
 
@@ -89,12 +89,7 @@ def lora_grad_input_kernel(
     W_STORED_DTYPE: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    k_mask = offs_k < K
-    rows = offs_m.to(tl.int64)
-    ks = offs_k.to(tl.int64)
+    offs_m, offs_k, m_mask, k_mask, rows, ks = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
     lora_dtype = a_ptr.dtype.element_ty
 
     # LoRA term through dropout: keep * (dH @ A) / (1 - p).

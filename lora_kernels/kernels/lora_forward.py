@@ -18,7 +18,7 @@ Rank dimensions are padded to the power of two R >= 16 (tl.dot's minimum) and ma
 import triton
 import triton.language as tl
 
-from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, tile_offsets
 from lora_kernels.kernels.nf4 import load_weight_tile
 
 
@@ -92,12 +92,7 @@ def lora_forward_gemm_kernel(
         k_start = 0
         k_end = K
         r_live = r
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
+    offs_m, offs_n, m_mask, n_mask, rows, cols = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
     # LoRA term first. With split-K only split 0 reads h and B (r_live masks the loads, keeping the
     # rank loop unrolled); the others start at 0.
@@ -165,12 +160,7 @@ def lora_forward_gemm_tma_kernel(
     (host-made descriptors x [M, K], W [N, K]; the hardware zero-fills out-of-bounds rows and
     columns, so the K-loop has no masks and no address arithmetic). Hopper and newer."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
+    offs_m, offs_n, m_mask, n_mask, rows, cols = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r, stride_hm, stride_hr, stride_bn, stride_br,
                     scale, R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT)
     for k0 in range(0, x_desc.shape[1], BLOCK_K):

@@ -112,6 +112,14 @@ def _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen,
     return y, ref, [(n, leaves[n], ref_leaves[n]) for n in leaves]
 
 
+def _assert_close_to_reference(y, ref, leaves, x_dtype):
+    """y and every leaf's gradient (``_layer_and_reference``'s triples) within x's dtype bound."""
+    bound = BOUND[x_dtype]
+    assert y.dtype == x_dtype and _rel(y, ref) < bound
+    for name, got, want in leaves:
+        assert _rel(got.grad, want.grad) < bound, name
+
+
 @pytest.mark.parametrize("arch", configs.ARCHS)
 @pytest.mark.parametrize("weight_format", ["dense", "nf4"])
 @pytest.mark.parametrize("kind", configs.DOT_KINDS)
@@ -190,10 +198,7 @@ def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
         # one launch, two column groups, each walking more than one column tile
         block_n = configs.fused_forward_config(configs.padded_rank(r), kind, arch, weight_format).blocks["BLOCK_N"]
         assert len(recorder.grids) == 1 and recorder.grids[0][1] == 2 and triton.cdiv(N, block_n) > 2
-        bound = BOUND[x_dtype]
-        assert y.dtype == x_dtype and _rel(y, ref) < bound
-        for name, got, want in leaves:
-            assert _rel(got.grad, want.grad) < bound, name
+        _assert_close_to_reference(y, ref, leaves, x_dtype)
     finally:
         torch.set_float32_matmul_precision(old_precision)
 
@@ -215,21 +220,30 @@ def test_fused_column_groups():
     ("17", 40, 4, 90, "high", 0.0, False),    # scale 0 (the epilogue divides by it)
 ])
 def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale, fused):
-    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
-    monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
+    x = torch.randn(M, 48, generator=torch.Generator().manual_seed(M + r))
+    _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, min_m, arch, precision,
+                    x, r, scale, fused)
+
+
+def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r, scale, launched):
+    """Runs lora_linear on x [M, K] (fresh W [24, K], rank r) with ``env`` = min_m, the GPU family
+    ``arch`` and the fp32 matmul ``precision``; checks whether ``kernel_name`` ran, and y."""
+    recorder = _GridRecorder(getattr(triton_launch, kernel_name))
+    monkeypatch.setattr(triton_launch, kernel_name, recorder)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, min_m)
+    monkeypatch.setenv(env, min_m)
     old_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        gen = torch.Generator().manual_seed(M + r)
-        x, weight = torch.randn(M, 48, generator=gen), torch.randn(24, 48, generator=gen) / 7
-        A, B = torch.randn(r, 48, generator=gen) / 7, torch.randn(24, r, generator=gen)
+        gen = torch.Generator().manual_seed(x.shape[0] + r)
+        K = x.shape[1]
+        weight = torch.randn(24, K, generator=gen) / 7
+        A, B = torch.randn(r, K, generator=gen) / 7, torch.randn(24, r, generator=gen)
         y = lora_kernels.lora_linear(x, weight, A, B, scale)
     finally:
         torch.set_float32_matmul_precision(old_precision)
-    assert bool(recorder.grids) == fused
+    assert bool(recorder.grids) == launched
     ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), scale)
     assert _rel(y, ref) < 1e-3
 
@@ -279,10 +293,7 @@ def test_tma_forward_matches_reference(monkeypatch, kind, r):
         cfg = configs.tma_forward_config(configs.padded_rank(r), kind, 90).blocks
         assert recorder.grids == [(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)]
         assert K % cfg["BLOCK_K"] and N % cfg["BLOCK_N"] and M % cfg["BLOCK_M"]
-        bound = BOUND[x_dtype]
-        assert y.dtype == x_dtype and _rel(y, ref) < bound
-        for name, got, want in leaves:
-            assert _rel(got.grad, want.grad) < bound, name
+        _assert_close_to_reference(y, ref, leaves, x_dtype)
     finally:
         torch.set_float32_matmul_precision(old_precision)
 
@@ -307,24 +318,10 @@ def _offset_x(M, K, gen):
     ("17", 40, 48, 90, "high", _offset_x, False),   # x starts off a 16-byte boundary
 ])
 def test_tma_forward_dispatch(monkeypatch, min_m, M, K, arch, precision, make_x, tma):
-    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
-    monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
-    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
-    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, min_m)
-    old_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        gen = torch.Generator().manual_seed(M + K)
-        x = make_x(M, K, gen) if make_x else torch.randn(M, K, generator=gen)
-        weight = torch.randn(24, K, generator=gen) / 7
-        A, B = torch.randn(4, K, generator=gen) / 7, torch.randn(24, 4, generator=gen)
-        y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
-    finally:
-        torch.set_float32_matmul_precision(old_precision)
-    assert bool(recorder.grids) == tma
-    ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), 0.5)
-    assert _rel(y, ref) < 1e-3
+    gen = torch.Generator().manual_seed(M + K)
+    x = make_x(M, K, gen) if make_x else torch.randn(M, K, generator=gen)
+    _check_dispatch(monkeypatch, "lora_forward_gemm_tma_kernel", triton_launch.TMA_MIN_M_ENV, min_m, arch, precision,
+                    x, 4, 0.5, tma)
 
 
 def test_tma_forward_never_takes_nf4_weights(monkeypatch):

@@ -489,42 +489,27 @@ def test_with_env_sets_and_restores(monkeypatch):
     assert os.environ["LORA_KERNELS_TEST_VAR"] == "old"
 
 
-def test_fused_forward_rows_apply_where_the_fused_kernel_runs(monkeypatch):
+@pytest.mark.parametrize("not_applicable, r, other_misses", [
+    # each variant's own limit: the one-launch forward's rank, the TMA GEMM's row alignment
+    (bench.fused_forward_not_applicable, 16, [(bench.Case(4096, 4096, 4096, 64), "rank")]),
+    (bench.tma_forward_not_applicable, 64, [(bench.Case(4096, 4100, 4096, 16), "aligned")]),
+])
+def test_forward_variant_rows_apply_where_their_kernel_runs(monkeypatch, not_applicable, r, other_misses):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    case = bench.Case(4096, 4096, 4096, 16)
-    assert "sm_90" in bench.fused_forward_not_applicable(case, cpu, torch.bfloat16)
+    case = bench.Case(4096, 4096, 4096, r)
+    assert "sm_90" in not_applicable(case, cpu, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert "sm_90" in bench.fused_forward_not_applicable(case, cuda, torch.bfloat16)
+    assert "sm_90" in not_applicable(case, cuda, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert bench.fused_forward_not_applicable(case, cuda, torch.bfloat16) is None
-    assert "small-M" in bench.fused_forward_not_applicable(bench.Case(16, 4096, 4096, 16), cuda, torch.bfloat16)
-    assert "rank" in bench.fused_forward_not_applicable(bench.Case(4096, 4096, 4096, 64), cuda, torch.bfloat16)
+    assert not_applicable(case, cuda, torch.bfloat16) is None
+    for miss, why in [(bench.Case(16, 4096, 4096, 16), "small-M")] + other_misses:
+        assert why in not_applicable(miss, cuda, torch.bfloat16)
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert "exact fp32" in bench.fused_forward_not_applicable(case, cuda, torch.float32)
+        assert "exact fp32" in not_applicable(case, cuda, torch.float32)
         torch.set_float32_matmul_precision("high")
-        assert bench.fused_forward_not_applicable(case, cuda, torch.float32) is None
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
-def test_tma_forward_rows_apply_where_the_tma_kernel_runs(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    case = bench.Case(4096, 4096, 4096, 64)  # any rank
-    assert "sm_90" in bench.tma_forward_not_applicable(case, cpu, torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert "sm_90" in bench.tma_forward_not_applicable(case, cuda, torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert bench.tma_forward_not_applicable(case, cuda, torch.bfloat16) is None
-    assert "small-M" in bench.tma_forward_not_applicable(bench.Case(16, 4096, 4096, 16), cuda, torch.bfloat16)
-    assert "aligned" in bench.tma_forward_not_applicable(bench.Case(4096, 4100, 4096, 16), cuda, torch.bfloat16)
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert "exact fp32" in bench.tma_forward_not_applicable(case, cuda, torch.float32)
-        torch.set_float32_matmul_precision("high")
-        assert bench.tma_forward_not_applicable(case, cuda, torch.float32) is None
+        assert not_applicable(case, cuda, torch.float32) is None
     finally:
         torch.set_float32_matmul_precision(old)
 
