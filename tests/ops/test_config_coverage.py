@@ -4,6 +4,7 @@ tiles in every dimension, so the masking and split-M reduction logic is exercise
 import pytest
 import torch
 import triton
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels.kernels import configs
@@ -332,3 +333,21 @@ def test_tma_forward_never_takes_nf4_weights(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     y, ref, _ = _layer_and_reference(40, 64, 24, 4, torch.float16, torch.float16, "nf4", gen)
     assert not recorder.grids and _rel(y, ref) < BOUND[torch.float16]
+
+
+@settings(deadline=None, max_examples=24, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(variant=st.sampled_from(["fused", "tma"]), M=st.integers(17, 90),
+       K=st.one_of(st.integers(2, 25).map(lambda k: 8 * k), st.integers(16, 200)),  # TMA needs 16-byte rows
+       N=st.integers(1, 300), r=st.integers(1, 128), adapter_dtype=st.sampled_from([torch.float16, torch.float32]),
+       weight_format=st.sampled_from(["dense", "nf4"]), seed=st.integers(0, 2**31 - 1))
+def test_forward_variants_on_drawn_shapes(monkeypatch, variant, M, K, N, r, adapter_dtype, weight_format, seed):
+    # Each opt-in forward switched on for every M above the small-M path, on drawn shapes: where it
+    # does not apply (rank, NF4 for TMA, unaligned rows) the default forward runs; either way the
+    # layer must match float64, forward and every gradient.
+    env = {"fused": triton_launch.FUSED_MIN_M_ENV, "tma": triton_launch.TMA_MIN_M_ENV}[variant]
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(env, "1")
+    gen = torch.Generator().manual_seed(seed)
+    y, ref, leaves = _layer_and_reference(M, K, N, r, torch.float16, adapter_dtype, weight_format, gen, grads=True)
+    _assert_close_to_reference(y, ref, leaves, torch.float16)
