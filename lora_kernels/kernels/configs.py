@@ -142,16 +142,21 @@ def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "den
     return TileConfig(blocks, num_warps=cfg.num_warps, num_stages=2)
 
 
-def tma_forward_supported(R: int, kind: str, arch: int) -> bool:
-    """Whether the TMA forward GEMM may run: Hopper and newer, tensor-core dots (any padded rank: the
-    rank only enters its LoRA term, as in the pointer-based GEMM)."""
+def tma_supported(R: int, kind: str, arch: int) -> bool:
+    """Whether the TMA GEMMs (forward, dX) may run: Hopper and newer, tensor-core dots (any padded
+    rank: the rank only enters their LoRA terms, as in the pointer-based GEMMs)."""
     return kind != "ieee" and arch >= 90
 
 
 def tma_forward_config(R: int, kind: str, arch: int) -> TileConfig:
     """The dense forward GEMM's tiles (``forward_gemm_config``): the TMA kernel differs only in how
-    its x and W tiles reach shared memory. Launched only where ``tma_forward_supported``."""
+    its x and W tiles reach shared memory. Launched only where ``tma_supported``."""
     return forward_gemm_config(R, kind, arch, "dense")
+
+
+def tma_grad_input_config(R: int, kind: str, arch: int) -> TileConfig:
+    """The dense dX GEMM's tiles (``grad_input_config``), for its TMA variant (``tma_supported``)."""
+    return grad_input_config(R, kind, arch, "dense")
 
 
 def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: str) -> TileConfig:
@@ -223,7 +228,7 @@ WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input
                   "lora_forward_fused_kernel": ("dense", "nf4")}
 # Kernels launched only for some (padded rank, dot kind, GPU family): name -> predicate.
 LAUNCH_LIMITS = {"lora_forward_fused_kernel": fused_forward_supported,
-                 "lora_forward_gemm_tma_kernel": tma_forward_supported}
+                 "lora_forward_gemm_tma_kernel": tma_supported, "lora_grad_input_tma_kernel": tma_supported}
 
 # name -> (module of the kernel, config function). Used by the launchers and the AOT check.
 KERNEL_CONFIGS = {
@@ -233,5 +238,6 @@ KERNEL_CONFIGS = {
     "lora_forward_gemm_tma_kernel": ("lora_kernels.kernels.lora_forward", tma_forward_config),
     "lora_grad_out_pass_kernel": ("lora_kernels.kernels.lora_backward", grad_out_pass_config),
     "lora_grad_input_kernel": ("lora_kernels.kernels.lora_backward", grad_input_config),
+    "lora_grad_input_tma_kernel": ("lora_kernels.kernels.lora_backward", tma_grad_input_config),
     "lora_grad_a_kernel": ("lora_kernels.kernels.lora_backward", grad_a_config),
 }

@@ -8,6 +8,7 @@
     lora_grad_input_kernel      dX = keep * (dH @ A) / (1-p) + dY @ W: the accumulator starts from
                                 the masked LoRA term and continues with the N-loop (one GEMM);
                                 W dense or NF4 (tiles decoded in the loop, W_NF4).
+    lora_grad_input_tma_kernel  the same for dense W with dY and W tiles loaded by TMA (sm_90).
     lora_grad_a_kernel          dA partials dH^T @ dropout(x) per M-split -> da_ws [M_splits, r, K].
 
 dH arrives already multiplied by scale (fp32); dropout masks are regenerated from the seed.
@@ -90,21 +91,9 @@ def lora_grad_input_kernel(
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m, offs_k, m_mask, k_mask, rows, ks = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
-    lora_dtype = a_ptr.dtype.element_ty
-
-    # LoRA term through dropout: keep * (dH @ A) / (1 - p).
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for r0 in range(0, R, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_mask = offs_r < r
-        dh = tl.load(dh_ptr + rows[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(dh.to(lora_dtype), a, acc, LORA_PRECISION, UPCAST_DOT)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
+    acc = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, ks, r,
+                       stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold, keep_scale,
+                       R, R_CHUNK, BLOCK_M, BLOCK_K, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
 
     # Base term dY @ W continues in the same accumulator.
     for n0 in range(0, N, BLOCK_N):
@@ -118,6 +107,55 @@ def lora_grad_input_kernel(
                              wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
                              wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE,
                              dy_ptr.dtype.element_ty)
+        acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, ks, r,
+                 stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold, keep_scale,
+                 R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The LoRA term of a dX tile [BLOCK_M, BLOCK_K] through dropout: keep * (dH @ A) / (1 - p), fp32,
+    over the padded rank R in R_CHUNK steps, in the adapters' dtype."""
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < r
+        dh = tl.load(dh_ptr + rows[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(dh.to(a_ptr.dtype.element_ty), a, acc, LORA_PRECISION, UPCAST_DOT)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+    return acc
+
+
+@triton.jit
+def lora_grad_input_tma_kernel(
+    dy_desc, w_desc, dh_ptr, a_ptr, seed_ptr, dx_ptr,
+    M, K, r,
+    stride_dhm, stride_dhr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    drop_threshold, keep_scale,
+    R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """``lora_grad_input_kernel`` (dense W) with dY and W tiles brought in by TMA (host-made
+    descriptors dY [M, N], W [N, K]; out-of-bounds parts zero-filled by the hardware, so the
+    N-loop has no masks). Hopper and newer."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m, offs_k, m_mask, k_mask, rows, ks = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
+    acc = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, ks, r,
+                       stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold, keep_scale,
+                       R, R_CHUNK, BLOCK_M, BLOCK_K, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
+    for n0 in range(0, dy_desc.shape[1], BLOCK_N):
+        dy = dy_desc.load([pid_m * BLOCK_M, n0])
+        w = w_desc.load([n0, pid_k * BLOCK_K])
         acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])

@@ -13,7 +13,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_input_kernel,
-                                                lora_grad_out_pass_kernel)
+                                                lora_grad_input_tma_kernel, lora_grad_out_pass_kernel)
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
@@ -173,10 +173,10 @@ def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float) -> boo
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
 
 
-# The TMA forward GEMM (lora_forward_gemm_tma_kernel: x and W tiles loaded by the Hopper tensor
-# memory accelerator) for M >= this many rows; 0 (the default) keeps the pointer-based GEMM until a
-# GPU measures which is faster (read per call).
-TMA_MIN_M_ENV = "LORA_KERNELS_TMA_FORWARD_MIN_M"
+# The TMA GEMMs (lora_forward_gemm_tma_kernel, lora_grad_input_tma_kernel: operand tiles loaded by
+# the Hopper tensor memory accelerator) for M >= this many rows; 0 (the default) keeps the
+# pointer-based GEMMs until a GPU measures which is faster (read per call).
+TMA_MIN_M_ENV = "LORA_KERNELS_TMA_MIN_M"
 
 
 def tma_compatible(t: torch.Tensor) -> bool:
@@ -187,14 +187,13 @@ def tma_compatible(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def use_tma_forward(M: int, r: int, kind: str, arch: int, x2: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
-    """Whether a forward of M rows (above the small-M path) takes the TMA GEMM: switched on for M
-    (LORA_KERNELS_TMA_FORWARD_MIN_M), a dense weight, a supported kind / GPU family, and x and W
-    that TMA can address."""
+def use_tma(M: int, r: int, kind: str, arch: int, *operands: Optional[torch.Tensor]) -> bool:
+    """Whether a GEMM over M rows takes its TMA kernel: switched on for M (LORA_KERNELS_TMA_MIN_M), a
+    supported kind / GPU family, and ``operands`` (the big ones: x or dY, and W) that TMA can address
+    (None, as an NF4 weight's dense tensor, never)."""
     min_m = env_nonnegative_int(TMA_MIN_M_ENV, 0)
-    return (0 < min_m <= M and weight is not None
-            and configs.tma_forward_supported(configs.padded_rank(r), kind, arch)
-            and tma_compatible(x2) and tma_compatible(weight))
+    return (0 < min_m <= M and configs.tma_supported(configs.padded_rank(r), kind, arch)
+            and all(t is not None and tma_compatible(t) for t in operands))
 
 
 def fused_column_groups(m_blocks: int, n_tiles: int, device: torch.device) -> int:
@@ -255,7 +254,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if not small_m and wq is None and use_tma_forward(M, r, *key, x2, weight):
+    if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
         cfg = configs.tma_forward_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
         lora_forward_gemm_tma_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
@@ -339,7 +338,20 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         if need_bias:
             d_bias = colsum_ws.sum(0)
 
-    if need_x:
+    if need_x and wq is None and use_tma(M, r, *key, grad_y2, weight):
+        dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
+        cfg = configs.tma_grad_input_config(R, *key)
+        block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
+        lora_grad_input_tma_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
+            TensorDescriptor.from_tensor(grad_y2, [block_m, block_n]),
+            TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+            d_h, lora_A, seed if has_dropout else d_h, dx2,
+            M, K, r,
+            d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1), dx2.stride(0), dx2.stride(1),
+            drop_threshold(dropout_p), keep_scale,
+            R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.grad_input_config(R, *key, "dense" if wq is None else "nf4")
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)

@@ -38,7 +38,8 @@ NF4_PTR_ARGS = ("wq_absmax_ptr", "wq_absmax_code_ptr", "wq_absmax_scale_ptr", "w
                 "wq_code_ptr")
 DEQUANT_KERNEL = "nf4_dequantize_kernel"
 # TMA descriptor arguments: their block shape, by constexpr name.
-TMA_DESCRIPTOR_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K")}
+TMA_DESCRIPTOR_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
+                         "dy_desc": ("BLOCK_M", "BLOCK_N")}
 
 
 def variants(kernels=None, ranks=None):

@@ -8,8 +8,9 @@ dense (writes bench_<dtype>.{json,csv,png})
     lora_kernels_fused  the same as lora_kernels with the one-launch forward switched on (h computed
                       inside the GEMM; sm_90 GPUs, M above the small-M path, padded rank <= 32:
                       "not_applicable" elsewhere)
-    lora_kernels_tma  the same as lora_kernels with the TMA forward GEMM switched on (x and W tiles
-                      loaded by the tensor memory accelerator; sm_90 GPUs, M above the small-M path)
+    lora_kernels_tma  the same as lora_kernels with the TMA GEMMs switched on (forward GEMM above the
+                      small-M path, and dX: x / dY and W tiles loaded by the tensor memory
+                      accelerator; sm_90 GPUs)
     peft              ``peft.tuners.lora.layer.Linear`` around ``nn.Linear(K, N, bias=False)``
     peft_fa           the same with lora_A frozen
     peft_compiled     ``torch.compile(<peft layer>, dynamic=True)`` (default mode); compiled by the
@@ -315,6 +316,22 @@ class Impl:
     leaves: list
     params: list = field(default_factory=list)
     infer: Optional[Callable[[], torch.Tensor]] = None
+    # fn -> a callable running fn() inside some setting (e.g. ``tma_gemms``: a dispatch switch the
+    # backward must see too): wraps forward and infer here, and every ``backward`` call.
+    around: Optional[Callable[[Callable], Callable]] = None
+
+    def __post_init__(self):
+        if self.around is not None:
+            self.forward = self.around(self.forward)
+            if self.infer is not None:
+                self.infer = self.around(self.infer)
+
+    def backward(self, y: torch.Tensor, dy: torch.Tensor) -> None:
+        """y.backward(dy), inside ``around`` when given."""
+        if self.around is None:
+            y.backward(dy)
+        else:
+            self.around(lambda: y.backward(dy))()
 
 
 @dataclass
@@ -399,12 +416,10 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
         elif name == "lora_kernels_fa":
             out[name] = Impl(name, lambda: lora_linear(x, W, A_frozen, B, s, dropout_p=dropout_p), [x, B], params,
                              infer=lambda: lora_linear(x_infer, W, A_frozen, B, s))
-        elif name == "lora_kernels_fused":
-            out[name] = Impl(name, fused_forward(lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p)),
-                             [x, A, B], params, infer=fused_forward(lambda: lora_linear(x_infer, W, A, B, s)))
-        elif name == "lora_kernels_tma":
-            out[name] = Impl(name, tma_forward(lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p)),
-                             [x, A, B], params, infer=tma_forward(lambda: lora_linear(x_infer, W, A, B, s)))
+        elif name in ("lora_kernels_fused", "lora_kernels_tma"):
+            out[name] = Impl(name, lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p), [x, A, B], params,
+                             infer=lambda: lora_linear(x_infer, W, A, B, s),
+                             around=fused_forward if name == "lora_kernels_fused" else tma_gemms)
         elif name in ("peft", "peft_fa", "peft_compiled"):
             layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=name == "peft_fa")
             if name == "peft_compiled":
@@ -455,22 +470,19 @@ def fused_forward(fn):
     return with_env(FUSED_MIN_M_ENV, 1, fn)
 
 
-def tma_forward(fn):
-    """fn() with the TMA forward GEMM switched on for every M it supports."""
+def tma_gemms(fn):
+    """fn() with the TMA GEMMs (forward and dX) switched on for every M."""
     from lora_kernels.ops.triton_launch import TMA_MIN_M_ENV
     return with_env(TMA_MIN_M_ENV, 1, fn)
 
 
-def tma_forward_not_applicable(case, device, dtype) -> Optional[str]:
-    """Why the TMA forward GEMM would not run for ``case`` (its row would repeat the default one)."""
-    from lora_kernels.ops.triton_launch import small_m_max
-
+def tma_not_applicable(case, device, dtype) -> Optional[str]:
+    """Why neither TMA GEMM would run for ``case`` (its row would repeat the default one). At small M
+    the forward keeps its split-K path, but the dX GEMM still takes TMA."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return "the TMA forward GEMM runs on sm_90 GPUs only"
-    if case.M <= small_m_max():
-        return "M in the small-M split-K range"
+        return "the TMA GEMMs run on sm_90 GPUs only"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "exact fp32 dots (FMA) are not supported by the TMA forward GEMM"
+        return "exact fp32 dots (FMA) are not supported by the TMA GEMMs"
     if (case.K * torch.empty(0, dtype=dtype).element_size()) % 16:
         return "rows of x and W not 16-byte aligned (TMA)"
     return None
@@ -508,7 +520,7 @@ def probe(impl: Impl, dy: torch.Tensor) -> Optional[str]:
     """Runs one fwd+bwd of ``impl`` (dy [M, N]); returns None, or the error as text."""
     try:
         _reset_grads(impl)
-        impl.forward().backward(dy)
+        impl.backward(impl.forward(), dy)
         _reset_grads(impl)
         return None
     except Exception as e:  # report any failure of the provider under test, keep going
@@ -652,7 +664,7 @@ DENSE = Family(
     available=available_impls,
     not_applicable=lambda case, provider, device, dtype: (
         fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused"
-        else tma_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_tma" else None),
+        else tma_not_applicable(case, device, dtype) if provider == "lora_kernels_tma" else None),
     finalize=_dense_finalize,
     summary=lambda result: format_goals("fused LoRA goals", result["goals"]),
 )
@@ -814,7 +826,7 @@ def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: 
 
         def fwdbwd(_):
             y = impl.forward()
-            y.backward(dy)
+            impl.backward(y, dy)
             return y
 
         def infer(_):
@@ -823,7 +835,7 @@ def time_impls(impls: dict, dy: torch.Tensor, reps: int, warmup: int, flush_l2: 
 
         plan = {"fwd": (lambda _: impl.forward(), reset),
                 "fwdbwd": (fwdbwd, reset),
-                "bwd": (lambda y: y.backward(dy), fwd_then_keep),
+                "bwd": (lambda y: impl.backward(y, dy), fwd_then_keep),
                 "infer": (infer, reset)}
         return {ph: plan[ph] for ph in phases}
 
@@ -889,7 +901,7 @@ def mode_callable(rot: _Rotation, mode: str, reset_grads: bool = False) -> Calla
         if mode == "fwd":
             rot.last = impl.forward()
         elif mode == "fwdbwd":
-            impl.forward().backward(dy)
+            impl.backward(impl.forward(), dy)
         else:
             with torch.no_grad():
                 rot.last = impl.infer()
@@ -932,7 +944,7 @@ def _cuda_bwd_ms(rot: _Rotation, timing: Timing, flush: torch.Tensor) -> float:
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        y.backward(dy)
+        impl.backward(y, dy)
         end.record()
         return start, end
 

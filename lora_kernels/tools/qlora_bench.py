@@ -25,6 +25,7 @@ modes fwd, bwd, fwdbwd, infer on a GPU; ``CPU_KN`` x ``CPU_M`` on CPU. ``--quick
 ``bench`` (``--model``, ``--proj``, ``--m``, ``--rank``, ``--shapes``, ``--providers``, ``--modes``).
 """
 import argparse
+import functools
 import warnings
 from pathlib import Path
 
@@ -141,12 +142,12 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
                              infer=lambda a=a: nf4_lora_linear(x_infer, q, a, B, s))
         elif name == "lora_kernels_nf4_gemv":
             from lora_kernels.ops.nf4_gemv import GEMV_MAX_ROWS, NF4_GEMV_ENV
-            fwd = with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x, q, A, B, s))
-            out[name] = Impl(name, fwd, [x, A, B], params,
-                             infer=with_env(NF4_GEMV_ENV, GEMV_MAX_ROWS, lambda: nf4_lora_linear(x_infer, q, A, B, s)))
+            out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
+                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
+                             around=functools.partial(with_env, NF4_GEMV_ENV, GEMV_MAX_ROWS))
         elif name == "lora_kernels_nf4_fused":
-            out[name] = Impl(name, fused_forward(lambda: nf4_lora_linear(x, q, A, B, s)), [x, A, B], params,
-                             infer=fused_forward(lambda: nf4_lora_linear(x_infer, q, A, B, s)))
+            out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
+                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s), around=fused_forward)
         elif name == "peft_qlora":
             layer, adapters = _peft_qlora_layer(p)
             out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,

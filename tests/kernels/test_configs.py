@@ -111,7 +111,8 @@ def test_parse_res_usage():
 _COMPILE_SCRIPT = """
 import json, sys
 from lora_kernels.tools import aot_check
-for name, fmt, small_m in (("lora_forward_gemm_kernel", "nf4", True), ("lora_forward_gemm_tma_kernel", "dense", False)):
+for name, fmt, small_m in (("lora_forward_gemm_kernel", "nf4", True), ("lora_forward_gemm_tma_kernel", "dense", False),
+                           ("lora_grad_input_tma_kernel", "dense", False)):
     print(json.dumps(aot_check.compile_one((name, 16, "bf16", "bf16", "tf32", fmt, small_m), 90)))
 """
 
@@ -127,14 +128,14 @@ def test_aot_compile_one_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()[-3:]]
     for row in rows:
         assert row["error"] is None, row["error"]
         assert 0 < row["regs"] <= 255
         assert row["arch"] == "sm_90" and row["dynamic_shared"] >= 0
         assert not aot_check.spilled(row)  # R = 16 is a main configuration: it must not spill
-    # the TMA GEMM's descriptors become TMA copies; the pointer-based GEMM has none
-    assert [row["tma"] for row in rows] == [False, True] and rows[1]["wgmma"]
+    # the TMA GEMMs' descriptors become TMA copies; the pointer-based GEMM has none
+    assert [row["tma"] for row in rows] == [False, True, True] and rows[1]["wgmma"] and rows[2]["wgmma"]
 
 
 def test_aot_toolchain_names_triton_and_its_ptxas():

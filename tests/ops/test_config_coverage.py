@@ -271,32 +271,62 @@ def test_fused_forward_strided_and_3d_input(monkeypatch):
     assert _rel(A.grad, Ar.grad) < BOUND[torch.float16] and _rel(B.grad, Br.grad) < BOUND[torch.float16]
 
 
-TMA_KINDS = [k for k in configs.DOT_KINDS if configs.tma_forward_supported(16, k, 90)]
+TMA_KINDS = [k for k in configs.DOT_KINDS if configs.tma_supported(16, k, 90)]
 
 
 @pytest.mark.parametrize("kind", TMA_KINDS)
-@pytest.mark.parametrize("r", [3, 40, 200])  # padded ranks 16, 64, 256 (the LoRA term's R_CHUNK loop)
-def test_tma_forward_matches_reference(monkeypatch, kind, r):
-    # The TMA GEMM against float64, forward and every gradient: partial tiles in M, N and K (the
-    # descriptors zero-fill what lies outside x and W; K = 152 is not a multiple of BLOCK_K).
+@pytest.mark.parametrize("r", [3, 40, 200])  # padded ranks 16, 64, 256 (the LoRA terms' R_CHUNK loops)
+def test_tma_gemms_match_reference(monkeypatch, kind, r):
+    # Both TMA GEMMs (forward, dX) against float64, forward and every gradient: partial tiles in M,
+    # N and K (the descriptors zero-fill what lies outside x, dY and W).
     x_dtype, adapter_dtype, precision = KINDS[kind]
-    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
-    monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
+    recorders = {}
+    for name in ("lora_forward_gemm_tma_kernel", "lora_grad_input_tma_kernel"):
+        recorders[name] = _GridRecorder(getattr(triton_launch, name))
+        monkeypatch.setattr(triton_launch, name, recorders[name])
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, "17")
     old_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        M, K, N = 45, 152, 300
+        M, K, N = 45, 152, 296  # rows of x, dY and W 16-byte aligned
         gen = torch.Generator().manual_seed(r * 5 + len(kind))
         y, ref, leaves = _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, "dense", gen, grads=True)
-        cfg = configs.tma_forward_config(configs.padded_rank(r), kind, 90).blocks
-        assert recorder.grids == [(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)]
-        assert K % cfg["BLOCK_K"] and N % cfg["BLOCK_N"] and M % cfg["BLOCK_M"]
+        fwd = configs.tma_forward_config(configs.padded_rank(r), kind, 90).blocks
+        dx = configs.tma_grad_input_config(configs.padded_rank(r), kind, 90).blocks
+        assert recorders["lora_forward_gemm_tma_kernel"].grids == [
+            (triton.cdiv(M, fwd["BLOCK_M"]) * triton.cdiv(N, fwd["BLOCK_N"]),)]
+        assert recorders["lora_grad_input_tma_kernel"].grids == [
+            (triton.cdiv(M, dx["BLOCK_M"]) * triton.cdiv(K, dx["BLOCK_K"]),)]
+        assert K % fwd["BLOCK_K"] and N % fwd["BLOCK_N"] and M % fwd["BLOCK_M"]
+        assert K % dx["BLOCK_K"] and N % dx["BLOCK_N"] and M % dx["BLOCK_M"]
         _assert_close_to_reference(y, ref, leaves, x_dtype)
     finally:
         torch.set_float32_matmul_precision(old_precision)
+
+
+@pytest.mark.parametrize("N, strided_dy, tma", [(24, False, True), (21, False, False), (24, True, False)])
+def test_tma_grad_input_dispatch(monkeypatch, N, strided_dy, tma):
+    # dY [M, N] must be TMA-addressable too: rows of 84 B or a strided dY keep the pointer dX GEMM
+    recorder = _GridRecorder(triton_launch.lora_grad_input_tma_kernel)
+    monkeypatch.setattr(triton_launch, "lora_grad_input_tma_kernel", recorder)
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, "1")
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(40, 48, generator=gen, dtype=torch.float16, requires_grad=True)
+    weight = (torch.randn(N, 48, generator=gen) / 7).half()
+    A = (torch.randn(4, 48, generator=gen) / 7).half().requires_grad_(True)
+    B = torch.randn(N, 4, generator=gen).half().requires_grad_(True)
+    dy = torch.randn(40, 2 * N, generator=gen).half()
+    dy = dy[:, ::2] if strided_dy else dy[:, :N].contiguous()
+    lora_kernels.lora_linear(x, weight, A, B, 0.5).backward(dy)
+    assert bool(recorder.grids) == tma
+    xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    lora_linear_reference(xr, weight.double(), Ar, Br, 0.5).backward(dy.double())
+    for got, want in ((x, xr), (A, Ar), (B, Br)):
+        assert _rel(got.grad, want.grad) < BOUND[torch.float16]
 
 
 def _strided_x(M, K, gen):

@@ -490,9 +490,10 @@ def test_with_env_sets_and_restores(monkeypatch):
 
 
 @pytest.mark.parametrize("not_applicable, r, other_misses", [
-    # each variant's own limit: the one-launch forward's rank, the TMA GEMM's row alignment
-    (bench.fused_forward_not_applicable, 16, [(bench.Case(4096, 4096, 4096, 64), "rank")]),
-    (bench.tma_forward_not_applicable, 64, [(bench.Case(4096, 4100, 4096, 16), "aligned")]),
+    # each variant's own limits: the one-launch forward's M and rank, the TMA GEMMs' row alignment
+    (bench.fused_forward_not_applicable, 16, [(bench.Case(16, 4096, 4096, 16), "small-M"),
+                                              (bench.Case(4096, 4096, 4096, 64), "rank")]),
+    (bench.tma_not_applicable, 64, [(bench.Case(4096, 4100, 4096, 16), "aligned")]),
 ])
 def test_forward_variant_rows_apply_where_their_kernel_runs(monkeypatch, not_applicable, r, other_misses):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -502,7 +503,7 @@ def test_forward_variant_rows_apply_where_their_kernel_runs(monkeypatch, not_app
     assert "sm_90" in not_applicable(case, cuda, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert not_applicable(case, cuda, torch.bfloat16) is None
-    for miss, why in [(bench.Case(16, 4096, 4096, 16), "small-M")] + other_misses:
+    for miss, why in other_misses:
         assert why in not_applicable(miss, cuda, torch.bfloat16)
     old = torch.get_float32_matmul_precision()
     try:
@@ -526,8 +527,9 @@ def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provi
 @pytest.mark.parametrize("provider, kernel_name, env", [
     ("lora_kernels_fused", "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV),
     ("lora_kernels_tma", "lora_forward_gemm_tma_kernel", triton_launch.TMA_MIN_M_ENV),
+    ("lora_kernels_tma", "lora_grad_input_tma_kernel", triton_launch.TMA_MIN_M_ENV),
 ])
-def test_forward_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_name, env):
+def test_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_name, env):
     launched = []
     kernel = getattr(triton_launch, kernel_name)
 
@@ -541,11 +543,21 @@ def test_forward_variant_provider_switches_its_kernel_on(monkeypatch, provider, 
     monkeypatch.delenv(env, raising=False)
     p = bench.make_problem(20, 32, 24, 4, torch.device("cpu"), torch.float16)
     impls = bench.build_impls(p, ["lora_kernels", provider])
-    y_variant = impls[provider].forward()
+
+    dy = torch.randn(20, 24, generator=torch.Generator().manual_seed(1)).half()
+
+    def forward_backward(name):  # y and dX, as the timers run them
+        p.x.grad = None
+        y = impls[name].forward()
+        impls[name].backward(y, dy)
+        return y, p.x.grad
+
+    variant = forward_backward(provider)
     assert len(launched) == 1 and env not in os.environ
-    y_default = impls["lora_kernels"].forward()
-    assert len(launched) == 1  # the plain provider keeps the default forward
-    assert torch.allclose(y_variant, y_default, rtol=2e-3, atol=2e-3)
+    default = forward_backward("lora_kernels")
+    assert len(launched) == 1  # the plain provider keeps the default kernels
+    for got, want in zip(variant, default):
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
 def test_cpu_timer_order_is_random_per_rep_and_seeded():
