@@ -180,11 +180,12 @@ TMA_MIN_M_ENV = "LORA_KERNELS_TMA_MIN_M"
 
 
 def tma_compatible(t: torch.Tensor) -> bool:
-    """Whether a 2-D tensor can back a TMA descriptor: unit inner stride, 16-byte-aligned start and
-    row stride (e.g. a contiguous 16-bit [.., K] tensor needs K % 8 == 0)."""
+    """Whether a 2-D tensor can back a TMA descriptor: unit inner stride, rows that do not overlap
+    (a broadcast row stride of 0 is not a valid descriptor stride), 16-byte-aligned start and row
+    stride (e.g. a contiguous 16-bit [.., K] tensor needs K % 8 == 0)."""
     size = t.element_size()
-    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def use_tma(M: int, r: int, kind: str, arch: int, *operands: Optional[torch.Tensor]) -> bool:

@@ -337,6 +337,10 @@ def _offset_x(M, K, gen):
     return torch.randn(M * K + 1, generator=gen)[1:].view(M, K)  # start 4 bytes past an aligned one
 
 
+def _broadcast_x(M, K, gen):
+    return torch.randn(1, K, generator=gen).expand(M, K)  # row stride 0
+
+
 @pytest.mark.parametrize("min_m, M, K, arch, precision, make_x, tma", [
     ("0", 40, 48, 90, "high", None, False),        # off by default
     ("17", 40, 48, 90, "high", None, True),
@@ -347,6 +351,7 @@ def _offset_x(M, K, gen):
     ("17", 40, 50, 90, "high", None, False),       # rows of 200 B: not 16-byte aligned
     ("17", 40, 48, 90, "high", _strided_x, False),  # x's inner stride 2
     ("17", 40, 48, 90, "high", _offset_x, False),   # x starts off a 16-byte boundary
+    ("17", 40, 48, 90, "high", _broadcast_x, False),  # one row broadcast to all: stride 0
 ])
 def test_tma_forward_dispatch(monkeypatch, min_m, M, K, arch, precision, make_x, tma):
     gen = torch.Generator().manual_seed(M + K)
