@@ -369,3 +369,15 @@ def check_against_reference(problem: Problem, y, grads, ref_y, ref_grads, bound:
         assert g is not None, f"{name}.grad is None"
         assert g.dtype == params[name].dtype, f"{name}.grad dtype {g.dtype} != {params[name].dtype}"
         assert_close(g, ref_g, bound, f"d{name}", mag_grads.get(name))
+
+
+class GridRecorder:
+    """Stands in for a @triton.jit kernel (``monkeypatch.setattr(triton_launch, name, ...)``): records
+    each launch grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]

@@ -10,6 +10,7 @@ import lora_kernels
 from lora_kernels.kernels import configs
 from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
 from lora_kernels.ops import triton_launch
+from tests.helpers import GridRecorder
 
 pytestmark = pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
 
@@ -70,17 +71,6 @@ def test_every_config_matches_reference(monkeypatch, arch, kind, padded):
         torch.set_float32_matmul_precision(old_precision)
 
 
-class _GridRecorder:
-    """Stands in for a @triton.jit kernel: records each launch grid, then launches the kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return self.kernel[grid]
-
-
 def _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen, grads=False):
     """Runs the layer (dense, or NF4 quantized from the same weight) on fresh inputs with a bias,
     lora_B_bias and dropout 0.25, and the float64 reference with the same mask. Returns (y, ref,
@@ -131,7 +121,7 @@ def test_small_m_split_k_matches_reference(monkeypatch, arch, weight_format, kin
     # tiles differ per GPU family (NF4 K step), so both families' configs run.
     x_dtype, adapter_dtype, precision = KINDS[kind]
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
-    recorder = _GridRecorder(triton_launch.lora_forward_gemm_kernel)
+    recorder = GridRecorder(triton_launch.lora_forward_gemm_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_gemm_kernel", recorder)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     old_precision = torch.get_float32_matmul_precision()
@@ -152,7 +142,7 @@ def test_small_m_split_k_matches_reference(monkeypatch, arch, weight_format, kin
 @pytest.mark.parametrize("override, M, split", [("32", 17, True), ("32", 32, True), ("0", 1, False),
                                                  (" 4 ", 5, False), ("", 1, True)])
 def test_small_m_env_override(monkeypatch, override, M, split):
-    recorder = _GridRecorder(triton_launch.lora_forward_gemm_kernel)
+    recorder = GridRecorder(triton_launch.lora_forward_gemm_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_gemm_kernel", recorder)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.SMALL_M_ENV, override)
@@ -183,7 +173,7 @@ def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
     # The one-launch forward (h accumulated inside the GEMM's first tile per program, column groups
     # walking strided tiles) against float64, forward and every gradient (the backward uses its h).
     x_dtype, adapter_dtype, precision = KINDS[kind]
-    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
+    recorder = GridRecorder(triton_launch.lora_forward_fused_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
     arch = 90  # the GPU family it runs on (fused_forward_supported)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
@@ -229,7 +219,7 @@ def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale
 def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r, scale, launched):
     """Runs lora_linear on x [M, K] (fresh W [24, K], rank r) with ``env`` = min_m, the GPU family
     ``arch`` and the fp32 matmul ``precision``; checks whether ``kernel_name`` ran, and y."""
-    recorder = _GridRecorder(getattr(triton_launch, kernel_name))
+    recorder = GridRecorder(getattr(triton_launch, kernel_name))
     monkeypatch.setattr(triton_launch, kernel_name, recorder)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
@@ -253,7 +243,7 @@ def test_fused_forward_strided_and_3d_input(monkeypatch):
     # x with a non-unit column stride and leading dims: the kernel takes the strides as given
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, "1")
-    recorder = _GridRecorder(triton_launch.lora_forward_fused_kernel)
+    recorder = GridRecorder(triton_launch.lora_forward_fused_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
     gen = torch.Generator().manual_seed(21)
     big = torch.randn(3, 11, 2 * 70, generator=gen, dtype=torch.float16)
@@ -282,7 +272,7 @@ def test_tma_gemms_match_reference(monkeypatch, kind, r):
     x_dtype, adapter_dtype, precision = KINDS[kind]
     recorders = {}
     for name in ("lora_forward_gemm_tma_kernel", "lora_grad_input_tma_kernel"):
-        recorders[name] = _GridRecorder(getattr(triton_launch, name))
+        recorders[name] = GridRecorder(getattr(triton_launch, name))
         monkeypatch.setattr(triton_launch, name, recorders[name])
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
@@ -309,7 +299,7 @@ def test_tma_gemms_match_reference(monkeypatch, kind, r):
 @pytest.mark.parametrize("N, strided_dy, tma", [(24, False, True), (21, False, False), (24, True, False)])
 def test_tma_grad_input_dispatch(monkeypatch, N, strided_dy, tma):
     # dY [M, N] must be TMA-addressable too: rows of 84 B or a strided dY keep the pointer dX GEMM
-    recorder = _GridRecorder(triton_launch.lora_grad_input_tma_kernel)
+    recorder = GridRecorder(triton_launch.lora_grad_input_tma_kernel)
     monkeypatch.setattr(triton_launch, "lora_grad_input_tma_kernel", recorder)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
@@ -361,7 +351,7 @@ def test_tma_forward_dispatch(monkeypatch, min_m, M, K, arch, precision, make_x,
 
 
 def test_tma_forward_never_takes_nf4_weights(monkeypatch):
-    recorder = _GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
+    recorder = GridRecorder(triton_launch.lora_forward_gemm_tma_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_gemm_tma_kernel", recorder)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.TMA_MIN_M_ENV, "1")

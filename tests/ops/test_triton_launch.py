@@ -8,6 +8,7 @@ import torch
 import lora_kernels
 from lora_kernels.ops import lora_linear_reference, triton_launch
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize
+from tests.helpers import GridRecorder
 
 
 def test_on_device_selects_the_tensors_cuda_device():
@@ -70,12 +71,17 @@ def test_forward_variant_on_cuda_matches_the_default_forward(monkeypatch, adapte
     # logic): same y, h (through dB) and gradients as the default forward, and close to float64.
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(8)
-    M, K, N, r = 1000, 512, 1300, 16
+    M, K, N, r = 1000, 512, 1304, 16  # rows of x, dY and W 16-byte aligned (TMA), partial tiles
     x = torch.randn(M, K, generator=gen).to(device, torch.bfloat16)
     weight = (torch.randn(N, K, generator=gen) / 23).to(device, torch.bfloat16)
     A0 = (torch.randn(r, K, generator=gen) / 23).to(device, adapter_dtype)
     B0 = torch.randn(N, r, generator=gen).to(device, adapter_dtype)
     bias = torch.randn(N, generator=gen).to(device, torch.bfloat16)
+    kernels = {triton_launch.FUSED_MIN_M_ENV: ["lora_forward_fused_kernel"],
+               triton_launch.TMA_MIN_M_ENV: ["lora_forward_gemm_tma_kernel", "lora_grad_input_tma_kernel"]}[switch]
+    recorders = [GridRecorder(getattr(triton_launch, name)) for name in kernels]
+    for name, recorder in zip(kernels, recorders):
+        monkeypatch.setattr(triton_launch, name, recorder)
     results = {}
     for min_m in ("0", "1"):
         monkeypatch.setenv(switch, min_m)
@@ -84,6 +90,7 @@ def test_forward_variant_on_cuda_matches_the_default_forward(monkeypatch, adapte
         y = lora_kernels.lora_linear(xs, weight, A, B, 2.0, bias=bias, dropout_p=0.1)
         y.float().square().sum().backward()
         results[min_m] = (y.float(), xs.grad.float(), A.grad.float(), B.grad.float())
+        assert [len(rec.grids) for rec in recorders] == [int(min_m)] * len(kernels)  # each ran once when on
     for two, one in zip(results["0"], results["1"]):
         assert ((one - two).norm() / two.norm()).item() < 2e-2
     ref = lora_linear_reference(x.double(), weight.double(), A0.double(), B0.double(), 2.0, bias=bias.double())

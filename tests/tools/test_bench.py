@@ -17,6 +17,7 @@ import torch
 
 from lora_kernels.ops import triton_launch
 from lora_kernels.tools import bench
+from tests.helpers import GridRecorder
 
 # Tiny but not tile-aligned; K a multiple of 64 for the NF4 family (bitsandbytes' CPU path).
 SHAPES = [(5, 128, 40, 4), (17, 128, 40, 4)]
@@ -530,15 +531,9 @@ def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provi
     ("lora_kernels_tma", "lora_grad_input_tma_kernel", triton_launch.TMA_MIN_M_ENV),
 ])
 def test_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_name, env):
-    launched = []
-    kernel = getattr(triton_launch, kernel_name)
-
-    class Recorder:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(triton_launch, kernel_name, Recorder())
+    recorder = GridRecorder(getattr(triton_launch, kernel_name))
+    launched = recorder.grids
+    monkeypatch.setattr(triton_launch, kernel_name, recorder)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.delenv(env, raising=False)
     p = bench.make_problem(20, 32, 24, 4, torch.device("cpu"), torch.float16)
