@@ -2,7 +2,7 @@
 regeneration, LoRA-FA saving, torch.compile, input errors. Both CPU backends."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
@@ -29,6 +29,9 @@ def _inputs(lead, K, N, r, dtype, adapter_dtype, seed):
 @given(M=st.integers(1, 40), K=st.integers(1, 70), N=st.integers(1, 70), r=st.integers(1, 128),
        p=st.sampled_from([0.0, 0.3]), dtypes=st.sampled_from(
            [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float16, torch.float16)]))
+# Found by a local run: the base and LoRA terms nearly cancel (y = 1.68 - 1.47), which exposed the
+# PyTorch path rounding h and B to fp16 before adding an fp32-adapter LoRA term.
+@example(M=1, K=1, N=1, r=3, p=0.0, dtypes=(torch.float16, torch.float32))
 def test_forward_and_grads_match_float64(cpu_backend, M, K, N, r, p, dtypes):
     dtype, adapter_dtype = dtypes
     x, W, A, B = _inputs((M,), K, N, r, dtype, adapter_dtype, seed=M * 1000 + K)
