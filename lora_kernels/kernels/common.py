@@ -70,3 +70,23 @@ def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n, offs_m < M, offs_n < N, offs_m.to(tl.int64), offs_n.to(tl.int64)
+
+
+@triton.jit
+def rank_dot(left_ptr, right_ptr, rows, cols, row_mask, col_mask, r_live, stride_left_row, stride_left_r,
+             stride_right_r, stride_right_col, R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+             BLOCK_COLS: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """left[rows, :r] @ right[:r, cols] as an fp32 tile [BLOCK_ROWS, BLOCK_COLS]: the rank products of
+    the LoRA terms (h @ B^T in the forward, dH @ A for dX). The padded rank R runs in R_CHUNK steps
+    (bounds registers); ranks >= r_live are masked to zero; left is cast to right's dtype (the
+    adapters')."""
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < r_live
+        left = tl.load(left_ptr + rows[:, None] * stride_left_row + offs_r[None, :] * stride_left_r,
+                       mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        right = tl.load(right_ptr + offs_r[:, None] * stride_right_r + cols[None, :] * stride_right_col,
+                        mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mma(left.to(right_ptr.dtype.element_ty), right, acc, LORA_PRECISION, UPCAST_DOT)
+    return acc

@@ -17,7 +17,7 @@ LoRA dots run in the adapters' dtype, the dY @ W dot in dY's dtype; all accumula
 import triton
 import triton.language as tl
 
-from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, tile_offsets
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
 from lora_kernels.kernels.nf4 import load_weight_tile
 
 
@@ -119,15 +119,8 @@ def dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, 
                  HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """The LoRA term of a dX tile [BLOCK_M, BLOCK_K] through dropout: keep * (dH @ A) / (1 - p), fp32,
     over the padded rank R in R_CHUNK steps, in the adapters' dtype."""
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for r0 in range(0, R, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_mask = offs_r < r
-        dh = tl.load(dh_ptr + rows[:, None] * stride_dhm + offs_r[None, :] * stride_dhr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(dh.to(a_ptr.dtype.element_ty), a, acc, LORA_PRECISION, UPCAST_DOT)
+    acc = rank_dot(dh_ptr, a_ptr, rows, ks, m_mask, k_mask, r, stride_dhm, stride_dhr, stride_ar, stride_ak,
+                   R, R_CHUNK, BLOCK_M, BLOCK_K, LORA_PRECISION, UPCAST_DOT)
     if HAS_DROPOUT:
         keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
         acc = tl.where(keep, acc * keep_scale, 0.0)

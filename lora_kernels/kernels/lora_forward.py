@@ -18,7 +18,7 @@ Rank dimensions are padded to the power of two R >= 16 (tl.dot's minimum) and ma
 import triton
 import triton.language as tl
 
-from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, tile_offsets
+from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
 from lora_kernels.kernels.nf4 import load_weight_tile
 
 
@@ -96,8 +96,8 @@ def lora_forward_gemm_kernel(
 
     # LoRA term first. With split-K only split 0 reads h and B (r_live masks the loads, keeping the
     # rank loop unrolled); the others start at 0.
-    acc = lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r_live, stride_hm, stride_hr, stride_bn, stride_br,
-                    scale, R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT)
+    acc = rank_dot(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r_live, stride_hm, stride_hr, stride_br, stride_bn,
+                   R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT) * scale
 
     # Base GEMM continues in the same accumulator (no h here: the shrink kernel computed it).
     acc, _ = gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, h_ptr, h_ptr, rows, offs_m, m_mask, cols, n_mask,
@@ -114,24 +114,6 @@ def lora_forward_gemm_kernel(
         y_ptr += pid_s.to(tl.int64) * stride_ys
     bias_and_store(acc, bias_ptr, y_ptr, rows, cols, offs_n, m_mask, n_mask, bias_mask, stride_ym, stride_yn,
                    HAS_BIAS)
-
-
-@triton.jit
-def lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r_live, stride_hm, stride_hr, stride_bn, stride_br, scale,
-              R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """scale * h @ B^T for one y tile [BLOCK_M, BLOCK_N] (fp32), over the padded rank R in R_CHUNK
-    steps (bounds registers); ranks >= r_live are masked to zero."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, R, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_mask = offs_r < r_live
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
-                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(h, b_t, acc, LORA_PRECISION, UPCAST_DOT)
-    return acc * scale
 
 
 @triton.jit
@@ -161,8 +143,8 @@ def lora_forward_gemm_tma_kernel(
     columns, so the K-loop has no masks and no address arithmetic). Hopper and newer."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m, offs_n, m_mask, n_mask, rows, cols = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-    acc = lora_term(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r, stride_hm, stride_hr, stride_bn, stride_br,
-                    scale, R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT)
+    acc = rank_dot(h_ptr, b_ptr, rows, cols, m_mask, n_mask, r, stride_hm, stride_hr, stride_br, stride_bn,
+                   R, R_CHUNK, BLOCK_M, BLOCK_N, LORA_PRECISION, UPCAST_DOT) * scale
     for k0 in range(0, x_desc.shape[1], BLOCK_K):
         x = x_desc.load([pid_m * BLOCK_M, k0])
         w = w_desc.load([pid_n * BLOCK_N, k0])
