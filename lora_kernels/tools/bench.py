@@ -483,7 +483,7 @@ def tma_not_applicable(case, device, dtype) -> Optional[str]:
         return "the TMA GEMMs run on sm_90 GPUs only"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "exact fp32 dots (FMA) are not supported by the TMA GEMMs"
-    if (case.K * torch.empty(0, dtype=dtype).element_size()) % 16:
+    if (case.K * dtype.itemsize) % 16:
         return "rows of x and W not 16-byte aligned (TMA)"
     return None
 
