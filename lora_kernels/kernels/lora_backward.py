@@ -32,11 +32,7 @@ def lora_grad_out_pass_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
-    n_mask = offs_n < N
-    r_mask = offs_r < r
-    cols = offs_n.to(tl.int64)
+    offs_n, offs_r, n_mask, r_mask, cols, _ = tile_offsets(pid_n, 0, N, r, BLOCK_N, R)
     lora_dtype = b_ptr.dtype.element_ty
 
     if NEED_DH:

@@ -44,12 +44,8 @@ def lora_shrink_kernel(
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R)
-    m_mask = offs_m < M
-    r_mask = offs_r < r
-    rows = offs_m.to(tl.int64)
+    # The rank as the tile's second axis (its int64 offsets go unused).
+    offs_m, offs_r, m_mask, r_mask, rows, _ = tile_offsets(tl.program_id(0), 0, M, r, BLOCK_M, R)
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -214,13 +210,8 @@ def lora_forward_fused_kernel(
     once (the two-launch forward reads it a second time in the shrink kernel); h then serves every
     tile of the program (added after the K-loop) and group 0 writes it for the backward. Each group
     recomputes h for its rows: n_groups * r / N extra tensor-core work."""
-    pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R)
-    m_mask = offs_m < M
-    r_mask = offs_r < r
-    rows = offs_m.to(tl.int64)
+    offs_m, offs_r, m_mask, r_mask, rows, _ = tile_offsets(tl.program_id(0), 0, M, r, BLOCK_M, R)
     acc_h = tl.zeros([BLOCK_M, R], dtype=tl.float32)
 
     offs_n = pid_g * BLOCK_N + tl.arange(0, BLOCK_N)
