@@ -4,10 +4,15 @@ Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 te
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
 """
-from lora_kernels.autograd.lora_linear import (bias_and_dropout, direct_call_ok, lora_grads_to_inputs,
-                                               save_for_lora_backward, saved_for_lora_backward)
+import torch
+from torch.autograd.function import once_differentiable
+
+from lora_kernels.autograd.lora_linear import (bias_and_dropout, custom_op_needed, forward_route,
+                                               lora_grads_to_inputs, save_for_lora_backward,
+                                               saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
-from lora_kernels.ops.nf4_lora_linear import nf4_lora_linear_bwd, nf4_lora_linear_forward, nf4_lora_linear_fwd
+from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_forward,
+                                              nf4_lora_linear_fwd)
 
 # Positions in nf4_lora_linear_fwd's inputs (x, the six NF4 tensors, lora_A, lora_B, bias, ...).
 _X, _A, _B, _BIAS = 0, 7, 8, 9
@@ -24,13 +29,27 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_h):
     x, weights, lora_A, lora_B, h, seed = saved_for_lora_backward(ctx)
-    grads = nf4_lora_linear_bwd(grad_y, x, *weights, lora_A, lora_B, h, seed, ctx.scale, ctx.dropout_p,
-                                *ctx.needs, *ctx.nf4_meta)
+    backward = nf4_lora_linear_bwd if custom_op_needed(grad_y) else nf4_lora_linear_backward
+    grads = backward(grad_y, x, *weights, lora_A, lora_B, h, seed, ctx.scale, ctx.dropout_p, *ctx.needs,
+                     *ctx.nf4_meta)
     dx, d_a, d_b, d_bias = lora_grads_to_inputs(ctx, *grads)
     return (dx, *([None] * 6), d_a, d_b, d_bias) + (None,) * 6
 
 
 nf4_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class NF4LoRALinearFunction(torch.autograd.Function):
+    """``nf4_lora_linear_fwd``'s autograd without the custom op (see ``LoRALinearFunction``)."""
+    @staticmethod
+    def forward(ctx, *inputs):
+        # ctx first, no setup_context: Function.apply then skips binding the arguments to the
+        # signature with inspect (~50 us a call).
+        output = nf4_lora_linear_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(once_differentiable(_backward))
 
 
 def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None, dropout_p=0.0,
@@ -57,7 +76,8 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
                                                   dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
     q = qweight
-    forward = nf4_lora_linear_forward if direct_call_ok(x, lora_A, lora_B, combined_bias) else nf4_lora_linear_fwd
+    forward = forward_route(nf4_lora_linear_fwd, NF4LoRALinearFunction, nf4_lora_linear_forward, x,
+                            *q.op_tensors(), lora_A, lora_B, combined_bias)
     y, _ = forward(x, *q.op_tensors(), lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
                    q.nested_blocksize, q.dtype)
     return y

@@ -55,8 +55,8 @@ def _rows(x: Tensor) -> int:
 def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                         scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """The forward implementation: (y [..., N], h [M, r]). The custom op ``lora_linear_fwd`` runs it;
-    the public function calls it directly when no gradient is needed and nothing is being compiled
-    (the dispatcher and autograd wrapper cost ~15 us per call: most of a decoding step's layer)."""
+    eager calls on plain tensors skip the op (``autograd.lora_linear.forward_route``): directly when
+    no gradient is needed, through an autograd function otherwise."""
     K = x.shape[-1]
     N, r = lora_B.shape
     x2 = x.reshape(_rows(x), K)
@@ -80,28 +80,51 @@ def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, see
     return y, h
 
 
-@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
-                    need_x: bool, need_A: bool, need_B: bool,
-                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                         h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
+                         need_x: bool, need_A: bool, need_B: bool, need_bias: bool) -> tuple:
+    """The backward implementation: (dx [..., K], dA [r, K], dB [N, r], dbias [N] fp32), None for each
+    gradient not asked for. The custom op ``lora_linear_bwd`` runs it; the eager autograd function
+    (``autograd.lora_linear``) calls it directly."""
     N, K = weight.shape
     r = lora_A.shape[0]
-    if need_A and x is None:
-        raise ValueError("lora_linear_bwd: need_A requires x")
-    if need_B and h is None:
-        raise ValueError("lora_linear_bwd: need_B requires h")
+    check_saved_for_backward("lora_linear_bwd", x, h, need_A, need_B)
     grad_y2 = grad_y.reshape(_rows(grad_y), N)
     x2 = x.reshape(_rows(x), K) if x is not None else None
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
                                  need_x, need_A, need_B, need_bias)
-    # A fresh empty tensor per unneeded gradient: custom op outputs may not alias each other.
-    return (dx2.view(*grad_y.shape[:-1], K) if need_x else grad_y.new_empty(0),
-            d_a if need_A else grad_y.new_empty(0),
-            d_b if need_B else grad_y.new_empty(0),
-            d_bias if need_bias else grad_y.new_empty(0))
+    return grads_asked_for(grad_y, K, (dx2, d_a, d_b, d_bias), (need_x, need_A, need_B, need_bias))
+
+
+def check_saved_for_backward(op: str, x: Optional[Tensor], h: Optional[Tensor], need_A: bool, need_B: bool):
+    """dA needs x and dB needs h: a ValueError naming the op when the caller did not pass them."""
+    if need_A and x is None:
+        raise ValueError(f"{op}: need_A requires x")
+    if need_B and h is None:
+        raise ValueError(f"{op}: need_B requires h")
+
+
+def grads_asked_for(grad_y: Tensor, K: int, grads: tuple, needs: tuple) -> tuple:
+    """(dx [..., K] shaped like grad_y's rows, dA, dB, dbias), None where ``needs`` says no."""
+    dx2, d_a, d_b, d_bias = (g if need else None for g, need in zip(grads, needs))
+    return (dx2.view(*grad_y.shape[:-1], K) if dx2 is not None else None), d_a, d_b, d_bias
+
+
+def op_outputs(grad_y: Tensor, grads: tuple) -> tuple:
+    """Gradients as a backward custom op returns them: custom ops cannot return None and their
+    outputs may not alias each other, so a fresh empty tensor stands for each one not asked for."""
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
+                    need_x: bool, need_A: bool, need_B: bool,
+                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return op_outputs(grad_y, lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, seed, scale, dropout_p,
+                                                   need_x, need_A, need_B, need_bias))
 
 
 @lora_linear_bwd.register_fake

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.lora_linear import _rows, select_backend
+from lora_kernels.ops.lora_linear import _rows, check_saved_for_backward, grads_asked_for, op_outputs, select_backend
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
@@ -54,8 +54,8 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
                             lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
                             dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
                             weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The forward implementation run by the custom op ``nf4_lora_linear_fwd`` (and directly by the
-    public function when no gradient is needed and nothing is being compiled): (y [..., N], h [M, r])."""
+    """The forward implementation run by the custom op ``nf4_lora_linear_fwd`` (eager calls on plain
+    tensors skip the op, as for ``lora_linear_forward``): (y [..., N], h [M, r])."""
     K = x.shape[-1]
     N, r = lora_B.shape
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
@@ -89,6 +89,30 @@ def _nf4_lora_linear_fwd_fake(x, packed, absmax, absmax_code, absmax_scale, absm
     return x.new_empty((*x.shape[:-1], N)), x.new_empty((_rows(x), r), dtype=lora_A.dtype)
 
 
+def nf4_lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
+                             absmax_code: Optional[Tensor], absmax_scale: Optional[Tensor],
+                             absmax_offset: Optional[Tensor], code: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
+                             need_x: bool, need_A: bool, need_B: bool, need_bias: bool, blocksize: int,
+                             nested_blocksize: int, weight_dtype: torch.dtype) -> tuple:
+    """The backward implementation run by the custom op ``nf4_lora_linear_bwd`` (and directly by the
+    eager autograd function): (dx [..., K], dA [r, K], dB [N, r], dbias [N] fp32), None for each
+    gradient not asked for."""
+    N, r = lora_B.shape
+    K = lora_A.shape[1]
+    check_saved_for_backward("nf4_lora_linear_bwd", x, h, need_A, need_B)
+    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+              nested_blocksize, weight_dtype)
+    grad_y2 = grad_y.reshape(_rows(grad_y), N)
+    x2 = x.reshape(_rows(x), K) if x is not None else None
+    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
+    impl = triton_lora_backward if backend == "triton" else torch_lora_backward
+    needs = (need_x, need_A, need_B, need_bias)
+    grads = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h, seed, scale,
+                 dropout_p, *needs, wq=wq)
+    return grads_asked_for(grad_y, K, grads, needs)
+
+
 @torch.library.custom_op("lora_kernels::nf4_lora_linear_bwd", mutates_args=())
 def nf4_lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
                         absmax_code: Optional[Tensor], absmax_scale: Optional[Tensor],
@@ -97,25 +121,9 @@ def nf4_lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, abs
                         need_x: bool, need_A: bool, need_B: bool, need_bias: bool, blocksize: int,
                         nested_blocksize: int,
                         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    N, r = lora_B.shape
-    K = lora_A.shape[1]
-    if need_A and x is None:
-        raise ValueError("nf4_lora_linear_bwd: need_A requires x")
-    if need_B and h is None:
-        raise ValueError("nf4_lora_linear_bwd: need_B requires h")
-    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
-              nested_blocksize, weight_dtype)
-    grad_y2 = grad_y.reshape(_rows(grad_y), N)
-    x2 = x.reshape(_rows(x), K) if x is not None else None
-    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
-    impl = triton_lora_backward if backend == "triton" else torch_lora_backward
-    dx2, d_a, d_b, d_bias = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h,
-                                 seed, scale, dropout_p, need_x, need_A, need_B, need_bias, wq=wq)
-    # A fresh empty tensor per unneeded gradient: custom op outputs may not alias each other.
-    return (dx2.view(*grad_y.shape[:-1], K) if need_x else grad_y.new_empty(0),
-            d_a if need_A else grad_y.new_empty(0),
-            d_b if need_B else grad_y.new_empty(0),
-            d_bias if need_bias else grad_y.new_empty(0))
+    return op_outputs(grad_y, nf4_lora_linear_backward(
+        grad_y, x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A, lora_B, h, seed,
+        scale, dropout_p, need_x, need_A, need_B, need_bias, blocksize, nested_blocksize, weight_dtype))
 
 
 @nf4_lora_linear_bwd.register_fake

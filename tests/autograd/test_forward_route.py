@@ -1,0 +1,138 @@
+"""``forward_route``: the public functions run one forward implementation three ways (the
+implementation itself without autograd, an autograd function in eager training, the custom op while
+compiling, under a dispatch mode or for tensor subclasses). Which one runs is checked by the
+autograd node it leaves, and the three must agree bit for bit: outputs, every gradient, dropout
+masks and what is saved for backward."""
+import importlib
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lora_kernels
+from lora_kernels import NF4Weight
+
+# The modules (the package re-exports functions of the same names).
+dense_mod = importlib.import_module("lora_kernels.autograd.lora_linear")
+nf4_mod = importlib.import_module("lora_kernels.autograd.nf4_lora_linear")
+
+OP_NODE = "GeneratedBackwardFor_lora_kernels_"  # prefix of the custom op's autograd node
+
+
+def _problem(nf4: bool, seed=0, freeze_A=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 64, generator=g).requires_grad_(True)
+    W = torch.randn(24, 64, generator=g) / 8
+    A = torch.randn(4, 64, generator=g).requires_grad_(not freeze_A)
+    B = torch.randn(24, 4, generator=g).requires_grad_(True)
+    bias = torch.randn(24, generator=g).requires_grad_(True)
+    lora_B_bias = torch.randn(24, generator=g).requires_grad_(True)
+    return dict(x=x, weight=NF4Weight.quantize(W) if nf4 else W, A=A, B=B, bias=bias, lora_B_bias=lora_B_bias)
+
+
+def _call(p, nf4: bool, dropout_p=0.0, **overrides):
+    fn = lora_kernels.nf4_lora_linear if nf4 else lora_kernels.lora_linear
+    t = {**p, **overrides}
+    return fn(t["x"], t["weight"], t["A"], t["B"], 0.5, bias=t["bias"], lora_B_bias=t["lora_B_bias"],
+              dropout_p=dropout_p)
+
+
+def _node(y) -> str:
+    return type(y.grad_fn).__name__ if y.grad_fn is not None else "none"
+
+
+def _train_step(p, nf4, dropout_p, op: bool, monkeypatch):
+    """y, its autograd node's name, the gradients of every leaf and the bytes saved for backward;
+    op=True routes the forward through the custom op (as while compiling), the backward not."""
+    leaves = [t for t in (p["x"], p["A"], p["B"], p["bias"], p["lora_B_bias"]) if t.requires_grad]
+    saved = []
+    torch.manual_seed(7)  # the dropout seed is drawn from torch's RNG
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with monkeypatch.context() as m:
+            if op:
+                m.setattr(torch.compiler, "is_compiling", lambda: True)
+            y = _call(p, nf4, dropout_p)
+    grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    return y.detach(), _node(y), grads, sorted(t.numel() * t.element_size() for t in saved)
+
+
+@pytest.mark.parametrize("freeze_A", [False, True], ids=["lora", "lora_fa"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_autograd_function_and_custom_op_agree_bit_for_bit(monkeypatch, cpu_backend, nf4, dropout_p, freeze_A):
+    p = _problem(nf4, freeze_A=freeze_A)
+    y_fn, node_fn, grads_fn, saved_fn = _train_step(p, nf4, dropout_p, op=False, monkeypatch=monkeypatch)
+    y_op, node_op, grads_op, saved_op = _train_step(p, nf4, dropout_p, op=True, monkeypatch=monkeypatch)
+    assert node_fn == ("NF4LoRALinearFunctionBackward" if nf4 else "LoRALinearFunctionBackward")
+    assert node_op.startswith(OP_NODE)
+    assert torch.equal(y_fn, y_op)
+    assert len(grads_fn) == len(grads_op) == (4 if freeze_A else 5)
+    for g_fn, g_op in zip(grads_fn, grads_op):
+        assert torch.equal(g_fn, g_op) and math.isfinite(float(g_op.abs().sum())) and g_op.abs().sum() > 0
+    assert saved_fn == saved_op
+    if freeze_A:  # LoRA-FA: h [M, r] is the only activation saved, never x
+        assert p["x"].numel() * 4 not in saved_fn
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_no_autograd_runs_the_implementation_itself(monkeypatch, nf4):
+    p = _problem(nf4)
+    impl_name = "nf4_lora_linear_forward" if nf4 else "lora_linear_forward"
+    mod = nf4_mod if nf4 else dense_mod
+    y_train = _call(p, nf4)
+    calls = []
+    real = getattr(mod, impl_name)
+    monkeypatch.setattr(mod, impl_name, lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y_nograd = _call(p, nf4)                                   # grad mode off
+    frozen = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    y_frozen = _call(frozen, nf4)                                  # nothing requires grad
+    assert calls == [1, 1] and _node(y_nograd) == _node(y_frozen) == "none"
+    assert torch.equal(y_nograd, y_train.detach()) and torch.equal(y_frozen, y_train.detach())
+
+
+def test_fake_tensors_take_the_custom_op_with_and_without_grad(backend):
+    """Fake tensors (FakeTensorMode: shape propagation, memory estimates) never reach a kernel or
+    the PyTorch path: the op's fake implementation answers, and backward runs the backward op's."""
+    with FakeTensorMode():
+        x, W = torch.randn(2, 7, 32), torch.randn(24, 32)
+        A, B = torch.randn(4, 32), torch.randn(24, 4)
+        with torch.no_grad():
+            y = lora_kernels.lora_linear(x, W, A, B, 2.0)
+        assert y.shape == (2, 7, 24) and type(y).__name__ == "FakeTensor"
+        x.requires_grad_(True)
+        A.requires_grad_(True)
+        y = lora_kernels.lora_linear(x, W, A, B, 2.0, dropout_p=0.1)
+        assert _node(y).startswith(OP_NODE)
+        y.sum().backward()
+        assert x.grad.shape == x.shape and A.grad.shape == A.shape and type(x.grad).__name__ == "FakeTensor"
+    assert backend.impls("fwd") == backend.impls("bwd") == []
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_autograd_function_is_differentiable_once(cpu_backend, nf4):
+    """Its backward is not itself differentiable (the kernels have no double backward): asking for a
+    second derivative raises instead of returning a wrong one."""
+    p = _problem(nf4)
+    y = _call(p, nf4)
+    (gx,) = torch.autograd.grad(y.square().sum(), p["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_custom_op_needed(monkeypatch):
+    needed = dense_mod.custom_op_needed
+    plain, param = torch.zeros(1), torch.nn.Parameter(torch.zeros(1))
+    assert not needed(plain, param, None)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert needed(plain)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert needed(plain, plain.as_subclass(Sub))
+    with FakeTensorMode():
+        assert needed(plain)
+    assert not needed(plain)
