@@ -164,6 +164,19 @@ def _mm_tn(a: torch.Tensor, b: torch.Tensor, splits: int = 4) -> torch.Tensor:
                      b.reshape(splits, chunk, b.shape[1])).sum(0)
 
 
+# Up to this many rows dB is formed as dY^T h directly: the transposed copy of the other form costs
+# more than it saves (M = 16: 11 vs 23 us at N = 512; M = 256: equal; M = 512, N = 2048: 434 vs 309 us).
+GRAD_B_DIRECT_MAX_M = 256
+
+
+def _grad_lora_B(h: torch.Tensor, dy: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * dY^T h [N, r], contiguous (as the fake impl); h [M, r], dy [M, N]."""
+    if h.shape[0] <= GRAD_B_DIRECT_MAX_M:
+        return torch.mm(dy.t(), h).mul_(scale)
+    # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS at large M ([N, r] copy is tiny).
+    return _mm_tn(h, dy).mul_(scale).t().contiguous()
+
+
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
                         wq=None):
@@ -183,8 +196,7 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
     if need_A or (need_x and merged is None):
         d_h = torch.mm(dy_a, lora_B).mul_(scale)
     if need_B:
-        # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS. Contiguous, as the fake impl.
-        d_b = _mm_tn(h, dy_a).mul_(scale).t().contiguous()  # [N, r] copy is tiny
+        d_b = _grad_lora_B(h, dy_a, scale)
     if need_bias:
         d_bias = grad_y2.sum(0, dtype=torch.float32)
     if seed is not None and d_h is not None:
