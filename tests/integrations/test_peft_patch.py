@@ -145,6 +145,34 @@ def test_training_with_dropout_uses_the_fast_path_and_a_seeded_mask():
     assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "eval logits")
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant):
+    """transformers' gradient checkpointing (usual with QLoRA) runs every layer's forward again in
+    backward: the recomputation draws the same dropout seed (checkpoint restores the RNG state), so
+    loss and every LoRA gradient equal those of the step without checkpointing, bit for bit."""
+    results = []
+    for checkpointing in (False, True):
+        model = peft_model(qlora=qlora, dropout=0.1, seed=4)
+        lora_kernels.patch_peft_model(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()  # the reentrant variant needs an input that requires grad
+        model.train()
+        ids = _ids()
+        with use_backend("torch") as record:
+            torch.manual_seed(11)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.detach(), _lora_grads(model), _fast_calls(record)))
+    (loss, grads, calls), (loss_ck, grads_ck, calls_ck) = results
+    assert calls == 14 and calls_ck == 28  # the forward of every LoRA layer ran again
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and len(grads) == 28
+    for name in grads:
+        assert torch.equal(grads[name], grads_ck[name]), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Fallbacks: whatever the fast path does not implement runs PEFT's forward
 # ---------------------------------------------------------------------------------------------
