@@ -4,11 +4,8 @@ Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 te
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
 """
-import torch
-from torch.autograd.function import once_differentiable
-
-from lora_kernels.autograd.lora_linear import (bias_and_dropout, custom_op_needed, forward_route,
-                                               lora_grads_to_inputs, save_for_lora_backward,
+from lora_kernels.autograd.lora_linear import (bias_and_dropout, custom_op_needed, eager_autograd_function,
+                                               forward_route, lora_grads_to_inputs, save_for_lora_backward,
                                                saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
 from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_forward,
@@ -39,17 +36,8 @@ def _backward(ctx, grad_y, grad_h):
 nf4_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class NF4LoRALinearFunction(torch.autograd.Function):
-    """``nf4_lora_linear_fwd``'s autograd without the custom op (see ``LoRALinearFunction``)."""
-    @staticmethod
-    def forward(ctx, *inputs):
-        # ctx first, no setup_context: Function.apply then skips binding the arguments to the
-        # signature with inspect (~50 us a call).
-        output = nf4_lora_linear_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_backward))
+NF4LoRALinearFunction = eager_autograd_function("NF4LoRALinearFunction", nf4_lora_linear_forward, _setup_context,
+                                                _backward)
 
 
 def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None, dropout_p=0.0,
