@@ -70,44 +70,63 @@ def _active_adapter(layer) -> tuple:
 def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
     """None if this call of ``layer`` (a patched PEFT LoRA layer) can run on lora_kernels with PEFT's
     exact semantics, else the reason it takes PEFT's own forward."""
-    kwargs = kwargs or {}
+    return _fast_plan(layer, x, args, kwargs or {})[0]
+
+
+def _base_layer(layer) -> torch.nn.Module:
+    """``layer.get_base_layer()`` through the module dicts: PEFT's walk asks ``hasattr``, whose miss
+    goes through nn.Module.__getattr__ and an AttributeError (~2 us, several times per call)."""
+    base = layer
+    while "base_layer" in base._modules:
+        base = base._modules["base_layer"]
+    return base
+
+
+def _fast_plan(layer, x, args, kwargs) -> tuple:
+    """(None, (adapter, base layer, A, B)) when this call can run on lora_kernels, else (reason,
+    None): what the check resolves, the fast forward reuses (a per-call cost of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments (adapter_names=, variant or base-layer arguments)"
+        return "extra forward arguments (adapter_names=, variant or base-layer arguments)", None
     if layer.disable_adapters:
-        return "adapters disabled"
+        return "adapters disabled", None
     if layer.merged:
-        return "adapters merged"
+        return "adapters merged", None
     adapter, why = _active_adapter(layer)
     if why:
-        return why
-    static = static_fallback_reason(layer, adapter)
+        return why, None
+    base = _base_layer(layer)
+    static = _static_reason(layer, adapter, base)
     if static:
-        return static
+        return static, None
     if not isinstance(x, torch.Tensor) or x.dtype not in _SUPPORTED_DTYPES:
-        return f"input dtype {getattr(x, 'dtype', type(x).__name__)}"
+        return f"input dtype {getattr(x, 'dtype', type(x).__name__)}", None
     if _autocast_enabled(x.device.type):
-        return "autocast is enabled"
+        return "autocast is enabled", None
     A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
     if A.dtype != x.dtype and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True)):
-        return f"adapter dtype {A.dtype} with input dtype {x.dtype}"
+        return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
     if A.device != x.device or B.device != x.device:
-        return "adapters on another device than the input"
-    base = layer.get_base_layer()
+        return "adapters on another device than the input", None
     bias = getattr(base, "bias", None)
-    if bias is not None and bias.dtype not in (x.dtype, torch.float32) and not _is_linear4bit(base):
-        return f"bias dtype {bias.dtype}"
-    if _is_linear4bit(base):
-        return _linear4bit_reason(base, x)
-    if base.weight.requires_grad:
-        return "the base weight is trainable"
-    if base.weight.dtype != x.dtype:
-        return f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
-    return None
+    linear4bit = _is_linear4bit(base)
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
+        return f"bias dtype {bias.dtype}", None
+    if linear4bit:
+        why = _linear4bit_reason(base, x)
+    elif base.weight.requires_grad:
+        why = "the base weight is trainable"
+    elif base.weight.dtype != x.dtype:
+        why = f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
+    return (why, None) if why else (None, (adapter, base, A, B))
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
     """Why ``adapter`` of ``layer`` always needs PEFT's forward (variant, DoRA, fan_in_fan_out,
     dropout module, base layer type), or None."""
+    return _static_reason(layer, adapter, _base_layer(layer))
+
+
+def _static_reason(layer, adapter: str, base) -> Optional[str]:
     if getattr(layer, "use_dora", {}).get(adapter, False):
         return "DoRA"
     if adapter in getattr(layer, "lora_variant", {}):
@@ -117,7 +136,6 @@ def static_fallback_reason(layer, adapter: str) -> Optional[str]:
     dropout = layer.lora_dropout[adapter]
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__}"
-    base = layer.get_base_layer()
     if not (_is_linear4bit(base) or isinstance(base, torch.nn.Linear)):
         return f"base layer {type(base).__name__}"
     return None
@@ -175,25 +193,24 @@ def _adalora_rank_divisor(layer, adapter: str) -> float:
     return cache[adapter][1]
 
 
-def _adapter_tensors(layer, adapter: str) -> tuple:
-    """(A [r, K], B [N, r], lora_B bias or None, scale) with PEFT's semantics of the layer class.
+def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> tuple:
+    """(A [r, K], B [N, r], lora_B bias or None, scale) with PEFT's semantics of the layer class;
+    A, B: the layer's lora_A / lora_B weights of ``adapter`` (``_lora_A_weight``, ``_lora_B_weight``).
 
     AdaLoRA's SVD form ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5), E [r, 1] the singular values with
     pruned ranks zeroed by its rank allocator: E is folded into A (an r×K product, as PEFT computes it),
     so the fused kernels run unchanged and autograd gives A and E their gradients."""
     if _is_adalora(layer, adapter):
-        A = layer.lora_A[adapter] * layer.lora_E[adapter]
-        return A, layer.lora_B[adapter], None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
-    lora_B = layer.lora_B[adapter]
-    return layer.lora_A[adapter].weight, lora_B.weight, lora_B.bias, layer.scaling[adapter]
+        return A * layer.lora_E[adapter], B, None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
+    return A, B, layer.lora_B[adapter].bias, layer.scaling[adapter]
 
 
-def _fast_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    adapter, _ = _active_adapter(layer)
-    A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter)
+def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+    """The layer's forward on lora_kernels; ``plan`` from ``_fast_plan``."""
+    adapter, base, A, B = plan
+    A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
     dropout = layer.lora_dropout[adapter]
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    base = layer.get_base_layer()
     common = dict(bias=base.bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
     if _is_linear4bit(base):
         if not base.compute_type_is_set:  # what bnb's own first forward does
@@ -228,9 +245,10 @@ class _FastLoRAForward:
     """Mixin placed before the PEFT layer class: fast forward when ``fallback_reason`` allows."""
 
     def forward(self, x, *args, **kwargs):
-        if fallback_reason(self, x, args, kwargs) is None:
+        why, plan = _fast_plan(self, x, args, kwargs)
+        if why is None:
             self._check_forward_args(x, *args, **kwargs)
-            return _fast_forward(self, x)
+            return _fast_forward(self, x, plan)
         return super().forward(x, *args, **kwargs)
 
 
