@@ -19,16 +19,19 @@ nf4_mod = importlib.import_module("lora_kernels.autograd.nf4_lora_linear")
 
 OP_NODE = "GeneratedBackwardFor_lora_kernels_"  # prefix of the custom op's autograd node
 
+pytestmark = pytest.mark.usefixtures("poisoned")
 
-def _problem(nf4: bool, seed=0, freeze_A=False):
+
+def _problem(nf4: bool, seed=0, freeze_A=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 5, 64, generator=g).requires_grad_(True)
-    W = torch.randn(24, 64, generator=g) / 8
-    A = torch.randn(4, 64, generator=g).requires_grad_(not freeze_A)
-    B = torch.randn(24, 4, generator=g).requires_grad_(True)
-    bias = torch.randn(24, generator=g).requires_grad_(True)
-    lora_B_bias = torch.randn(24, generator=g).requires_grad_(True)
-    return dict(x=x, weight=NF4Weight.quantize(W) if nf4 else W, A=A, B=B, bias=bias, lora_B_bias=lora_B_bias)
+
+    def rand(*shape, grad=True, div=1.0):
+        return (torch.randn(*shape, generator=g) / div).to(device).requires_grad_(grad)
+
+    x, W = rand(3, 5, 64), rand(24, 64, grad=False, div=8)
+    A, B = rand(4, 64, grad=not freeze_A), rand(24, 4)
+    weight = NF4Weight.quantize(W.cpu()).to(device) if nf4 else W
+    return dict(x=x, weight=weight, A=A, B=B, bias=rand(24), lora_B_bias=rand(24))
 
 
 def _call(p, nf4: bool, dropout_p=0.0, **overrides):
@@ -53,17 +56,20 @@ def _train_step(p, nf4, dropout_p, op: bool, monkeypatch):
             if op:  # not torch.compiler.is_compiling: torch._dynamo, if first imported then, breaks
                 m.setattr(dense_mod, "custom_op_needed", lambda *tensors: True)
             y = _call(p, nf4, dropout_p)
-    grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device)
+    grads = torch.autograd.grad(y, leaves, grad_y)
     return y.detach(), _node(y), grads, sorted(t.numel() * t.element_size() for t in saved)
 
 
 @pytest.mark.parametrize("freeze_A", [False, True], ids=["lora", "lora_fa"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_autograd_function_and_custom_op_agree_bit_for_bit(monkeypatch, cpu_backend, nf4, dropout_p, freeze_A):
-    p = _problem(nf4, freeze_A=freeze_A)
+def test_autograd_function_and_custom_op_agree_bit_for_bit(monkeypatch, backend, nf4, dropout_p, freeze_A):
+    p = _problem(nf4, freeze_A=freeze_A, device=backend.device)
     y_fn, node_fn, grads_fn, saved_fn = _train_step(p, nf4, dropout_p, op=False, monkeypatch=monkeypatch)
     y_op, node_op, grads_op, saved_op = _train_step(p, nf4, dropout_p, op=True, monkeypatch=monkeypatch)
+    # both routes ran the backend's implementation, forward and backward
+    assert backend.impls() == [backend.impl] * 4
     assert node_fn == ("NF4LoRALinearFunctionBackward" if nf4 else "LoRALinearFunctionBackward")
     assert node_op.startswith(OP_NODE)
     assert torch.equal(y_fn, y_op)
@@ -76,8 +82,8 @@ def test_autograd_function_and_custom_op_agree_bit_for_bit(monkeypatch, cpu_back
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_no_autograd_runs_the_implementation_itself(monkeypatch, nf4):
-    p = _problem(nf4)
+def test_no_autograd_runs_the_implementation_itself(monkeypatch, backend, nf4):
+    p = _problem(nf4, device=backend.device)
     impl_name = "nf4_lora_linear_forward" if nf4 else "lora_linear_forward"
     mod = nf4_mod if nf4 else dense_mod
     y_train = _call(p, nf4)
@@ -111,10 +117,10 @@ def test_fake_tensors_take_the_custom_op_with_and_without_grad(backend):
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_autograd_function_is_differentiable_once(cpu_backend, nf4):
+def test_autograd_function_is_differentiable_once(backend, nf4):
     """Its backward is not itself differentiable (the kernels have no double backward): asking for a
     second derivative raises instead of returning a wrong one."""
-    p = _problem(nf4)
+    p = _problem(nf4, device=backend.device)
     y = _call(p, nf4)
     (gx,) = torch.autograd.grad(y.square().sum(), p["x"], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
