@@ -145,6 +145,23 @@ def test_training_with_dropout_uses_the_fast_path_and_a_seeded_mask():
     assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "eval logits")
 
 
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_greedy_generation_matches_peft(qlora):
+    """generate() with the KV cache under torch.inference_mode (prefill, then one row per sequence
+    and step): the patched model produces PEFT's tokens, every LoRA call on the fast path."""
+    reference = peft_model(qlora=qlora).eval()
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids(batch=2, seq=5)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        want = reference.generate(input_ids=ids, **settings)
+        with use_backend("torch") as record:
+            got = patched.generate(input_ids=ids, **settings)
+    assert got.shape == (2, 11) and torch.equal(got, want)
+    assert _fast_calls(record) == 14 * 6  # 14 LoRA layers: prefill + 5 decoding steps
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
 def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant):
