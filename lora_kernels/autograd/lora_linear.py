@@ -8,10 +8,15 @@ Saving rules (what backward needs, nothing else):
 """
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_forward,
                               lora_linear_fwd, new_dropout_seed)
+
+try:  # private to torch (in 2.11 and 2.13, the versions we run): without it only dispatch modes lose the op route
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover
+    def _get_current_dispatch_mode():
+        return None
 
 
 def save_for_lora_backward(ctx, x, weights: tuple, lora_A, lora_B, h, seed, bias, scale, dropout_p,
