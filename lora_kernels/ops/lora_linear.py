@@ -52,6 +52,15 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
+def with_leading_dims(t2: Tensor, like: Tensor) -> Tensor:
+    """t2 [M, C] as [*like.shape[:-1], C], sharing its memory but not an autograd view of it: what a
+    custom op or autograd function returns as a view of a tensor made inside it may not be modified
+    in place (autograd refuses: "this view was created inside a custom Function"), and users modify
+    a linear layer's output in place (``y += residual``, ``ReLU(inplace=True)``). aten's
+    ``_unsafe_view`` is the reshape that nn.Linear's own matmul returns for the same reason."""
+    return torch.ops.aten._unsafe_view(t2, (*like.shape[:-1], t2.shape[-1]))
+
+
 def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                         scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """The forward implementation: (y [..., N], h [M, r]). The custom op ``lora_linear_fwd`` runs it;
@@ -63,7 +72,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     backend = select_backend(x.device, x2.shape[0], N, K, r)
     impl = triton_lora_forward if backend == "triton" else torch_lora_forward
     y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
-    return y2.view(*x.shape[:-1], N), h
+    return with_leading_dims(y2, x), h
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
@@ -95,7 +104,7 @@ def lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lo
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
                                  need_x, need_A, need_B, need_bias)
-    return grads_asked_for(grad_y, K, (dx2, d_a, d_b, d_bias), (need_x, need_A, need_B, need_bias))
+    return grads_asked_for(grad_y, (dx2, d_a, d_b, d_bias), (need_x, need_A, need_B, need_bias))
 
 
 def check_saved_for_backward(op: str, x: Optional[Tensor], h: Optional[Tensor], need_A: bool, need_B: bool):
@@ -106,10 +115,10 @@ def check_saved_for_backward(op: str, x: Optional[Tensor], h: Optional[Tensor], 
         raise ValueError(f"{op}: need_B requires h")
 
 
-def grads_asked_for(grad_y: Tensor, K: int, grads: tuple, needs: tuple) -> tuple:
-    """(dx [..., K] shaped like grad_y's rows, dA, dB, dbias), None where ``needs`` says no."""
+def grads_asked_for(grad_y: Tensor, grads: tuple, needs: tuple) -> tuple:
+    """(dx [..., K] with grad_y's leading dims, dA, dB, dbias), None where ``needs`` says no."""
     dx2, d_a, d_b, d_bias = (g if need else None for g, need in zip(grads, needs))
-    return (dx2.view(*grad_y.shape[:-1], K) if dx2 is not None else None), d_a, d_b, d_bias
+    return (with_leading_dims(dx2, grad_y) if dx2 is not None else None), d_a, d_b, d_bias
 
 
 def op_outputs(grad_y: Tensor, grads: tuple) -> tuple:

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.lora_linear import _rows, check_saved_for_backward, grads_asked_for, op_outputs, select_backend
+from lora_kernels.ops.lora_linear import (_rows, check_saved_for_backward, grads_asked_for, op_outputs, select_backend,
+                                         with_leading_dims)
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
@@ -68,7 +69,7 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
         y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
     else:
         y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
-    return y2.view(*x.shape[:-1], N), h
+    return with_leading_dims(y2, x), h
 
 
 @torch.library.custom_op("lora_kernels::nf4_lora_linear_fwd", mutates_args=())
@@ -110,7 +111,7 @@ def nf4_lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], packed: Tensor
     needs = (need_x, need_A, need_B, need_bias)
     grads = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h, seed, scale,
                  dropout_p, *needs, wq=wq)
-    return grads_asked_for(grad_y, K, grads, needs)
+    return grads_asked_for(grad_y, grads, needs)
 
 
 @torch.library.custom_op("lora_kernels::nf4_lora_linear_bwd", mutates_args=())

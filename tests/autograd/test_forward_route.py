@@ -145,3 +145,28 @@ def test_custom_op_needed():
     with FakeTensorMode():
         assert needed(plain)
     assert not needed(plain)
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["function", "custom_op"])
+@pytest.mark.parametrize("two_dim", [False, True], ids=["x3d", "x2d"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_output_can_be_modified_in_place(monkeypatch, backend, nf4, two_dim, op):
+    """Like nn.Linear's output (``y += residual``, ``ReLU(inplace=True)``): autograd refuses in-place
+    writes to a view made inside a custom op or function, which the output therefore must not be.
+    Writing y *= 3 then gives 3x every gradient."""
+    p = _problem(nf4, device=backend.device)
+    if two_dim:
+        p["x"] = p["x"].detach().reshape(15, 64).requires_grad_(True)
+    leaves = [p[k] for k in ("x", "A", "B", "bias", "lora_B_bias")]
+    grad_y = torch.randn(*p["x"].shape[:-1], 24, generator=torch.Generator().manual_seed(2)).to(backend.device)
+    with monkeypatch.context() as m:
+        if op:
+            m.setattr(dense_mod, "custom_op_needed", lambda *tensors: True)
+        y = _call(p, nf4)
+        plain = torch.autograd.grad(_call(p, nf4), leaves, grad_y)
+    assert _node(y).startswith(OP_NODE) if op else "Function" in _node(y)
+    y_before = y.detach().clone()
+    y.mul_(3.0)
+    assert torch.equal(y.detach(), y_before * 3.0)
+    for got, want in zip(torch.autograd.grad(y, leaves, grad_y), plain):
+        torch.testing.assert_close(got, want * 3.0, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
