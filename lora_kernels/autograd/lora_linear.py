@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_forward,
                               lora_linear_fwd, new_dropout_seed)
+from lora_kernels.ops.lora_linear import autocast_enabled
 
 try:  # private to torch (in 2.11 and 2.13, the versions we run): without it only dispatch modes lose the op route
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -109,6 +110,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None
     Returns:
         y: [..., N] in x's dtype.
     """
+    x, weight, lora_A, lora_B, bias, lora_B_bias = autocast_inputs(x, weight, lora_A, lora_B, bias, lora_B_bias)
     scale, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias,
                                               dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
@@ -116,6 +118,18 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None
                             combined_bias)
     y, _ = forward(x, weight, lora_A, lora_B, combined_bias, scale, dropout_p, seed)
     return y
+
+
+def autocast_inputs(x, *tensors) -> tuple:
+    """(x, *tensors), under torch.autocast for x's device cast to its dtype (floating tensors; None
+    and others unchanged), as nn.Linear's matmul gets its input, weight and bias there: the layer
+    then computes, and returns, in that dtype. Casts are differentiable: fp32 parameters still get
+    fp32 gradients. The implementations themselves run without autocast (``ops.autocast_off``)."""
+    if not isinstance(x, torch.Tensor) or not autocast_enabled(x.device.type):  # bad x: the checks say so
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, *tensors))
 
 
 def forward_route(custom_op, function, implementation, *tensors):

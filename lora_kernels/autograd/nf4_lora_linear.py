@@ -4,9 +4,9 @@ Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 te
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
 """
-from lora_kernels.autograd.lora_linear import (bias_and_dropout, custom_op_needed, eager_autograd_function,
-                                               forward_route, lora_grads_to_inputs, save_for_lora_backward,
-                                               saved_for_lora_backward)
+from lora_kernels.autograd.lora_linear import (autocast_inputs, bias_and_dropout, custom_op_needed,
+                                               eager_autograd_function, forward_route, lora_grads_to_inputs,
+                                               save_for_lora_backward, saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
 from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_forward,
                                               nf4_lora_linear_fwd)
@@ -60,6 +60,7 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
     Returns:
         y: [..., N] in x's dtype.
     """
+    x, lora_A, lora_B, bias, lora_B_bias = autocast_inputs(x, lora_A, lora_B, bias, lora_B_bias)
     scale, dropout_p = check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_bias,
                                                   dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import NF4Weight
 
 _ORIGINAL_CLASS = "_lora_kernels_original_class"
@@ -51,13 +52,6 @@ class PatchReport:
 
 
 # ----------------------------------------------------------------------------- call-time rule
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch without the device argument
-        return torch.is_autocast_enabled()
-
 
 def _active_adapter(layer) -> tuple:
     """(adapter name, None) for the single active adapter with LoRA weights, else (None, reason)."""
@@ -100,7 +94,7 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         return static, None
     if not isinstance(x, torch.Tensor) or x.dtype not in _SUPPORTED_DTYPES:
         return f"input dtype {getattr(x, 'dtype', type(x).__name__)}", None
-    if _autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         return "autocast is enabled", None
     A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
     if A.dtype != x.dtype and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True)):

@@ -12,6 +12,7 @@ dropout is active. Arguments are checked by the public function (``lora_kernels.
 Which implementation runs is decided per call: Triton kernels for CUDA tensors (and for CPU
 tensors under TRITON_INTERPRET=1), the lean PyTorch path otherwise.
 """
+import contextlib
 import math
 import os
 from typing import Optional
@@ -48,6 +49,24 @@ def select_backend(device: torch.device, M: int, N: int, K: int, r: int) -> str:
     return "torch"
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def autocast_off(device: torch.device):
+    """A context without torch.autocast for ``device``: the implementations compute in their inputs'
+    dtypes, as the Triton kernels always do (under autocast the public functions cast the inputs
+    first); autocast inside would turn the PyTorch path's matmuls to 16 bits and break the dtypes
+    the fake implementations and the backward expect."""
+    if autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
@@ -71,7 +90,8 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     x2 = x.reshape(_rows(x), K)
     backend = select_backend(x.device, x2.shape[0], N, K, r)
     impl = triton_lora_forward if backend == "triton" else torch_lora_forward
-    y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
+    with autocast_off(x.device):
+        y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
     return with_leading_dims(y2, x), h
 
 
@@ -102,8 +122,9 @@ def lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lo
     x2 = x.reshape(_rows(x), K) if x is not None else None
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
-    dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
-                                 need_x, need_A, need_B, need_bias)
+    with autocast_off(grad_y.device):
+        dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,
+                                     need_x, need_A, need_B, need_bias)
     return grads_asked_for(grad_y, (dx2, d_a, d_b, d_bias), (need_x, need_A, need_B, need_bias))
 
 

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.lora_linear import (_rows, check_saved_for_backward, grads_asked_for, op_outputs, select_backend,
-                                         with_leading_dims)
+from lora_kernels.ops.lora_linear import (_rows, autocast_off, check_saved_for_backward, grads_asked_for, op_outputs,
+                                         select_backend, with_leading_dims)
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
@@ -63,12 +63,13 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
               nested_blocksize, weight_dtype)
     x2 = x.reshape(_rows(x), K)
     backend = select_backend(x.device, x2.shape[0], N, K, r)
-    if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed, wq):
-        y2, h = cuda_gemv_forward(x2, wq, lora_A, lora_B, bias, scale)
-    elif backend == "triton":
-        y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
-    else:
-        y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
+    with autocast_off(x.device):
+        if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed, wq):
+            y2, h = cuda_gemv_forward(x2, wq, lora_A, lora_B, bias, scale)
+        elif backend == "triton":
+            y2, h = triton_lora_forward(x2, packed, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
+        else:
+            y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
     return with_leading_dims(y2, x), h
 
 
@@ -109,8 +110,9 @@ def nf4_lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], packed: Tensor
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     needs = (need_x, need_A, need_B, need_bias)
-    grads = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h, seed, scale,
-                 dropout_p, *needs, wq=wq)
+    with autocast_off(grad_y.device):
+        grads = impl(grad_y2, x2, packed if backend == "triton" else None, lora_A, lora_B, h, seed, scale,
+                     dropout_p, *needs, wq=wq)
     return grads_asked_for(grad_y, grads, needs)
 
 

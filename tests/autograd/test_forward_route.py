@@ -170,3 +170,30 @@ def test_output_can_be_modified_in_place(monkeypatch, backend, nf4, two_dim, op)
     assert torch.equal(y.detach(), y_before * 3.0)
     for got, want in zip(torch.autograd.grad(y, leaves, grad_y), plain):
         torch.testing.assert_close(got, want * 3.0, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["function", "custom_op"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_autocast_casts_the_inputs_as_for_nn_linear(monkeypatch, backend, nf4, op):
+    """Under torch.autocast the floating inputs are cast to its dtype, as nn.Linear's are: output and
+    gradients equal those of the call on inputs cast by hand, the output in that dtype, the fp32
+    parameters' gradients in fp32; nothing inside runs under autocast (the PyTorch path's matmuls
+    would otherwise mix dtypes and break the backward)."""
+    p = _problem(nf4, device=backend.device)
+    leaves = [p[k] for k in ("x", "A", "B", "bias", "lora_B_bias")]
+    dtype = torch.float16  # not bf16: the Triton interpreter's bf16 dots are wrong (triton#11584)
+    grad_y = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2)).to(backend.device, dtype)
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    y_cast = _call(cast, nf4)
+    grads_cast = torch.autograd.grad(y_cast, leaves, grad_y)
+    with monkeypatch.context() as m:
+        if op:
+            m.setattr(dense_mod, "custom_op_needed", lambda *tensors: True)
+        with torch.autocast(backend.device.type, dtype=dtype):
+            y = _call(p, nf4)
+            with torch.no_grad():
+                y_nograd = _call(p, nf4)
+    assert y.dtype == y_nograd.dtype == dtype
+    assert torch.equal(y, y_cast) and torch.equal(y_nograd, y_cast.detach())
+    for got, want, leaf in zip(torch.autograd.grad(y, leaves, grad_y), grads_cast, leaves):
+        assert got.dtype == leaf.dtype == torch.float32 and torch.equal(got, want)

@@ -172,6 +172,26 @@ def test_backward_op_need_flags(backend, case, needs):
             assert got.shape == (0,), f"{name} not needed: expected an empty tensor, got {tuple(got.shape)}"
 
 
+def test_ops_compute_in_their_inputs_dtypes_under_autocast(backend):
+    """The ops called under torch.autocast (the public functions cast the inputs first; these get
+    them as given): same outputs, bit for bit, and dtypes as without it, as the fake impls say."""
+    _, _, p, lead, K, N, r = BWD_CASES["bf16-lora32-dropout"]
+    t = op_inputs(lead, K, N, r, torch.float32, torch.float32, dropout_p=p, seed_value=77, device=backend.device)
+    grad_y = torch.randn(*lead, N, generator=torch.Generator().manual_seed(6)).to(backend.device)
+    needs = (True, True, True, True)
+
+    def run():
+        y, h = _fwd(t)
+        return (y, h, *lora_linear_bwd(grad_y, t["x"], t["weight"], t["lora_A"], t["lora_B"], h, t["seed"],
+                                       t["scale"], p, *needs))
+
+    plain = run()
+    with torch.autocast(backend.device.type, dtype=torch.float16):
+        under_autocast = run()
+    for name, got, want in zip(("y", "h", "dx", "dA", "dB", "dbias"), under_autocast, plain):
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), name
+
+
 def test_backward_op_accepts_unneeded_x_and_h(backend):
     t = op_inputs((13,), 20, 18, 5, torch.float32, torch.float32, device=backend.device)
     grad_y = torch.randn(13, 18, device=backend.device)
