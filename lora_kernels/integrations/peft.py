@@ -10,7 +10,8 @@ subclass adds no parameters or buffers, so state_dicts and adapter files are unc
 
 Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
-adapters, DoRA and other variants, autocast, extra arguments...): never a wrong answer. Scaling is
+adapters, DoRA and other variants, extra arguments...): never a wrong answer. Under autocast the
+fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
 PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
 
@@ -94,22 +95,25 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         return static, None
     if not isinstance(x, torch.Tensor) or x.dtype not in _SUPPORTED_DTYPES:
         return f"input dtype {getattr(x, 'dtype', type(x).__name__)}", None
-    if autocast_enabled(x.device.type):
-        return "autocast is enabled", None
+    # Under autocast PEFT's matmuls (base, lora_A, lora_B) all run in its dtype, and lora_kernels'
+    # functions cast their inputs to it as well: the dtype checks below then do not apply.
+    autocast = autocast_enabled(x.device.type)
     A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
-    if A.dtype != x.dtype and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True)):
+    if (not autocast and A.dtype != x.dtype
+            and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True))):
         return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
     if A.device != x.device or B.device != x.device:
         return "adapters on another device than the input", None
     bias = getattr(base, "bias", None)
     linear4bit = _is_linear4bit(base)
-    if bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
+    if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
+    why = None
     if linear4bit:
-        why = _linear4bit_reason(base, x)
+        why = _linear4bit_reason(base, x, autocast)
     elif base.weight.requires_grad:
         why = "the base weight is trainable"
-    elif base.weight.dtype != x.dtype:
+    elif not autocast and base.weight.dtype != x.dtype:
         why = f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
     return (why, None) if why else (None, (adapter, base, A, B))
 
@@ -143,7 +147,7 @@ def _is_linear4bit(module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def _linear4bit_reason(base, x) -> Optional[str]:
+def _linear4bit_reason(base, x, autocast: bool) -> Optional[str]:
     state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
     if state is None:
         return "bitsandbytes weight not quantized yet"
@@ -151,7 +155,7 @@ def _linear4bit_reason(base, x) -> Optional[str]:
         return f"quant type {state.quant_type}"
     if getattr(state, "packing_format_for_cpu", False):
         return "bitsandbytes repacked the weight for its CPU kernel"
-    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
+    if not autocast and base.compute_dtype is not None and base.compute_dtype != x.dtype:
         return f"compute dtype {base.compute_dtype} with input dtype {x.dtype}"
     return None
 
@@ -213,7 +217,9 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         qweight = _cached_nf4(base)
         if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
             common["bias"] = common["bias"].to(x.dtype)  # bnb adds the bias in its compute dtype
-        return nf4_lora_linear(x, qweight, A, B, scale, **common)
+        y = nf4_lora_linear(x, qweight, A, B, scale, **common)
+        # bnb returns its matmul in x's dtype (under autocast too); PEFT adds the LoRA term to that
+        return y.to(torch.promote_types(x.dtype, y.dtype))
     return lora_linear(x, base.weight, A, B, scale, **common)
 
 

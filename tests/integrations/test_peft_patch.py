@@ -247,8 +247,12 @@ def test_fallback_reason_names_the_cause():
     assert lk_peft.fallback_reason(layer, x) is None
     assert "dtype" in lk_peft.fallback_reason(layer, x.double())
     assert "extra" in lk_peft.fallback_reason(layer, x, kwargs={"adapter_names": ["default"] * 3})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "autocast" in lk_peft.fallback_reason(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fast under autocast too, even with fp64 weights
+        assert lk_peft.fallback_reason(layer, x) is None
+        layer.base_layer.weight.data = layer.base_layer.weight.data.double()
+        assert lk_peft.fallback_reason(layer, x) is None
+    assert "dtype" in lk_peft.fallback_reason(layer, x)
+    layer.base_layer.weight.data = layer.base_layer.weight.data.float()
     layer.base_layer.weight.requires_grad_(True)
     assert "trainable" in lk_peft.fallback_reason(layer, x)
 
@@ -485,6 +489,35 @@ def test_bf16_model_with_fp32_adapters():
     out.loss.backward()
     ref.loss.backward()
     grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32
+        assert_close(grads[name], ref_grads[name], 5e-2, name)
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_autocast_training_step_matches_peft(qlora):
+    """Under torch.autocast (what HF Trainer's bf16=True runs on an fp32 model) the patched layers
+    stay on the fast path and agree with PEFT's (whose base and LoRA matmuls autocast runs in bf16)
+    to bf16 rounding: logits in PEFT's dtype, loss, fp32 LoRA gradients."""
+    reference = peft_model(qlora=qlora, seed=5)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    x = torch.randn(2, 7, 128 if qlora else 64, generator=torch.Generator().manual_seed(8))
+    with use_backend("torch") as record, torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = patched(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+        layer_out, layer_ref = (m.base_model.model.model.layers[0].mlp.up_proj(x) for m in (patched, reference))
+    assert _fast_calls(record) == 15
+    # one layer on fp32 x: PEFT's dtype (dense: bf16, as autocast's matmuls; QLoRA: fp32, as bnb
+    # returns x's dtype), PEFT's values to bf16 rounding
+    assert layer_out.dtype == layer_ref.dtype == (torch.float32 if qlora else torch.bfloat16)
+    assert_close(layer_out, layer_ref, 1e-2, "one layer under autocast")
+    assert out.logits.dtype == ref.logits.dtype
+    assert_close(out.logits, ref.logits, 2e-2, "autocast logits")
+    out.loss.backward()
+    ref.loss.backward()
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28
     for name in ref_grads:
         assert grads[name].dtype == torch.float32
         assert_close(grads[name], ref_grads[name], 5e-2, name)
