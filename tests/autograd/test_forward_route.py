@@ -197,3 +197,21 @@ def test_autocast_casts_the_inputs_as_for_nn_linear(monkeypatch, backend, nf4, o
     assert torch.equal(y, y_cast) and torch.equal(y_nograd, y_cast.detach())
     for got, want, leaf in zip(torch.autograd.grad(y, leaves, grad_y), grads_cast, leaves):
         assert got.dtype == leaf.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_autocast_inside_torch_compile(cpu_backend):
+    """torch.compile(fullgraph=True) traces the autocast casts and the op: same output (dtype
+    included) and gradients as eager."""
+    p = _problem(False)
+    leaves = [p[k] for k in ("x", "A", "B")]
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return _call({**p, "x": x}, False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y, y_eager = compiled(p["x"]), step(p["x"])
+    assert y.dtype == torch.float16 and torch.equal(y, y_eager)
+    grads, grads_eager = (torch.autograd.grad(t.float().sum(), leaves) for t in (y, y_eager))
+    for got, want in zip(grads, grads_eager):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
