@@ -78,8 +78,9 @@ def _base_layer(layer) -> torch.nn.Module:
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
-    """(None, (adapter, base layer, A, B)) when this call can run on lora_kernels, else (reason,
-    None): what the check resolves, the fast forward reuses (a per-call cost of every LoRA layer)."""
+    """(None, (adapter, base layer, A, B, whether the base is a bnb Linear4bit)) when this call can run
+    on lora_kernels, else (reason, None): what the check resolves, the fast forward reuses (a per-call
+    cost of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments (adapter_names=, variant or base-layer arguments)", None
     if layer.disable_adapters:
@@ -115,7 +116,7 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         why = "the base weight is trainable"
     elif not autocast and base.weight.dtype != x.dtype:
         why = f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
-    return (why, None) if why else (None, (adapter, base, A, B))
+    return (why, None) if why else (None, (adapter, base, A, B, linear4bit))
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
@@ -205,12 +206,12 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
 
 def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     """The layer's forward on lora_kernels; ``plan`` from ``_fast_plan``."""
-    adapter, base, A, B = plan
+    adapter, base, A, B, linear4bit = plan
     A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
     dropout = layer.lora_dropout[adapter]
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     common = dict(bias=base.bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
-    if _is_linear4bit(base):
+    if linear4bit:
         if not base.compute_type_is_set:  # what bnb's own first forward does
             base.set_compute_type(x)
             base.compute_type_is_set = True
