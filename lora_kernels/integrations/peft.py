@@ -284,6 +284,21 @@ def _fast_class(peft_class):
     return _FAST_CLASSES[peft_class]
 
 
+def __getattr__(name: str):
+    # A patched model pickled (torch.save(model), deepcopy across processes) names its layers'
+    # classes, e.g. lora_kernels.integrations.peft.LoRAKernelsLinear; a fresh process that has not
+    # patched anything yet builds that class here when unpickling asks for it.
+    if name.startswith("LoRAKernels"):
+        try:
+            classes = _peft_classes()
+        except ImportError:
+            classes = {}
+        for peft_class in classes:
+            if f"LoRAKernels{peft_class.__name__}" == name:
+                return _fast_class(peft_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def is_patched(module) -> bool:
     return type(module) in _FAST_CLASSES.values()
 

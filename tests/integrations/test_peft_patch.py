@@ -3,6 +3,7 @@ same logits, gradients and optimizer trajectory as PEFT, fallbacks to PEFT's own
 files, merge_and_unload, unpatch, LoRA-FA and saved-activation memory."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -285,6 +286,39 @@ def test_save_pretrained_and_reload(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(tiny_llama(seed=7), tmp_path / "patched")
     ids = _ids()
     assert torch.equal(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+_LOAD_IN_FRESH_PROCESS = """
+import sys, torch
+from lora_kernels.integrations import peft as lk_peft
+model = torch.load(sys.argv[1], weights_only=False)  # nothing patched in this process before
+ids = torch.load(sys.argv[2])
+layers = [m for m in model.modules() if lk_peft.is_patched(m)]
+assert len(layers) == 14, len(layers)
+assert all(lk_peft.fallback_reason(m, torch.ones(1, m.in_features)) is None for m in layers)
+torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_whole_model_pickle_loads_in_a_fresh_process(tmp_path, qlora):
+    # torch.save(model) pickles the layers' classes by name; a process that never called
+    # patch_peft_model must still find them (it did not: AttributeError 'LoRAKernelsLinear').
+    import subprocess
+    import sys
+
+    reference = peft_model(seed=9, qlora=qlora)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids(vocab=100)
+    torch.save(patched, tmp_path / "model.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(tmp_path / "model.pt"),
+                          str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert_close(torch.load(tmp_path / "logits.pt"), reference(input_ids=ids).logits, BOUND, "logits")
 
 
 def test_merge_and_unload():
