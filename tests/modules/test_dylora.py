@@ -218,3 +218,26 @@ def test_any_shape_and_rank_against_float64(monkeypatch, k, n, r_max, data, lead
     assert err(layer.lora_B.grad[:, :rank], B.grad[:, :rank], Ba.grad[:, :rank]) < FP32
     assert err(layer.lora_A.grad[:rank], A.grad[:rank], Aa.grad[:rank]) < FP32
     assert not layer.lora_A.grad[rank:].any() and not layer.lora_B.grad[:, rank:].any()
+
+
+@pytest.mark.parametrize("cls", [DyLoRALinear, NF4DyLoRALinear])
+def test_compiled_training_with_one_rank_per_step(monkeypatch, cls):
+    # Under torch.compile the rank is fixed per step (a rank sampled per call is an .item(): a graph
+    # break). fullgraph: each step's rank runs inside the graph, outputs and gradients equal eager's.
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    torch._dynamo.reset()
+    layer, eager = _layer(cls), _layer(cls)
+    compiled = torch.compile(layer, fullgraph=True)
+    gen = torch.Generator().manual_seed(4)
+    ranks = []
+    for step in range(4):
+        ranks.append(dylora_sample_rank(layer, generator=gen))
+        eager.rank = layer.rank
+        x = _x(seed=step)
+        y, y_eager = compiled(x), eager(x)
+        torch.testing.assert_close(y, y_eager, rtol=FP32, atol=FP32)
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+        for name in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, name).grad, getattr(eager, name).grad, rtol=FP32, atol=FP32)
+    assert len(set(ranks)) > 1, ranks
