@@ -311,7 +311,10 @@ class NF4Weight:
         if others:
             raise ValueError(f"all tensors must be on one device: packed is on {device}, "
                              + ", ".join(f"{name} on {dev}" for name, dev in others.items()))
-        if device.type != "meta" and not torch.equal(code, _table("nf4", device)):
+        # Traced (torch.export / torch.compile rebuild the layer's NF4Weight from fake buffers), the
+        # values are unknown: the check ran when the weight was built eagerly.
+        traced = torch.compiler.is_compiling()
+        if device.type != "meta" and not traced and not torch.equal(code, _table("nf4", device)):
             raise ValueError("code must be the NF4 table (NF4_CODE); got different values "
                              "(a quant_map of another 4-bit type?)")
 
