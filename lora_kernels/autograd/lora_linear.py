@@ -9,8 +9,8 @@ Saving rules (what backward needs, nothing else):
 import torch
 from torch.autograd.function import once_differentiable
 
-from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_forward,
-                              lora_linear_fwd, new_dropout_seed)
+from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_composite,
+                              lora_linear_forward, lora_linear_fwd, new_dropout_seed)
 from lora_kernels.ops.lora_linear import autocast_enabled
 
 try:  # private to torch (in 2.11 and 2.13, the versions we run): without it only dispatch modes lose the op route
@@ -114,8 +114,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, lora_B_bias=None
     scale, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, lora_B_bias,
                                               dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
-    forward = forward_route(lora_linear_fwd, LoRALinearFunction, lora_linear_forward, x, weight, lora_A, lora_B,
-                            combined_bias)
+    forward = forward_route(lora_linear_fwd, LoRALinearFunction, lora_linear_forward, lora_linear_composite, x,
+                            weight, lora_A, lora_B, combined_bias)
     y, _ = forward(x, weight, lora_A, lora_B, combined_bias, scale, dropout_p, seed)
     return y
 
@@ -132,9 +132,14 @@ def autocast_inputs(x, *tensors) -> tuple:
                  for t in (x, *tensors))
 
 
-def forward_route(custom_op, function, implementation, *tensors):
-    """The cheapest of three equivalent ways to run a forward (same numbers, bit for bit):
+def forward_route(custom_op, function, implementation, composite, *tensors):
+    """The cheapest of the equivalent ways to run a forward (the first three give the same numbers,
+    bit for bit):
 
+    - ``composite`` under torch.func transforms (vmap, grad, jvp, jacrev, functional per-sample
+      gradients): the same semantics as plain differentiable PyTorch ops, which the transforms see
+      through; neither the op (no vmap rule, no functorch autograd) nor the autograd function
+      (no setup_context, by design: see ``eager_autograd_function``) supports them;
     - ``custom_op`` (registered autograd and fake implementation) while torch.compile / export traces,
       under a dispatch mode (FakeTensorMode, ...) or for tensor subclasses (fake tensors): these see
       the op, not the PyTorch calls or kernel launches inside it;
@@ -144,6 +149,8 @@ def forward_route(custom_op, function, implementation, *tensors):
 
     tensors: the call's tensors, the base weight's included (None allowed).
     """
+    if torch._C._are_functorch_transforms_active():
+        return composite
     if custom_op_needed(*tensors):
         return custom_op
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -8,8 +8,8 @@ from lora_kernels.autograd.lora_linear import (autocast_inputs, bias_and_dropout
                                                eager_autograd_function, forward_route, lora_grads_to_inputs,
                                                save_for_lora_backward, saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
-from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_forward,
-                                              nf4_lora_linear_fwd)
+from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_composite,
+                                              nf4_lora_linear_forward, nf4_lora_linear_fwd)
 
 # Positions in nf4_lora_linear_fwd's inputs (x, the six NF4 tensors, lora_A, lora_B, bias, ...).
 _X, _A, _B, _BIAS = 0, 7, 8, 9
@@ -65,8 +65,8 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
                                                   dropout_p)
     combined_bias, dropout_p, seed = bias_and_dropout(x, scale, bias, lora_B_bias, dropout_p, training)
     q = qweight
-    forward = forward_route(nf4_lora_linear_fwd, NF4LoRALinearFunction, nf4_lora_linear_forward, x,
-                            *q.op_tensors(), lora_A, lora_B, combined_bias)
+    forward = forward_route(nf4_lora_linear_fwd, NF4LoRALinearFunction, nf4_lora_linear_forward,
+                            nf4_lora_linear_composite, x, *q.op_tensors(), lora_A, lora_B, combined_bias)
     y, _ = forward(x, *q.op_tensors(), lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
                    q.nested_blocksize, q.dtype)
     return y

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.kernels.configs import MAX_RANK
-from lora_kernels.ops.reference import torch_lora_backward, torch_lora_forward
+from lora_kernels.ops.reference import composite_lora_forward, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import is_interpreted, triton_lora_backward, triton_lora_forward
 
 CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "triton"
@@ -93,6 +93,19 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     with autocast_off(x.device):
         y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
     return with_leading_dims(y2, x), h
+
+
+def lora_linear_composite(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                          scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``lora_linear_forward``'s semantics as differentiable PyTorch ops on every device
+    (``reference.composite_lora_forward``: no autograd function, no kernels), for autograd and
+    torch.func to differentiate. What ``forward_route`` takes under torch.func transforms (vmap,
+    grad, jvp, jacrev...), which neither the op nor the eager autograd function supports.
+    (y [..., N], h [M, r])."""
+    x2 = x.reshape(_rows(x), x.shape[-1])
+    with autocast_off(x.device):
+        y2, h = composite_lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
+    return y2.reshape(*x.shape[:-1], y2.shape[-1]), h
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())

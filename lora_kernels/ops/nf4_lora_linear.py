@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.lora_linear import (_rows, autocast_off, check_saved_for_backward, grads_asked_for, op_outputs,
-                                         select_backend, with_leading_dims)
+from lora_kernels.ops.lora_linear import (_rows, autocast_off, check_saved_for_backward, grads_asked_for,
+                                         lora_linear_composite, op_outputs, select_backend, with_leading_dims)
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
@@ -71,6 +71,23 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
         else:
             y2, h = torch_lora_forward(x2, None, lora_A, lora_B, bias, scale, dropout_p, seed, wq=wq)
     return with_leading_dims(y2, x), h
+
+
+def nf4_lora_linear_composite(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                              absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
+                              lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
+                              dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
+                              weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``nf4_lora_linear_forward``'s semantics as differentiable PyTorch ops, for torch.func
+    transforms (see ``lora_linear_composite``). The one path that decodes the whole weight at once
+    (bit-exact, then cast to x's dtype as bitsandbytes does): the transforms differentiate through
+    it, and chunked decoding writes into slices (``out=``), which autograd refuses."""
+    K = x.shape[-1]
+    N = lora_B.shape[0]
+    wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
+              nested_blocksize, weight_dtype)
+    weight = nf4_decode_range(wq, 0, N * K).view(N, K).to(x.dtype) if N * K else x.new_empty((N, K))
+    return lora_linear_composite(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
 
 
 @torch.library.custom_op("lora_kernels::nf4_lora_linear_fwd", mutates_args=())

@@ -136,6 +136,17 @@ def torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p
     return y2, h
 
 
+def composite_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed):
+    """``torch_lora_forward``'s semantics (dense weight) in out-of-place ops only, each with an
+    autograd formula and a vmap batching rule (the lean path's in-place addmm_ has none: vmap then
+    loops over the batch): what torch.func transforms differentiate. (y2 [M, N], h [M, r])."""
+    h = torch.mm(_dropped(x2, seed, dropout_p).to(lora_A.dtype), lora_A.t())
+    y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, weight.t())
+    if h.dtype == y2.dtype:
+        return torch.addmm(y2, h, lora_B.t().to(h.dtype), alpha=scale), h
+    return torch.addmm(y2.to(h.dtype), h, lora_B.t().to(h.dtype), alpha=scale).to(y2.dtype), h
+
+
 def _add_lora_term(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
     """out + scale * left @ right in out's dtype, the product in the adapters' dtype (left's).
 

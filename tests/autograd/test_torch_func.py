@@ -1,0 +1,128 @@
+"""torch.func transforms (vmap, grad, jvp, jacrev) over the public functions: ``forward_route`` takes
+the composite route (the PyTorch path's differentiable ops) there, since neither the custom op nor
+the eager autograd function supports them (both raised before). Checked against float64 references:
+per-sample gradients, forward-mode derivatives, Jacobians; dropout follows vmap's randomness flag."""
+import pytest
+import torch
+from torch.func import grad, jacrev, jvp, vmap
+
+import lora_kernels
+from lora_kernels import NF4Weight
+from lora_kernels.ops import lora_linear_reference
+from tests.helpers import rel_err
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+B_SAMPLES, T, K, N, R, SCALE = 4, 3, 64, 24, 4, 0.5
+FP32 = 2e-6
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def _problem(nf4: bool, device: str, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, div=1.0):
+        return (torch.randn(*shape, generator=g) / div).to(device)
+
+    W = rand(N, K, div=8)
+    p = dict(x=rand(B_SAMPLES, T, K), A=rand(R, K), B=rand(N, R), bias=rand(N), lora_B_bias=rand(N),
+             cotangent=rand(T, N))
+    p["weight"] = NF4Weight.quantize(W.cpu()).to(device) if nf4 else W
+    p["dense"] = (p["weight"].dequantize() if nf4 else W).double()  # the weight the reference sees
+    return p
+
+
+def _ours(p, nf4, dropout_p=0.0):
+    fn = lora_kernels.nf4_lora_linear if nf4 else lora_kernels.lora_linear
+
+    def forward(x, A, B, bias, lora_B_bias):
+        return fn(x, p["weight"], A, B, SCALE, bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p)
+    return forward
+
+
+def _reference(p):
+    def forward(x, A, B, bias, lora_B_bias):
+        return lora_linear_reference(x, p["dense"], A, B, SCALE, bias=bias, lora_B_bias=lora_B_bias)
+    return forward
+
+
+def _args(p, dtype=None):
+    return tuple(p[k].to(dtype) if dtype else p[k] for k in ("x", "A", "B", "bias", "lora_B_bias"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_vmap_over_x_matches_float64(nf4, device):
+    p = _problem(nf4, device)
+    x, *params = _args(p)
+    y = vmap(_ours(p, nf4), in_dims=(0, None, None, None, None))(x, *params)
+    expected = _reference(p)(*_args(p, torch.float64))
+    assert y.shape == (B_SAMPLES, T, N) and y.dtype == torch.float32
+    assert rel_err(y, expected) < FP32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_per_sample_gradients_match_float64(nf4, device):
+    # DP-SGD style: one gradient of A, B and both biases per sample, by vmap(grad(loss)).
+    p = _problem(nf4, device)
+
+    def loss(forward):
+        return lambda x, *params: (forward(x, *params) * p["cotangent"].to(x.dtype)).sum()
+
+    per_sample = vmap(grad(loss(_ours(p, nf4)), argnums=(1, 2, 3, 4)),
+                      in_dims=(0, None, None, None, None))(*_args(p))
+    x64, *params64 = _args(p, torch.float64)
+    for i in range(B_SAMPLES):
+        expected = grad(loss(_reference(p)), argnums=(1, 2, 3, 4))(x64[i], *params64)
+        for name, got, ref in zip(("A", "B", "bias", "lora_B_bias"), per_sample, expected):
+            assert got.shape == (B_SAMPLES, *ref.shape), name
+            assert ref.abs().sum() > 0 and rel_err(got[i], ref) < FP32, (name, i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_jvp_and_jacrev_match_float64(nf4, device):
+    p = _problem(nf4, device)
+    args, args64 = _args(p), _args(p, torch.float64)
+    tangents = tuple(torch.randn(a.shape, generator=torch.Generator().manual_seed(i)).to(a)
+                     for i, a in enumerate(args))
+    y, dy = jvp(_ours(p, nf4), args, tangents)
+    y64, dy64 = jvp(_reference(p), args64, tuple(t.double() for t in tangents))
+    assert rel_err(y, y64) < FP32 and rel_err(dy, dy64) < FP32
+    jac = jacrev(_ours(p, nf4), argnums=(0, 1))(args[0][0, 0], *args[1:])
+    jac64 = jacrev(_reference(p), argnums=(0, 1))(args64[0][0, 0], *args64[1:])
+    assert jac[0].shape == (N, K) and jac[1].shape == (N, R, K)
+    for got, ref in zip(jac, jac64):
+        assert rel_err(got, ref) < FP32
+
+
+def test_dropout_under_vmap_follows_the_randomness_flag():
+    p = _problem(False, "cpu")
+    same_x = p["x"][:1].expand(B_SAMPLES, T, K)  # every sample identical: only the masks can differ
+    forward = vmap(_ours(p, False, dropout_p=0.5), in_dims=(0, None, None, None, None), randomness="different")
+    y = forward(same_x, *_args(p)[1:])
+    assert not torch.equal(y[0], y[1])
+    forward = vmap(_ours(p, False, dropout_p=0.5), in_dims=(0, None, None, None, None), randomness="same")
+    y = forward(same_x, *_args(p)[1:])
+    assert all(torch.equal(y[0], y[i]) for i in range(1, B_SAMPLES))
+    no_dropout = _ours(p, False)(same_x[0], *_args(p)[1:])
+    assert not torch.equal(y[0], no_dropout)  # a mask was applied
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(_ours(p, False, dropout_p=0.5), in_dims=(0, None, None, None, None))(same_x, *_args(p)[1:])
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_second_derivatives_match_float64(nf4):
+    # The eager layer is differentiable once; under torch.func, hessian works (the composite route).
+    p = _problem(nf4, "cpu")
+
+    def loss(forward):
+        return lambda A, x, B, bias, lora_B_bias: forward(x, A, B, bias, lora_B_bias).square().sum()
+
+    x, A, B, bias, lora_B_bias = _args(p)
+    hess = torch.func.hessian(loss(_ours(p, nf4)))(A, x[0, :1], B, bias, lora_B_bias)
+    x64, A64, B64, bias64, lora_B_bias64 = _args(p, torch.float64)
+    hess64 = torch.func.hessian(loss(_reference(p)))(A64, x64[0, :1], B64, bias64, lora_B_bias64)
+    assert hess.shape == (R, K, R, K) and hess64.abs().sum() > 0
+    assert rel_err(hess, hess64) < FP32
