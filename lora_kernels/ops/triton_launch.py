@@ -220,6 +220,8 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     weight: dense [N, K], or with ``wq`` the NF4 packed codes (wq.packed)."""
     M, K = x2.shape
     N = lora_B.shape[0]
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the epilogues read bias[n] at unit stride (a strided or expanded view: N copies)
     r = lora_A.shape[0]
     R = configs.padded_rank(r)
     key = _config_key(x2.dtype, lora_A.dtype, x2.device)

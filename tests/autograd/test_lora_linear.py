@@ -90,6 +90,37 @@ def test_layouts_and_leading_dims(backend, layout, lead, dtypes):
     _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.3)
 
 
+def _in_layout(t: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """A leaf like t (dtype, device, requires_grad) in an odd memory layout: "transposed" (2-D,
+    column-major), "strided" (every other element of the last dim; the gaps hold other random
+    values) or "expanded" (1-D, stride 0: one value repeated). Values random (the reference reads them)."""
+    shape = tuple(t.shape)
+    if layout == "transposed":
+        view = torch.randn(shape[::-1], generator=gen).t()
+    elif layout == "strided":
+        view = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
+    else:
+        view = torch.randn(1, generator=gen).expand(shape)
+    assert not view.is_contiguous()
+    return view.to(device=t.device, dtype=t.dtype).detach().requires_grad_(t.requires_grad)
+
+
+PARAMETER_LAYOUTS = [("weight", "transposed"), ("weight", "strided"), ("lora_A", "transposed"),
+                     ("lora_A", "strided"), ("lora_B", "transposed"), ("lora_B", "strided"), ("bias", "strided"),
+                     ("bias", "expanded"), ("lora_B_bias", "strided"), ("lora_B_bias", "expanded")]
+
+
+@pytest.mark.parametrize("name, layout", PARAMETER_LAYOUTS, ids=[f"{n}-{lay}" for n, lay in PARAMETER_LAYOUTS])
+def test_parameter_layouts(backend, name, layout):
+    # Views users pass as parameters: a tied or transposed weight, a bias sliced from a fused one, an
+    # expanded bias. The Triton forward read a strided or expanded bias at unit stride (silently
+    # wrong, NaN for stride 0).
+    # lora_B_bias only where it is the tensor under test: otherwise bias joins it in a new fp32 tensor
+    pb = make_problem((3, 7), 37, 29, 8, bias=True, lora_B_bias=name == "lora_B_bias", seed=13)
+    setattr(pb, name, _in_layout(getattr(pb, name), layout, torch.Generator().manual_seed(14)))
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.3)
+
+
 @pytest.mark.parametrize("x_dtype", [F16, BF16])
 @pytest.mark.parametrize("bias_dtype", [None, F32])
 def test_fp32_adapters_with_half_x(backend, x_dtype, bias_dtype):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
-from tests.autograd.test_lora_linear import DTYPE_PAIRS, _run_and_check
+from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check
 from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, assert_close, check_against_reference,
                            keep_mask_for, make_grad_y, make_problem, reference, run_public)
 
@@ -74,6 +74,17 @@ def test_stored_dtype_differs_from_x(backend, weight_dtype):
 def test_ranks(backend, r):
     pb = make_problem((9,), 65, 20, r, F32, seed=5, nf4=DQ)
     _run_and_check(backend, pb, make_grad_y(pb))
+
+
+NF4_PARAMETER_LAYOUTS = [(n, lay) for n, lay in PARAMETER_LAYOUTS if n != "weight"]
+
+
+@pytest.mark.parametrize("name, layout", NF4_PARAMETER_LAYOUTS, ids=[f"{n}-{lay}" for n, lay in NF4_PARAMETER_LAYOUTS])
+def test_parameter_layouts(backend, name, layout):
+    # as for lora_linear (the strided / expanded bias was read at unit stride by the Triton forward)
+    pb = make_problem((3, 7), 64, 29, 8, bias=True, lora_B_bias=name == "lora_B_bias", seed=13, nf4=DQ)
+    setattr(pb, name, _in_layout(getattr(pb, name), layout, torch.Generator().manual_seed(14)))
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.3)
 
 
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])
