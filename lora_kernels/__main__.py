@@ -18,9 +18,15 @@ all     the main job: bench (dense), qlora, memory (model and layer) and bench -
 Results go to --out, default ``benchmarks/results/<device-kind>/`` (e.g. ``cpu``, ``nvidia-h100-...``).
 """
 import argparse
+import os
+import sys
+import traceback
 
 
 def main(argv=None):
+    """Parse ``argv`` and run the command. A bad option value the tools reject (ValueError or
+    TypeError, e.g. an unknown provider, a GEMV M above 16, a folder that is no PEFT adapter) ends
+    like an argparse error: one line on stderr naming where it was raised, exit status 2."""
     # Tools are imported here, not at module level: `python -m lora_kernels --help` stays fast.
     from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench
 
@@ -45,7 +51,16 @@ def main(argv=None):
     p_all.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES))
     p_all.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    try:
+        _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench)
+    except (ValueError, TypeError) as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"{parser.prog} {args.command}: error: {exc} (raised at {os.path.basename(where.filename)}:"
+              f"{where.lineno})", file=sys.stderr)
+        raise SystemExit(2) from None
 
+
+def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench):
     if args.command == "bench":
         (train_bench if args.train else bench).run_from_args(args)
     elif args.command == "memory":
