@@ -14,7 +14,8 @@ split-k forward time with the small-M split-K path on vs off, per M: tunes SMALL
 analyze rank analysis of a PEFT adapter folder: ΔW spectra, subspace similarity, base projection
         (``lora_kernels.tools.rank_analysis``)
 all     the main job: bench (dense), qlora, memory (model and layer) and bench --train with their
-        defaults, and on CUDA split-k and (when csrc/ is built) gemv (only --device, --dtype and --out apply)
+        defaults (memory and --train also with DoRA adapters), and on CUDA split-k and (when csrc/ is
+        built) gemv (only --device, --dtype and --out apply)
 Results go to --out, default ``benchmarks/results/<device-kind>/`` (e.g. ``cpu``, ``nvidia-h100-...``).
 """
 import argparse
@@ -80,6 +81,9 @@ def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_benc
         memory.run(device=args.device, dtype=args.dtype, out=args.out, layer=True)  # one layer per shape
         qlora_bench.run(device=args.device, dtype=args.dtype, out=args.out)
         train_bench.run(device=args.device, dtype=args.dtype, out=args.out)
+        # DoRA (PEFT use_dora=True) models: saved activations and training steps, PEFT vs patched
+        memory.run(device=args.device, dtype=args.dtype, out=args.out, dora=True, dropouts=(0.0,))
+        train_bench.run(device=args.device, dtype=args.dtype, out=args.out, dora=True)
         device, _ = bench.resolve_device_dtype(args.device, args.dtype)
         if device.type == "cuda":  # the CPU default path is PyTorch: there is no split-K to tune
             qlora_bench.split_k_sweep(device=args.device, dtype=args.dtype, out=args.out)

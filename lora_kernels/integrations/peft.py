@@ -10,7 +10,9 @@ subclass adds no parameters or buffers, so state_dicts and adapter files are unc
 
 Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
-adapters, DoRA and other variants, extra arguments...): never a wrong answer. Under autocast the
+adapters, LoRA variants other than DoRA, DoRA with dropout in training, extra arguments...): never
+a wrong answer. DoRA runs as g * (the fused LoRA output) + bias, its row norms computed without
+forming W + s B A (``dora_weight_norm``). Under autocast the
 fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
 PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
@@ -26,6 +28,8 @@ import torch
 from lora_kernels.autograd import lora_linear, nf4_lora_linear
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import NF4Weight
+from lora_kernels.ops.reference import nf4_decode_range
+from lora_kernels.ops.triton_launch import NF4Tensors
 
 _ORIGINAL_CLASS = "_lora_kernels_original_class"
 _A_REQUIRES_GRAD = "_lora_kernels_lora_A_requires_grad"  # adapter -> requires_grad before lora_fa
@@ -110,7 +114,12 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
     why = None
-    if linear4bit:
+    dropout = layer.lora_dropout[adapter]
+    if (_is_dora(layer, adapter) and isinstance(dropout, torch.nn.Dropout) and dropout.training
+            and dropout.p > 0):
+        # PEFT's DoRA then runs a second base GEMM on dropout(x): not fused here
+        why = "DoRA with dropout in training"
+    elif linear4bit:
         why = _linear4bit_reason(base, x, autocast)
     elif base.weight.requires_grad:
         why = "the base weight is trainable"
@@ -120,16 +129,18 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
-    """Why ``adapter`` of ``layer`` always needs PEFT's forward (variant, DoRA, fan_in_fan_out,
-    dropout module, base layer type), or None."""
+    """Why ``adapter`` of ``layer`` always needs PEFT's forward (a LoRA variant other than PEFT's
+    linear DoRA, fan_in_fan_out, dropout module, base layer type), or None."""
     return _static_reason(layer, adapter, _base_layer(layer))
 
 
 def _static_reason(layer, adapter: str, base) -> Optional[str]:
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        return "DoRA"
-    if adapter in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if _is_dora(layer, adapter):
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"DoRA variant {type(variant).__name__}"
+    elif variant is not None:
+        return f"LoRA variant {type(variant).__name__}"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     dropout = layer.lora_dropout[adapter]
@@ -211,6 +222,8 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     dropout = layer.lora_dropout[adapter]
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     common = dict(bias=base.bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
+    if _is_dora(layer, adapter):
+        return _dora_forward(layer, adapter, base, x, A, B, scale, linear4bit, common)
     if linear4bit:
         if not base.compute_type_is_set:  # what bnb's own first forward does
             base.set_compute_type(x)
@@ -222,6 +235,100 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         # bnb returns its matmul in x's dtype (under autocast too); PEFT adds the LoRA term to that
         return y.to(torch.promote_types(x.dtype, y.dtype))
     return lora_linear(x, base.weight, A, B, scale, **common)
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+def _is_dora(layer, adapter: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(adapter, False))
+
+
+def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool, common: dict) -> torch.Tensor:
+    """PEFT's DoRA forward (no dropout in training) on the fused kernels:
+
+        y = g * (x W^T + scale * x A^T B^T) + bias,   g = magnitude / ||W + scale B A||_row (detached)
+
+    which is PEFT's result + (g - 1) (result - bias) + g scale lora(x) in one fused GEMM plus a
+    per-column scale, and the row norms without forming W + scale B A (``dora_weight_norm``)."""
+    bias = common.pop("bias")
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    if linear4bit:
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        weight = _cached_nf4(base)
+        z = nf4_lora_linear(x, weight, A, B, scale, **common)
+    else:
+        weight = base.weight
+        z = lora_linear(x, weight, A, B, scale, **common)
+    with torch.no_grad():  # DoRA paper 4.3 (and PEFT): the norm is a constant for autograd
+        norm = dora_weight_norm(weight, A, B, scale, cache_on=base)
+    y = z * (magnitude / norm)
+    if bias is not None:
+        y = y + bias
+    # PEFT's result dtype: the base layer's output: nn.Linear's (z's dtype) or bnb's (x's dtype, under
+    # autocast too), except that PEFT's bnb layer casts nothing back while torch.is_autocast_enabled()
+    # (CUDA's autocast only): its DoRA sum then stays fp32
+    if not linear4bit:
+        return y.to(z.dtype)
+    return y if torch.is_autocast_enabled() else y.to(x.dtype)
+
+
+_ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: (key, ||W_n||^2 fp32 [N])
+_SQNORM_CHUNK_ELEMENTS = 1 << 22  # rows of W converted to fp32 at a time for ||W_n||^2
+
+
+def _row_sqnorm(weight, cache_on: Optional[torch.nn.Module]) -> torch.Tensor:
+    """||W_n||^2 in fp32 [N] for a dense [N, K] weight or an NF4Weight, a row chunk at a time (no
+    fp32 or decoded copy of the whole weight); cached on ``cache_on`` while the weight's tensors and
+    version are the same (the base weight is frozen: computed once, not every step). Not cached
+    while torch.compile traces (pointers and versions are not traceable): the graph computes it."""
+    if torch.compiler.is_compiling():
+        cache_on = None
+    if cache_on is None:
+        key = None
+    elif isinstance(weight, NF4Weight):
+        key = ("nf4", id(weight), weight.packed.data_ptr(), weight.packed._version)
+    else:
+        key = ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    N, K = weight.shape
+    cached = cache_on.__dict__.get(_ROW_SQNORM_CACHE) if cache_on is not None else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    out = torch.empty(N, dtype=torch.float32, device=weight.device)
+    rows = max(1, _SQNORM_CHUNK_ELEMENTS // max(K, 1))
+    if isinstance(weight, NF4Weight):
+        wq = NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        if isinstance(weight, NF4Weight):  # decoded like bnb: rounded to the stored dtype first
+            chunk = nf4_decode_range(wq, n0 * K, n1 * K).view(n1 - n0, K).float()
+        else:
+            chunk = weight[n0:n1].float()
+        out[n0:n1] = chunk.square().sum(1)
+    if cache_on is not None:
+        cache_on.__dict__[_ROW_SQNORM_CACHE] = (key, out)
+    return out
+
+
+def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                     cache_on: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """DoRA's ||W + scale B A||_row, fp32 [N], without forming the [N, K] sum:
+
+        ||W_n||^2 + 2 scale <B_n, (W A^T)_n> + scale^2 B_n (A A^T) B_n^T
+
+    weight: dense [N, K] or an NF4Weight; lora_A [r, K], lora_B [N, r]. Costs one thin GEMM
+    W A^T [N, r] (an NF4 weight decoded inside the fused GEMM) per call plus ||W_n||^2, cached on
+    ``cache_on`` (see ``_row_sqnorm``). Not differentiable (DoRA detaches the norm)."""
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    if isinstance(weight, NF4Weight):
+        K = weight.shape[1]
+        zero_A, zero_B = A.new_zeros(1, K), B.new_zeros(B.shape[0], 1)  # a rank-1 LoRA term of 0
+        wa = nf4_lora_linear(A, weight, zero_A, zero_B, 0.0, training=False).t()  # [N, r] = W A^T
+    else:
+        wa = torch.mm(weight, A.t().to(weight.dtype)).float()
+    sq = _row_sqnorm(weight, cache_on) + 2 * scale * (B * wa).sum(1) + scale * scale * ((B @ (A @ A.t())) * B).sum(1)
+    return sq.clamp_min(0).sqrt()
 
 
 _NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing its tensors)
@@ -376,6 +483,7 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
         module.get_base_layer().__dict__.pop(_NF4_CACHE, None)
+        module.get_base_layer().__dict__.pop(_ROW_SQNORM_CACHE, None)
         module.__dict__.pop(_RANKNUM_CACHE, None)
         restored += 1
     if not restored:

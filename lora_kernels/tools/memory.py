@@ -254,12 +254,13 @@ def profile_variant(spec, device, dtype, batch: int, seq: int, seed: int = 0) ->
 
 def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropouts=(0.0, 0.1),
               variants=None, qlora=None, r: int = 16, alpha: int = 32, out=None, seed: int = 0,
-              plot=True, verbose=True) -> dict:
+              plot=True, verbose=True, dora: bool = False) -> dict:
     """Profiles the built-in ``preset`` model (default ``models.default_preset(device)``) for every
     variant (default ``models.VARIANTS``: peft, lora_kernels, lora_kernels_fa) x dense/QLoRA x
     dropout p, on input_ids = labels [batch, seq] (defaults ``MODEL_BATCH[preset]``).
     ``qlora``: None = dense, plus QLoRA when bitsandbytes imports; False = dense only; True = both.
-    Writes memory_model_<dtype>.{json,csv,png} under ``out``; returns the results dict."""
+    ``dora``: DoRA adapters (PEFT's ``use_dora=True``) instead of plain LoRA.
+    Writes memory_model_<dtype>[_dora].{json,csv,png} under ``out``; returns the results dict."""
     from lora_kernels.ops import CPU_BACKEND_ENV
     from lora_kernels.tools import models
 
@@ -283,6 +284,8 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
         raise ValueError(f"dropouts must be a non-empty list of probabilities in [0, 1), got {dropouts!r}")
     if qlora not in (None, False, True):
         raise ValueError(f"qlora must be None, False or True, got {qlora!r}")
+    if not isinstance(dora, bool):
+        raise TypeError(f"dora must be a bool, got {type(dora).__name__}")
     out = Path(out) if out is not None else default_out_dir(device)
     qloras = [False]
     if qlora or (qlora is None and models.bitsandbytes_importable()):
@@ -294,7 +297,7 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
     for q in qloras:
         for p in dropouts:
             for variant in variants:
-                spec = models.ModelSpec(preset, variant, qlora=q, dropout=p, r=r, alpha=alpha)
+                spec = models.ModelSpec(preset, variant, qlora=q, dropout=p, r=r, alpha=alpha, dora=dora)
                 try:
                     rows.append(profile_variant(spec, device, dtype, batch, seq, seed))
                 except Exception as e:  # report a failing variant (e.g. OOM, a bnb build without CUDA), go on
@@ -313,7 +316,7 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
 
     result = {"metadata": environment_metadata(device, dtype),
               "config": {"mode": "model", "preset": preset, "llama_config": models.PRESETS[preset],
-                         "batch": batch, "seq": seq, "tokens": batch * seq, "r": r, "alpha": alpha,
+                         "batch": batch, "seq": seq, "tokens": batch * seq, "r": r, "alpha": alpha, "dora": dora,
                          "targets": list(models.TARGETS), "variants": variants, "dropouts": dropouts,
                          "qlora": qloras, "seed": seed, "inputs": "input_ids = labels, uniform random",
                          "loss": "out.loss (causal LM cross-entropy, computed by the model)",
@@ -328,7 +331,7 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
                          "per_module": "decoder layer 0 and modules outside the decoder layers only; "
                                        "layer_saved_bytes has every layer's total"},
               "rows": rows, "errors": errors}
-    stem = f"memory_model_{result['metadata']['dtype']}"
+    stem = f"memory_model_{result['metadata']['dtype']}{'_dora' if dora else ''}"
     write_outputs(result, out, stem, MODEL_CSV_FIELDS, _plot_model_memory if plot else None)
     if verbose:
         print(format_model_table(rows, result["metadata"], result["config"]))
@@ -346,10 +349,10 @@ def format_model_table(rows, meta, config) -> str:
              f"bitsandbytes {meta['bitsandbytes']}",
              f"model {config['preset']}, batch {config['batch']} x seq {config['seq']}, r {config['r']}; "
              "saved activations per module kind (MiB)",
-             f"{'variant':<27}{'saved MiB':>10}{'x peft':>8}{'#':>5}{'peak MiB':>10}"
+             f"{'variant':<31}{'saved MiB':>10}{'x peft':>8}{'#':>5}{'peak MiB':>10}"
              + "".join(f"{short[k]:>10}" for k in MODULE_KINDS)]
     for r in rows:
-        lines.append(f"{r['label']:<27}{fmt_num(mib(r['saved_bytes']), '10.3f')}"
+        lines.append(f"{r['label']:<31}{fmt_num(mib(r['saved_bytes']), '10.3f')}"
                      f"{fmt_num(r['ratio_vs_peft'], '8.3f')}{r['saved_count']:>5d}"
                      f"{fmt_num(mib(r['peak_bytes']), '10.1f')}"
                      + "".join(fmt_num(mib(r[f'{k}_bytes']), '10.3f') for k in MODULE_KINDS))
@@ -435,6 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="comma-separated subset of peft,lora_kernels,lora_kernels_fa")
     parser.add_argument("--no-qlora", action="store_true", help="dense models only (default: QLoRA too when "
                                                                   "bitsandbytes imports)")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT use_dora=True) instead of LoRA")
 
 
 def run_from_args(args) -> dict:
@@ -445,7 +449,7 @@ def run_from_args(args) -> dict:
         raise ValueError("--shapes applies to the layer profile: add --layer")
     return run_model(preset=args.preset, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
                      dropouts=args.dropout, variants=args.variants, qlora=False if args.no_qlora else None,
-                     out=args.out)
+                     out=args.out, dora=args.dora)
 
 
 def main(argv=None) -> dict:

@@ -32,19 +32,21 @@ VARIANTS = ("peft", "lora_kernels", "lora_kernels_fa")
 @dataclass(frozen=True)
 class ModelSpec:
     """What to build. ``variant``: "peft" (PEFT as is), "lora_kernels" (patched), "lora_kernels_fa"
-    (patched with lora_A frozen). ``qlora``: NF4 base weights (bitsandbytes Linear4bit)."""
+    (patched with lora_A frozen). ``qlora``: NF4 base weights (bitsandbytes Linear4bit). ``dora``:
+    PEFT's DoRA adapters (``use_dora=True``) instead of plain LoRA."""
     preset: str = "tiny"
     variant: str = "peft"
     qlora: bool = False
     dropout: float = 0.0
     r: int = 16
     alpha: int = 32
+    dora: bool = False
 
     @property
     def label(self) -> str:
         name = {"peft": "peft_qlora" if self.qlora else "peft"}.get(
             self.variant, self.variant.replace("lora_kernels", "lora_kernels_qlora" if self.qlora else "lora_kernels"))
-        return f"{name} p={self.dropout:g}"
+        return f"{name}{' DoRA' if self.dora else ''} p={self.dropout:g}"
 
 
 def bitsandbytes_importable() -> bool:
@@ -139,7 +141,7 @@ def build_lora_model(spec: ModelSpec, device="cpu", dtype: torch.dtype = torch.f
     if spec.qlora:
         model = quantize_projections(model, compute_dtype=dtype)
     cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(TARGETS), lora_dropout=spec.dropout,
-                          init_lora_weights=False)
+                          init_lora_weights=False, use_dora=spec.dora)
     torch.manual_seed(seed + 1)
     model = peft.get_peft_model(model, cfg)  # PEFT default: fp32 adapters on a bf16/fp16 model
     model = model.to(device)

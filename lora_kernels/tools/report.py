@@ -428,7 +428,8 @@ def render_memory_model(f: ResultFile) -> list:
     caption = "Saved activations of one training step (parameters excluded)"
     if cfg.get("preset") is not None:
         caption += (f"; model `{cfg['preset']}`, batch {fmt_num(cfg.get('batch'))} × seq {fmt_num(cfg.get('seq'))}, "
-                    f"r {fmt_num(cfg.get('r'))}, LoRA on {len(cfg.get('targets') or [])} projections")
+                    f"r {fmt_num(cfg.get('r'))}, {'DoRA' if cfg.get('dora') else 'LoRA'} on "
+                    f"{len(cfg.get('targets') or [])} projections")
     return [caption + "."] + [""] + md_table(header, body)
 
 
@@ -453,7 +454,8 @@ def render_train(f: ResultFile) -> list:
     caption = "AdamW training steps"
     if cfg.get("preset") is not None:
         caption += (f" of model `{cfg['preset']}`, batch {fmt_num(cfg.get('batch'))} × seq {fmt_num(cfg.get('seq'))}, "
-                    f"r {fmt_num(cfg.get('r'))}, dropout {fmt_param(cfg.get('dropout'))}, "
+                    f"{'DoRA' if cfg.get('dora') else 'LoRA'} r {fmt_num(cfg.get('r'))}, "
+                    f"dropout {fmt_param(cfg.get('dropout'))}, "
                     f"{fmt_num(cfg.get('steps'))} timed steps after {fmt_num(cfg.get('warmup_steps'))} warm-up")
     return [caption + "; speed-up = PEFT step time ÷ this one (same family, dense or QLoRA)."] + [""] + \
         md_table(header, body) + _goal_line(f.section("goals"))

@@ -258,15 +258,148 @@ def test_fallback_reason_names_the_cause():
     assert "trainable" in lk_peft.fallback_reason(layer, x)
 
 
-def test_dora_layers_are_left_on_peft():
-    reference = peft_model(use_dora=True)
+def test_other_lora_variants_are_left_on_peft():
+    reference = peft_model(alora_invocation_tokens=[3])  # activated LoRA (aLoRA)
     patched = copy.deepcopy(reference)
     report = lora_kernels.patch_peft_model(patched)
     assert report.swapped == {} and len(report.left_on_peft) == 14
-    assert set(report.left_on_peft.values()) == {"DoRA"}
+    assert set(report.left_on_peft.values()) == {"LoRA variant ALoraLinearVariant"}
     assert "left on PEFT" in str(report)
     ids = _ids()
     assert torch.equal(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# DoRA: y = g (x W^T + s x A^T B^T) + bias, g = magnitude / ||W + s B A||_row (detached)
+# ---------------------------------------------------------------------------------------------
+def _magnitude_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_dora_matches_peft_on_the_fast_path(qlora):
+    reference = peft_model(seed=3, qlora=qlora, use_dora=True)
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.num_swapped == 14 and not report.left_on_peft
+    ids = _ids()
+    with use_backend("torch") as record:
+        _compare_step(patched, reference, ids)  # logits; lora_A, lora_B and magnitude gradients
+    assert _fast_calls(record) == 14 + 14 * qlora  # QLoRA: W A^T for the norm runs on the NF4 GEMM too
+    assert len(_magnitude_grads(patched)) == 14
+    assert all(g.abs().sum() > 0 for g in _magnitude_grads(patched).values())
+
+
+def test_dora_weight_norm_matches_float64():
+    # ||W + s B A||_row from ||W_n||^2, W A^T and A A^T: never the [N, K] sum
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(48, 96, generator=gen) / 10
+    A, B = torch.randn(5, 96, generator=gen) / 10, torch.randn(48, 5, generator=gen)
+    expected = torch.linalg.norm(W.double() + 0.7 * B.double() @ A.double(), dim=1)
+    assert_close(lk_peft.dora_weight_norm(W, A, B, 0.7), expected, 1e-6, "dense fp32")
+    assert_close(lk_peft.dora_weight_norm(W.bfloat16(), A, B, 0.7),
+                 torch.linalg.norm(W.bfloat16().double() + 0.7 * B.double() @ A.double(), dim=1), 2e-3, "bf16")
+    q = lora_kernels.NF4Weight.quantize(W)
+    expected = torch.linalg.norm(q.dequantize().double() + 0.7 * B.double() @ A.double(), dim=1)
+    assert_close(lk_peft.dora_weight_norm(q, A, B, 0.7), expected, 1e-6, "nf4")
+
+
+def test_dora_row_norms_of_the_base_are_cached_until_it_changes():
+    model = peft_model(seed=3, use_dora=True)
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    ids = _ids()
+    model(input_ids=ids)
+    cached = layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][1]
+    model(input_ids=ids)
+    assert layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][1] is cached  # not recomputed
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2)  # in place: the version counter moves
+    reference = copy.deepcopy(model)
+    lora_kernels.unpatch_peft_model(reference)
+    assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "after an in-place change")
+    assert_close(layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][1], 4 * cached, 1e-6, "recomputed")
+
+
+def test_dora_with_dropout_falls_back_in_training_only():
+    reference = peft_model(seed=5, use_dora=True, dropout=0.1)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[1].mlp.down_proj
+    x = torch.randn(2, layer.in_features)
+    assert lk_peft.fallback_reason(layer, x) == "DoRA with dropout in training"
+    patched.eval()
+    reference.eval()
+    assert lk_peft.fallback_reason(layer, x) is None
+    ids = _ids()
+    with use_backend("torch") as record:
+        out = patched(input_ids=ids).logits
+    assert _fast_calls(record) == 14
+    assert_close(out, reference(input_ids=ids).logits, BOUND, "eval logits")
+
+
+def test_dora_saves_less_than_peft_for_backward():
+    # PEFT's DoRA keeps base_result and lora_result ([M, N] each) besides x; the fused path keeps
+    # the fused output (for the magnitude gradient), x and h
+    reference = peft_model(seed=6, use_dora=True)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids(batch=4, seq=32)
+    ours, theirs = _saved_bytes(patched, ids), _saved_bytes(reference, ids)
+    assert ours < 0.75 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_dora_autocast_training_step_matches_peft(qlora):
+    reference = peft_model(seed=7, use_dora=True, qlora=qlora)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer, ref_layer = (m.base_model.model.model.layers[0].self_attn.q_proj for m in (patched, reference))
+    for x_dtype in (torch.float32, torch.bfloat16):  # one layer: PEFT's output dtype (bnb: x's) and values
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2)).to(x_dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lk_peft.fallback_reason(layer, x) is None
+            y, y_ref = layer(x), ref_layer(x)
+        assert y.dtype == y_ref.dtype, (x_dtype, y.dtype, y_ref.dtype)
+        assert_close(y.float(), y_ref.float(), 1e-2, f"layer output, x {x_dtype}")
+    ids = _ids()
+    outs = []
+    for model in (patched, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out)
+    assert_close(outs[0].logits.float(), outs[1].logits.float(), 2e-2, "logits")
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], 5e-2, name)
+
+
+def test_dora_torch_compile_fullgraph_training_step():
+    ids = _ids()
+    eager = peft_model(seed=4, use_dora=True)
+    lora_kernels.patch_peft_model(eager)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)  # any graph break raises
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    ref = eager(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=BOUND)
+    grads, ref_grads = _lora_grads(compiled_model), _lora_grads(eager)
+    assert len(_magnitude_grads(compiled_model)) == 14
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], BOUND, name)
+
+
+def test_dora_save_pretrained_and_merge_are_peft_s():
+    reference = peft_model(seed=8, use_dora=True)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    expected = reference(input_ids=ids).logits
+    merged = patched.merge_and_unload()
+    assert_close(merged(input_ids=ids).logits, expected, BOUND, "merged")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,3 +157,19 @@ def test_module_kinds():
     assert memory.module_kind("base_model.model", "LlamaForCausalLM") == "head_loss"
     assert memory.module_kind("base_model.model.model.embed_tokens", "Embedding") == "embedding"
     assert memory.layer_index(f"{base}.mlp") == 3 and memory.layer_index("base_model.model.lm_head") is None
+
+
+def test_model_profile_with_dora(tmp_path, monkeypatch):
+    # DoRA models: PEFT vs patched, written beside (not over) the LoRA file
+    monkeypatch.setenv(CPU_BACKEND_ENV, "torch")
+    res = memory.run_model(device="cpu", dtype="fp32", batch=BATCH, seq=SEQ, out=tmp_path, verbose=False,
+                           dora=True, dropouts=(0.0,), qlora=False, plot=False)
+    assert res["errors"] == {} and res["config"]["dora"] is True
+    rows = _by_key(res)
+    assert set(rows) == {(v, False, 0.0) for v in models.VARIANTS}
+    # PEFT's DoRA keeps two [M, N] results per layer besides x; the fused path one
+    assert rows["lora_kernels", False, 0.0]["saved_bytes"] < 0.75 * rows["peft", False, 0.0]["saved_bytes"]
+    assert (tmp_path / "memory_model_float32_dora.json").exists()
+    assert not (tmp_path / "memory_model_float32.json").exists()
+    with pytest.raises(TypeError, match="dora"):
+        memory.run_model(device="cpu", out=tmp_path, dora="yes")

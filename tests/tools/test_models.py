@@ -45,3 +45,13 @@ def test_bad_arguments():
         models.llama_config("7b")
     with pytest.raises(ValueError, match="variant"):
         models.build_lora_model(models.ModelSpec(variant="unsloth"))
+
+
+def test_dora_spec_builds_peft_dora_layers(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
+    spec = models.ModelSpec(variant="lora_kernels", r=4, alpha=8, dora=True)
+    model = models.build_lora_model(spec, seed=1)
+    layers = [m for m in model.modules() if hasattr(m, "lora_magnitude_vector")]
+    assert len(layers) == 7 * models.PRESETS["tiny"]["num_hidden_layers"]
+    assert all(m.use_dora["default"] for m in layers)
+    assert spec.label == "lora_kernels DoRA p=0"

@@ -211,3 +211,13 @@ def test_bench_train_subcommand(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "train_float32.json").read_text())
     assert [r["variant"] for r in data["rows"]] == ["peft", "lora_kernels"]
     assert not (tmp_path / "bench_float32.json").exists()  # the layer benchmark did not run
+
+
+def test_dora_run(tmp_path):
+    res = train_bench.run(**{**CFG, "steps": 1}, variants=["peft", "lora_kernels"], out=tmp_path, verbose=False,
+                          dora=True, plot=False)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert res["config"]["dora"] is True and res["goals"]["checks"] == []
+    assert _close(rows["lora_kernels"]["final_loss"], rows["peft"]["final_loss"])
+    assert rows["lora_kernels"]["first_step_paths"] == {"fast path": 7 * PRESETS["tiny"]["num_hidden_layers"]}
+    assert (tmp_path / "train_float32_dora.json").exists()
