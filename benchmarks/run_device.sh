@@ -4,7 +4,7 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
-#   steps: build tests sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants split-k csrc tests-all
+#   steps: build tests sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
@@ -23,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/device-run}
-STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k}
+STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
@@ -82,6 +82,9 @@ for step in $STEPS; do
         variants) timeout $(cap 240) python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
+        dora) # PEFT DoRA vs the patched DoRA layers: saved activations / peak, then training steps
+              timeout $(cap 150) python -m lora_kernels memory --dora --dropout 0 --out "$OUT" 2>&1 | tee "$OUT/memory_dora.txt"
+              timeout $(cap 240) python -m lora_kernels bench --train --dora --out "$OUT" 2>&1 | tee "$OUT/train_dora.txt" ;;
         gemv) timeout $(cap 240) python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
         ncu-gemv) # checks csrc/README.md's predictions: DRAM throughput, shared-memory bank conflicts,
                   # issue-slot use of the decode GEMV at M = 1 (two launches of it, 8192 x 28672)

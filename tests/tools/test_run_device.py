@@ -59,7 +59,7 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
         monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
     monkeypatch.setattr(qlora_bench, "split_k_sweep", lambda **kw: seen.append(("split_k_sweep", kw)))
     commands = {step: _lora_kernels_commands(body) for step, body in _branches().items()}
-    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "gemv", "split-k"):
+    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "gemv", "split-k", "dora"):
         assert commands[step], f"step {step} runs no python -m lora_kernels command"
     for step, argvs in commands.items():
         for argv in argvs:
@@ -85,3 +85,13 @@ def test_gpu_test_selections_are_disjoint_and_name_the_cuda_tests(step):
     expression = re.search(r'-k "([^"]+)"', body).group(1)
     assert "cuda" in expression
     assert "matches_float64_reference" in expression  # property tests: in exactly one of the two steps
+
+
+def test_dora_step_profiles_and_trains_dora_models(monkeypatch):
+    seen = []
+    for module in (train_bench, memory):
+        monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
+    for argv in _lora_kernels_commands(_branches()["dora"]):
+        cli.main(argv)
+    assert [m.rsplit(".", 1)[1] for m, _ in seen] == ["memory", "train_bench"]
+    assert all(args.dora for _, args in seen) and seen[1][1].train
