@@ -10,9 +10,9 @@ subclass adds no parameters or buffers, so state_dicts and adapter files are unc
 
 Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
-adapters, LoRA variants other than DoRA, DoRA with dropout in training, extra arguments...): never
-a wrong answer. DoRA runs as g * (the fused LoRA output) + bias, its row norms computed without
-forming W + s B A (``dora_weight_norm``). Under autocast the
+adapters, LoRA variants other than DoRA, extra arguments...): never a wrong answer. DoRA runs as
+g * (the fused LoRA output) + bias, its row norms computed without forming W + s B A
+(``dora_weight_norm``). Under autocast the
 fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
 PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.autograd import lora_linear, nf4_lora_linear, seeded_dropout
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import NF4Weight
 from lora_kernels.ops.reference import nf4_decode_range
@@ -114,12 +114,7 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
     why = None
-    dropout = layer.lora_dropout[adapter]
-    if (_is_dora(layer, adapter) and isinstance(dropout, torch.nn.Dropout) and dropout.training
-            and dropout.p > 0):
-        # PEFT's DoRA then runs a second base GEMM on dropout(x): not fused here
-        why = "DoRA with dropout in training"
-    elif linear4bit:
+    if linear4bit:
         why = _linear4bit_reason(base, x, autocast)
     elif base.weight.requires_grad:
         why = "the base weight is trainable"
@@ -244,26 +239,35 @@ def _is_dora(layer, adapter: str) -> bool:
 
 
 def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool, common: dict) -> torch.Tensor:
-    """PEFT's DoRA forward (no dropout in training) on the fused kernels:
+    """PEFT's DoRA forward on the fused kernels, g = magnitude / ||W + scale B A||_row (detached):
 
-        y = g * (x W^T + scale * x A^T B^T) + bias,   g = magnitude / ||W + scale B A||_row (detached)
+        no dropout:  y = g * (x W^T + scale x A^T B^T) + bias
+        dropout d:   y = (x - d(x)) W^T + g * (d(x) W^T + scale d(x) A^T B^T) + bias
 
-    which is PEFT's result + (g - 1) (result - bias) + g scale lora(x) in one fused GEMM plus a
-    per-column scale, and the row norms without forming W + scale B A (``dora_weight_norm``)."""
+    which is PEFT's result + (g - 1) (W d(x)) + g scale lora(d(x)) (with d the identity: one fused
+    GEMM and a per-column scale; with dropout, as PEFT, a second base GEMM), with the row norms
+    computed without forming W + scale B A (``dora_weight_norm``) and the dropout mask regenerated
+    from its seed in backward (``seeded_dropout``), never stored."""
     bias = common.pop("bias")
     magnitude = layer.lora_magnitude_vector[adapter].weight
+    dropout_p, training = common.pop("dropout_p"), common.pop("training")
     if linear4bit:
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
         weight = _cached_nf4(base)
-        z = nf4_lora_linear(x, weight, A, B, scale, **common)
     else:
         weight = base.weight
-        z = lora_linear(x, weight, A, B, scale, **common)
+    x_lora = seeded_dropout(x, dropout_p, training)
+    if linear4bit:
+        z = nf4_lora_linear(x_lora, weight, A, B, scale, **common)
+    else:
+        z = lora_linear(x_lora, weight, A, B, scale, **common)
     with torch.no_grad():  # DoRA paper 4.3 (and PEFT): the norm is a constant for autograd
         norm = dora_weight_norm(weight, A, B, scale, cache_on=base)
     y = z * (magnitude / norm)
+    if x_lora is not x:  # the base term of the dropped-out elements: (x - d(x)) W^T
+        y = y + _base_matmul(x - x_lora, weight)
     if bias is not None:
         y = y + bias
     # PEFT's result dtype: the base layer's output: nn.Linear's (z's dtype) or bnb's (x's dtype, under
@@ -272,6 +276,17 @@ def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool,
     if not linear4bit:
         return y.to(z.dtype)
     return y if torch.is_autocast_enabled() else y.to(x.dtype)
+
+
+def _base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
+    """x W^T [..., N] for a dense [N, K] weight (F.linear) or an NF4Weight (the fused NF4 GEMM, its
+    LoRA term a rank-1 zero: nothing decodes the whole weight)."""
+    if not isinstance(weight, NF4Weight):
+        return torch.nn.functional.linear(x, weight)
+    N, K = weight.shape
+    zero_A = torch.zeros(1, K, dtype=torch.float32, device=x.device)
+    zero_B = torch.zeros(N, 1, dtype=torch.float32, device=x.device)
+    return nf4_lora_linear(x, weight, zero_A, zero_B, 0.0, training=False)
 
 
 _ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: (key, ||W_n||^2 fp32 [N])
@@ -322,9 +337,7 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: 
     ``cache_on`` (see ``_row_sqnorm``). Not differentiable (DoRA detaches the norm)."""
     A, B = lora_A.detach().float(), lora_B.detach().float()
     if isinstance(weight, NF4Weight):
-        K = weight.shape[1]
-        zero_A, zero_B = A.new_zeros(1, K), B.new_zeros(B.shape[0], 1)  # a rank-1 LoRA term of 0
-        wa = nf4_lora_linear(A, weight, zero_A, zero_B, 0.0, training=False).t()  # [N, r] = W A^T
+        wa = _base_matmul(A, weight).t()  # [N, r] = W A^T, fp32
     else:
         wa = torch.mm(weight, A.t().to(weight.dtype)).float()
     sq = _row_sqnorm(weight, cache_on) + 2 * scale * (B * wa).sum(1) + scale * scale * ((B @ (A @ A.t())) * B).sum(1)

@@ -321,21 +321,54 @@ def test_dora_row_norms_of_the_base_are_cached_until_it_changes():
     assert_close(layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][1], 4 * cached, 1e-6, "recomputed")
 
 
-def test_dora_with_dropout_falls_back_in_training_only():
+def test_dora_with_dropout_matches_peft_s_formula_in_float64():
+    # PEFT's DoRA with dropout d: y = W x + b + (g - 1) W d(x) + g s B A d(x), g = m / ||W + s B A||
+    # (detached). The mask is lora_kernels' (regenerated from its seed), so the float64 reference
+    # applies the same keep mask.
+    from tests.helpers import keep_mask_for
+
+    model = peft_model(seed=5, use_dora=True, dropout=0.3)
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    assert lk_peft.fallback_reason(layer, torch.ones(1, layer.in_features)) is None
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    torch.manual_seed(11)
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(grad_y)
+    params = {"x": x, "lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight,
+              "magnitude": layer.lora_magnitude_vector["default"].weight}
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in params.items()}
+    W, b, s = layer.base_layer.weight.double(), layer.base_layer.bias, layer.scaling["default"]
+    keep = keep_mask_for(11, 10, layer.in_features, 0.3).view(x.shape)
+    d = ref["x"] * keep / 0.7
+    norm = torch.linalg.norm(W + s * ref["lora_B"].detach() @ ref["lora_A"].detach(), dim=1)
+    g = ref["magnitude"] / norm
+    y64 = ref["x"] @ W.t() + (g - 1) * (d @ W.t()) + g * s * (d @ ref["lora_A"].t() @ ref["lora_B"].t())
+    if b is not None:
+        y64 = y64 + b.double()
+    assert_close(y, y64, BOUND, "y")
+    y64.backward(grad_y.double())
+    for name in params:
+        assert params[name].grad.abs().sum() > 0
+        assert_close(params[name].grad, ref[name].grad, BOUND, f"d{name}")
+
+
+def test_dora_with_dropout_training_step_keeps_no_mask():
     reference = peft_model(seed=5, use_dora=True, dropout=0.1)
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
-    layer = patched.base_model.model.model.layers[1].mlp.down_proj
-    x = torch.randn(2, layer.in_features)
-    assert lk_peft.fallback_reason(layer, x) == "DoRA with dropout in training"
+    ids = _ids(batch=4, seq=32)
+    with use_backend("torch") as record:
+        out = patched(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert _fast_calls(record) == 14
+    assert all(g.abs().sum() > 0 for g in _lora_grads(patched).values())
+    # PEFT keeps nn.Dropout's mask, the dropped copy, base and LoRA results; the patched layers a seed
+    assert _saved_bytes(patched, ids) < 0.75 * _saved_bytes(reference, ids)
     patched.eval()
     reference.eval()
-    assert lk_peft.fallback_reason(layer, x) is None
-    ids = _ids()
-    with use_backend("torch") as record:
-        out = patched(input_ids=ids).logits
-    assert _fast_calls(record) == 14
-    assert_close(out, reference(input_ids=ids).logits, BOUND, "eval logits")
+    assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "eval logits")
 
 
 def test_dora_saves_less_than_peft_for_backward():
@@ -390,6 +423,12 @@ def test_dora_torch_compile_fullgraph_training_step():
     assert len(_magnitude_grads(compiled_model)) == 14
     for name in ref_grads:
         assert_close(grads[name], ref_grads[name], BOUND, name)
+    # with dropout (seeded_dropout and the second base GEMM inside the graph): trains end to end
+    dropped = peft_model(dropout=0.1, seed=4, use_dora=True)
+    lora_kernels.patch_peft_model(dropped)
+    loss = torch.compile(dropped, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(g.abs().sum() > 0 for g in _lora_grads(dropped).values())
 
 
 def test_dora_save_pretrained_and_merge_are_peft_s():

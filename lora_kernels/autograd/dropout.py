@@ -1,0 +1,49 @@
+"""Inverted dropout whose mask is regenerated from its seed in backward: ``seeded_dropout``.
+
+For compositions that need dropout(x) itself rather than inside a fused layer (DoRA with dropout
+runs a base GEMM on it): autograd keeps the 8-byte seed, never the [M, K] mask (``F.dropout`` keeps
+the mask). The mask is the fused kernels' (``ops.dropout_keep_mask`` over the flattened rows of x),
+so the same seed drops the same elements here and inside ``lora_linear``.
+"""
+import math
+
+import torch
+
+from lora_kernels.ops import dropout_keep_mask, new_dropout_seed
+
+
+def _keep_scaled(seed: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
+    """keep / (1 - p) in x's dtype and shape (0 where dropped)."""
+    rows = math.prod(x.shape[:-1])
+    keep = dropout_keep_mask(seed, rows, x.shape[-1], p).view(x.shape)
+    return keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class _SeededDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, seed, p):
+        ctx.save_for_backward(seed)
+        ctx.p = p
+        return x * _keep_scaled(seed, x, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        seed, = ctx.saved_tensors
+        return grad * _keep_scaled(seed, grad, ctx.p), None, None
+
+
+def seeded_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout of x [..., K]: x * keep / (1 - p), keep drawn from a seed taken from torch's
+    RNG (reproducible under ``torch.manual_seed``); backward regenerates keep from the seed.
+    Identity when not ``training`` or p = 0. Under torch.func transforms the same values as plain
+    differentiable ops (the transforms do not see through the autograd function)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be a float in [0, 1), got {p!r}")
+    if not training or p == 0.0:
+        return x
+    seed = new_dropout_seed(x.device)
+    if torch._C._are_functorch_transforms_active():
+        return x * _keep_scaled(seed, x, float(p))
+    return _SeededDropout.apply(x, seed, float(p))
