@@ -83,7 +83,7 @@ for step in $STEPS; do
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
         dora) # PEFT DoRA vs the patched DoRA layers: saved activations / peak, then training steps
-              timeout $(cap 150) python -m lora_kernels memory --dora --dropout 0 --out "$OUT" 2>&1 | tee "$OUT/memory_dora.txt"
+              timeout $(cap 150) python -m lora_kernels memory --dora --out "$OUT" 2>&1 | tee "$OUT/memory_dora.txt"
               timeout $(cap 240) python -m lora_kernels bench --train --dora --out "$OUT" 2>&1 | tee "$OUT/train_dora.txt" ;;
         gemv) timeout $(cap 240) python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
         ncu-gemv) # checks csrc/README.md's predictions: DRAM throughput, shared-memory bank conflicts,

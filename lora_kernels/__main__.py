@@ -82,7 +82,7 @@ def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_benc
         qlora_bench.run(device=args.device, dtype=args.dtype, out=args.out)
         train_bench.run(device=args.device, dtype=args.dtype, out=args.out)
         # DoRA (PEFT use_dora=True) models: saved activations and training steps, PEFT vs patched
-        memory.run(device=args.device, dtype=args.dtype, out=args.out, dora=True, dropouts=(0.0,))
+        memory.run(device=args.device, dtype=args.dtype, out=args.out, dora=True)
         train_bench.run(device=args.device, dtype=args.dtype, out=args.out, dora=True)
         device, _ = bench.resolve_device_dtype(args.device, args.dtype)
         if device.type == "cuda":  # the CPU default path is PyTorch: there is no split-K to tune
