@@ -18,6 +18,9 @@ dense (writes bench_<dtype>.{json,csv,png})
                       its recompile limit (a silent fall-back to eager)
     torch_unfused     ``F.linear(x, W) + scale * F.linear(F.linear(x, A), B)`` under autograd
     base              ``F.linear(x, W)``: the floor (its backward computes dX only)
+    opt-in variants (``VARIANT_PROVIDERS``; a sweep with them writes bench_variants_<dtype>.*):
+    lora_kernels_dylora, lora_kernels_adalora, peft_dora (PEFT's DoRA layer), lora_kernels_dora
+    (that layer patched; compared with peft_dora)
 nf4 (writes bench_qlora_<dtype>.*; see ``lora_kernels.tools.qlora_bench``)
     lora_kernels_nf4, lora_kernels_nf4_fa, lora_kernels_nf4_gemv (the CUDA C++ decode GEMV, M <= 16,
     CUDA with the built extension only), peft_qlora, bnb_matmul_4bit, base_dense (the floor)
@@ -89,11 +92,14 @@ DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lor
                    "peft_compiled", "torch_unfused", "base")
 # LoRA variants on the fused kernels (opt-in with --providers): their cost over plain lora_kernels is
 # reported as ratio_vs_lora_kernels. dylora: rank r out of an r_max = 2r adapter, run on the views
-# A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does.
-VARIANT_PROVIDERS = ("lora_kernels_dylora", "lora_kernels_adalora")
+# A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does;
+# peft_dora: PEFT's DoRA layer (magnitude = ||W + s B A||_row: the plain LoRA output), lora_kernels_dora:
+# that layer patched by patch_peft_model.
+VARIANT_PROVIDERS = ("lora_kernels_dylora", "lora_kernels_adalora", "peft_dora", "lora_kernels_dora")
 VARIANT_REF = "lora_kernels"
-# The PEFT row each provider is compared with: like for like in adapter trainability.
-PEFT_REF = {"lora_kernels_fa": "peft_fa", "peft_fa": "peft_fa"}
+# The PEFT row each provider is compared with: like for like in adapter trainability and variant.
+PEFT_REF = {"lora_kernels_fa": "peft_fa", "peft_fa": "peft_fa", "lora_kernels_dora": "peft_dora",
+            "peft_dora": "peft_dora"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 MODES = ("fwd", "bwd", "fwdbwd")          # training modes: the bench default
@@ -374,7 +380,7 @@ def make_problem(M: int, K: int, N: int, r: int, device, dtype, seed: int = 0) -
     return Problem(x, weight, lora_A, lora_B, scale=2.0, r=r)
 
 
-def _peft_linear(p: Problem, dropout_p: float, freeze_A: bool):
+def _peft_linear(p: Problem, dropout_p: float, freeze_A: bool, dora: bool = False):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -383,17 +389,26 @@ def _peft_linear(p: Problem, dropout_p: float, freeze_A: bool):
     # Share storage with the problem's weight so every provider reads the same bytes.
     base.weight = torch.nn.Parameter(p.weight, requires_grad=False)
     alpha = 2 * p.r
-    cfg = LoraConfig(r=p.r, lora_alpha=alpha, lora_dropout=dropout_p)
-    layer = LoraLinear(base, adapter_name="default", config=cfg, r=p.r, lora_alpha=alpha)
+    cfg = LoraConfig(r=p.r, lora_alpha=alpha, lora_dropout=dropout_p, use_dora=dora)
+    layer = LoraLinear(base, adapter_name="default", config=cfg, r=p.r, lora_alpha=alpha, use_dora=dora)
     layer.to(device=p.weight.device, dtype=p.weight.dtype)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
         a.copy_(p.lora_A)
         b.copy_(p.lora_B)
     a.requires_grad_(not freeze_A)
-    layer.train(True)
     leaves = [p.x, b] + ([] if freeze_A else [a])
-    return layer, leaves, [base.weight, a, b]
+    params = [base.weight, a, b]
+    if dora:
+        # magnitude = ||W + s B A||_row, as DoRA initialises it: g = 1, the output is the plain LoRA one
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            delta = p.weight.float() + p.scale * (p.lora_B.detach().float() @ p.lora_A.detach().float())
+            magnitude.copy_(torch.linalg.norm(delta, dim=1))
+        leaves.append(magnitude)
+        params.append(magnitude)
+    layer.train(True)
+    return layer, leaves, params
 
 
 def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
@@ -420,6 +435,12 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
             out[name] = Impl(name, lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p), [x, A, B], params,
                              infer=lambda: lora_linear(x_infer, W, A, B, s),
                              around=fused_forward if name == "lora_kernels_fused" else tma_gemms)
+        elif name in ("peft_dora", "lora_kernels_dora"):
+            layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=False, dora=True)
+            if name == "lora_kernels_dora":
+                lora_kernels.patch_peft_model(layer)
+            out[name] = Impl(name, lambda layer=layer: layer(x), leaves, params + pparams,
+                             infer=lambda layer=layer: layer(x_infer))
         elif name in ("peft", "peft_fa", "peft_compiled"):
             layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=name == "peft_fa")
             if name == "peft_compiled":

@@ -398,8 +398,9 @@ def test_cuda_timer_plumbing_with_cpu_stand_ins(monkeypatch):
 
 
 def test_lora_variant_providers(tmp_path):
-    """DyLoRA (rank r of a 2r adapter, strided views) and AdaLoRA (E folded into A) compute the same
-    function as plain lora_kernels and report their cost over it; their sweep gets its own file."""
+    """DyLoRA (rank r of a 2r adapter, strided views), AdaLoRA (E folded into A) and DoRA (PEFT's and
+    patched, magnitude at its initial value) compute the same function as plain lora_kernels and
+    report their cost over it; their sweep gets its own file."""
     res = bench.run(shapes=SHAPES, device="cpu", reps=2, warmup=0, out=tmp_path, families=["dense"],
                     providers=["lora_kernels", *bench.VARIANT_PROVIDERS, "base"], verbose=False, plot=False)
     data = res["dense"]
@@ -413,6 +414,10 @@ def test_lora_variant_providers(tmp_path):
             assert rows[v]["ratio_vs_lora_kernels"] == pytest.approx(
                 rows[v]["fwdbwd_ms"] / rows["lora_kernels"]["fwdbwd_ms"])
         assert "ratio_vs_lora_kernels" not in rows["lora_kernels"]
+        # DoRA: the patched PEFT DoRA layer against PEFT's own
+        assert rows["lora_kernels_dora"]["peft_ref"] == "peft_dora"
+        assert rows["lora_kernels_dora"]["ratio_vs_peft"] == pytest.approx(
+            rows["lora_kernels_dora"]["fwdbwd_ms"] / rows["peft_dora"]["fwdbwd_ms"])
     with pytest.raises(ValueError, match="providers"):
         bench.run(shapes=SHAPES, device="cpu", out=tmp_path, families=["nf4"], providers=["lora_kernels_dylora"])
 
