@@ -689,7 +689,8 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
         dist.destroy_process_group()
 
 
-_WRAPPER_MODELS = {"ddp": {}, "fsdp2": {}, "fsdp2_qlora": {"qlora": True, "quant_storage": torch.float32}}
+_WRAPPER_MODELS = {"ddp": {}, "fsdp2": {}, "fsdp2_qlora": {"qlora": True, "quant_storage": torch.float32},
+                   "fsdp2_dora": {"use_dora": True}}
 
 
 @pytest.mark.parametrize("wrapper", list(_WRAPPER_MODELS))
@@ -704,7 +705,8 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     lora_kernels.patch_peft_model(single)
     _train(single, steps)
     expected = {n: p.detach() for n, p in single.named_parameters() if "lora_" in n}
-    assert distributed.keys() == expected.keys() and len(expected) == 28
+    # 14 layers x (lora_A, lora_B), and DoRA's magnitude vectors
+    assert distributed.keys() == expected.keys() and len(expected) == (42 if "dora" in wrapper else 28)
     initial = {n: p.detach() for n, p in peft_model(seed=11, **_WRAPPER_MODELS[wrapper]).named_parameters()
                if "lora_" in n}
     for n in expected:
