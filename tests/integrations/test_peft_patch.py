@@ -163,15 +163,17 @@ def test_greedy_generation_matches_peft(qlora):
     assert _fast_calls(record) == 14 * 6  # 14 LoRA layers: prefill + 5 decoding steps
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
-def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant):
+def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant, dora):
     """transformers' gradient checkpointing (usual with QLoRA) runs every layer's forward again in
     backward: the recomputation draws the same dropout seed (checkpoint restores the RNG state), so
-    loss and every LoRA gradient equal those of the step without checkpointing, bit for bit."""
+    loss and every LoRA gradient equal those of the step without checkpointing, bit for bit (DoRA's
+    seeded_dropout and magnitude too)."""
     results = []
     for checkpointing in (False, True):
-        model = peft_model(qlora=qlora, dropout=0.1, seed=4)
+        model = peft_model(qlora=qlora, dropout=0.1, seed=4, use_dora=dora)
         lora_kernels.patch_peft_model(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
@@ -184,9 +186,10 @@ def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant):
             loss.backward()
         results.append((loss.detach(), _lora_grads(model), _fast_calls(record)))
     (loss, grads, calls), (loss_ck, grads_ck, calls_ck) = results
-    assert calls == 14 and calls_ck == 28  # the forward of every LoRA layer ran again
+    # QLoRA DoRA: the NF4 GEMM also gives W A^T (norm) and (x - d(x)) W^T (dropout)
+    assert calls == 14 * (3 if dora and qlora else 1) and calls_ck == 2 * calls  # every forward ran again
     assert torch.equal(loss, loss_ck)
-    assert grads.keys() == grads_ck.keys() and len(grads) == 28
+    assert grads.keys() == grads_ck.keys() and len(grads) == (42 if dora else 28)
     for name in grads:
         assert torch.equal(grads[name], grads_ck[name]), name
 
