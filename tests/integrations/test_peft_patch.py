@@ -717,27 +717,52 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
         assert_close(distributed[n], expected[n], BOUND, n)
 
 
-def test_bf16_model_with_fp32_adapters():
-    # get_peft_model keeps adapters in fp32 on a bf16 model (autocast_adapter_dtype=True): PEFT casts
-    # x to fp32 for the LoRA branch; lora_kernels takes the fp32 adapters as they are.
-    model = tiny_llama(seed=9).to(torch.bfloat16)
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+def _check_bf16_model_against_peft(backend: str, qlora: bool, dora: bool):
+    """A bf16 Llama (QLoRA: NF4 projections with bf16 compute dtype) with PEFT's fp32 adapters
+    (get_peft_model's autocast_adapter_dtype=True: PEFT casts x to fp32 for the LoRA branch,
+    lora_kernels takes the fp32 adapters as they are), on ``backend``'s device: every layer on the
+    fast path of that backend, bf16 logits and fp32 gradients close to PEFT's."""
+    from lora_kernels.tools.models import quantize_projections
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    model = tiny_llama(hidden=128, intermediate=256, seed=9).to(device, torch.bfloat16)
+    if qlora:
+        pytest.importorskip("bitsandbytes")
+        model = quantize_projections(model, compute_dtype=torch.bfloat16, targets=TARGETS)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, use_dora=dora)
     reference = peft.get_peft_model(model, cfg)
     assert reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     patched = copy.deepcopy(reference)
-    lora_kernels.patch_peft_model(patched)
-    ids = _ids()
-    with use_backend("torch") as record:
-        out, ref = patched(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
-    assert _fast_calls(record) == 14
+    assert lora_kernels.patch_peft_model(patched).num_swapped == 14
+    ids = _ids().to(device)
+    with use_backend(backend) as record:
+        out = patched(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert set(record.impls()) == {"triton" if backend == "cuda" else backend}
+    assert _fast_calls(record) == 14 * (2 if dora and qlora else 1)  # QLoRA DoRA: W A^T on the NF4 GEMM too
+    ref = reference(input_ids=ids, labels=ids)
+    ref.loss.backward()
     assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
     assert_close(out.logits, ref.logits, 2e-2, "bf16 logits")  # a few bf16 roundings differ per layer
-    out.loss.backward()
-    ref.loss.backward()
     grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    assert grads.keys() == ref_grads.keys() and len(grads) == (42 if dora else 28)
     for name in ref_grads:
         assert grads[name].dtype == torch.float32
         assert_close(grads[name], ref_grads[name], 5e-2, name)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_bf16_model_with_fp32_adapters(qlora, dora):
+    _check_bf16_model_against_peft("torch", qlora, dora)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_bf16_model_on_cuda_matches_peft(qlora, dora):
+    # the patched model end to end on the GPU: the Triton kernels (and bnb's CUDA NF4 in PEFT's model)
+    _check_bf16_model_against_peft("cuda", qlora, dora)
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
