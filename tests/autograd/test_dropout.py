@@ -11,27 +11,31 @@ from tests.helpers import assert_close, keep_mask_for
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
-def _x(dtype=torch.float32, layout="contiguous"):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _x(dtype=torch.float32, layout="contiguous", device="cpu"):
     g = torch.Generator().manual_seed(2)
     if layout == "transposed":  # [3, 7, 33] with the last two dims swapped in memory
         x = torch.randn(3, 33, 7, generator=g).transpose(1, 2)
     else:
         x = torch.randn(3, 7, 33, generator=g)
-    return x.to(dtype).requires_grad_(True)
+    return x.to(device, dtype).requires_grad_(True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_gradient_use_the_seeded_mask(dtype, layout):
-    x, p = _x(dtype, layout), 0.3
+def test_values_and_gradient_use_the_seeded_mask(dtype, layout, device):
+    x, p = _x(dtype, layout, device), 0.3
     saved = []
     torch.manual_seed(5)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = seeded_dropout(x, p)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.int64, 1)]  # the seed, never the mask
-    scaled = keep_mask_for(5, 21, 33, p).view(x.shape).to(dtype) * (1 / (1 - p))
+    scaled = keep_mask_for(5, 21, 33, p, device=device).view(x.shape).to(dtype) * (1 / (1 - p))
     assert torch.equal(y, x.detach() * scaled)
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(device, dtype)
     y.backward(grad)
     assert torch.equal(x.grad, grad * scaled)
     dropped = (y == 0).float().mean().item()
