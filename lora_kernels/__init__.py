@@ -1,5 +1,5 @@
 """lora-kernels: fused LoRA / QLoRA kernels for PyTorch fine-tuning."""
-from lora_kernels.autograd import lora_linear, nf4_lora_linear, seeded_dropout
+from lora_kernels.autograd import dora_linear, lora_linear, nf4_lora_linear, seeded_dropout
 from lora_kernels.modules import (DyLoRALinear, LoRALinear, NF4DyLoRALinear, NF4LoRALinear, dylora_sample_rank,
                                   dylora_set_rank)
 from lora_kernels.integrations.loraplus import loraplus_param_groups
@@ -7,7 +7,7 @@ from lora_kernels.integrations.peft import PatchReport, patch_peft_model, unpatc
 from lora_kernels.ops.nf4 import NF4Weight
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "nf4_lora_linear", "seeded_dropout", "NF4Weight", "LoRALinear", "NF4LoRALinear",
+__all__ = ["lora_linear", "nf4_lora_linear", "dora_linear", "seeded_dropout", "NF4Weight", "LoRALinear", "NF4LoRALinear",
            "patch_peft_model", "unpatch_peft_model", "PatchReport", "loraplus_param_groups", "DyLoRALinear",
            "NF4DyLoRALinear", "dylora_sample_rank", "dylora_set_rank", "profile_memory",
            "__version__"]

@@ -11,8 +11,8 @@ subclass adds no parameters or buffers, so state_dicts and adapter files are unc
 Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
 adapters, LoRA variants other than DoRA, extra arguments...): never a wrong answer. DoRA runs as
-g * (the fused LoRA output) + bias, its row norms computed without forming W + s B A
-(``dora_weight_norm``). Under autocast the
+``lora_kernels.dora_linear``: g * (the fused LoRA output) + bias, the row norms computed without
+forming W + s B A. Under autocast the
 fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
 PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
@@ -25,11 +25,9 @@ from typing import Optional
 
 import torch
 
-from lora_kernels.autograd import lora_linear, nf4_lora_linear, seeded_dropout
+from lora_kernels.autograd import dora_linear, lora_linear, nf4_lora_linear
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import NF4Weight
-from lora_kernels.ops.reference import nf4_decode_range
-from lora_kernels.ops.triton_launch import NF4Tensors
 
 _ORIGINAL_CLASS = "_lora_kernels_original_class"
 _A_REQUIRES_GRAD = "_lora_kernels_lora_A_requires_grad"  # adapter -> requires_grad before lora_fa
@@ -239,109 +237,26 @@ def _is_dora(layer, adapter: str) -> bool:
 
 
 def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool, common: dict) -> torch.Tensor:
-    """PEFT's DoRA forward on the fused kernels, g = magnitude / ||W + scale B A||_row (detached):
-
-        no dropout:  y = g * (x W^T + scale x A^T B^T) + bias
-        dropout d:   y = (x - d(x)) W^T + g * (d(x) W^T + scale d(x) A^T B^T) + bias
-
-    which is PEFT's result + (g - 1) (W d(x)) + g scale lora(d(x)) (with d the identity: one fused
-    GEMM and a per-column scale; with dropout, as PEFT, a second base GEMM), with the row norms
-    computed without forming W + scale B A (``dora_weight_norm``) and the dropout mask regenerated
-    from its seed in backward (``seeded_dropout``), never stored."""
-    bias = common.pop("bias")
-    magnitude = layer.lora_magnitude_vector[adapter].weight
-    dropout_p, training = common.pop("dropout_p"), common.pop("training")
+    """PEFT's DoRA forward on the fused kernels: ``lora_kernels.dora_linear`` (the row norms without
+    forming W + scale B A, the dropout mask regenerated from its seed), with PEFT's output dtype."""
     if linear4bit:
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
         weight = _cached_nf4(base)
+        # bnb's output dtype is x's (under autocast too), and PEFT's bnb layer casts nothing back while
+        # torch.is_autocast_enabled() (CUDA's autocast only): its DoRA sum then stays fp32
+        out_dtype = torch.float32 if torch.is_autocast_enabled() else x.dtype
     else:
-        weight = base.weight
-    x_lora = seeded_dropout(x, dropout_p, training)
-    if linear4bit:
-        z = nf4_lora_linear(x_lora, weight, A, B, scale, **common)
-    else:
-        z = lora_linear(x_lora, weight, A, B, scale, **common)
-    with torch.no_grad():  # DoRA paper 4.3 (and PEFT): the norm is a constant for autograd
-        norm = dora_weight_norm(weight, A, B, scale, cache_on=base)
-    y = z * (magnitude / norm)
-    if x_lora is not x:  # the base term of the dropped-out elements: (x - d(x)) W^T
-        y = y + _base_matmul(x - x_lora, weight)
-    if bias is not None:
-        y = y + bias
-    # PEFT's result dtype: the base layer's output: nn.Linear's (z's dtype) or bnb's (x's dtype, under
-    # autocast too), except that PEFT's bnb layer casts nothing back while torch.is_autocast_enabled()
-    # (CUDA's autocast only): its DoRA sum then stays fp32
-    if not linear4bit:
-        return y.to(z.dtype)
-    return y if torch.is_autocast_enabled() else y.to(x.dtype)
+        weight, out_dtype = base.weight, None  # nn.Linear's output dtype: the fused layer's
+    # ||W_n||^2 of the frozen base weight, kept on the base layer (not while compiling: see row_sqnorm)
+    cache = None if torch.compiler.is_compiling() else base.__dict__.setdefault(_ROW_SQNORM_CACHE, {})
+    return dora_linear(x, weight, A, B, layer.lora_magnitude_vector[adapter].weight, scale, bias=common["bias"],
+                       dropout_p=common["dropout_p"], training=common["training"], out_dtype=out_dtype,
+                       norm_cache=cache)
 
 
-def _base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
-    """x W^T [..., N] for a dense [N, K] weight (F.linear) or an NF4Weight (the fused NF4 GEMM, its
-    LoRA term a rank-1 zero: nothing decodes the whole weight)."""
-    if not isinstance(weight, NF4Weight):
-        return torch.nn.functional.linear(x, weight)
-    N, K = weight.shape
-    zero_A = torch.zeros(1, K, dtype=torch.float32, device=x.device)
-    zero_B = torch.zeros(N, 1, dtype=torch.float32, device=x.device)
-    return nf4_lora_linear(x, weight, zero_A, zero_B, 0.0, training=False)
-
-
-_ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: (key, ||W_n||^2 fp32 [N])
-_SQNORM_CHUNK_ELEMENTS = 1 << 22  # rows of W converted to fp32 at a time for ||W_n||^2
-
-
-def _row_sqnorm(weight, cache_on: Optional[torch.nn.Module]) -> torch.Tensor:
-    """||W_n||^2 in fp32 [N] for a dense [N, K] weight or an NF4Weight, a row chunk at a time (no
-    fp32 or decoded copy of the whole weight); cached on ``cache_on`` while the weight's tensors and
-    version are the same (the base weight is frozen: computed once, not every step). Not cached
-    while torch.compile traces (pointers and versions are not traceable): the graph computes it."""
-    if torch.compiler.is_compiling():
-        cache_on = None
-    if cache_on is None:
-        key = None
-    elif isinstance(weight, NF4Weight):
-        key = ("nf4", id(weight), weight.packed.data_ptr(), weight.packed._version)
-    else:
-        key = ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    N, K = weight.shape
-    cached = cache_on.__dict__.get(_ROW_SQNORM_CACHE) if cache_on is not None else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    out = torch.empty(N, dtype=torch.float32, device=weight.device)
-    rows = max(1, _SQNORM_CHUNK_ELEMENTS // max(K, 1))
-    if isinstance(weight, NF4Weight):
-        wq = NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
-    for n0 in range(0, N, rows):
-        n1 = min(n0 + rows, N)
-        if isinstance(weight, NF4Weight):  # decoded like bnb: rounded to the stored dtype first
-            chunk = nf4_decode_range(wq, n0 * K, n1 * K).view(n1 - n0, K).float()
-        else:
-            chunk = weight[n0:n1].float()
-        out[n0:n1] = chunk.square().sum(1)
-    if cache_on is not None:
-        cache_on.__dict__[_ROW_SQNORM_CACHE] = (key, out)
-    return out
-
-
-def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                     cache_on: Optional[torch.nn.Module] = None) -> torch.Tensor:
-    """DoRA's ||W + scale B A||_row, fp32 [N], without forming the [N, K] sum:
-
-        ||W_n||^2 + 2 scale <B_n, (W A^T)_n> + scale^2 B_n (A A^T) B_n^T
-
-    weight: dense [N, K] or an NF4Weight; lora_A [r, K], lora_B [N, r]. Costs one thin GEMM
-    W A^T [N, r] (an NF4 weight decoded inside the fused GEMM) per call plus ||W_n||^2, cached on
-    ``cache_on`` (see ``_row_sqnorm``). Not differentiable (DoRA detaches the norm)."""
-    A, B = lora_A.detach().float(), lora_B.detach().float()
-    if isinstance(weight, NF4Weight):
-        wa = _base_matmul(A, weight).t()  # [N, r] = W A^T, fp32
-    else:
-        wa = torch.mm(weight, A.t().to(weight.dtype)).float()
-    sq = _row_sqnorm(weight, cache_on) + 2 * scale * (B * wa).sum(1) + scale * scale * ((B @ (A @ A.t())) * B).sum(1)
-    return sq.clamp_min(0).sqrt()
+_ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: dora_linear's norm_cache
 
 
 _NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing its tensors)

@@ -1,0 +1,131 @@
+"""DoRA (Liu et al. 2024, weight-decomposed LoRA) on the fused kernels: ``dora_linear``.
+
+    y = (x - d(x)) W^T + g * (d(x) W^T + scale d(x) A^T B^T) + bias,   g = magnitude / ||W + scale B A||_row
+
+with d the (inverted) dropout and the row norm detached from autograd, as in the paper (section 4.3)
+and in PEFT. Without dropout this is g * (the fused LoRA output) + bias: one fused GEMM and a
+per-column scale; with dropout a second base GEMM on x - d(x), as PEFT runs one on d(x).
+
+The row norms never form the [N, K] matrix W + scale B A (PEFT builds it in every forward):
+
+    ||W_n + scale (B A)_n||^2 = ||W_n||^2 + 2 scale <B_n, (W A^T)_n> + scale^2 B_n (A A^T) B_n^T
+
+||W_n||^2 belongs to the frozen base weight (computed a row chunk at a time, cacheable); W A^T is one
+thin GEMM [N, r] per call (for an NF4 weight, the fused NF4 GEMM: nothing decodes the whole weight).
+"""
+from typing import Optional
+
+import torch
+
+from lora_kernels.autograd.dropout import seeded_dropout
+from lora_kernels.autograd.lora_linear import lora_linear
+from lora_kernels.autograd.nf4_lora_linear import nf4_lora_linear
+from lora_kernels.ops.nf4 import NF4Weight
+from lora_kernels.ops.reference import nf4_decode_range
+from lora_kernels.ops.triton_launch import NF4Tensors
+
+_SQNORM_CHUNK_ELEMENTS = 1 << 22  # rows of W converted to fp32 at a time for ||W_n||^2
+
+
+def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
+    """x W^T [..., N] for a dense [N, K] weight (F.linear) or an NF4Weight (the fused NF4 GEMM with a
+    rank-1 zero LoRA term: the weight is decoded tile by tile, never whole)."""
+    if not isinstance(weight, NF4Weight):
+        return torch.nn.functional.linear(x, weight)
+    N, K = weight.shape
+    zero_A = torch.zeros(1, K, dtype=torch.float32, device=x.device)
+    zero_B = torch.zeros(N, 1, dtype=torch.float32, device=x.device)
+    return nf4_lora_linear(x, weight, zero_A, zero_B, 0.0, training=False)
+
+
+def _weight_key(weight) -> tuple:
+    if isinstance(weight, NF4Weight):
+        return ("nf4", id(weight), weight.packed.data_ptr(), weight.packed._version)
+    return ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+
+
+def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
+    """||W_n||^2 in fp32 [N] for a dense [N, K] weight or an NF4Weight (decoded like bitsandbytes:
+    rounded to its stored dtype), a row chunk at a time: no fp32 or decoded copy of the whole weight.
+
+    cache: a dict kept by the caller (e.g. in the layer that owns W): the value is reused while the
+    weight's storage and version counter are the same (a frozen weight: computed once). Not used
+    while torch.compile traces (pointers and versions are not traceable: the graph computes it)."""
+    if torch.compiler.is_compiling():
+        cache = None
+    key = _weight_key(weight) if cache is not None else None
+    if cache is not None and cache.get("key") == key:
+        return cache["value"]
+    N, K = weight.shape
+    out = torch.empty(N, dtype=torch.float32, device=weight.device)
+    rows = max(1, _SQNORM_CHUNK_ELEMENTS // max(K, 1))
+    if isinstance(weight, NF4Weight):
+        wq = NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        if isinstance(weight, NF4Weight):
+            chunk = nf4_decode_range(wq, n0 * K, n1 * K).view(n1 - n0, K).float()
+        else:
+            chunk = weight[n0:n1].float()
+        out[n0:n1] = chunk.square().sum(1)
+    if cache is not None:
+        cache["key"], cache["value"] = key, out
+    return out
+
+
+def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                     cache: Optional[dict] = None) -> torch.Tensor:
+    """DoRA's ||W + scale B A||_row, fp32 [N], from ||W_n||^2 (``row_sqnorm``, cached in ``cache``),
+    W A^T [N, r] and A A^T [r, r]; never the [N, K] sum. weight: dense [N, K] or an NF4Weight;
+    lora_A [r, K], lora_B [N, r]. Not differentiable (DoRA detaches the norm)."""
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    if isinstance(weight, NF4Weight):
+        wa = base_matmul(A, weight).t()  # [N, r] = W A^T, fp32
+    else:
+        wa = torch.mm(weight.detach(), A.t().to(weight.dtype)).float()
+    sq = row_sqnorm(weight, cache) + 2 * scale * (B * wa).sum(1) + scale * scale * ((B @ (A @ A.t())) * B).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scale, *, bias=None, dropout_p=0.0, training=True,
+                out_dtype: Optional[torch.dtype] = None, norm_cache: Optional[dict] = None):
+    """DoRA linear (see the module docstring), PEFT's ``use_dora=True`` semantics.
+
+    Args:
+        x: [..., K]; weight: frozen base weight, dense [N, K] (x's dtype) or an NF4Weight [N, K];
+        lora_A [r, K], lora_B [N, r], scale as for ``lora_linear`` / ``nf4_lora_linear``;
+        magnitude: [N] floating, DoRA's trainable magnitude vector (gets a gradient);
+        bias: [N] or None; dropout_p in [0, 1), applied when ``training`` (the mask regenerated from
+        its seed in backward: ``seeded_dropout``).
+        out_dtype: the output's dtype (default: the fused layer's, x's or autocast's dtype).
+        norm_cache: a dict the caller keeps per base weight for ||W_n||^2 (``row_sqnorm``).
+    Returns:
+        y [..., N].
+    """
+    if not isinstance(magnitude, torch.Tensor) or not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating-point torch.Tensor, got "
+                        f"{getattr(magnitude, 'dtype', type(magnitude).__name__)}")
+    N = weight.shape[0]
+    if tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude must have shape [{N}] (one value per output row), got {list(magnitude.shape)}")
+    if isinstance(x, torch.Tensor) and magnitude.device != x.device:
+        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point torch.Tensor or None, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (N,) or bias.device != magnitude.device:
+            raise ValueError(f"bias must have shape [{N}] on {magnitude.device}, got {list(bias.shape)} on {bias.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    fused = nf4_lora_linear if isinstance(weight, NF4Weight) else lora_linear
+    x_lora = seeded_dropout(x, dropout_p, training) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    z = fused(x_lora, weight, lora_A, lora_B, scale)  # checks x, weight, the adapters and scale
+    with torch.no_grad():  # DoRA paper 4.3 (and PEFT): the norm is a constant for autograd
+        norm = dora_weight_norm(weight, lora_A, lora_B, float(scale), norm_cache)
+    y = z * (magnitude / norm)
+    if x_lora is not x:  # the base term of the dropped-out elements: (x - d(x)) W^T
+        y = y + base_matmul(x - x_lora, weight)
+    if bias is not None:
+        y = y + bias
+    return y.to(z.dtype if out_dtype is None else out_dtype)
