@@ -12,8 +12,7 @@ Every call re-checks the layer's state and takes PEFT's own forward for whatever
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
 adapters, LoRA variants other than DoRA, extra arguments...): never a wrong answer. DoRA runs as
 ``lora_kernels.dora_linear``: g * (the fused LoRA output) + bias, the row norms computed without
-forming W + s B A. Under autocast the
-fast path runs in its dtype, as PEFT's matmuls do. Scaling is
+forming W + s B A. Under autocast the fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
 PEFT but through lora_kernels' own generator, so with dropout > 0 the masks differ from PEFT's.
 
@@ -218,10 +217,7 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     if _is_dora(layer, adapter):
         return _dora_forward(layer, adapter, base, x, A, B, scale, linear4bit, common)
     if linear4bit:
-        if not base.compute_type_is_set:  # what bnb's own first forward does
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        qweight = _cached_nf4(base)
+        qweight = _linear4bit_weight(base, x)
         if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
             common["bias"] = common["bias"].to(x.dtype)  # bnb adds the bias in its compute dtype
         y = nf4_lora_linear(x, qweight, A, B, scale, **common)
@@ -240,10 +236,7 @@ def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool,
     """PEFT's DoRA forward on the fused kernels: ``lora_kernels.dora_linear`` (the row norms without
     forming W + scale B A, the dropout mask regenerated from its seed), with PEFT's output dtype."""
     if linear4bit:
-        if not base.compute_type_is_set:
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        weight = _cached_nf4(base)
+        weight = _linear4bit_weight(base, x)
         # bnb's output dtype is x's (under autocast too), and PEFT's bnb layer casts nothing back while
         # torch.is_autocast_enabled() (CUDA's autocast only): its DoRA sum then stays fp32
         out_dtype = torch.float32 if torch.is_autocast_enabled() else x.dtype
@@ -260,6 +253,15 @@ _ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: dora_linea
 
 
 _NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing its tensors)
+
+
+def _linear4bit_weight(base, x: torch.Tensor) -> NF4Weight:
+    """The NF4Weight of a bnb Linear4bit for a call on ``x`` (``_cached_nf4``), after what bnb's own
+    first forward does: fixing its compute dtype from x."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return _cached_nf4(base)
 
 
 def _cached_nf4(base) -> NF4Weight:
