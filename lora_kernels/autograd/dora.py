@@ -21,10 +21,11 @@ from lora_kernels.autograd.dropout import seeded_dropout
 from lora_kernels.autograd.lora_linear import lora_linear
 from lora_kernels.autograd.nf4_lora_linear import nf4_lora_linear
 from lora_kernels.ops.nf4 import NF4Weight
-from lora_kernels.ops.reference import nf4_decode_range
+from lora_kernels.ops.checks import check_dropout_p
+from lora_kernels.ops.reference import nf4_row_chunks, nf4_rows
 from lora_kernels.ops.triton_launch import NF4Tensors
 
-_SQNORM_CHUNK_ELEMENTS = 1 << 22  # rows of W converted to fp32 at a time for ||W_n||^2
+_SQNORM_CHUNK_ELEMENTS = 1 << 22  # elements of a dense W converted to fp32 at a time for ||W_n||^2
 
 
 def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
@@ -58,19 +59,21 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
         return cache["value"]
     N, K = weight.shape
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
-    rows = max(1, _SQNORM_CHUNK_ELEMENTS // max(K, 1))
-    if isinstance(weight, NF4Weight):
+    if isinstance(weight, NF4Weight):  # the CPU path's row chunks, decoded like bnb, then fp32
         wq = NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+        for n0, n1 in nf4_row_chunks(wq):
+            out[n0:n1] = nf4_rows(wq, n0, n1, torch.float32).square().sum(1)
+        return _store(cache, key, out)
+    rows = max(1, _SQNORM_CHUNK_ELEMENTS // max(K, 1))
     for n0 in range(0, N, rows):
-        n1 = min(n0 + rows, N)
-        if isinstance(weight, NF4Weight):
-            chunk = nf4_decode_range(wq, n0 * K, n1 * K).view(n1 - n0, K).float()
-        else:
-            chunk = weight[n0:n1].float()
-        out[n0:n1] = chunk.square().sum(1)
+        out[n0:n0 + rows] = weight[n0:n0 + rows].float().square().sum(1)
+    return _store(cache, key, out)
+
+
+def _store(cache: Optional[dict], key, value: torch.Tensor) -> torch.Tensor:
     if cache is not None:
-        cache["key"], cache["value"] = key, out
-    return out
+        cache["key"], cache["value"] = key, value
+    return value
 
 
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
@@ -116,8 +119,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scale, *, bias=None, dropo
                             f"{getattr(bias, 'dtype', type(bias).__name__)}")
         if tuple(bias.shape) != (N,) or bias.device != magnitude.device:
             raise ValueError(f"bias must have shape [{N}] on {magnitude.device}, got {list(bias.shape)} on {bias.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = check_dropout_p("dropout_p", dropout_p)
     fused = nf4_lora_linear if isinstance(weight, NF4Weight) else lora_linear
     x_lora = seeded_dropout(x, dropout_p, training) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
     z = fused(x_lora, weight, lora_A, lora_B, scale)  # checks x, weight, the adapters and scale

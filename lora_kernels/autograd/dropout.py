@@ -10,6 +10,7 @@ import math
 import torch
 
 from lora_kernels.ops import dropout_keep_mask, new_dropout_seed
+from lora_kernels.ops.checks import check_dropout_p
 
 
 def _keep_scaled(seed: torch.Tensor, x: torch.Tensor, p: float) -> torch.Tensor:
@@ -39,11 +40,10 @@ def seeded_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     differentiable ops (the transforms do not see through the autograd function)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be a float in [0, 1), got {p!r}")
+    p = check_dropout_p("p", p)
     if not training or p == 0.0:
         return x
     seed = new_dropout_seed(x.device)
     if torch._C._are_functorch_transforms_active():
-        return x * _keep_scaled(seed, x, float(p))
-    return _SeededDropout.apply(x, seed, float(p))
+        return x * _keep_scaled(seed, x, p)
+    return _SeededDropout.apply(x, seed, p)

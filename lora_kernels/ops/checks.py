@@ -32,6 +32,15 @@ def _require_real(name: str, value) -> float:
     return value
 
 
+def check_dropout_p(name: str, value) -> float:
+    """A dropout probability as a Python float in [0, 1): TypeError if not a real number (bools
+    included), ValueError if outside, both naming the argument."""
+    value = _require_real(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
 def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p, weight_device,
                      weight_name="weight"):
     """Checks shared by the dense and the NF4 layer, for a base weight of shape [N, K]. Messages are
@@ -41,9 +50,7 @@ def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias
     _require_tensor("bias", bias, optional=True)
     _require_tensor("lora_B_bias", lora_B_bias, optional=True)
     scale = _require_real("scale", scale)
-    dropout_p = _require_real("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = check_dropout_p("dropout_p", dropout_p)
 
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")

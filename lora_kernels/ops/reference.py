@@ -55,7 +55,7 @@ def _merged_weight(weight, lora_A, lora_B, scale: float, seed, rows: int) -> Opt
 NF4_CHUNK_ELEMENTS = 1 << 20
 
 
-def _nf4_row_chunks(wq):
+def nf4_row_chunks(wq):
     rows = max(1, NF4_CHUNK_ELEMENTS // max(wq.K, 1))
     for n0 in range(0, wq.N, rows):
         yield n0, min(n0 + rows, wq.N)
@@ -95,7 +95,7 @@ def nf4_decode_range(wq, start: int, stop: int) -> torch.Tensor:
     return scaled.view(-1)[start - lo:stop - lo].to(wq.dtype)
 
 
-def _nf4_rows(wq, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+def nf4_rows(wq, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows [n0, n1) of the NF4 weight as [n1 - n0, K] in ``dtype`` (via the stored dtype, like bnb)."""
     return nf4_decode_range(wq, n0 * wq.K, n1 * wq.K).view(n1 - n0, wq.K).to(dtype)
 
@@ -107,8 +107,8 @@ def _base_forward(x2, weight, wq, bias):
             return torch.addmm(bias.to(x2.dtype), x2, weight.t())
         return torch.mm(x2, weight.t())
     y2 = torch.empty((x2.shape[0], wq.N), dtype=x2.dtype, device=x2.device)
-    for n0, n1 in _nf4_row_chunks(wq):
-        torch.mm(x2, _nf4_rows(wq, n0, n1, x2.dtype).t(), out=y2[:, n0:n1])
+    for n0, n1 in nf4_row_chunks(wq):
+        torch.mm(x2, nf4_rows(wq, n0, n1, x2.dtype).t(), out=y2[:, n0:n1])
     if bias is not None:
         y2.add_(bias.to(x2.dtype))
     return y2
@@ -119,8 +119,8 @@ def _base_grad_input(grad_y2, weight, wq):
     if wq is None:
         return torch.mm(grad_y2, weight)
     dx2 = torch.zeros((grad_y2.shape[0], wq.K), dtype=grad_y2.dtype, device=grad_y2.device)
-    for n0, n1 in _nf4_row_chunks(wq):
-        dx2.addmm_(grad_y2[:, n0:n1], _nf4_rows(wq, n0, n1, grad_y2.dtype))
+    for n0, n1 in nf4_row_chunks(wq):
+        dx2.addmm_(grad_y2[:, n0:n1], nf4_rows(wq, n0, n1, grad_y2.dtype))
     return dx2
 
 
