@@ -22,7 +22,12 @@
 # is skipped, and a summary (per step: seconds, and the key lines of its log) is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/device-run}
+# The device tool returns at most 8 files from its $OUT: when $OUT is set (the tool's), steps write to
+# a scratch folder and the whole of it is archived into $OUT/device-run.tar.gz after every step (a
+# killed call still returns what finished), with the summary beside it.
+ARCHIVE=${OUT:-}
+if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/device-run; fi
+archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
 DEADLINE_S=${DEADLINE_S:-570}
@@ -98,11 +103,17 @@ for step in $STEPS; do
         *) echo "unknown step $step" ;;
     esac
     SUMMARY+=("$step: $((SECONDS - step_start)) s")
+    archive
 done
-echo "=== summary ($SECONDS s; results in $OUT)"
+{
+echo "=== summary ($SECONDS s; results in $OUT${ARCHIVE:+, archived in \$OUT/device-run.tar.gz})"
 printf '  %s\n' "${SUMMARY[@]}"
 # key lines: the extension, pytest and sanitizer totals, goal checks (with the misses), ceilings
 grep -h "lora_kernels._C loaded" "$OUT"/build.txt 2>/dev/null
 for f in "$OUT"/pytest*.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -1)"; done
 grep -h "ERROR SUMMARY" "$OUT"/sanitizer.txt 2>/dev/null
 grep -h -A6 -E "goals" "$OUT"/{bench,qlora,gemv,train}.txt 2>/dev/null | grep -v "^--$" | head -40
+} 2>&1 | tee "$OUT/summary.txt"
+archive
+[ -n "$ARCHIVE" ] && cp "$OUT/summary.txt" "$ARCHIVE/"
+true
