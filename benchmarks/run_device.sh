@@ -4,7 +4,7 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
-#   steps: build tests sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
+#   steps: build tests tests-nf4 sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
@@ -70,6 +70,11 @@ for step in $STEPS; do
                    -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
                    > "$OUT/pytest.txt" 2>&1
                tail -40 "$OUT/pytest.txt" ;;
+        tests-nf4) # the GPU tests of the NF4 GEMMs and their decode only (after a change to them)
+                   $PYTEST_TIMEOUT $(cap 100) python -m pytest tests/kernels/test_nf4_tile.py tests/autograd/test_nf4_lora_linear.py \
+                       tests/autograd/test_dora.py tests/integrations/test_peft_patch.py -q -p no:cacheprovider $XDIST --maxfail=10 \
+                       -k "cuda and not matches_float64_reference" --junitxml="$OUT/pytest_nf4.xml" > "$OUT/pytest_nf4.txt" 2>&1
+                   tail -30 "$OUT/pytest_nf4.txt" ;;
         tests-property) $PYTEST_TIMEOUT $(cap 400) python -m pytest tests/autograd -q -p no:cacheprovider $XDIST --maxfail=5 \
                             -k "cuda and matches_float64_reference" --junitxml="$OUT/pytest_property.xml" \
                             > "$OUT/pytest_property.txt" 2>&1

@@ -166,7 +166,12 @@ def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: st
                           num_warps=4, num_stages=2)
     # fp32 tiles take twice the registers of 16-bit ones. sm_80: a third stage (122 KiB of shared
     # memory, one program per SM either way) spills under triton 3.6 (ptxas 12.8) at R >= 128.
-    return TileConfig({"BLOCK_M": 64 if kind == "tf32" else 128, out_block: 128, red_block: 32, "GROUP_M": 8,
+    # The tile's K extent (BLOCK_K, the reduction of the forward, the output columns of dX) divides
+    # bnb's 64-element quantization blocks, so aligned weights take the fast decode (one scale per
+    # tile row: ops.triton_launch.nf4_aligned).
+    blocks = {"BLOCK_N": 128, "BLOCK_K": 64 if arch >= 90 else 32} if out_block == "BLOCK_N" else \
+        {"BLOCK_K": 64, "BLOCK_N": 64 if arch >= 90 else 32}
+    return TileConfig({"BLOCK_M": 64 if kind == "tf32" else 128, **blocks, "GROUP_M": 8,
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=2 if arch < 90 else 3)
 
 
@@ -219,6 +224,23 @@ def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
 def nf4_dequantize_config() -> TileConfig:
     """Flat decode: BLOCK elements per program (memory bound; 4 warps keep loads in flight)."""
     return TileConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
+
+
+def nf4_dequantize_tiles_config(blocksize: int) -> TileConfig:
+    """Aligned slab decode (``nf4_dequantize_tiles_kernel``): [32, BLOCK_K] tiles, BLOCK_K dividing
+    the quantization block (memory bound)."""
+    return TileConfig({"BLOCK_N": 32, "BLOCK_K": min(64, blocksize)}, num_warps=4, num_stages=1)
+
+
+# NF4 forwards (and their dX) of at least this many rows run the base product on cuBLAS over the
+# weight decoded a bounded slab at a time (NF4_SLAB_BYTES, never the whole weight: see
+# ops.triton_launch), the LoRA terms and bias in the Triton kernels' epilogues. Large M amortizes
+# one decode of W per call, where the fused GEMMs decode each weight tile once per row block of x.
+# 0 = off; overridden per call by LORA_KERNELS_NF4_CUBLAS_MIN_M. Provisional: set before the two
+# paths were timed against each other (python -m lora_kernels qlora: lora_kernels_nf4_cublas and
+# lora_kernels_nf4_triton rows).
+NF4_CUBLAS_MIN_M = 1024
+NF4_SLAB_BYTES = 16 << 20
 
 
 # Kernels with a split-K small-M configuration (forward_gemm_config(..., small_m=True)).

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
-from lora_kernels.kernels.nf4 import load_weight_tile
+from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def lora_grad_input_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_STORED_DTYPE: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr, NF4_ALIGNED: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m, offs_k, m_mask, k_mask, rows, ks = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
@@ -98,11 +98,16 @@ def lora_grad_input_kernel(
         ns = offs_n.to(tl.int64)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        w = load_weight_tile(w_ptr, ns[:, None], ks[None, :], n_mask[:, None] & k_mask[None, :],
-                             stride_wn, stride_wk, K,
-                             wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
-                             wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE,
-                             dy_ptr.dtype.element_ty)
+        if W_NF4 and NF4_ALIGNED:  # (the K tile is whole: K % QBLOCK == 0, QBLOCK % BLOCK_K == 0)
+            w = nf4_tile(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
+                         wq_code_ptr, ns, n_mask, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, QBLOCK, QBLOCK2,
+                         DOUBLE_QUANT, W_STORED_DTYPE).to(dy_ptr.dtype.element_ty)
+        else:
+            w = load_weight_tile(w_ptr, ns[:, None], ks[None, :], n_mask[:, None] & k_mask[None, :],
+                                 stride_wn, stride_wk, K,
+                                 wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
+                                 wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE,
+                                 dy_ptr.dtype.element_ty)
         acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])

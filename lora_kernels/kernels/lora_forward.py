@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
-from lora_kernels.kernels.nf4 import load_weight_tile
+from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def lora_forward_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_STORED_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr, NF4_ALIGNED: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     # Split-K (small M): program_id(1) takes K range [pid_s * k_per_split, ...) and writes an fp32
@@ -100,7 +100,7 @@ def lora_forward_gemm_kernel(
                          offs_m, m_mask, K, stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0,
                          wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
                          acc, BLOCK_K, False, False, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK,
-                         QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
+                         QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE, NF4_ALIGNED)
 
     bias_mask = n_mask
     if SPLIT_K:
@@ -156,19 +156,25 @@ def gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m
                 acc_h, BLOCK_K: tl.constexpr, WITH_H: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr):
+                DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr, NF4_ALIGNED: tl.constexpr):
     """K-loop of one y tile over [k_start, k_end): (acc + x @ W^T, acc_h); with WITH_H also
-    acc_h += dropout(x) @ A^T from the same x tiles (``h_step``). W dense or NF4 (decoded per tile)."""
+    acc_h += dropout(x) @ A^T from the same x tiles (``h_step``). W dense or NF4 (decoded per tile;
+    NF4_ALIGNED: by ``nf4_tile``, k_start and k_end being multiples of BLOCK_K)."""
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
-                               k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
-                               wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
-                               wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
-                               W_STORED_DTYPE, x_ptr.dtype.element_ty)
+        if W_NF4 and NF4_ALIGNED:
+            w_t = tl.trans(nf4_tile(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                                    wq_absmax_offset_ptr, wq_code_ptr, cols, n_mask, k0, K, cols.shape[0], BLOCK_K,
+                                    QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE).to(x_ptr.dtype.element_ty))
+        else:
+            w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
+                                   k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
+                                   wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                                   wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
+                                   W_STORED_DTYPE, x_ptr.dtype.element_ty)
         acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
         if WITH_H:
             acc_h = h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak,
@@ -202,7 +208,7 @@ def lora_forward_fused_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    W_STORED_DTYPE: tl.constexpr,
+    W_STORED_DTYPE: tl.constexpr, NF4_ALIGNED: tl.constexpr,
 ):
     """One launch for the whole forward (large M): program (pid_m, g) computes the y tiles of row
     block pid_m at column tiles g, g + n_groups, ... While it runs the K-loop of its first tile it
@@ -222,7 +228,7 @@ def lora_forward_fused_kernel(
                              stride_wk, stride_ar, stride_ak, drop_threshold, wq_absmax_ptr, wq_absmax_code_ptr,
                              wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr, acc_h, BLOCK_K, True,
                              HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4, QBLOCK, QBLOCK2,
-                             DOUBLE_QUANT, W_STORED_DTYPE)
+                             DOUBLE_QUANT, W_STORED_DTYPE, NF4_ALIGNED)
     if HAS_DROPOUT:
         acc_h = acc_h * keep_scale  # dropout(x) = mask * x / (1 - p): linear, applied once
     # Rounded to h's dtype (the adapters') as the two-launch forward stores and reloads it.
@@ -243,6 +249,6 @@ def lora_forward_fused_kernel(
                                  stride_wn, stride_wk, stride_ar, stride_ak, drop_threshold, wq_absmax_ptr,
                                  wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr, acc_h,
                                  BLOCK_K, False, HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT, W_NF4,
-                                 QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
+                                 QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE, NF4_ALIGNED)
         _fused_store_tile(acc, h, b_ptr, bias_ptr, y_ptr, rows, cols, m_mask, n_mask, offs_n, offs_r, r_mask,
                           scale, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, UPCAST_DOT)

@@ -24,7 +24,15 @@ def nf4_decode(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     shift = ((idx & 1) ^ 1).to(tl.int32) * 4  # even element: high nibble
     q = (byte >> shift) & 0xF
     value = tl.load(code_ptr + q, mask=mask, other=0.0)
-    block = idx // QBLOCK
+    absmax = block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, idx // QBLOCK, mask,
+                          QBLOCK2, DOUBLE_QUANT)
+    return round_to_stored(value * absmax, STORED_DTYPE)
+
+
+@triton.jit
+def block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, block, mask,
+                 QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scales of quantization blocks ``block`` (int64, any shape); 0 where masked."""
     if DOUBLE_QUANT:
         q_absmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         absmax = tl.load(absmax_code_ptr + q_absmax, mask=mask, other=0.0) \
@@ -32,10 +40,41 @@ def nf4_decode(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
         absmax = absmax + tl.load(absmax_offset_ptr)
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    w = value * absmax
-    if STORED_DTYPE == tl.bfloat16:
-        return round_to_bf16(w)
-    return w.to(STORED_DTYPE)
+    return absmax
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
+             cols, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
+             QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, STORED_DTYPE: tl.constexpr):
+    """W[cols, k0:k0 + BLOCK_K] as a [BLOCK_N, BLOCK_K] tile in STORED_DTYPE (rows outside n_mask: 0)
+    for an *aligned* weight: K % QBLOCK == 0 and the tile inside one quantization block per row
+    (QBLOCK % BLOCK_K == 0, k0 % BLOCK_K == 0). Bit-identical to ``nf4_decode`` there, at a fraction
+    of its work: one scale per row instead of one per element (with its 64-bit block index), and
+    per element only the code byte (the two elements of a byte read the same address, one
+    transaction), its nibble and the table value. This is the decode inside the GEMM K-loops, where
+    it runs once per weight element per row block of x, so its cost is the NF4 GEMMs' cost. (Loading
+    each byte once and interleaving both nibbles with tl.join + reshape is lighter still, but the
+    resulting layout fails to lower to Hopper's wgmma shared-memory operand in triton 3.6.)"""
+    row_start = cols * K + k0  # flat index of each row's first tile element: even (K is)
+    offs_k = tl.arange(0, BLOCK_K)
+    byte = tl.load(packed_ptr + ((row_start >> 1)[:, None] + (offs_k >> 1)[None, :]),
+                   mask=n_mask[:, None], other=0).to(tl.int32)
+    code = (byte >> (((offs_k & 1) ^ 1) * 4)[None, :]) & 0xF  # the even element is the high nibble
+    absmax = block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                          row_start // QBLOCK, n_mask, QBLOCK2, DOUBLE_QUANT)
+    absmax = tl.where(n_mask, absmax, 0.0)  # (masked rows would hold code[0] * offset)
+    return round_to_stored(tl.load(code_ptr + code) * absmax[:, None], STORED_DTYPE)
+
+
+@triton.jit
+def round_to_stored(w, STORED_DTYPE: tl.constexpr):
+    """fp32 -> STORED_DTYPE, round to nearest even (as dequantize_4bit's output rounding)."""
+    if STORED_DTYPE == tl.bfloat16 and INTERPRETED:
+        w = round_to_bf16(w)
+    else:
+        w = w.to(STORED_DTYPE)  # bf16: one cvt.rn instruction on the GPU
+    return w
 
 
 @triton.jit
@@ -65,6 +104,27 @@ def nf4_dequantize_kernel(
 
 
 @triton.jit
+def nf4_dequantize_tiles_kernel(
+    packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr, out_ptr,
+    n_start, n_end, k_start, K, stride_out,
+    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, STORED_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[i, j] = W[n_start + i, k_start + j] (rounded to STORED_DTYPE, then out's dtype) for an
+    aligned weight (``nf4_tile``): program (i, j) decodes one [BLOCK_N, BLOCK_K] tile; rows up to
+    n_end, columns grid[1] * BLOCK_K from k_start (k_start a multiple of BLOCK_K)."""
+    offs_n = n_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_end
+    k0 = k_start + tl.program_id(1) * BLOCK_K
+    w = nf4_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
+                 offs_n.to(tl.int64), n_mask, k0, K, BLOCK_N, BLOCK_K, QBLOCK, QBLOCK2, DOUBLE_QUANT, STORED_DTYPE)
+    rows = (offs_n - n_start).to(tl.int64)
+    cols = (k0 - k_start) + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None])
+
+
+@triton.jit
 def load_weight_tile(w_ptr, n_idx, k_idx, mask, stride_wn, stride_wk, K,
                      absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
                      W_NF4: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
@@ -81,3 +141,8 @@ def load_weight_tile(w_ptr, n_idx, k_idx, mask, stride_wn, stride_wk, K,
     else:
         w = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=mask, other=0.0)
     return w.to(OUT_DTYPE)
+
+
+# The interpreter converts fp32 -> bf16 by truncation, so the decode rounds in integer arithmetic
+# there; compiled kernels use the hardware's round-to-nearest-even conversion (same bits).
+INTERPRETED = tl.constexpr(type(nf4_dequantize_kernel).__name__ == "InterpretedFunction")

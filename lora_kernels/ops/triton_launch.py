@@ -16,7 +16,7 @@ from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_in
                                                 lora_grad_input_tma_kernel, lora_grad_out_pass_kernel)
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
-from lora_kernels.kernels.nf4 import nf4_dequantize_kernel
+from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
 
@@ -48,20 +48,30 @@ class NF4Tensors(NamedTuple):
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _weight_args(wq: Optional[NF4Tensors]):
-    """(extra pointer args, constexprs, launch options) describing the base weight to the GEMMs.
+def nf4_aligned(wq: NF4Tensors, block_k: int) -> bool:
+    """Whether GEMM tiles BLOCK_K wide along K (starting at multiples of it) each lie inside one
+    quantization block per row, so the kernels take the fast decode (``kernels.nf4.nf4_tile``): no
+    block spans two rows (K % blocksize == 0) and blocksize % block_k == 0. Llama-style shapes with
+    bnb's 64-blocks are; other shapes decode per element."""
+    return wq.K % wq.blocksize == 0 and wq.blocksize % block_k == 0
+
+
+def _weight_args(wq: Optional[NF4Tensors], block_k: int = 0):
+    """(extra pointer args, constexprs, launch options) describing the base weight to the GEMMs whose
+    tiles are block_k wide along K.
 
     NF4 decoding must not fuse multiply and add into an FMA (bit-exact absmax decode), hence
     enable_fp_fusion=False; dense weights keep the default.
     """
     if wq is None:
         return (None,) * 5, {"W_NF4": False, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": False,
-                             "W_STORED_DTYPE": tl.float32}, {}
+                             "W_STORED_DTYPE": tl.float32, "NF4_ALIGNED": False}, {}
     dq = wq.double_quant
     ptrs = (wq.absmax, wq.absmax_code if dq else None, wq.absmax_scale if dq else None,
             wq.absmax_offset if dq else None, wq.code)
     return ptrs, {"W_NF4": True, "QBLOCK": wq.blocksize, "QBLOCK2": wq.nested_blocksize,
-                  "DOUBLE_QUANT": dq, "W_STORED_DTYPE": TL_DTYPES[wq.dtype]}, {"enable_fp_fusion": False}
+                  "DOUBLE_QUANT": dq, "W_STORED_DTYPE": TL_DTYPES[wq.dtype],
+                  "NF4_ALIGNED": block_k > 0 and nf4_aligned(wq, block_k)}, {"enable_fp_fusion": False}
 
 
 def on_device(device: torch.device):
@@ -95,6 +105,51 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
         QBLOCK=consts["QBLOCK"], QBLOCK2=consts["QBLOCK2"], DOUBLE_QUANT=consts["DOUBLE_QUANT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
     return out
+
+
+@_launches_on(lambda wq: wq.packed.device)
+def triton_nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int, k_end: int,
+                               dtype: torch.dtype) -> torch.Tensor:
+    """W[n_start:n_end, k_start:k_end] as a contiguous [n_end - n_start, k_end - k_start] tensor in
+    ``dtype`` (each value rounded to wq.dtype first, as dequantize_4bit(...).to(dtype)). Needs an
+    aligned weight (``nf4_aligned(wq, nf4_slab_block_k(wq))``) and k_start, k_end multiples of
+    ``nf4_slab_block_k(wq)`` (or k_end = K)."""
+    cfg = configs.nf4_dequantize_tiles_config(wq.blocksize)
+    block_n, block_k = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
+    out = torch.empty((n_end - n_start, k_end - k_start), dtype=dtype, device=wq.packed.device)
+    if out.numel() == 0:
+        return out
+    ptrs, consts, opts = _weight_args(wq)
+    nf4_dequantize_tiles_kernel[(triton.cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k)](
+        wq.packed, *ptrs, out, n_start, n_end, k_start, wq.K, out.stride(0),
+        QBLOCK=wq.blocksize, QBLOCK2=wq.nested_blocksize, DOUBLE_QUANT=wq.double_quant,
+        STORED_DTYPE=TL_DTYPES[wq.dtype], **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
+    return out
+
+
+def nf4_slab_block_k(wq: NF4Tensors) -> int:
+    """K extent of the slab decode's tiles (``configs.nf4_dequantize_tiles_config``)."""
+    return configs.nf4_dequantize_tiles_config(wq.blocksize).blocks["BLOCK_K"]
+
+
+# Overrides configs.NF4_CUBLAS_MIN_M (read per call): 0 disables the slab-decode + cuBLAS path.
+NF4_CUBLAS_MIN_M_ENV = "LORA_KERNELS_NF4_CUBLAS_MIN_M"
+
+
+def use_nf4_cublas(M: int, wq: Optional[NF4Tensors]) -> bool:
+    """Whether an NF4 forward / dX over M rows runs the base product on cuBLAS over slabs of the decoded
+    weight (configs.NF4_CUBLAS_MIN_M): switched on for M, and an aligned weight."""
+    min_m = env_nonnegative_int(NF4_CUBLAS_MIN_M_ENV, configs.NF4_CUBLAS_MIN_M)
+    return wq is not None and 0 < min_m <= M and nf4_aligned(wq, nf4_slab_block_k(wq))
+
+
+def _slab_extent(other: int, length: int, element_size: int, step: int) -> int:
+    """Rows (or columns) of a slab of a [length, other] (or [other, length]) weight: what fits
+    configs.NF4_SLAB_BYTES, in multiples of ``step``, at least one step, and at most half the
+    weight (rounded up to a step) so that no slab is the whole decoded weight (when length > step)."""
+    fit = configs.NF4_SLAB_BYTES // max(1, other * element_size) // step * step
+    half = triton.cdiv(triton.cdiv(length, 2), step) * step
+    return min(length, max(step, min(fit, half)))
 
 
 def is_interpreted() -> bool:
@@ -231,9 +286,10 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     has_dropout = seed is not None
 
     small_m = M <= small_m_max()
-    w_ptrs, w_consts, w_opts = _weight_args(wq)
-    if not small_m and use_fused_forward(M, r, *key, scale):
+    nf4_cublas = use_nf4_cublas(M, wq)
+    if not small_m and not nf4_cublas and use_fused_forward(M, r, *key, scale):
         cfg = configs.fused_forward_config(R, *key, "dense" if wq is None else "nf4")
+        w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = triton.cdiv(M, cfg.blocks["BLOCK_M"])
         groups = fused_column_groups(m_blocks, triton.cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
         lora_forward_fused_kernel[(m_blocks, groups)](
@@ -257,6 +313,10 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    if nf4_cublas:
+        _nf4_cublas_forward(x2, wq, h, lora_B, bias, y2, scale, R, key, flags)
+        return y2, h
+
     if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
         cfg = configs.tma_forward_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
@@ -279,6 +339,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     # order, so results do not depend on scheduling.
     out = torch.empty((splits, M, N), dtype=torch.float32, device=x2.device) if small_m else y2
     out_2d = out[0] if small_m else out
+    w_ptrs, w_consts, w_opts = _weight_args(wq, block_k)
     lora_forward_gemm_kernel[(tiles, splits)](
         x2, weight, h, lora_B, bias if bias is not None else out, out, *w_ptrs,
         M, N, K, r, k_per_split,
@@ -290,6 +351,53 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     if small_m:
         y2.copy_(out.sum(0) if splits > 1 else out_2d)
     return y2, h
+
+
+def _nf4_cublas_forward(x2, wq: NF4Tensors, h, lora_B, bias, y2, scale: float, R: int, key, flags):
+    """y2 = x2 @ W^T + scale * h @ B^T + bias for a large M: the LoRA term and bias from the forward
+    GEMM kernel with an empty K-loop (its epilogue, adapters in their dtype), then x2 @ W^T added by
+    cuBLAS one slab of W's rows at a time (decoded into a bounded buffer: no full-precision copy of W
+    exists; the slabs' columns of y2 are disjoint, so the result does not depend on the slab size)."""
+    M, K = x2.shape
+    N = lora_B.shape[0]
+    cfg = configs.forward_gemm_config(R, *key, "dense")
+    tiles = triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"])
+    w_ptrs, w_consts, _ = _weight_args(None)
+    lora_forward_gemm_kernel[(tiles, 1)](
+        x2, x2, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
+        M, N, 0, h.shape[1], 0,
+        x2.stride(0), x2.stride(1), 0, 0, h.stride(0), h.stride(1),
+        lora_B.stride(0), lora_B.stride(1), 0, y2.stride(0), y2.stride(1),
+        scale,
+        R=R, HAS_BIAS=bias is not None, SPLIT_K=False, **flags, **cfg.blocks, **w_consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    rows = _slab_extent(K, N, x2.element_size(), 64)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        y2[:, n0:n1].addmm_(x2, triton_nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())
+
+
+def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, dropout_p: float, R: int, key, flags):
+    """dx2 = keep * (dH @ A) / (1 - p) + dY @ W for a large M: the masked LoRA term from the dX kernel
+    with an empty N-loop, then dY @ W added by cuBLAS one slab of W's columns at a time (bounded
+    buffer; disjoint columns of dx2)."""
+    M, N = grad_y2.shape
+    K = lora_A.shape[1]
+    cfg = configs.grad_input_config(R, *key, "dense")
+    grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
+    w_ptrs, w_consts, _ = _weight_args(None)
+    lora_grad_input_kernel[grid](
+        grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, dx2, *w_ptrs,
+        M, 0, K, lora_A.shape[0],
+        grad_y2.stride(0), grad_y2.stride(1), 0, 0,
+        d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1), dx2.stride(0), dx2.stride(1),
+        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        R=R, HAS_DROPOUT=seed is not None, **flags, **cfg.blocks, **w_consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cols = _slab_extent(N, K, grad_y2.element_size(), 64)
+    for k0 in range(0, K, cols):
+        k1 = min(K, k0 + cols)
+        dx2[:, k0:k1].addmm_(grad_y2, triton_nf4_dequantize_slab(wq, 0, N, k0, k1, grad_y2.dtype))
 
 
 def _weight_strides(weight, wq):
@@ -354,11 +462,14 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
             drop_threshold(dropout_p), keep_scale,
             R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif need_x and use_nf4_cublas(M, wq):
+        dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
+        _nf4_cublas_grad_input(grad_y2, wq, d_h, lora_A, seed if has_dropout else None, dx2, dropout_p, R, key, flags)
     elif need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.grad_input_config(R, *key, "dense" if wq is None else "nf4")
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
-        w_ptrs, w_consts, w_opts = _weight_args(wq)
+        w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         lora_grad_input_kernel[grid](
             grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2, *w_ptrs,
             M, N, K, r,

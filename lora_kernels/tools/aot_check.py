@@ -5,7 +5,7 @@ Per kernel, padded rank R, (x dtype, adapter dtype) pair and base-weight format 
 double quantization for the kernels that read W), the variant compiled is the one with every
 optional feature switched on (bias, dropout, all gradients): it holds the most live values, so it
 bounds register pressure; the feature-off variants run under the interpreter in the tests. The NF4
-dequantize kernel is compiled once per stored dtype.
+decode kernels (flat, and the slab decode) are compiled once per stored dtype.
 Exit status 1 on any compile error, or on spills in a main configuration (R <= 64).
 
     python -m lora_kernels.tools.aot_check [--arch 80 90] [--kernels NAME ...] [--ranks 16 ...]
@@ -37,6 +37,8 @@ ALL_ON_FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "NEED_DH": True, "NEED_DB
 NF4_PTR_ARGS = ("wq_absmax_ptr", "wq_absmax_code_ptr", "wq_absmax_scale_ptr", "wq_absmax_offset_ptr",
                 "wq_code_ptr")
 DEQUANT_KERNEL = "nf4_dequantize_kernel"
+SLAB_KERNEL = "nf4_dequantize_tiles_kernel"  # the aligned slab decode of the large-M NF4 path
+DECODE_KERNELS = (DEQUANT_KERNEL, SLAB_KERNEL)
 # TMA descriptor arguments: their block shape, by constexpr name.
 TMA_DESCRIPTOR_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
                          "dy_desc": ("BLOCK_M", "BLOCK_N")}
@@ -56,9 +58,10 @@ def variants(kernels=None, ranks=None):
                 for weight_format in configs.WEIGHT_FORMATS.get(name, ("dense",)):
                     for small_m in ((False, True) if name in configs.SMALL_M_KERNELS else (False,)):
                         yield name, R, x_dtype, adapter_dtype, precision, weight_format, small_m
-    if not kernels or DEQUANT_KERNEL in kernels:
-        for stored in ("bf16", "fp16", "fp32"):
-            yield DEQUANT_KERNEL, 0, stored, "-", "-", "nf4", False
+    for name in DECODE_KERNELS:
+        if not kernels or name in kernels:
+            for stored in ("bf16", "fp16", "fp32"):
+                yield name, 0, stored, "-", "-", "nf4", False
 
 
 TL_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -71,7 +74,7 @@ def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
         return {}
     nf4 = weight_format == "nf4"
     out = {"W_NF4": nf4, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": nf4,
-           "W_STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype])}
+           "W_STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype]), "NF4_ALIGNED": nf4}
     if not nf4:
         out.update({arg: None for arg in NF4_PTR_ARGS})
     return out
@@ -129,10 +132,12 @@ def compile_one(variant, arch: int) -> dict:
     from lora_kernels.kernels import configs
 
     name, R, x_dtype, adapter_dtype, precision, weight_format, small_m = variant
-    if name == DEQUANT_KERNEL:
+    if name in DECODE_KERNELS:
+        import triton.language as tl
         fn = getattr(importlib.import_module("lora_kernels.kernels.nf4"), name)
-        cfg = configs.nf4_dequantize_config()
-        constexprs = {"QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": True, **cfg.blocks}
+        cfg = configs.nf4_dequantize_config() if name == DEQUANT_KERNEL else configs.nf4_dequantize_tiles_config(64)
+        constexprs = {"QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": True, **cfg.blocks,
+                      "STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype])}
     else:
         module_name, config_fn = configs.KERNEL_CONFIGS[name]
         fn = getattr(importlib.import_module(module_name), name)

@@ -9,6 +9,9 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
                            extension, M <= 16, fp16/bf16, r <= 64 only: "not_applicable" elsewhere)
     lora_kernels_nf4_fused the same with the one-launch forward switched on (see bench's
                            lora_kernels_fused; "not_applicable" where it would not run)
+    lora_kernels_nf4_cublas the same with the slab-decode + cuBLAS base products switched on for
+                           every M (LORA_KERNELS_NF4_CUBLAS_MIN_M=1; the LoRA terms stay in the kernels)
+    lora_kernels_nf4_triton the same with them switched off (=0): the fused NF4 GEMMs at every M
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
@@ -41,9 +44,9 @@ from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
-               "peft_qlora", "bnb_matmul_4bit", "base_dense")
+               "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora", "bnb_matmul_4bit", "base_dense")
 LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
-              "peft_qlora")  # base + LoRA
+              "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora")  # base + LoRA
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
@@ -145,9 +148,14 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
                              around=functools.partial(with_env, NF4_GEMV_ENV, GEMV_MAX_ROWS))
-        elif name == "lora_kernels_nf4_fused":
+        elif name in ("lora_kernels_nf4_fused", "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton"):
+            from lora_kernels.ops.triton_launch import NF4_CUBLAS_MIN_M_ENV
+            around = {  # (the one-launch forward is a fused GEMM: the slab path off for it)
+                "lora_kernels_nf4_fused": lambda fn: with_env(NF4_CUBLAS_MIN_M_ENV, 0, fused_forward(fn)),
+                "lora_kernels_nf4_cublas": functools.partial(with_env, NF4_CUBLAS_MIN_M_ENV, 1),
+                "lora_kernels_nf4_triton": functools.partial(with_env, NF4_CUBLAS_MIN_M_ENV, 0)}[name]
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
-                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s), around=fused_forward)
+                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s), around=around)
         elif name == "peft_qlora":
             layer, adapters = _peft_qlora_layer(p)
             out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,

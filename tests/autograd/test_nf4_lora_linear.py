@@ -12,8 +12,10 @@ import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
 from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check
-from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, assert_close, check_against_reference,
-                           keep_mask_for, make_grad_y, make_problem, reference, run_public)
+from lora_kernels.kernels import configs
+from lora_kernels.ops import triton_launch
+from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, GridRecorder, assert_close,
+                           check_against_reference, keep_mask_for, make_grad_y, make_problem, reference, run_public)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DQ = dict(double_quant=True)
@@ -29,8 +31,9 @@ def nf4_problem_specs(draw):
     x_dtype, adapter_dtype = draw(st.sampled_from(DTYPE_PAIRS))
     return dict(
         lead=lead,
-        # K not a multiple of 64 (blocks span rows) and odd K (rows split bytes) are the point
-        K=draw(st.one_of(st.just(1), st.integers(1, 150))),
+        # K not a multiple of 64 (blocks span rows) and odd K (rows split bytes) are the point; multiples
+        # of 64 take the GEMMs' fast decode (kernels.nf4.nf4_tile)
+        K=draw(st.one_of(st.just(1), st.integers(1, 150), st.sampled_from([64, 128]))),
         N=draw(st.one_of(st.just(1), st.integers(1, 70))),
         r=draw(st.one_of(st.integers(1, 16), st.integers(17, 64))),
         x_dtype=x_dtype, adapter_dtype=adapter_dtype,
@@ -68,6 +71,38 @@ def test_stored_dtype_differs_from_x(backend, weight_dtype):
     pb = make_problem((13,), 70, 33, 8, F32, seed=4, nf4=dict(double_quant=True, weight_dtype=weight_dtype))
     assert pb.qweight.dtype == weight_dtype
     _run_and_check(backend, pb, make_grad_y(pb))
+
+
+@pytest.mark.parametrize("dtypes", [(BF16, BF16), (F16, F32), (F32, F32)], ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+def test_large_m_slab_cublas_path(backend, monkeypatch, dtypes):
+    # M >= LORA_KERNELS_NF4_CUBLAS_MIN_M: the base products on cuBLAS over slabs of the decoded weight
+    # (several slabs here, the last one partial), the LoRA terms, dropout and biases in the kernels
+    if backend.name == "torch":
+        pytest.skip("a path of the Triton backend")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "30")
+    monkeypatch.setattr(configs, "NF4_SLAB_BYTES", 64 * 128 * dtypes[0].itemsize)  # 64 rows of W, 64 columns
+    slabs = GridRecorder(triton_launch.nf4_dequantize_tiles_kernel)
+    monkeypatch.setattr(triton_launch, "nf4_dequantize_tiles_kernel", slabs)
+    pb = make_problem((3, 11), 128, 200, 8, *dtypes, bias=True, lora_B_bias=True, seed=21, nf4=DQ)
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    # forward: rows 0-64, 64-128, 128-192, 192-200 in [32, 64] tiles; dX: columns 0-64, 64-128
+    assert slabs.grids == [(2, 2)] * 3 + [(1, 2)] + [(7, 1)] * 2
+    slabs.grids.clear()
+    # fewer rows, or a weight whose blocks span rows (K % 64 != 0): the fused GEMMs
+    for lead, K in (((29,), 128), ((40,), 96)):
+        pb = make_problem(lead, K, 200, 8, *dtypes, seed=22, nf4=DQ)
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    assert slabs.grids == []
+
+
+def test_slab_extent_fits_the_budget(monkeypatch):
+    monkeypatch.setattr(configs, "NF4_SLAB_BYTES", 16 << 20)
+    assert triton_launch._slab_extent(4096, 4096, 2, 64) == 2048  # 16 MiB: half the 4096 x 4096 bf16 weight
+    assert triton_launch._slab_extent(8192, 28672, 2, 64) == 1024
+    assert triton_launch._slab_extent(28672, 8192, 2, 64) == 256  # 292 columns fit: whole steps of 64
+    assert triton_launch._slab_extent(10**9, 4096, 2, 64) == 64  # at least one step
+    assert triton_launch._slab_extent(1000, 300, 2, 64) == 192  # at most half the weight, in steps
+    assert triton_launch._slab_extent(100, 30, 4, 64) == 30  # one step holds the whole extent
 
 
 @pytest.mark.parametrize("r", [1, 128, 256, 300])

@@ -82,13 +82,14 @@ def test_aot_variants_cover_every_kernel_and_rank():
     rows = list(aot_check.variants())
     formats = sum(len(configs.WEIGHT_FORMATS.get(name, ("dense",))) * (2 if name in configs.SMALL_M_KERNELS else 1)
                   for name in configs.KERNEL_CONFIGS)
-    dequant = [r for r in rows if r[0] == aot_check.DEQUANT_KERNEL]
-    assert len(rows) - len(dequant) == formats * len(configs.PADDED_RANKS) * len(aot_check.DTYPE_PAIRS)
-    assert {r[0] for r in rows} == set(configs.KERNEL_CONFIGS) | {aot_check.DEQUANT_KERNEL}
-    assert {r[1] for r in rows if r[0] != aot_check.DEQUANT_KERNEL} == set(configs.PADDED_RANKS)
-    assert sorted(r[2] for r in dequant) == ["bf16", "fp16", "fp32"]
+    decode = [r for r in rows if r[0] in aot_check.DECODE_KERNELS]
+    assert len(rows) - len(decode) == formats * len(configs.PADDED_RANKS) * len(aot_check.DTYPE_PAIRS)
+    assert {r[0] for r in rows} == set(configs.KERNEL_CONFIGS) | set(aot_check.DECODE_KERNELS)
+    assert {r[1] for r in rows if r[0] not in aot_check.DECODE_KERNELS} == set(configs.PADDED_RANKS)
+    for name in aot_check.DECODE_KERNELS:  # each decode kernel once per stored dtype
+        assert sorted(r[2] for r in decode if r[0] == name) == ["bf16", "fp16", "fp32"]
     # every kernel that reads W is compiled for NF4 weights too
-    assert {r[0] for r in rows if r[5] == "nf4"} == set(configs.WEIGHT_FORMATS) | {aot_check.DEQUANT_KERNEL}
+    assert {r[0] for r in rows if r[5] == "nf4"} == set(configs.WEIGHT_FORMATS) | set(aot_check.DECODE_KERNELS)
     assert {r[0] for r in rows if r[6]} == set(configs.SMALL_M_KERNELS)
     only = list(aot_check.variants(kernels=["lora_shrink_kernel"], ranks=[32]))
     assert len(only) == len(aot_check.DTYPE_PAIRS) and all(v[:2] == ("lora_shrink_kernel", 32) for v in only)
