@@ -83,8 +83,8 @@ def _small_m_config(R: int, kind: str, arch: int, weight_format: str) -> TileCon
         # BLOCK_K=64; half the K step fits in 128 (and 16-wide rank chunks keep R >= 128 from
         # spilling under triton 3.9).
         block_k = 32 if arch < 90 else 64
-        if arch < 90 and R >= 128:
-            r_chunk = 16
+        if arch < 90 and (R >= 128 or kind == "half_lora32"):
+            r_chunk = 16  # (fp32 adapters: the tile decode's halves spill 8 B at 32-wide chunks, triton 3.9)
     else:
         block_k = 64 if kind == "tf32" else 128
     # NF4 tiles are decoded in registers, so deeper pipelining buys little and costs registers.
@@ -93,15 +93,16 @@ def _small_m_config(R: int, kind: str, arch: int, weight_format: str) -> TileCon
 
 
 def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense",
-                        small_m: bool = False) -> TileConfig:
+                        small_m: bool = False, nf4_aligned: bool = True) -> TileConfig:
     """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time.
 
     NF4 weights decode their [BLOCK_K, BLOCK_N] tile in registers (per element: code byte, table
-    value, block scale), so they take smaller weight tiles. small_m: see SMALL_M_MAX."""
+    value, block scale), so they take smaller weight tiles; nf4_aligned: see ``_nf4_gemm_config``.
+    small_m: see SMALL_M_MAX."""
     if small_m:
         return _small_m_config(R, kind, arch, weight_format)
     if weight_format == "nf4":
-        return _nf4_gemm_config(R, kind, arch, "BLOCK_N", "BLOCK_K")
+        return _nf4_gemm_config(R, kind, arch, "BLOCK_N", "BLOCK_K", nf4_aligned)
     if kind == "ieee":
         return TileConfig({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
@@ -127,12 +128,13 @@ def fused_forward_supported(R: int, kind: str, arch: int) -> bool:
     return R <= FUSED_MAX_PADDED_RANK and kind != "ieee" and arch >= 90
 
 
-def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
+def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "dense",
+                         nf4_aligned: bool = True) -> TileConfig:
     """The forward GEMM's tiles (``forward_gemm_config``) with row blocks and column groups in place of
     the grouped tile order and the rank in one dot; narrower where h and its x tile would not fit
     beside the y tile: fp32 adapters with 16-bit x (the x tile converted to fp32 for the rank dot)
     and NF4 weights. Launched only where ``fused_forward_supported``."""
-    cfg = forward_gemm_config(min(R, FUSED_MAX_PADDED_RANK), kind, arch, weight_format)
+    cfg = forward_gemm_config(min(R, FUSED_MAX_PADDED_RANK), kind, arch, weight_format, nf4_aligned=nf4_aligned)
     blocks = {k: v for k, v in cfg.blocks.items() if k not in ("GROUP_M", "R_CHUNK")}
     if kind == "half_lora32":
         blocks["BLOCK_N"] = min(blocks["BLOCK_N"], 128)
@@ -159,26 +161,37 @@ def tma_grad_input_config(R: int, kind: str, arch: int) -> TileConfig:
     return grad_input_config(R, kind, arch, "dense")
 
 
-def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: str) -> TileConfig:
-    """GEMM tiles for an NF4 weight: output tile [BLOCK_M, out_block], reduction step red_block."""
+def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: str,
+                     aligned: bool = True) -> TileConfig:
+    """GEMM tiles for an NF4 weight: output tile [BLOCK_M, out_block], reduction step red_block.
+
+    aligned (``ops.triton_launch.nf4_aligned``: K % blocksize == 0 and tiles inside one block per
+    row): the tile's K extent (BLOCK_K: the forward's reduction, dX's output columns) divides bnb's
+    64-element blocks, for the fast decode (one scale per tile row). Other weights decode per
+    element, which needs twice the shared memory per stage at BLOCK_K = 64 on sm_90 (256 KiB with 3
+    stages: over the limit), so they keep a 32-wide reduction step."""
     if kind == "ieee":
-        return TileConfig({"BLOCK_M": 32, out_block: 32, red_block: 32, "GROUP_M": 8, "R_CHUNK": 16},
+        # sm_80, dX: the tile decode's two half-width accumulators spill 8 B at 32 rows (ptxas 12.8)
+        block_m = 16 if arch < 90 and out_block == "BLOCK_K" and aligned else 32
+        return TileConfig({"BLOCK_M": block_m, out_block: 32, red_block: 32, "GROUP_M": 8, "R_CHUNK": 16},
                           num_warps=4, num_stages=2)
     # fp32 tiles take twice the registers of 16-bit ones. sm_80: a third stage (122 KiB of shared
     # memory, one program per SM either way) spills under triton 3.6 (ptxas 12.8) at R >= 128.
-    # The tile's K extent (BLOCK_K, the reduction of the forward, the output columns of dX) divides
-    # bnb's 64-element quantization blocks, so aligned weights take the fast decode (one scale per
-    # tile row: ops.triton_launch.nf4_aligned).
-    blocks = {"BLOCK_N": 128, "BLOCK_K": 64 if arch >= 90 else 32} if out_block == "BLOCK_N" else \
-        {"BLOCK_K": 64, "BLOCK_N": 64 if arch >= 90 else 32}
+    if not aligned:
+        blocks = {out_block: 128, red_block: 32}
+    elif out_block == "BLOCK_N":
+        blocks = {"BLOCK_N": 128, "BLOCK_K": 64 if arch >= 90 else 32}
+    else:
+        blocks = {"BLOCK_K": 64, "BLOCK_N": 64 if arch >= 90 else 32}
     return TileConfig({"BLOCK_M": 64 if kind == "tf32" else 128, **blocks, "GROUP_M": 8,
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=2 if arch < 90 else 3)
 
 
-def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense") -> TileConfig:
+def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense",
+                      nf4_aligned: bool = True) -> TileConfig:
     """dX tile [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N steps (dropout mask on the tile)."""
     if weight_format == "nf4":
-        return _nf4_gemm_config(R, kind, arch, "BLOCK_K", "BLOCK_N")
+        return _nf4_gemm_config(R, kind, arch, "BLOCK_K", "BLOCK_N", nf4_aligned)
     if kind == "ieee":
         # sm_80: 64 rows spill 8 B under triton 3.6 (ptxas 12.8); 32 rows do not under 3.6 or 3.9.
         return TileConfig({"BLOCK_M": 32 if arch < 90 else 64, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 8,
@@ -236,10 +249,12 @@ def nf4_dequantize_tiles_config(blocksize: int) -> TileConfig:
 # weight decoded a bounded slab at a time (NF4_SLAB_BYTES, never the whole weight: see
 # ops.triton_launch), the LoRA terms and bias in the Triton kernels' epilogues. Large M amortizes
 # one decode of W per call, where the fused GEMMs decode each weight tile once per row block of x.
-# 0 = off; overridden per call by LORA_KERNELS_NF4_CUBLAS_MIN_M. Provisional: set before the two
-# paths were timed against each other (python -m lora_kernels qlora: lora_kernels_nf4_cublas and
-# lora_kernels_nf4_triton rows).
-NF4_CUBLAS_MIN_M = 1024
+# 0 = off; overridden per call by LORA_KERNELS_NF4_CUBLAS_MIN_M. Measured on an H200
+# (benchmarks/results/nvidia-h200/bench_qlora_bfloat16.json, rows lora_kernels_nf4_cublas vs
+# lora_kernels_nf4_triton): from M = 64 the slab path's forward is faster on all three Llama shapes
+# (0.39 vs 0.94 ms at 4096x4096, 2.1 vs 3.9 ms at 8192x28672) and its fwd+bwd equal or faster; at
+# M = 1024-8192 it is 2-30x faster; at M = 32 the two are mixed.
+NF4_CUBLAS_MIN_M = 64
 NF4_SLAB_BYTES = 16 << 20
 
 

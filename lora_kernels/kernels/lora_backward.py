@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
-from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile
+from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile_halves
 
 
 @triton.jit
@@ -87,30 +87,55 @@ def lora_grad_input_kernel(
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m, offs_k, m_mask, k_mask, rows, ks = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
-    acc = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, ks, r,
-                       stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold, keep_scale,
-                       R, R_CHUNK, BLOCK_M, BLOCK_K, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
-
-    # Base term dY @ W continues in the same accumulator.
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        ns = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        if W_NF4 and NF4_ALIGNED:  # (the K tile is whole: K % QBLOCK == 0, QBLOCK % BLOCK_K == 0)
-            w = nf4_tile(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
-                         wq_code_ptr, ns, n_mask, pid_k * BLOCK_K, K, BLOCK_N, BLOCK_K, QBLOCK, QBLOCK2,
-                         DOUBLE_QUANT, W_STORED_DTYPE).to(dy_ptr.dtype.element_ty)
-        else:
+    if W_NF4 and NF4_ALIGNED:
+        # The tile decode (K % QBLOCK == 0, QBLOCK % BLOCK_K == 0: every K tile whole): the weight
+        # bytes read contiguously along K give the even and odd columns of the dX tile separately,
+        # so the tile is two accumulators [BLOCK_M, BLOCK_K / 2] stored to interleaved columns.
+        offs_even = pid_k * BLOCK_K + 2 * tl.arange(0, BLOCK_K // 2)
+        k_mask = offs_even < K
+        acc_even = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_even, m_mask, k_mask, rows,
+                                offs_even.to(tl.int64), r, stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold,
+                                keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K // 2, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
+        acc_odd = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_even + 1, m_mask, k_mask, rows,
+                               offs_even.to(tl.int64) + 1, r, stride_dhm, stride_dhr, stride_ar, stride_ak,
+                               drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K // 2, HAS_DROPOUT,
+                               LORA_PRECISION, UPCAST_DOT)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            ns = offs_n.to(tl.int64)
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            w_even, w_odd = nf4_tile_halves(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
+                                            wq_absmax_offset_ptr, wq_code_ptr, ns, n_mask, pid_k * BLOCK_K, K, BLOCK_K,
+                                            QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
+            acc_even = mma(dy, w_even.to(dy_ptr.dtype.element_ty), acc_even, DOT_PRECISION, UPCAST_DOT)
+            acc_odd = mma(dy, w_odd.to(dy_ptr.dtype.element_ty), acc_odd, DOT_PRECISION, UPCAST_DOT)
+        out_mask = m_mask[:, None] & k_mask[None, :]
+        dx_rows = dx_ptr + rows[:, None] * stride_dxm
+        tl.store(dx_rows + offs_even.to(tl.int64)[None, :] * stride_dxk, acc_even.to(dx_ptr.dtype.element_ty),
+                 mask=out_mask)
+        tl.store(dx_rows + (offs_even.to(tl.int64) + 1)[None, :] * stride_dxk, acc_odd.to(dx_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        acc = dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, ks, r,
+                           stride_dhm, stride_dhr, stride_ar, stride_ak, drop_threshold, keep_scale,
+                           R, R_CHUNK, BLOCK_M, BLOCK_K, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
+        # Base term dY @ W continues in the same accumulator.
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            ns = offs_n.to(tl.int64)
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             w = load_weight_tile(w_ptr, ns[:, None], ks[None, :], n_mask[:, None] & k_mask[None, :],
                                  stride_wn, stride_wk, K,
                                  wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
                                  wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE,
                                  dy_ptr.dtype.element_ty)
-        acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
-    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+            acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit

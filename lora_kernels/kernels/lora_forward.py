@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.kernels.common import dropout_keep, grouped_tile, mma, rank_dot, tile_offsets
-from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile
+from lora_kernels.kernels.nf4 import load_weight_tile, nf4_tile_halves
 
 
 @triton.jit
@@ -159,26 +159,67 @@ def gemm_k_loop(acc, k_start, k_end, x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m
                 DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr, NF4_ALIGNED: tl.constexpr):
     """K-loop of one y tile over [k_start, k_end): (acc + x @ W^T, acc_h); with WITH_H also
     acc_h += dropout(x) @ A^T from the same x tiles (``h_step``). W dense or NF4 (decoded per tile;
-    NF4_ALIGNED: by ``nf4_tile``, k_start and k_end being multiples of BLOCK_K)."""
+    NF4_ALIGNED: k_start and k_end multiples of BLOCK_K, see ``nf4_k_step``)."""
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if W_NF4 and NF4_ALIGNED:
-            w_t = tl.trans(nf4_tile(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
-                                    wq_absmax_offset_ptr, wq_code_ptr, cols, n_mask, k0, K, cols.shape[0], BLOCK_K,
-                                    QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE).to(x_ptr.dtype.element_ty))
+            acc, acc_h = nf4_k_step(acc, acc_h, k0, x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask,
+                                    offs_r, r_mask, K, stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold,
+                                    wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
+                                    wq_code_ptr, BLOCK_K, WITH_H, HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION,
+                                    UPCAST_DOT, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
         else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w_t = load_weight_tile(w_ptr, cols[None, :], offs_k.to(tl.int64)[:, None],
                                    k_mask[:, None] & n_mask[None, :], stride_wn, stride_wk, K,
                                    wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
                                    wq_absmax_offset_ptr, wq_code_ptr, W_NF4, QBLOCK, QBLOCK2, DOUBLE_QUANT,
                                    W_STORED_DTYPE, x_ptr.dtype.element_ty)
-        acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
-        if WITH_H:
-            acc_h = h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak,
-                           drop_threshold, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
+            acc = mma(x, w_t, acc, DOT_PRECISION, UPCAST_DOT)
+            if WITH_H:
+                acc_h = h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar,
+                               stride_ak, drop_threshold, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
+    return acc, acc_h
+
+
+@triton.jit
+def nf4_k_step(acc, acc_h, k0, x_ptr, w_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, cols, n_mask, offs_r, r_mask, K,
+               stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold,
+               wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr, wq_code_ptr,
+               BLOCK_K: tl.constexpr, WITH_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, W_STORED_DTYPE: tl.constexpr):
+    """One K step [k0, k0 + BLOCK_K) of an aligned NF4 weight, whole (K % BLOCK_K == 0): the weight
+    bytes are read as a tile contiguous along K and both nibbles decoded (``nf4_tile_halves``); the
+    even and odd columns of x then meet them in two dots of BLOCK_K / 2 (a sum over K in any order),
+    so the decoded values never need interleaving."""
+    offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+    k_mask = offs_even < K
+    w_even, w_odd = nf4_tile_halves(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
+                                    wq_code_ptr, cols, n_mask, k0, K, BLOCK_K, QBLOCK, QBLOCK2, DOUBLE_QUANT,
+                                    W_STORED_DTYPE)
+    acc, acc_h = _half_k_step(acc, acc_h, w_even, offs_even, k_mask, x_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask,
+                              offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold, WITH_H,
+                              HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT)
+    return _half_k_step(acc, acc_h, w_odd, offs_even + 1, k_mask, x_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask,
+                        offs_r, r_mask, stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold, WITH_H,
+                        HAS_DROPOUT, DOT_PRECISION, LORA_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
+def _half_k_step(acc, acc_h, w, offs_k, k_mask, x_ptr, a_ptr, seed_ptr, rows, offs_m, m_mask, offs_r, r_mask,
+                 stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold, WITH_H: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr):
+    """acc += x[:, offs_k] @ w^T for decoded weight columns w [BLOCK_N, len(offs_k)] (and h from the same x)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    acc = mma(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_PRECISION, UPCAST_DOT)
+    if WITH_H:
+        acc_h = h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, stride_ar, stride_ak,
+                       drop_threshold, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
     return acc, acc_h
 
 

@@ -44,27 +44,28 @@ def block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_pt
 
 
 @triton.jit
-def nf4_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
-             cols, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-             QBLOCK2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, STORED_DTYPE: tl.constexpr):
-    """W[cols, k0:k0 + BLOCK_K] as a [BLOCK_N, BLOCK_K] tile in STORED_DTYPE (rows outside n_mask: 0)
-    for an *aligned* weight: K % QBLOCK == 0 and the tile inside one quantization block per row
-    (QBLOCK % BLOCK_K == 0, k0 % BLOCK_K == 0). Bit-identical to ``nf4_decode`` there, at a fraction
-    of its work: one scale per row instead of one per element (with its 64-bit block index), and
-    per element only the code byte (the two elements of a byte read the same address, one
-    transaction), its nibble and the table value. This is the decode inside the GEMM K-loops, where
-    it runs once per weight element per row block of x, so its cost is the NF4 GEMMs' cost. (Loading
-    each byte once and interleaving both nibbles with tl.join + reshape is lighter still, but the
-    resulting layout fails to lower to Hopper's wgmma shared-memory operand in triton 3.6.)"""
-    row_start = cols * K + k0  # flat index of each row's first tile element: even (K is)
-    offs_k = tl.arange(0, BLOCK_K)
-    byte = tl.load(packed_ptr + ((row_start >> 1)[:, None] + (offs_k >> 1)[None, :]),
+def nf4_tile_halves(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
+                    cols, n_mask, k0, K, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                    DOUBLE_QUANT: tl.constexpr, STORED_DTYPE: tl.constexpr):
+    """The tile W[cols, k0:k0 + BLOCK_K] of an *aligned* weight, split by parity: (W[cols, k0 + 2j],
+    W[cols, k0 + 2j + 1]) for j < BLOCK_K / 2, each [len(cols), BLOCK_K // 2] in STORED_DTYPE (rows
+    outside n_mask: 0). Aligned: K % QBLOCK == 0 and the tile inside one quantization block per row
+    (QBLOCK % BLOCK_K == 0, k0 % BLOCK_K == 0). Bit-identical to ``nf4_decode``, at a fraction of its
+    work: the bytes are one tile contiguous along K (coalesced, vectorized loads; per-element byte
+    addresses are not, since two elements share a byte), each byte gives both values, and each row
+    one scale (no per-element 64-bit block index). This is the decode inside the GEMM K-loops, where
+    it runs once per weight element per row block of x, and of the large-M path's slabs. Consumers
+    take the halves as they are (a dot over K in two halves) or interleave them (tl.join): an
+    interleaved tile as a Hopper wgmma operand fails to lower in triton 3.6."""
+    row_start = cols * K + k0
+    byte = tl.load(packed_ptr + ((row_start >> 1)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]),
                    mask=n_mask[:, None], other=0).to(tl.int32)
-    code = (byte >> (((offs_k & 1) ^ 1) * 4)[None, :]) & 0xF  # the even element is the high nibble
     absmax = block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                           row_start // QBLOCK, n_mask, QBLOCK2, DOUBLE_QUANT)
-    absmax = tl.where(n_mask, absmax, 0.0)  # (masked rows would hold code[0] * offset)
-    return round_to_stored(tl.load(code_ptr + code) * absmax[:, None], STORED_DTYPE)
+    absmax = tl.where(n_mask, absmax, 0.0)[:, None]
+    even = round_to_stored(tl.load(code_ptr + (byte >> 4)) * absmax, STORED_DTYPE)  # high nibble
+    odd = round_to_stored(tl.load(code_ptr + (byte & 0xF)) * absmax, STORED_DTYPE)
+    return even, odd
 
 
 @triton.jit
@@ -111,13 +112,17 @@ def nf4_dequantize_tiles_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[i, j] = W[n_start + i, k_start + j] (rounded to STORED_DTYPE, then out's dtype) for an
-    aligned weight (``nf4_tile``): program (i, j) decodes one [BLOCK_N, BLOCK_K] tile; rows up to
+    aligned weight (``nf4_tile_halves``): program (i, j) decodes one [BLOCK_N, BLOCK_K] tile; rows up to
     n_end, columns grid[1] * BLOCK_K from k_start (k_start a multiple of BLOCK_K)."""
     offs_n = n_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_end
     k0 = k_start + tl.program_id(1) * BLOCK_K
-    w = nf4_tile(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
-                 offs_n.to(tl.int64), n_mask, k0, K, BLOCK_N, BLOCK_K, QBLOCK, QBLOCK2, DOUBLE_QUANT, STORED_DTYPE)
+    # Both nibbles of each byte: the byte tile is contiguous along K (coalesced, vectorized loads),
+    # the two halves interleaved back in registers (stored contiguously below).
+    even, odd = nf4_tile_halves(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                code_ptr, offs_n.to(tl.int64), n_mask, k0, K, BLOCK_K, QBLOCK, QBLOCK2, DOUBLE_QUANT,
+                                STORED_DTYPE)
+    w = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
     rows = (offs_n - n_start).to(tl.int64)
     cols = (k0 - k_start) + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty),

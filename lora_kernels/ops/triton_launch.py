@@ -50,10 +50,22 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 def nf4_aligned(wq: NF4Tensors, block_k: int) -> bool:
     """Whether GEMM tiles BLOCK_K wide along K (starting at multiples of it) each lie inside one
-    quantization block per row, so the kernels take the fast decode (``kernels.nf4.nf4_tile``): no
+    quantization block per row, so the kernels take the fast decode (``kernels.nf4.nf4_tile_halves``): no
     block spans two rows (K % blocksize == 0) and blocksize % block_k == 0. Llama-style shapes with
     bnb's 64-blocks are; other shapes decode per element."""
     return wq.K % wq.blocksize == 0 and wq.blocksize % block_k == 0
+
+
+def _gemm_config(config_fn, wq: Optional[NF4Tensors], *args, **kwargs) -> configs.TileConfig:
+    """``config_fn(*args, weight_format, **kwargs)`` for the base weight: dense, or NF4 in the
+    configuration of aligned weights when ``wq`` is aligned for its tiles, else the per-element
+    decode's (``configs._nf4_gemm_config``)."""
+    if wq is None:
+        return config_fn(*args, "dense", **kwargs)
+    cfg = config_fn(*args, "nf4", **kwargs)
+    if nf4_aligned(wq, cfg.blocks["BLOCK_K"]):
+        return cfg
+    return config_fn(*args, "nf4", nf4_aligned=False, **kwargs)
 
 
 def _weight_args(wq: Optional[NF4Tensors], block_k: int = 0):
@@ -288,7 +300,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     small_m = M <= small_m_max()
     nf4_cublas = use_nf4_cublas(M, wq)
     if not small_m and not nf4_cublas and use_fused_forward(M, r, *key, scale):
-        cfg = configs.fused_forward_config(R, *key, "dense" if wq is None else "nf4")
+        cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = triton.cdiv(M, cfg.blocks["BLOCK_M"])
         groups = fused_column_groups(m_blocks, triton.cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
@@ -331,7 +343,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y2, h
 
-    cfg = configs.forward_gemm_config(R, *key, "dense" if wq is None else "nf4", small_m=small_m)
+    cfg = _gemm_config(configs.forward_gemm_config, wq, R, *key, small_m=small_m)
     block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     splits, k_per_split = split_ranges(K, block_k, tiles, x2.device) if small_m else (1, K)
@@ -467,7 +479,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         _nf4_cublas_grad_input(grad_y2, wq, d_h, lora_A, seed if has_dropout else None, dx2, dropout_p, R, key, flags)
     elif need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
-        cfg = configs.grad_input_config(R, *key, "dense" if wq is None else "nf4")
+        cfg = _gemm_config(configs.grad_input_config, wq, R, *key)
         grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         lora_grad_input_kernel[grid](

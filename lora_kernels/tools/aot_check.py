@@ -6,7 +6,8 @@ double quantization for the kernels that read W), the variant compiled is the on
 optional feature switched on (bias, dropout, all gradients): it holds the most live values, so it
 bounds register pressure; the feature-off variants run under the interpreter in the tests. The NF4
 decode kernels (flat, and the slab decode) are compiled once per stored dtype.
-Exit status 1 on any compile error, or on spills in a main configuration (R <= 64).
+Exit status 1 on any compile error, on spills in a main configuration (R <= 64), or on a
+configuration needing more shared memory than the GPU family has (``SHARED_LIMIT``).
 
     python -m lora_kernels.tools.aot_check [--arch 80 90] [--kernels NAME ...] [--ranks 16 ...]
 """
@@ -55,7 +56,7 @@ def variants(kernels=None, ranks=None):
             if ranks and R not in ranks:
                 continue
             for x_dtype, adapter_dtype, precision in DTYPE_PAIRS:
-                for weight_format in configs.WEIGHT_FORMATS.get(name, ("dense",)):
+                for weight_format in aot_weight_formats(name):
                     for small_m in ((False, True) if name in configs.SMALL_M_KERNELS else (False,)):
                         yield name, R, x_dtype, adapter_dtype, precision, weight_format, small_m
     for name in DECODE_KERNELS:
@@ -67,14 +68,23 @@ def variants(kernels=None, ranks=None):
 TL_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
+def aot_weight_formats(name: str) -> tuple:
+    """The base-weight formats kernel ``name`` is compiled for: its ``configs.WEIGHT_FORMATS``, NF4
+    both aligned ("nf4": the fast tile decode) and not ("nf4-unaligned": per-element decode, its own
+    tiles), since the launchers pick either by the weight's shape."""
+    from lora_kernels.kernels import configs
+    formats = configs.WEIGHT_FORMATS.get(name, ("dense",))
+    return tuple(f for fmt in formats for f in ((fmt, "nf4-unaligned") if fmt == "nf4" else (fmt,)))
+
+
 def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
     """Constexprs of the base-weight format; dense variants get None for the NF4 pointers."""
     import triton.language as tl
     if "W_NF4" not in fn.arg_names:
         return {}
-    nf4 = weight_format == "nf4"
+    nf4 = weight_format.startswith("nf4")
     out = {"W_NF4": nf4, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": nf4,
-           "W_STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype]), "NF4_ALIGNED": nf4}
+           "W_STORED_DTYPE": getattr(tl, TL_DTYPE_NAMES[x_dtype]), "NF4_ALIGNED": weight_format == "nf4"}
     if not nf4:
         out.update({arg: None for arg in NF4_PTR_ARGS})
     return out
@@ -88,7 +98,7 @@ def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense", sm
             sig[arg] = "constexpr"
         elif arg in TMA_DESCRIPTOR_BLOCKS:  # host-made TMA descriptor of a 16-byte-aligned x or W
             sig[arg] = f"tensordesc<{x_dtype}[{', '.join(str(constexprs[b]) for b in TMA_DESCRIPTOR_BLOCKS[arg])}]>"
-        elif weight_format == "nf4" and arg in ("w_ptr", "packed_ptr", "wq_absmax_ptr", "absmax_ptr"):
+        elif weight_format.startswith("nf4") and arg in ("w_ptr", "packed_ptr", "wq_absmax_ptr", "absmax_ptr"):
             sig[arg] = "*u8"  # packed codes; double-quantized absmax
         elif arg in ("out_ptr",):
             sig[arg] = "*" + x_dtype
@@ -143,7 +153,9 @@ def compile_one(variant, arch: int) -> dict:
         fn = getattr(importlib.import_module(module_name), name)
         kind = configs.dot_kind(x_dtype == "fp32", adapter_dtype == "fp32", precision)
         extra = {"small_m": True} if small_m else {}
-        cfg = (config_fn(R, kind, ARCH_FAMILY.get(arch, 90), weight_format, **extra)
+        if weight_format == "nf4-unaligned":
+            extra["nf4_aligned"] = False
+        cfg = (config_fn(R, kind, ARCH_FAMILY.get(arch, 90), weight_format.split("-")[0], **extra)
                if name in configs.WEIGHT_FORMATS else config_fn(R, kind, ARCH_FAMILY.get(arch, 90)))
         constexprs = {"R": R, "DOT_PRECISION": precision, "LORA_FP32": adapter_dtype == "fp32", "SPLIT_K": small_m,
                       "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
@@ -155,7 +167,7 @@ def compile_one(variant, arch: int) -> dict:
            "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}
     # Kernels decoding NF4 are launched with enable_fp_fusion=False (bit-exact absmax decode).
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if weight_format == "nf4":
+    if weight_format.startswith("nf4"):
         options["enable_fp_fusion"] = False
     try:
         sig = _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format, small_m)
@@ -216,6 +228,17 @@ def run(archs=(80, 90), kernels=None, ranks=None, jobs=None) -> list:
         return list(pool.map(_worker, tasks))
 
 
+# Shared memory one block may use (bytes): sm_90 (H100/H200) 227 KiB; sm_80 (A100) 163 KiB. A launch
+# needing more fails with OutOfResources, which a compile alone does not report.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def over_shared_limit(row) -> bool:
+    arch = int(row["arch"].removeprefix("sm_"))
+    return row.get("error") is None and \
+        row["dynamic_shared"] + row["static_shared"] > SHARED_LIMIT[ARCH_FAMILY.get(arch, 90)]
+
+
 def is_main(row) -> bool:
     from lora_kernels.kernels.configs import MAIN_MAX_PADDED_RANK
     return row["R"] <= MAIN_MAX_PADDED_RANK
@@ -227,7 +250,7 @@ def spilled(row) -> bool:
 
 
 def format_table(rows) -> str:
-    head = f"{'kernel':27} {'W':10} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
+    head = f"{'kernel':27} {'W':20} {'R':>3} {'x/adapter':11} {'prec':4} {'arch':5} {'w':>2} {'s':>2} " \
            f"{'regs':>4} {'smem KiB':>8} {'spill B':>7} {'wgmma':5} status"
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -239,7 +262,9 @@ def format_table(rows) -> str:
             spill = row["stack"] + row["local"]
             mma = "yes" if row["wgmma"] else "no"
             status = ("SPILL" if is_main(row) else "spill (not main)") if spilled(row) else "ok"
-        lines.append(f"{row['kernel']:27} {row['weight']:10} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
+            if over_shared_limit(row):
+                status = "SHARED MEMORY OVER THE LIMIT"
+        lines.append(f"{row['kernel']:27} {row['weight']:20} {row['R']:>3} {row['x'] + '/' + row['adapter']:11} "
                      f"{row['precision']:4} {row['arch']:5} {row['warps']:>2} {row['stages']:>2} "
                      f"{regs:>4} {smem:>8} {spill:>7} {mma:5} {status}")
     return "\n".join(lines)
@@ -266,9 +291,11 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     errors = [r for r in rows if r["error"]]
     main_spills = [r for r in rows if spilled(r) and is_main(r)]
+    over = [r for r in rows if over_shared_limit(r)]
     print(f"\n{len(rows)} compiles: {len(errors)} errors, {len(main_spills)} main configurations spill, "
-          f"{sum(spilled(r) for r in rows) - len(main_spills)} other configurations spill")
-    return 1 if errors or main_spills else 0
+          f"{sum(spilled(r) for r in rows) - len(main_spills)} other configurations spill, "
+          f"{len(over)} need more shared memory than the GPU has")
+    return 1 if errors or main_spills or over else 0
 
 
 if __name__ == "__main__":

@@ -144,12 +144,32 @@ def _pkg_version(name: str) -> Optional[str]:
 
 
 def _git_commit() -> str:
+    """Short HEAD commit, with "-dirty" when tracked files differ from it (a copy of a working tree
+    can carry a stale .git: then ``source_hash`` still says which code ran)."""
+    cwd = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+                             timeout=10, cwd=cwd)
+        if out.returncode != 0 or not out.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=30, cwd=cwd)
+        return out.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_hash() -> str:
+    """SHA-1 (12 hex digits) of the package's Python sources and csrc/ (paths and contents, sorted): the
+    code a result was measured with, whatever git says (``git ls-files lora_kernels csrc | sort`` and
+    the same hashing give it for any commit)."""
+    import hashlib
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha1()
+    files = sorted(p for pattern in ("lora_kernels/**/*.py", "csrc/*") for p in root.glob(pattern) if p.is_file())
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _cpu_model() -> str:
@@ -198,6 +218,7 @@ def environment_metadata(device="cpu", dtype: Optional[torch.dtype] = None) -> d
         "peft": _pkg_version("peft"),
         "lora_kernels": lora_kernels.__version__,
         "git_commit": _git_commit(),
+        "source_hash": source_hash(),
         "utc_date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -483,13 +483,13 @@ def _aot_spilled(row) -> bool:
 
 def render_aot(f: ResultFile) -> list:
     """AOT compile check of the Triton kernels (lora_kernels.tools.aot_check): per kernel and weight
-    format, configurations compiled per arch, errors, the most registers, spills (all / main
-    configurations, padded rank <= 64) and wgmma use."""
+    format, configurations compiled per arch, errors, the most registers and shared memory, spills
+    (all / main configurations, padded rank <= 64) and wgmma use."""
     rows = f.rows
     archs = sorted({r["arch"] for r in rows})
     groups = _unique((r["kernel"], r.get("weight", "dense")) for r in rows)
-    header = ["kernel", "W"] + [f"configs {a}" for a in archs] + ["errors", "max regs", "spills (main)",
-                                                                   "wgmma (sm_90)"]
+    header = ["kernel", "W"] + [f"configs {a}" for a in archs] + ["errors", "max regs", "max smem KiB",
+                                                                   "spills (main)", "wgmma (sm_90)"]
 
     def summary(sel):
         ok = [r for r in sel if r.get("error") is None]
@@ -498,6 +498,8 @@ def render_aot(f: ResultFile) -> list:
         sm90 = [r for r in ok if r["arch"] == "sm_90"]
         return ([str(sum(r["arch"] == a for r in sel)) for a in archs]
                 + [str(len(sel) - len(ok)), fmt_num(max((r["regs"] for r in ok), default=None)),
+                   fmt_num(max(((r.get("dynamic_shared", 0) + r.get("static_shared", 0)) / 1024 for r in ok),
+                               default=None)),
                    f"{len(spills)} ({len(main)})",
                    f"{sum(bool(r.get('wgmma')) for r in sm90)} of {len(sm90)}" if sm90 else "–"])
 

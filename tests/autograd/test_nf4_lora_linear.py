@@ -32,7 +32,7 @@ def nf4_problem_specs(draw):
     return dict(
         lead=lead,
         # K not a multiple of 64 (blocks span rows) and odd K (rows split bytes) are the point; multiples
-        # of 64 take the GEMMs' fast decode (kernels.nf4.nf4_tile)
+        # of 64 take the GEMMs' fast decode (kernels.nf4.nf4_tile_halves)
         K=draw(st.one_of(st.just(1), st.integers(1, 150), st.sampled_from([64, 128]))),
         N=draw(st.one_of(st.just(1), st.integers(1, 70))),
         r=draw(st.one_of(st.integers(1, 16), st.integers(17, 64))),

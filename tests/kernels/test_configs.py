@@ -80,7 +80,7 @@ def test_config_blocks_are_valid(name, R, kind, arch):
 
 def test_aot_variants_cover_every_kernel_and_rank():
     rows = list(aot_check.variants())
-    formats = sum(len(configs.WEIGHT_FORMATS.get(name, ("dense",))) * (2 if name in configs.SMALL_M_KERNELS else 1)
+    formats = sum(len(aot_check.aot_weight_formats(name)) * (2 if name in configs.SMALL_M_KERNELS else 1)
                   for name in configs.KERNEL_CONFIGS)
     decode = [r for r in rows if r[0] in aot_check.DECODE_KERNELS]
     assert len(rows) - len(decode) == formats * len(configs.PADDED_RANKS) * len(aot_check.DTYPE_PAIRS)
@@ -90,6 +90,8 @@ def test_aot_variants_cover_every_kernel_and_rank():
         assert sorted(r[2] for r in decode if r[0] == name) == ["bf16", "fp16", "fp32"]
     # every kernel that reads W is compiled for NF4 weights too
     assert {r[0] for r in rows if r[5] == "nf4"} == set(configs.WEIGHT_FORMATS) | set(aot_check.DECODE_KERNELS)
+    # ... aligned (the tile decode) and not (the per-element decode, its own tiles)
+    assert {r[0] for r in rows if r[5] == "nf4-unaligned"} == set(configs.WEIGHT_FORMATS)
     assert {r[0] for r in rows if r[6]} == set(configs.SMALL_M_KERNELS)
     only = list(aot_check.variants(kernels=["lora_shrink_kernel"], ranks=[32]))
     assert len(only) == len(aot_check.DTYPE_PAIRS) and all(v[:2] == ("lora_shrink_kernel", 32) for v in only)
@@ -145,3 +147,24 @@ def test_aot_toolchain_names_triton_and_its_ptxas():
     tools = aot_check.toolchain()
     assert tools.startswith(f"triton {triton.__version__}, ptxas ")
     assert re.fullmatch(r"\d+\.\d+", tools.rsplit(" ", 1)[1])  # triton wheels bundle ptxas
+
+
+def test_aot_check_flags_shared_memory_over_the_gpu_limit():
+    row = {"arch": "sm_90", "error": None, "dynamic_shared": 262144, "static_shared": 0}
+    assert aot_check.over_shared_limit(row)  # the 256 KiB the per-element NF4 decode once asked for
+    assert not aot_check.over_shared_limit({**row, "dynamic_shared": 131072})
+    assert aot_check.over_shared_limit({**row, "arch": "sm_80", "dynamic_shared": 200000})
+    assert not aot_check.over_shared_limit({**row, "error": "CompilationError"})
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("kind", ["half", "half_lora32", "tf32"])
+def test_nf4_tiles_aligned_to_quantization_blocks(arch, kind):
+    # aligned weights: the tiles' K extent divides bnb's 64-blocks (the fast decode applies);
+    # others keep the 32-wide reduction step the per-element decode fits in shared memory with
+    for fn in (configs.forward_gemm_config, configs.grad_input_config, configs.fused_forward_config):
+        aligned = fn(16, kind, arch, "nf4")
+        assert 64 % aligned.blocks["BLOCK_K"] == 0, fn.__name__
+        unaligned = fn(16, kind, arch, "nf4", nf4_aligned=False)
+        red = "BLOCK_K" if fn is not configs.grad_input_config else "BLOCK_N"
+        assert unaligned.blocks[red] == 32, fn.__name__

@@ -175,10 +175,11 @@ def test_small_m_env_rejects_bad_values(monkeypatch, bad):
 FUSED_KINDS = [k for k in configs.DOT_KINDS if configs.fused_forward_supported(16, k, 90)]
 
 
-@pytest.mark.parametrize("weight_format", ["dense", "nf4"])
+# NF4 with K = 192: the tile decode (x's even and odd columns against the two nibbles, h from both)
+@pytest.mark.parametrize("weight_format,K", [("dense", 150), ("nf4", 150), ("nf4", 192)])
 @pytest.mark.parametrize("kind", FUSED_KINDS)
 @pytest.mark.parametrize("r", [3, 20])  # padded ranks 16 and 32: the fused kernel's range
-def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
+def test_fused_forward_matches_reference(monkeypatch, weight_format, K, kind, r):
     # The one-launch forward (h accumulated inside the GEMM's first tile per program, column groups
     # walking strided tiles) against float64, forward and every gradient (the backward uses its h).
     x_dtype, adapter_dtype, precision = KINDS[kind]
@@ -192,7 +193,7 @@ def test_fused_forward_matches_reference(monkeypatch, weight_format, kind, r):
     old_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        M, K, N = 45, 150, 520  # several column tiles per group, partial tiles everywhere
+        M, N = 45, 520  # several column tiles per group, partial tiles everywhere
         gen = torch.Generator().manual_seed(r * 7 + len(kind))
         y, ref, leaves = _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen, grads=True)
         # one launch, two column groups, each walking more than one column tile

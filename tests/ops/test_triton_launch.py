@@ -96,3 +96,21 @@ def test_forward_variant_on_cuda_matches_the_default_forward(monkeypatch, adapte
     ref = lora_linear_reference(x.double(), weight.double(), A0.double(), B0.double(), 2.0, bias=bias.double())
     no_drop = lora_kernels.lora_linear(x, weight, A0, B0, 2.0, bias=bias, dropout_p=0.1, training=False)
     assert ((no_drop.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("K,blocksize,aligned", [(128, 64, True), (4096, 64, True), (96, 64, False),
+                                                  (37, 64, False), (128, 32, False)])
+def test_nf4_gemm_config_follows_weight_alignment(K, blocksize, aligned):
+    # the tile decode needs K % blocksize == 0 and tiles inside a block; other weights take the per-element
+    # decode's own tiles (at the aligned tiles it would need more shared memory than sm_90 has)
+    from lora_kernels.kernels import configs
+    absmax = torch.empty(0, dtype=torch.uint8)  # (double quantization)
+    wq = triton_launch.NF4Tensors(None, absmax, *(None,) * 4, 40, K, blocksize, 256, torch.bfloat16)
+    for fn in (configs.forward_gemm_config, configs.grad_input_config, configs.fused_forward_config):
+        cfg = triton_launch._gemm_config(fn, wq, 16, "half", 90)
+        assert cfg == fn(16, "half", 90, "nf4", nf4_aligned=aligned), fn.__name__
+        # the kernels decode by tiles wherever the chosen tiles allow it (32-blocks: the 32-wide steps do)
+        assert triton_launch._weight_args(wq, cfg.blocks["BLOCK_K"])[1]["NF4_ALIGNED"] == \
+            (K % blocksize == 0 and blocksize % cfg.blocks["BLOCK_K"] == 0)
+    assert triton_launch._gemm_config(configs.forward_gemm_config, None, 16, "half", 90) == \
+        configs.forward_gemm_config(16, "half", 90, "dense")

@@ -581,3 +581,11 @@ def test_cpu_timer_order_is_random_per_rep_and_seeded():
     assert len(orders) == 7 and all(sorted(o) == ["a", "b", "c", "d"] for o in orders)
     assert len(set(orders)) > 1
     assert run() == orders
+
+
+def test_source_hash_names_the_code_that_ran(tmp_path, monkeypatch):
+    import re as _re
+    from lora_kernels.tools import bench as bench_module
+    first = bench_module.source_hash()
+    assert _re.fullmatch(r"[0-9a-f]{12}", first) and bench_module.source_hash() == first
+    assert bench_module.environment_metadata()["source_hash"] == first

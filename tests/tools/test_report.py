@@ -132,6 +132,7 @@ def aot_rows():
                 for arch in ("sm_80", "sm_90"):
                     rows.append({"kernel": kernel, "R": R, "weight": weight, "arch": arch,
                                  "regs": 40 + R + len(weight) + (arch == "sm_90"), "stack": 0, "local": 0,
+                                 "dynamic_shared": 1024 * (R + len(weight)), "static_shared": 512,
                                  "wgmma": arch == "sm_90" and R == 16, "error": None})
     rows[0]["error"] = "out of resources"          # shrink, R=16, sm_80
     rows[-1]["local"] = 64                          # forward nf4, R=128, sm_90: spill outside the main set
@@ -318,12 +319,13 @@ def test_aot_counts(tmp_path, wrapped):
     md = report.generate(tmp_path)
     lines = section_of(md, "aot_sm80_sm90.json")
     body = {(c[0], c[1]): c[2:] for c in table_bodies(lines)}
-    #            configs sm_80, sm_90, errors, max regs, spills (main), wgmma on sm_90
+    #            configs sm_80, sm_90, errors, max regs, max shared KiB, spills (main), wgmma on sm_90
     assert body[("lora_shrink_kernel", "dense")] == ["2", "2", "1", str(max(40 + R + 5 + 1 for R in (16, 128))),
-                                                     "0 (0)", "1 of 2"]
-    assert body[("lora_forward_gemm_kernel", "nf4")] == ["2", "2", "0", str(40 + 128 + 3 + 1), "2 (1)", "1 of 2"]
+                                                     fmt_num(128 + 5 + 0.5), "0 (0)", "1 of 2"]
+    assert body[("lora_forward_gemm_kernel", "nf4")] == ["2", "2", "0", str(40 + 128 + 3 + 1), fmt_num(128 + 3 + 0.5),
+                                                         "2 (1)", "1 of 2"]
     assert body[("**all**", "")][:3] == [str(len(rows) // 2), str(len(rows) // 2), "1"]
-    assert body[("**all**", "")][4] == "2 (1)"
+    assert body[("**all**", "")][5] == "2 (1)"
     if wrapped:
         assert "targets sm_80, sm_90" in lines[0]
     else:
