@@ -3,7 +3,7 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
-#   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes, pytest-xdist, execnet)
+#   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
 #   steps: build tests tests-nf4 sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
@@ -43,7 +43,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
 python -c "import bitsandbytes, peft, transformers as t; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', t.__version__)" 2>&1 | tail -3
 # pytest under a time limit: SIGINT first (pytest then reports what ran and writes its XML), KILL 15 s later
 PYTEST_TIMEOUT="timeout -s INT -k 15"
-# With pytest-xdist (carried in .whl/), test steps run in worker processes: Triton compiles on the CPU,
+# With pytest-xdist (on the GPU machine), test steps run in worker processes: Triton compiles on the CPU,
 # so workers compile different kernels at once while sharing the one GPU (small test shapes).
 XDIST=""
 if python -c "import xdist" 2>/dev/null; then XDIST="-n ${PYTEST_WORKERS:-6}"; fi
