@@ -101,11 +101,7 @@ def lora_grad_input_kernel(
                                drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K // 2, HAS_DROPOUT,
                                LORA_PRECISION, UPCAST_DOT)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            ns = offs_n.to(tl.int64)
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            dy, ns, n_mask = _dy_tile(dy_ptr, rows, m_mask, n0, N, stride_dym, stride_dyn, BLOCK_N)
             w_even, w_odd = nf4_tile_halves(w_ptr, wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr,
                                             wq_absmax_offset_ptr, wq_code_ptr, ns, n_mask, pid_k * BLOCK_K, K, BLOCK_K,
                                             QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
@@ -123,11 +119,7 @@ def lora_grad_input_kernel(
                            R, R_CHUNK, BLOCK_M, BLOCK_K, HAS_DROPOUT, LORA_PRECISION, UPCAST_DOT)
         # Base term dY @ W continues in the same accumulator.
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            ns = offs_n.to(tl.int64)
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            dy, ns, n_mask = _dy_tile(dy_ptr, rows, m_mask, n0, N, stride_dym, stride_dyn, BLOCK_N)
             w = load_weight_tile(w_ptr, ns[:, None], ks[None, :], n_mask[:, None] & k_mask[None, :],
                                  stride_wn, stride_wk, K,
                                  wq_absmax_ptr, wq_absmax_code_ptr, wq_absmax_scale_ptr, wq_absmax_offset_ptr,
@@ -136,6 +128,17 @@ def lora_grad_input_kernel(
             acc = mma(dy, w, acc, DOT_PRECISION, UPCAST_DOT)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _dy_tile(dy_ptr, rows, m_mask, n0, N, stride_dym, stride_dyn, BLOCK_N: tl.constexpr):
+    """(dY[rows, n0:n0 + BLOCK_N] with 0 outside, the columns as int64, their mask)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    ns = offs_n.to(tl.int64)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                 mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    return dy, ns, n_mask
 
 
 @triton.jit

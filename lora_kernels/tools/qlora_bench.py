@@ -12,6 +12,7 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
     lora_kernels_nf4_cublas the same with the slab-decode + cuBLAS base products switched on for
                            every M (LORA_KERNELS_NF4_CUBLAS_MIN_M=1; the LoRA terms stay in the kernels)
     lora_kernels_nf4_triton the same with them switched off (=0): the fused NF4 GEMMs at every M
+                           (these two and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
@@ -148,14 +149,10 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
                              around=functools.partial(with_env, NF4_GEMV_ENV, GEMV_MAX_ROWS))
-        elif name in ("lora_kernels_nf4_fused", "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton"):
-            from lora_kernels.ops.triton_launch import NF4_CUBLAS_MIN_M_ENV
-            around = {  # (the one-launch forward is a fused GEMM: the slab path off for it)
-                "lora_kernels_nf4_fused": lambda fn: with_env(NF4_CUBLAS_MIN_M_ENV, 0, fused_forward(fn)),
-                "lora_kernels_nf4_cublas": functools.partial(with_env, NF4_CUBLAS_MIN_M_ENV, 1),
-                "lora_kernels_nf4_triton": functools.partial(with_env, NF4_CUBLAS_MIN_M_ENV, 0)}[name]
+        elif name in PATH_SETTINGS:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
-                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s), around=around)
+                             infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
+                             around=functools.partial(_with_path, name))
         elif name == "peft_qlora":
             layer, adapters = _peft_qlora_layer(p)
             out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,
@@ -171,6 +168,25 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
         elif name == "base_dense":
             out[name] = Impl(name, lambda: F.linear(x, W), [x], params, infer=lambda: F.linear(x_infer, W))
     return out
+
+
+# The dispatch switches of the providers that pin one path of nf4_lora_linear at every M (the CUDA
+# GEMV off, else it would take M <= 16): name -> {environment variable: value}, plus the one-launch
+# forward for lora_kernels_nf4_fused (a fused GEMM: the slab path off for it).
+PATH_SETTINGS = {
+    "lora_kernels_nf4_fused": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
+    "lora_kernels_nf4_cublas": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
+    "lora_kernels_nf4_triton": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
+}
+
+
+def _with_path(name: str, fn):
+    """A callable running fn() with provider ``name``'s dispatch switches (``PATH_SETTINGS``)."""
+    if name == "lora_kernels_nf4_fused":
+        fn = fused_forward(fn)
+    for variable, value in PATH_SETTINGS[name].items():
+        fn = with_env(variable, value, fn)
+    return fn
 
 
 def available_qlora_impls(impls) -> list:

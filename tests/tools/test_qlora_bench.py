@@ -1,6 +1,7 @@
 """Fast checks of the QLoRA benchmark on tiny shapes (CPU: lora_kernels' torch path, bitsandbytes'
 CPU backend, PEFT's lora.bnb.Linear4bit)."""
 import json
+import os
 
 import pytest
 
@@ -150,3 +151,19 @@ def test_gemv_provider_applicability():
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.float32)
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cpu, torch.bfloat16) == "CUDA only"
     assert na(Case(4096, 4096, 4096, 16), "lora_kernels_nf4", cuda, torch.bfloat16) is None
+
+
+def test_path_providers_pin_their_path(monkeypatch):
+    # each forced-path row must time that path at every M: the CUDA GEMV (M <= 16 by default) off
+    from lora_kernels.ops.nf4_gemv import NF4_GEMV_ENV, cuda_gemv_max_m
+    from lora_kernels.ops.triton_launch import FUSED_MIN_M_ENV, NF4_CUBLAS_MIN_M_ENV
+    for variable in (NF4_GEMV_ENV, NF4_CUBLAS_MIN_M_ENV, FUSED_MIN_M_ENV):
+        monkeypatch.delenv(variable, raising=False)
+    seen = {}
+    for name, cublas in (("lora_kernels_nf4_cublas", "1"), ("lora_kernels_nf4_triton", "0"),
+                         ("lora_kernels_nf4_fused", "0")):
+        seen[name] = qlora_bench._with_path(name, lambda: (os.environ.get(NF4_CUBLAS_MIN_M_ENV), cuda_gemv_max_m(),
+                                                           os.environ.get(FUSED_MIN_M_ENV)))()
+        assert seen[name][:2] == (cublas, 0), name
+    assert seen["lora_kernels_nf4_fused"][2] == "1" and seen["lora_kernels_nf4_triton"][2] is None
+    assert os.environ.get(NF4_CUBLAS_MIN_M_ENV) is None  # restored
