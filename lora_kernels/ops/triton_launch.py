@@ -48,6 +48,12 @@ class NF4Tensors(NamedTuple):
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints. triton.cdiv is a ConstexprFunction (a few µs per host call: it
+    unwraps constexprs), and a launch computes several grids: this is per-call host overhead."""
+    return -(-a // b)
+
+
 def nf4_aligned(wq: NF4Tensors, block_k: int) -> bool:
     """Whether GEMM tiles BLOCK_K wide along K (starting at multiples of it) each lie inside one
     quantization block per row, so the kernels take the fast decode (``kernels.nf4.nf4_tile_halves``): no
@@ -112,7 +118,7 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
         return out
     ptrs, consts, opts = _weight_args(wq)
     cfg = configs.nf4_dequantize_config()
-    nf4_dequantize_kernel[(triton.cdiv(numel, cfg.blocks["BLOCK"]),)](
+    nf4_dequantize_kernel[(cdiv(numel, cfg.blocks["BLOCK"]),)](
         wq.packed, *ptrs, out, numel,
         QBLOCK=consts["QBLOCK"], QBLOCK2=consts["QBLOCK2"], DOUBLE_QUANT=consts["DOUBLE_QUANT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -132,7 +138,7 @@ def triton_nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start
     if out.numel() == 0:
         return out
     ptrs, consts, opts = _weight_args(wq)
-    nf4_dequantize_tiles_kernel[(triton.cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k)](
+    nf4_dequantize_tiles_kernel[(cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k)](
         wq.packed, *ptrs, out, n_start, n_end, k_start, wq.K, out.stride(0),
         QBLOCK=wq.blocksize, QBLOCK2=wq.nested_blocksize, DOUBLE_QUANT=wq.double_quant,
         STORED_DTYPE=TL_DTYPES[wq.dtype], **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -160,7 +166,7 @@ def _slab_extent(other: int, length: int, element_size: int, step: int) -> int:
     configs.NF4_SLAB_BYTES, in multiples of ``step``, at least one step, and at most half the
     weight (rounded up to a step) so that no slab is the whole decoded weight (when length > step)."""
     fit = configs.NF4_SLAB_BYTES // max(1, other * element_size) // step * step
-    half = triton.cdiv(triton.cdiv(length, 2), step) * step
+    half = cdiv(cdiv(length, 2), step) * step
     return min(length, max(step, min(fit, half)))
 
 
@@ -267,16 +273,16 @@ def use_tma(M: int, r: int, kind: str, arch: int, *operands: Optional[torch.Tens
 def fused_column_groups(m_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Column groups of the one-launch forward: enough programs (row blocks x groups) to fill the
     GPU, each group recomputing h for its rows, so no more than needed."""
-    return max(1, min(n_tiles, triton.cdiv(_target_programs(device), max(m_blocks, 1))))
+    return max(1, min(n_tiles, cdiv(_target_programs(device), max(m_blocks, 1))))
 
 
 def split_ranges(length: int, block: int, other_programs: int, device: torch.device):
     """Split a reduction dimension (M of dA/dB, K of small-M forward) into contiguous ranges of whole
     blocks so that splits * other_programs fills the device: returns (splits, length_per_split)."""
-    blocks = triton.cdiv(length, block)
-    splits = max(1, min(blocks, triton.cdiv(_target_programs(device), max(other_programs, 1))))
-    per_split = triton.cdiv(blocks, splits) * block
-    return triton.cdiv(length, per_split), per_split
+    blocks = cdiv(length, block)
+    splits = max(1, min(blocks, cdiv(_target_programs(device), max(other_programs, 1))))
+    per_split = cdiv(blocks, splits) * block
+    return cdiv(length, per_split), per_split
 
 
 @_launches_on(lambda x2: x2.device)
@@ -302,8 +308,8 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     if not small_m and not nf4_cublas and use_fused_forward(M, r, *key, scale):
         cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
-        m_blocks = triton.cdiv(M, cfg.blocks["BLOCK_M"])
-        groups = fused_column_groups(m_blocks, triton.cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
+        m_blocks = cdiv(M, cfg.blocks["BLOCK_M"])
+        groups = fused_column_groups(m_blocks, cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
         lora_forward_fused_kernel[(m_blocks, groups)](
             x2, weight, lora_A, lora_B, bias if bias is not None else y2, y2, h, seed if has_dropout else h,
             *w_ptrs,
@@ -316,7 +322,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         return y2, h
 
     cfg = configs.shrink_config(R, *key)
-    lora_shrink_kernel[(triton.cdiv(M, cfg.blocks["BLOCK_M"]),)](
+    lora_shrink_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
         x2, lora_A, h, seed if has_dropout else h,
         M, K, r,
         x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
@@ -332,7 +338,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
         cfg = configs.tma_forward_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        lora_forward_gemm_tma_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
+        lora_forward_gemm_tma_kernel[(cdiv(M, block_m) * cdiv(N, block_n),)](
             TensorDescriptor.from_tensor(x2, [block_m, block_k]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             h, lora_B, bias if bias is not None else y2, y2,
@@ -345,7 +351,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
 
     cfg = _gemm_config(configs.forward_gemm_config, wq, R, *key, small_m=small_m)
     block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
     splits, k_per_split = split_ranges(K, block_k, tiles, x2.device) if small_m else (1, K)
     # Split-K (every small-M launch) writes fp32 partials [splits, M, N], summed below in a fixed
     # order, so results do not depend on scheduling.
@@ -373,7 +379,7 @@ def _nf4_cublas_forward(x2, wq: NF4Tensors, h, lora_B, bias, y2, scale: float, R
     M, K = x2.shape
     N = lora_B.shape[0]
     cfg = configs.forward_gemm_config(R, *key, "dense")
-    tiles = triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(N, cfg.blocks["BLOCK_N"])
+    tiles = cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"])
     w_ptrs, w_consts, _ = _weight_args(None)
     lora_forward_gemm_kernel[(tiles, 1)](
         x2, x2, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
@@ -396,7 +402,7 @@ def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, drop
     M, N = grad_y2.shape
     K = lora_A.shape[1]
     cfg = configs.grad_input_config(R, *key, "dense")
-    grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
+    grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
     w_ptrs, w_consts, _ = _weight_args(None)
     lora_grad_input_kernel[grid](
         grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, dx2, *w_ptrs,
@@ -440,7 +446,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     dx2 = d_a = d_b = d_bias = d_h = None
     if need_dh or need_B or need_bias:
         cfg = configs.grad_out_pass_config(R, *key)
-        n_tiles = triton.cdiv(N, cfg.blocks["BLOCK_N"])
+        n_tiles = cdiv(N, cfg.blocks["BLOCK_N"])
         splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], n_tiles, device)
         dummy = torch.empty(1, **f32)
         dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else dummy
@@ -465,7 +471,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.tma_grad_input_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        lora_grad_input_tma_kernel[(triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)](
+        lora_grad_input_tma_kernel[(cdiv(M, block_m) * cdiv(K, block_k),)](
             TensorDescriptor.from_tensor(grad_y2, [block_m, block_n]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             d_h, lora_A, seed if has_dropout else d_h, dx2,
@@ -480,7 +486,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     elif need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = _gemm_config(configs.grad_input_config, wq, R, *key)
-        grid = (triton.cdiv(M, cfg.blocks["BLOCK_M"]) * triton.cdiv(K, cfg.blocks["BLOCK_K"]),)
+        grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         lora_grad_input_kernel[grid](
             grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2, *w_ptrs,
@@ -494,7 +500,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
 
     if need_A:
         cfg = configs.grad_a_config(R, *key)
-        k_tiles = triton.cdiv(K, cfg.blocks["BLOCK_K"])
+        k_tiles = cdiv(K, cfg.blocks["BLOCK_K"])
         splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], k_tiles, device)
         da_ws = torch.empty((splits, r, K), **f32)
         lora_grad_a_kernel[(k_tiles, splits)](

@@ -114,3 +114,9 @@ def test_nf4_gemm_config_follows_weight_alignment(K, blocksize, aligned):
             (K % blocksize == 0 and blocksize % cfg.blocks["BLOCK_K"] == 0)
     assert triton_launch._gemm_config(configs.forward_gemm_config, None, 16, "half", 90) == \
         configs.forward_gemm_config(16, "half", 90, "dense")
+
+
+def test_host_cdiv_is_ceiling_division():
+    import math
+    assert [triton_launch.cdiv(a, b) for a, b in ((0, 64), (1, 64), (64, 64), (65, 64), (8192, 128))] == [0, 1, 1, 2, 64]
+    assert all(triton_launch.cdiv(a, b) == math.ceil(a / b) for a in range(0, 300, 7) for b in (1, 16, 33))
