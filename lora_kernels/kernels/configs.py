@@ -144,6 +144,16 @@ def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "den
     return TileConfig(blocks, num_warps=cfg.num_warps, num_stages=2)
 
 
+# The TMA GEMMs (forward and dX) from this many rows. Measured on an H200 (bf16, r = 16,
+# benchmarks/results/nvidia-h200/bench_bfloat16.json, rows lora_kernels_tma vs lora_kernels) at
+# M = 8192 on the three goal shapes: forward 0.86-0.91x and backward 0.81-0.84x the pointer GEMMs'
+# time; fwd+bwd timed together 0.86-0.88x at two shapes, 1.15x at 4096 x 4096 (against its own
+# forward and backward timed apart, 0.85x: an outlier). At M = 16 the forward is split-K either way
+# and only dX would change, with no consistent gain: no rows between were measured, so the
+# threshold is the measured point. Overridden per call by LORA_KERNELS_TMA_MIN_M (0: off).
+TMA_MIN_M = 8192
+
+
 def tma_supported(R: int, kind: str, arch: int) -> bool:
     """Whether the TMA GEMMs (forward, dX) may run: Hopper and newer, tensor-core dots (any padded
     rank: the rank only enters their LoRA terms, as in the pointer-based GEMMs)."""

@@ -246,9 +246,9 @@ def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float) -> boo
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
 
 
-# The TMA GEMMs (lora_forward_gemm_tma_kernel, lora_grad_input_tma_kernel: operand tiles loaded by
-# the Hopper tensor memory accelerator) for M >= this many rows; 0 (the default) keeps the
-# pointer-based GEMMs until a GPU measures which is faster (read per call).
+# Overrides configs.TMA_MIN_M (read per call): the TMA GEMMs (lora_forward_gemm_tma_kernel,
+# lora_grad_input_tma_kernel: operand tiles loaded by the Hopper tensor memory accelerator) for
+# M >= this many rows; 0 keeps the pointer-based GEMMs everywhere.
 TMA_MIN_M_ENV = "LORA_KERNELS_TMA_MIN_M"
 
 
@@ -265,7 +265,7 @@ def use_tma(M: int, r: int, kind: str, arch: int, *operands: Optional[torch.Tens
     """Whether a GEMM over M rows takes its TMA kernel: switched on for M (LORA_KERNELS_TMA_MIN_M), a
     supported kind / GPU family, and ``operands`` (the big ones: x or dY, and W) that TMA can address
     (None, as an NF4 weight's dense tensor, never)."""
-    min_m = env_nonnegative_int(TMA_MIN_M_ENV, 0)
+    min_m = env_nonnegative_int(TMA_MIN_M_ENV, configs.TMA_MIN_M)
     return (0 < min_m <= M and configs.tma_supported(configs.padded_rank(r), kind, arch)
             and all(t is not None and tma_compatible(t) for t in operands))
 

@@ -342,7 +342,7 @@ def _broadcast_x(M, K, gen):
 
 
 @pytest.mark.parametrize("min_m, M, K, arch, precision, make_x, tma", [
-    ("0", 40, 48, 90, "high", None, False),        # off by default
+    ("0", 40, 48, 90, "high", None, False),        # 0: off
     ("17", 40, 48, 90, "high", None, True),
     ("41", 40, 48, 90, "high", None, False),       # below the threshold
     ("17", 16, 48, 90, "high", None, False),       # small M: split-K path
@@ -389,3 +389,13 @@ def test_forward_variants_on_drawn_shapes(monkeypatch, variant, M, K, N, r, adap
     gen = torch.Generator().manual_seed(seed)
     y, ref, leaves = _layer_and_reference(M, K, N, r, torch.float16, adapter_dtype, weight_format, gen, grads=True)
     _assert_close_to_reference(y, ref, leaves, torch.float16)
+
+
+def test_tma_default_threshold(monkeypatch):
+    # without the variable: configs.TMA_MIN_M (measured on an H200), for TMA-compatible operands
+    monkeypatch.delenv(triton_launch.TMA_MIN_M_ENV, raising=False)
+    x, w = torch.empty(8, 64, dtype=torch.bfloat16), torch.empty(32, 64, dtype=torch.bfloat16)
+    m = configs.TMA_MIN_M
+    assert m > 0 and triton_launch.use_tma(m, 16, "half", 90, x, w)
+    assert not triton_launch.use_tma(m - 1, 16, "half", 90, x, w)
+    assert not triton_launch.use_tma(m, 16, "half", 80, x, w)
