@@ -95,6 +95,20 @@ def test_large_m_slab_cublas_path(backend, monkeypatch, dtypes):
     assert slabs.grids == []
 
 
+@pytest.mark.parametrize("weight_dtype", [BF16, F16])
+@pytest.mark.parametrize("layout", ["transposed", "row_strided"])
+def test_large_m_slab_path_layouts_and_stored_dtype(backend, monkeypatch, weight_dtype, layout):
+    # x not contiguous (cuBLAS reads it as it is) and the weight stored in another dtype than x's
+    # (the slabs round to the stored dtype, then to x's, as dequantize_4bit(...).to(x.dtype))
+    if backend.name == "torch":
+        pytest.skip("a path of the Triton backend")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "1")
+    pb = make_problem((5, 7), 128, 96, 8, F32, bias=True, layout=layout, seed=23,
+                      nf4=dict(double_quant=True, weight_dtype=weight_dtype))
+    assert pb.qweight.dtype == weight_dtype
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
+
+
 def test_slab_extent_fits_the_budget(monkeypatch):
     monkeypatch.setattr(configs, "NF4_SLAB_BYTES", 16 << 20)
     assert triton_launch._slab_extent(4096, 4096, 2, 64) == 2048  # 16 MiB: half the 4096 x 4096 bf16 weight
