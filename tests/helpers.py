@@ -18,6 +18,7 @@ import lora_kernels
 import lora_kernels.ops.lora_linear as ops_impl
 import lora_kernels.ops.nf4_lora_linear as nf4_ops_impl
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_reference
+from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
 from lora_kernels.ops.triton_launch import is_interpreted
 
 # Relative-error bounds per dtype of x (forward output and every gradient). Measured: fp32 ~1e-7,
@@ -155,7 +156,11 @@ def use_backend(name: str):
         return wrapper
 
     old_env, old_device = os.environ.get(CPU_BACKEND_ENV), _ACTIVE_DEVICE
+    old_small_m = os.environ.get(DENSE_TORCH_MAX_M_ENV)
     os.environ[CPU_BACKEND_ENV] = "torch" if name == "torch" else ("triton" if name == "triton" else "auto")
+    # "cuda" is the Triton kernels on CUDA at every M: the small-M PyTorch route of dense calls
+    # (ops.lora_linear.select_backend) has tests of its own
+    os.environ[DENSE_TORCH_MAX_M_ENV] = "0"
     _ACTIVE_DEVICE = record.device
     # The dense and the NF4 custom ops call the same four implementations.
     patches = [mock.patch.object(module, attr, spy(impl, kind, getattr(module, attr)))
@@ -171,10 +176,11 @@ def use_backend(name: str):
             yield record
     finally:
         _ACTIVE_DEVICE = old_device
-        if old_env is None:
-            os.environ.pop(CPU_BACKEND_ENV, None)
-        else:
-            os.environ[CPU_BACKEND_ENV] = old_env
+        for variable, old in ((CPU_BACKEND_ENV, old_env), (DENSE_TORCH_MAX_M_ENV, old_small_m)):
+            if old is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = old
 
 
 # Backward impl positional arguments (see ops.lora_linear.lora_linear_bwd).

@@ -66,6 +66,15 @@ def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
     return TileConfig({"BLOCK_M": 32 if R == 256 else 64, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 
+# Dense CUDA calls of at most this many rows without dropout take the lean PyTorch path (cuBLAS;
+# ops.lora_linear.select_backend): there the GPU work is microseconds and the time is the host's
+# launches. On an H200 at M = 16 (benchmarks/results/nvidia-h200/bench_bfloat16.json) the plain
+# PyTorch composition (torch_unfused rows) ran the forward in 0.03-0.06 ms against 0.16-0.18 ms for
+# the Triton route, and forward+backward in 0.32-0.48 ms against 1.05-1.19 ms. The route itself
+# (same semantics and saving rules as the Triton path) was not yet timed there. Overridden per call
+# by LORA_KERNELS_DENSE_TORCH_MAX_M (0: Triton at every M).
+DENSE_TORCH_MAX_M = 16
+
 # Forward calls with M <= SMALL_M_MAX rows take the small-M configuration and run split-K: with a
 # 16-row tile the GEMM is weight-bandwidth bound, and splitting K fills the GPU. Provisional value,
 # not yet measured on a GPU (bitsandbytes switches from its fused 4-bit GEMV at M ~ 16-64 on H100).

@@ -9,8 +9,10 @@
 
 ``bias`` is the combined bias + scale * lora_B_bias. ``seed`` (int64 [1]) is present exactly when
 dropout is active. Arguments are checked by the public function (``lora_kernels.lora_linear``).
-Which implementation runs is decided per call: Triton kernels for CUDA tensors (and for CPU
-tensors under TRITON_INTERPRET=1), the lean PyTorch path otherwise.
+Which implementation runs is decided per call (``select_backend``): Triton kernels for CUDA tensors
+(and for CPU tensors under TRITON_INTERPRET=1), the lean PyTorch path otherwise, and on CUDA too for
+dense calls of at most DENSE_TORCH_MAX_M rows without dropout, where the launches' host time is the
+cost.
 """
 import contextlib
 import math
@@ -20,22 +22,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lora_kernels.kernels import configs
 from lora_kernels.kernels.configs import MAX_RANK
+from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.reference import composite_lora_forward, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import is_interpreted, triton_lora_backward, triton_lora_forward
 
 CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "triton"
+# Overrides configs.DENSE_TORCH_MAX_M (read per call); 0 keeps every CUDA call on the Triton kernels.
+DENSE_TORCH_MAX_M_ENV = "LORA_KERNELS_DENSE_TORCH_MAX_M"
 
 
-def select_backend(device: torch.device, M: int, N: int, K: int, r: int) -> str:
+def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m_torch: bool = False) -> str:
     """"triton" or "torch" for a problem of x [M, K], weight [N, K], rank r on ``device``.
 
-    Empty problems and ranks above MAX_RANK take the PyTorch path on every device.
-    CPU tensors take Triton only under the interpreter; LORA_KERNELS_CPU_BACKEND overrides.
+    Empty problems and ranks above MAX_RANK take the PyTorch path on every device. CUDA tensors
+    take Triton, except calls that allow the small-M route (``small_m_torch``: a dense weight, no
+    dropout) with M <= configs.DENSE_TORCH_MAX_M (LORA_KERNELS_DENSE_TORCH_MAX_M). CPU tensors take
+    Triton only under the interpreter; LORA_KERNELS_CPU_BACKEND overrides.
     """
     if M == 0 or N == 0 or K == 0 or r > MAX_RANK:
         return "torch"
     if device.type == "cuda":
+        if small_m_torch and M <= env_nonnegative_int(DENSE_TORCH_MAX_M_ENV, configs.DENSE_TORCH_MAX_M):
+            return "torch"
         return "triton"
     if device.type == "cpu":
         choice = os.environ.get(CPU_BACKEND_ENV, "auto")
@@ -88,7 +98,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     K = x.shape[-1]
     N, r = lora_B.shape
     x2 = x.reshape(_rows(x), K)
-    backend = select_backend(x.device, x2.shape[0], N, K, r)
+    backend = select_backend(x.device, x2.shape[0], N, K, r, small_m_torch=seed is None)
     impl = triton_lora_forward if backend == "triton" else torch_lora_forward
     with autocast_off(x.device):
         y2, h = impl(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
@@ -133,7 +143,7 @@ def lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lo
     check_saved_for_backward("lora_linear_bwd", x, h, need_A, need_B)
     grad_y2 = grad_y.reshape(_rows(grad_y), N)
     x2 = x.reshape(_rows(x), K) if x is not None else None
-    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
+    backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r, small_m_torch=seed is None)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     with autocast_off(grad_y.device):
         dx2, d_a, d_b, d_bias = impl(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale, dropout_p,

@@ -11,6 +11,8 @@ dense (writes bench_<dtype>.{json,csv,png})
     lora_kernels_tma  the same as lora_kernels with the TMA GEMMs switched on (forward GEMM above the
                       small-M path, and dX: x / dY and W tiles loaded by the tensor memory
                       accelerator; sm_90 GPUs)
+    lora_kernels_triton the same as lora_kernels on the Triton kernels where the default takes the
+                      small-M PyTorch route (CUDA, M <= configs.DENSE_TORCH_MAX_M, no dropout)
     peft              ``peft.tuners.lora.layer.Linear`` around ``nn.Linear(K, N, bias=False)``
     peft_fa           the same with lora_A frozen
     peft_compiled     ``torch.compile(<peft layer>, dynamic=True)`` (default mode); compiled by the
@@ -88,8 +90,8 @@ import lora_kernels
 
 # The eager dense providers (the memory profile uses these); ``DENSE_PROVIDERS`` adds torch.compile.
 ALL_IMPLS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "torch_unfused", "base")
-DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lora_kernels_tma", "peft", "peft_fa",
-                   "peft_compiled", "torch_unfused", "base")
+DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lora_kernels_tma", "lora_kernels_triton",
+                   "peft", "peft_fa", "peft_compiled", "torch_unfused", "base")
 # LoRA variants on the fused kernels (opt-in with --providers): their cost over plain lora_kernels is
 # reported as ratio_vs_lora_kernels. dylora: rank r out of an r_max = 2r adapter, run on the views
 # A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does;
@@ -452,10 +454,11 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
         elif name == "lora_kernels_fa":
             out[name] = Impl(name, lambda: lora_linear(x, W, A_frozen, B, s, dropout_p=dropout_p), [x, B], params,
                              infer=lambda: lora_linear(x_infer, W, A_frozen, B, s))
-        elif name in ("lora_kernels_fused", "lora_kernels_tma"):
+        elif name in ("lora_kernels_fused", "lora_kernels_tma", "lora_kernels_triton"):
+            around = {"lora_kernels_fused": fused_forward, "lora_kernels_tma": tma_gemms,
+                      "lora_kernels_triton": triton_route}[name]
             out[name] = Impl(name, lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p), [x, A, B], params,
-                             infer=lambda: lora_linear(x_infer, W, A, B, s),
-                             around=fused_forward if name == "lora_kernels_fused" else tma_gemms)
+                             infer=lambda: lora_linear(x_infer, W, A, B, s), around=around)
         elif name in ("peft_dora", "lora_kernels_dora"):
             layer, leaves, pparams = _peft_linear(p, dropout_p, freeze_A=False, dora=True)
             if name == "lora_kernels_dora":
@@ -513,9 +516,26 @@ def fused_forward(fn):
 
 
 def tma_gemms(fn):
-    """fn() with the TMA GEMMs (forward and dX) switched on for every M."""
+    """fn() with the TMA GEMMs (forward and dX) switched on for every M (on the Triton route)."""
     from lora_kernels.ops.triton_launch import TMA_MIN_M_ENV
-    return with_env(TMA_MIN_M_ENV, 1, fn)
+    return triton_route(with_env(TMA_MIN_M_ENV, 1, fn))
+
+
+def triton_route(fn):
+    """fn() with dense CUDA calls on the Triton kernels at every M (no small-M PyTorch route)."""
+    from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
+    return with_env(DENSE_TORCH_MAX_M_ENV, 0, fn)
+
+
+def triton_route_not_applicable(case, device, dtype) -> Optional[str]:
+    """Why the default lora_kernels row already runs the Triton kernels for ``case`` (this row would
+    repeat it)."""
+    from lora_kernels.kernels import configs
+    if device.type != "cuda":
+        return "the small-M PyTorch route is for CUDA tensors only"
+    if case.M > configs.DENSE_TORCH_MAX_M:
+        return f"M above {configs.DENSE_TORCH_MAX_M}: the default runs the Triton kernels"
+    return None
 
 
 def tma_not_applicable(case, device, dtype) -> Optional[str]:
@@ -706,7 +726,8 @@ DENSE = Family(
     available=available_impls,
     not_applicable=lambda case, provider, device, dtype: (
         fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused"
-        else tma_not_applicable(case, device, dtype) if provider == "lora_kernels_tma" else None),
+        else tma_not_applicable(case, device, dtype) if provider == "lora_kernels_tma"
+        else triton_route_not_applicable(case, device, dtype) if provider == "lora_kernels_triton" else None),
     finalize=_dense_finalize,
     summary=lambda result: format_goals("fused LoRA goals", result["goals"]),
 )
@@ -1206,7 +1227,10 @@ def run_family(family: Family, cases, device, dtype, providers, modes, timing: T
                              "*_vs_peft: the like-for-like PEFT row (peft_ref); ratio_vs_*: the "
                              f"{main_mode(modes)} ratios",
                    "rotation_copies": swept["copies"], "l2_bytes": l2_cache_bytes(device) or None,
-                   "lora_kernels_backend": {c.shape: select_backend(device, c.M, c.N, c.K, c.r) for c in cases},
+                   # (the dense family's calls run without dropout; NF4 calls never take the small-M route)
+                   "lora_kernels_backend": {c.shape: select_backend(device, c.M, c.N, c.K, c.r,
+                                                                    small_m_torch=family.name == "dense")
+                                            for c in cases},
                    "scale": 2.0},
         "rows": swept["rows"],
         "skipped": swept["skipped"],

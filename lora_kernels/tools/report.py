@@ -53,6 +53,7 @@ IMPL_LABELS = {
     "lora_kernels_fa": "lora_kernels, A frozen",
     "lora_kernels_fused": "lora_kernels, one-launch forward",
     "lora_kernels_tma": "lora_kernels, TMA GEMMs",
+    "lora_kernels_triton": "lora_kernels, Triton at small M",
     "lora_kernels_nf4": "lora_kernels NF4",
     "lora_kernels_nf4_fa": "lora_kernels NF4, A frozen",
     "lora_kernels_nf4_fused": "lora_kernels NF4, one-launch forward",

@@ -303,7 +303,7 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
             "labels": "input_ids (causal LM loss)", "variants": list(variants), "statistic": "median",
             "timing": "synchronize + perf_counter around zero_grad, forward, backward, optimizer step",
             "peak": "CUDA max_memory_allocated over the timed steps (None on CPU)",
-            "lora_kernels_backend": select_backend(device, batch * seq, hidden, hidden, r),
+            "lora_kernels_backend": select_backend(device, batch * seq, hidden, hidden, r, small_m_torch=dropout == 0),
         },
         "rows": rows,
         "skipped": skipped,

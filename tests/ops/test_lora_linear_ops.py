@@ -4,6 +4,7 @@ explicit float64 formulas, every combination of need flags, opcheck, fake (meta)
 and the backend decision ``select_backend``."""
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lora_kernels.kernels.configs import MAX_RANK
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_bwd, lora_linear_fwd, select_backend
+from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
 from lora_kernels.ops.triton_launch import is_interpreted
-from tests.helpers import (BWD_NEED_FLAGS, DTYPE_IDS, assert_close, bound_for, make_problem, use_backend)
+from tests.helpers import (BWD_NEED_FLAGS, DTYPE_IDS, assert_close, bound_for, make_grad_y, make_problem,
+                           use_backend)
 
 FWD = torch.ops.lora_kernels.lora_linear_fwd.default
 BWD = torch.ops.lora_kernels.lora_linear_bwd.default
@@ -319,19 +322,33 @@ def test_select_backend(monkeypatch):
             select_backend(cpu, 10, 10, 10, 4)
 
 
-def test_env_is_read_per_call(monkeypatch):
-    # The same op call switches implementation when only the environment variable changes.
-    if not is_interpreted():
-        pytest.skip("needs the Triton interpreter for CPU tensors")
-    t = op_inputs((6,), 9, 8, 3, torch.float32, torch.float32)
-    outs = {}
-    for name in ("torch", "triton"):
-        with use_backend(name) as record:
-            outs[name] = _fwd(t)[0]
-            assert record.impls() == [name]
-    y_ref, _ = ref_forward(**t)
-    for name, y in outs.items():
-        assert_close(y, y_ref, bound_for(torch.float32), name)
-    monkeypatch.setenv(CPU_BACKEND_ENV, "bogus")
-    with pytest.raises(ValueError, match=CPU_BACKEND_ENV):
-        _fwd(t)
+def test_select_backend_small_m_route(monkeypatch):
+    # dense CUDA calls without dropout (small_m_torch) of at most DENSE_TORCH_MAX_M rows: PyTorch
+    from lora_kernels.kernels import configs
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(DENSE_TORCH_MAX_M_ENV, raising=False)
+    m = configs.DENSE_TORCH_MAX_M
+    assert m > 0
+    assert [select_backend(cuda, M, 64, 64, 8, small_m_torch=True) for M in (1, m, m + 1)] == \
+        ["torch", "torch", "triton"]
+    assert select_backend(cuda, 1, 64, 64, 8) == "triton"  # NF4, or dropout: the kernels
+    monkeypatch.setenv(DENSE_TORCH_MAX_M_ENV, "0")
+    assert select_backend(cuda, 1, 64, 64, 8, small_m_torch=True) == "triton"
+    monkeypatch.setenv(DENSE_TORCH_MAX_M_ENV, "100")
+    assert select_backend(cuda, 100, 64, 64, 8, small_m_torch=True) == "torch"
+    monkeypatch.delenv(CPU_BACKEND_ENV, raising=False)
+    auto_cpu = "triton" if is_interpreted() else "torch"
+    assert select_backend(torch.device("cpu"), 1, 64, 64, 8, small_m_torch=True) == auto_cpu  # CUDA only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M, dropout_p, impl", [(1, 0.0, "torch"), (16, 0.0, "torch"), (16, 0.1, "triton"),
+                                                (17, 0.0, "triton")])
+def test_small_m_route_on_cuda(M, dropout_p, impl):
+    # the route each dense call takes on CUDA, forward and backward alike, against float64
+    from tests.autograd.test_lora_linear import _run_and_check
+    with use_backend("cuda") as record:  # (restores the variable popped below)
+        os.environ.pop(DENSE_TORCH_MAX_M_ENV)  # the default, not the kernels-only "cuda" backend's 0
+        record.expected_impl = lambda *args: impl
+        pb = make_problem((M,), 96, 80, 8, torch.bfloat16, torch.float32, bias=True, seed=M)
+        _run_and_check(record, pb, make_grad_y(pb), dropout_p=dropout_p)

@@ -521,12 +521,30 @@ def test_forward_variant_rows_apply_where_their_kernel_runs(monkeypatch, not_app
         torch.set_float32_matmul_precision(old)
 
 
-@pytest.mark.parametrize("provider", ["lora_kernels_fused", "lora_kernels_tma"])
-def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provider):
+@pytest.mark.parametrize("provider, reason", [("lora_kernels_fused", "sm_90"), ("lora_kernels_tma", "sm_90"),
+                                              ("lora_kernels_triton", "CUDA")])
+def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provider, reason):
     res = bench.run(shapes=[(20, 32, 24, 4)], device="cpu", reps=1, warmup=0, out=tmp_path,
                     providers=[provider, "base"], families=["dense"], verbose=False, plot=False)["dense"]
     assert [r["impl"] for r in res["rows"]] == ["base"]
-    assert "sm_90" in res["not_applicable"]["20,32,24,4"][provider]
+    assert reason in res["not_applicable"]["20,32,24,4"][provider]
+
+
+def test_triton_route_row_applies_on_cuda_at_small_m_only():
+    from lora_kernels.kernels import configs
+    cuda, m = torch.device("cuda"), configs.DENSE_TORCH_MAX_M
+    assert bench.triton_route_not_applicable(bench.Case(m, 64, 64, 8), cuda, torch.bfloat16) is None
+    assert "above" in bench.triton_route_not_applicable(bench.Case(m + 1, 64, 64, 8), cuda, torch.bfloat16)
+
+
+def test_triton_route_and_tma_rows_pin_the_triton_kernels():
+    from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
+    from lora_kernels.ops.triton_launch import TMA_MIN_M_ENV
+    for around in (bench.triton_route, bench.tma_gemms):
+        seen = around(lambda: (os.environ.get(DENSE_TORCH_MAX_M_ENV), os.environ.get(TMA_MIN_M_ENV)))()
+        assert seen[0] == "0"
+    assert bench.tma_gemms(lambda: os.environ.get(TMA_MIN_M_ENV))() == "1"
+    assert DENSE_TORCH_MAX_M_ENV not in os.environ
 
 
 @pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
