@@ -112,7 +112,15 @@ def _launches_on(device_of):
 
 @_launches_on(lambda wq: wq.packed.device)
 def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
-    """Flat [numel] tensor in wq.dtype, equal bit for bit to bitsandbytes' dequantize_4bit."""
+    """Flat [numel] tensor in wq.dtype, equal bit for bit to bitsandbytes' dequantize_4bit.
+
+    When numel is a multiple of the block size (nearly every weight), the flat weight is read as
+    rows of one quantization block each, an aligned [numel / blocksize, blocksize] weight, and takes
+    the tile decode of the slabs; otherwise the per-element decode."""
+    bs = wq.blocksize
+    if numel > 0 and numel % bs == 0 and bs % nf4_slab_block_k(wq) == 0:
+        rows = wq._replace(N=numel // bs, K=bs)
+        return _nf4_dequantize_slab(rows, 0, rows.N, 0, bs, wq.dtype).reshape(numel)
     out = torch.empty(numel, dtype=wq.dtype, device=wq.packed.device)
     if numel == 0:
         return out
@@ -125,9 +133,8 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
     return out
 
 
-@_launches_on(lambda wq: wq.packed.device)
-def triton_nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int, k_end: int,
-                               dtype: torch.dtype) -> torch.Tensor:
+def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int, k_end: int,
+                         dtype: torch.dtype) -> torch.Tensor:
     """W[n_start:n_end, k_start:k_end] as a contiguous [n_end - n_start, k_end - k_start] tensor in
     ``dtype`` (each value rounded to wq.dtype first, as dequantize_4bit(...).to(dtype)). Needs an
     aligned weight (``nf4_aligned(wq, nf4_slab_block_k(wq))``) and k_start, k_end multiples of
@@ -143,6 +150,9 @@ def triton_nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start
         QBLOCK=wq.blocksize, QBLOCK2=wq.nested_blocksize, DOUBLE_QUANT=wq.double_quant,
         STORED_DTYPE=TL_DTYPES[wq.dtype], **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
     return out
+
+
+triton_nf4_dequantize_slab = _launches_on(lambda wq: wq.packed.device)(_nf4_dequantize_slab)
 
 
 def nf4_slab_block_k(wq: NF4Tensors) -> int:
@@ -392,7 +402,7 @@ def _nf4_cublas_forward(x2, wq: NF4Tensors, h, lora_B, bias, y2, scale: float, R
     rows = _slab_extent(K, N, x2.element_size(), 64)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        y2[:, n0:n1].addmm_(x2, triton_nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())
+        y2[:, n0:n1].addmm_(x2, _nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())
 
 
 def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, dropout_p: float, R: int, key, flags):
@@ -415,7 +425,7 @@ def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, drop
     cols = _slab_extent(N, K, grad_y2.element_size(), 64)
     for k0 in range(0, K, cols):
         k1 = min(K, k0 + cols)
-        dx2[:, k0:k1].addmm_(grad_y2, triton_nf4_dequantize_slab(wq, 0, N, k0, k1, grad_y2.dtype))
+        dx2[:, k0:k1].addmm_(grad_y2, _nf4_dequantize_slab(wq, 0, N, k0, k1, grad_y2.dtype))
 
 
 def _weight_strides(weight, wq):
