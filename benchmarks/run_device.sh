@@ -4,7 +4,7 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests tests-nf4 sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
+#   steps: build tests tests-nf4 tests-gemv sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
@@ -70,6 +70,10 @@ for step in $STEPS; do
                    -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
                    > "$OUT/pytest.txt" 2>&1
                tail -40 "$OUT/pytest.txt" ;;
+        tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)
+                    $PYTEST_TIMEOUT $(cap 200) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
+                        --maxfail=10 -k cuda --junitxml="$OUT/pytest_gemv.xml" > "$OUT/pytest_gemv.txt" 2>&1
+                    tail -30 "$OUT/pytest_gemv.txt" ;;
         tests-nf4) # the GPU tests of the NF4 GEMMs and their decode only (after a change to them)
                    $PYTEST_TIMEOUT $(cap 100) python -m pytest tests/kernels/test_nf4_tile.py tests/autograd/test_nf4_lora_linear.py \
                        tests/autograd/test_dora.py tests/integrations/test_peft_patch.py -q -p no:cacheprovider $XDIST --maxfail=10 \
@@ -97,8 +101,8 @@ for step in $STEPS; do
               timeout $(cap 240) python -m lora_kernels bench --train --dora --out "$OUT" 2>&1 | tee "$OUT/train_dora.txt" ;;
         gemv) timeout $(cap 240) python -m lora_kernels gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.txt" ;;
         ncu-gemv) # checks csrc/README.md's predictions: DRAM throughput, shared-memory bank conflicts,
-                  # issue-slot use of the decode GEMV at M = 1 (two launches of it, 8192 x 28672)
-                  timeout $(cap 240) ncu --target-processes all -k regex:nf4_gemv_lora_kernel --launch-count 2 \
+                  # issue-slot use of both decode GEMVs at M = 1 (two launches of each, 8192 x 28672)
+                  timeout $(cap 240) ncu --target-processes all -k regex:nf4_gemv_.*kernel --launch-count 4 \
                       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                       --section Occupancy --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum \
                       python -m lora_kernels gemv --shapes 8192,28672 --m 1 --out "$OUT/ncu" \

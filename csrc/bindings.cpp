@@ -11,7 +11,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
     const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
     const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scale, int64_t blocksize,
-    int64_t nested_blocksize, at::ScalarType weight_dtype);
+    int64_t nested_blocksize, at::ScalarType weight_dtype, int64_t kernel);
 }  // namespace lora_kernels
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {

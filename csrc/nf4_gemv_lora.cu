@@ -5,30 +5,32 @@
 // two 4-bit codes per byte (first element in the HIGH nibble), one absmax per `blocksize`
 // consecutive elements (blocks may span rows), absmax either fp32 or double-quantized
 // (uint8 code into a 256-entry fp32 table, times an fp32 scale per `nested_blocksize` blocks,
-// plus an fp32 offset). Decoding is bit-exact with bitsandbytes' dequantize_4bit: absmax =
-// fl(fl(code2[q] * scale2) + offset), w = round_to_stored_dtype(fl(NF4[c] * absmax)), then w is
-// rounded to x's dtype (bnb casts the dequantized weight to the input dtype). Built without
-// --use_fast_math and with explicit __fmul_rn / __fadd_rn so nothing is contracted into an FMA.
+// plus an fp32 offset). Block scales are decoded exactly as bitsandbytes' dequantize_4bit does:
+// absmax = fl(fl(code2[q] * scale2) + offset). Built without --use_fast_math and with explicit
+// __fmul_rn / __fadd_rn so nothing is contracted into an FMA.
 //
 // Two launches: a shrink kernel h = x A^T ([M, r], rounded to the adapters' dtype like the Triton
 // path), then the decode GEMV whose epilogue adds scale * h B^T and the combined bias. The LoRA
-// term cannot live in one launch without a grid-wide dependency (every output row needs all of h).
+// term cannot live in one launch without a grid-wide dependency (every output row needs all of h);
+// on sm_90 the tensor-core GEMV overlaps the shrink kernel (programmatic dependent launch).
 //
-// Decode GEMV layout: R output rows per warp (4 for M <= 2, 2 for M <= 8, 1 above: x is read from
-// shared memory once for all R), 8 warps per block. The block walks K in chunks of kChunk elements:
-// x[:, chunk] is staged in shared memory once for all 8 warps, then each lane decodes 32 consecutive
-// weights of each of its rows per step from one 16-byte load of packed codes per row (fast path: K
-// a multiple of 32 and a 16-byte aligned packed pointer, so every 16-byte load is aligned and lies in
-// one quantization block) or element by element (any K); x is read 16 bytes per row of x at a time.
-// Accumulation is fp32 per (row of W, row of x), reduced across the warp with shuffles at the end.
-// The work decomposition (every weight visited once, paired with the right x) was checked with a
-// Python mirror of these loops on CPU; the kernel itself has not run yet.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+// Two decode GEMVs, chosen by the op's `kernel` argument (lora_kernels/ops/nf4_gemv.py decides):
+//  kernel 0, SIMT (any K, any power-of-two block size): each weight is decoded bit-exactly as
+//    dequantize_4bit does, w = round_to_stored_dtype(fl(NF4[c] * absmax)) then rounded to x's dtype,
+//    and multiplied by x on the FP32 pipe. R output rows per warp (4 for M <= 2, 2 for M <= 8, 1
+//    above: x is read from shared memory once for all R), 8 warps per block. The block walks K in
+//    chunks of kChunk elements: x[:, chunk] is staged in shared memory once for all 8 warps, then each
+//    lane decodes 32 consecutive weights of each of its rows per step from one 16-byte load of packed
+//    codes per row (fast path: K a multiple of 32 and a 16-byte aligned packed pointer, so every
+//    16-byte load is aligned and lies in one quantization block) or element by element (any K).
+//    Accumulation is fp32 per (row of W, row of x), reduced across the warp with shuffles at the end.
+//    Measured on an H200 (benchmarks/results/nvidia-h200/gemv_bfloat16.json): correct, but 0.22x the
+//    copy bandwidth at M = 1 and a time linear in M (instruction bound: see the tensor-core kernel).
+//  kernel 1, tensor cores (K % 256 == 0, blocksize 64, sm_80+): nf4_gemv_mma.cu.
+#include "nf4_gemv.cuh"
+
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
 
@@ -38,14 +40,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunk = 1024;  // K elements staged per step (x tile: M_TILE x kChunk)
-constexpr int kMaxRank = 64;
-
-enum StoredDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // The two 16-bit values packed in a 32-bit word (element 2i in the low half, 2i+1 in the high half,
 // little endian), as floats: x is read from shared memory 16 bytes at a time.
@@ -61,12 +55,6 @@ template <> __device__ __forceinline__ float lo_to_float<__half>(uint32_t u) {
 template <> __device__ __forceinline__ float hi_to_float<__half>(uint32_t u) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16)));
 }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 template <typename T> constexpr int stored_kind();
 template <> constexpr int stored_kind<__half>() { return kFloat16; }
 template <> constexpr int stored_kind<__nv_bfloat16>() { return kBFloat16; }
@@ -87,21 +75,6 @@ __device__ __forceinline__ float decode(const float* nf4, int c, float absmax, i
   }
   return to_float<T>(from_float<T>(w));
 }
-
-struct NF4Args {
-  const uint8_t* packed;
-  const void* absmax;          // float [n_blocks], or uint8 [n_blocks] with double quantization
-  const float* absmax_code;    // [256] or nullptr
-  const float* absmax_scale;   // [ceil(n_blocks / nested_blocksize)] or nullptr
-  const float* absmax_offset;  // 0-d or nullptr
-  const float* code;           // [16]
-  // log2 of the block sizes (powers of two, as all of bitsandbytes'): block indices by shifts, not
-  // 64-bit divisions (a division is a subroutine call whose saved registers spill to the stack).
-  int log2_blocksize;
-  int log2_nested_blocksize;
-  int stored;
-};
-
 template <bool DQ>
 __device__ __forceinline__ float block_absmax(const NF4Args& q, const float* code2_s, int64_t b, float offset) {
   if (DQ) {
@@ -110,11 +83,11 @@ __device__ __forceinline__ float block_absmax(const NF4Args& q, const float* cod
   }
   return static_cast<const float*>(q.absmax)[b];
 }
-
 // h[m, j] = sum_k x[m, k] A[j, k]: one block per (j, m), a block-wide reduction over K.
 template <typename T, typename TA>
 __global__ void lora_shrink_kernel(const T* __restrict__ x, const TA* __restrict__ A, TA* __restrict__ h,
                                    int64_t K, int64_t r, int64_t stride_xm) {
+  allow_dependent_launch();  // the tensor-core GEMV may start streaming its weight now (it waits for h)
   const int64_t j = blockIdx.x, m = blockIdx.y;
   float acc = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
@@ -294,10 +267,9 @@ void launch_gemv(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tenso
       x.stride(0), scale, vector_path);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
 template <typename T, typename TA>
 void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, const at::Tensor& B,
-         const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool vector_path) {
+         const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool vector_path, bool tensor_cores) {
   const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = B.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (r > 0) {  // rank 0: the decode GEMV alone (the benchmark's baseline for the LoRA term's cost)
@@ -307,13 +279,16 @@ void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, co
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const float s = static_cast<float>(scale);
+  if (tensor_cores) {
+    launch_nf4_gemv_mma(x, q, dq, h, B, bias, y, s, /*after_shrink=*/r > 0, stream);
+    return;
+  }
   if (M <= 1) launch_gemv<T, TA, 1>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else if (M <= 2) launch_gemv<T, TA, 2>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else if (M <= 4) launch_gemv<T, TA, 4>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else if (M <= 8) launch_gemv<T, TA, 8>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else launch_gemv<T, TA, 16>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
 }
-
 }  // namespace
 
 // x [M, K] (unit stride along K), NF4 weight [N, K], lora_A [r, K], lora_B [N, r] contiguous;
@@ -325,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
     const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
     const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scale, int64_t blocksize,
-    int64_t nested_blocksize, at::ScalarType weight_dtype) {
+    int64_t nested_blocksize, at::ScalarType weight_dtype, int64_t kernel) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv_lora: x must be a CUDA [M, K] tensor with unit stride along K");
   TORCH_CHECK(x.size(0) <= 16, "nf4_gemv_lora: at most 16 rows, got ", x.size(0));
   TORCH_CHECK(lora_B.size(1) <= kMaxRank, "nf4_gemv_lora: rank at most ", kMaxRank, ", got ", lora_B.size(1));
@@ -356,14 +331,29 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   q.log2_nested_blocksize = dq ? 63 - __builtin_clzll(static_cast<unsigned long long>(nested_blocksize)) : 0;
   q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
   const bool vector_path = K % 32 == 0 && reinterpret_cast<uintptr_t>(q.packed) % 16 == 0;
+  TORCH_CHECK(kernel == 0 || kernel == 1, "nf4_gemv_lora: kernel must be 0 (SIMT) or 1 (tensor cores), got ", kernel);
+  const bool tensor_cores = kernel == 1;
+  if (tensor_cores) {  // the Python side only asks for it when all of this holds (ops/nf4_gemv.py)
+    TORCH_CHECK(device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8, "nf4_gemv_lora: kernel 1 needs sm_80 or newer");
+    TORCH_CHECK(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) >= nf4_gemv_mma_min_shared_bytes(),
+                "nf4_gemv_lora: kernel 1 needs ", nf4_gemv_mma_min_shared_bytes(),
+                " bytes of shared memory per block (A100/H100 class)");
+    TORCH_CHECK(K % 256 == 0 && blocksize == 64 && (!dq || nested_blocksize >= 4) && N * K / 64 < (int64_t{1} << 31),
+                "nf4_gemv_lora: kernel 1 needs K % 256 == 0, blocksize 64, nested_blocksize >= 4 and fewer than 2^31 "
+                "blocks, got K=", K, ", blocksize=", blocksize, ", nested_blocksize=", nested_blocksize);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(q.packed) % 8 == 0 && reinterpret_cast<uintptr_t>(q.absmax) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0,
+                "nf4_gemv_lora: kernel 1 needs 8-byte aligned packed codes, 16-byte aligned absmax and 16-byte "
+                "aligned rows of x");
+  }
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const bool fp32_adapters = lora_A.scalar_type() == at::kFloat;
   if (x.scalar_type() == at::kHalf) {
-    if (fp32_adapters) run<__half, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
-    else run<__half, __half>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+    if (fp32_adapters) run<__half, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+    else run<__half, __half>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
   } else if (x.scalar_type() == at::kBFloat16) {
-    if (fp32_adapters) run<__nv_bfloat16, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
-    else run<__nv_bfloat16, __nv_bfloat16>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path);
+    if (fp32_adapters) run<__nv_bfloat16, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+    else run<__nv_bfloat16, __nv_bfloat16>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
   } else {
     TORCH_CHECK(false, "nf4_gemv_lora: x must be float16 or bfloat16, got ", x.scalar_type());
   }

@@ -1,7 +1,7 @@
 """``lora_kernels::nf4_gemv_lora``: the CUDA C++ NF4 decode GEMV with the LoRA term (``csrc/``).
 
     nf4_gemv_lora(x [M, K], <NF4 weight tensors>, lora_A [r, K], lora_B [N, r], bias? [N] (combined),
-                  scale, blocksize, nested_blocksize, weight_dtype) -> (y [M, N] x.dtype, h [M, r])
+                  scale, blocksize, nested_blocksize, weight_dtype, kernel=0) -> (y [M, N] x.dtype, h [M, r])
 
 For M <= 16 rows of fp16/bf16 x, r <= 64, no dropout. The schema, fake implementation and a CPU
 implementation (the PyTorch spec, so ``torch.library.opcheck`` runs without a GPU) are declared
@@ -9,14 +9,26 @@ here; the CUDA implementation is registered by the compiled extension ``lora_ker
 (``csrc/bindings.cpp``), loaded lazily by ``load_extension``. A missing or broken extension never
 breaks import: CUDA calls then stay on the Triton path.
 
+Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_lora.cu explains both):
+    0 ``simt``  any K and block size; each weight decoded bit-exactly as ``dequantize_4bit`` does.
+    1 ``mma``   tensor cores (mma.sync) and a cp.async pipeline; K % 256 == 0, block size 64, sm_80+
+                with >= 157 KiB of shared memory per block (A100 / H100 / H200), 16-byte aligned
+                absmax. Weights are never formed: block sums of NF4 codes (in x's dtype) times x are
+                scaled by the block scale, so results equal the bit-exact decode up to the rounding of
+                each weight (as bitsandbytes' own GEMV, which also rounds differently). Not run on a
+                GPU yet: opt in with LORA_KERNELS_NF4_GEMV_KERNEL=mma until measured.
+``gemv_kernel`` picks per call: the requested kernel (LORA_KERNELS_NF4_GEMV_KERNEL, default
+``simt``) when the call is eligible for it, else ``simt``.
+
 Dispatch: ``use_cuda_gemv`` sends a forward here when the extension is loaded, the call is
 eligible and M <= ``cuda_gemv_max_m()``: by default every M it supports (16), as measured on an
 H200 (benchmarks/results/nvidia-h200/: gemv_bfloat16.json against the Triton small-M path's
 lora_kernels_nf4 rows of bench_qlora_bfloat16.json): 0.05 vs 1.0 ms at M = 1 and 0.25 vs 1.0 ms at
-M = 16 on 4096x14336, 0.13 vs 3.9 ms and 0.90 vs 3.9 ms on 8192x28672. LORA_KERNELS_NF4_GEMV_MAX_M
-(read per call) overrides it (0: off).
+M = 16 on 4096x14336, 0.13 vs 3.9 ms and 0.90 vs 3.9 ms on 8192x28672 (the SIMT kernel).
+LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off).
 """
 import functools
+import os
 import warnings
 from typing import Optional
 
@@ -31,25 +43,34 @@ GEMV_MAX_ROWS = 16  # the kernel's row tiles go up to 16
 GEMV_MAX_RANK = 64  # h lives in shared memory per block
 NF4_GEMV_ENV = "LORA_KERNELS_NF4_GEMV_MAX_M"
 DEFAULT_GEMV_MAX_M = GEMV_MAX_ROWS  # measured faster than the Triton path at M = 1, 4, 16 (module docstring)
+GEMV_KERNELS = ("simt", "mma")  # the op's `kernel` argument is the index
+NF4_GEMV_KERNEL_ENV = "LORA_KERNELS_NF4_GEMV_KERNEL"
+DEFAULT_GEMV_KERNEL = "simt"  # the measured one; "mma" has not run on a GPU yet (module docstring)
+# Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_lora.cu:
+# the code-pair table, reduction, h, absmax table and two ring stages for each of its 16 warps).
+MMA_SHARED_BYTES = 160768
+MMA_K_MULTIPLE = 256  # one pass: 4 quantization blocks of a row
 
 torch.library.define(
     "lora_kernels::nf4_gemv_lora",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax_code, Tensor? absmax_scale, Tensor? absmax_offset, "
     "Tensor code, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, int blocksize, int nested_blocksize, "
-    "ScalarType weight_dtype) -> (Tensor, Tensor)")
+    "ScalarType weight_dtype, int kernel=0) -> (Tensor, Tensor)")
 
 
 @torch.library.register_fake("lora_kernels::nf4_gemv_lora")
 def _nf4_gemv_lora_fake(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A, lora_B, bias,
-                        scale, blocksize, nested_blocksize, weight_dtype):
+                        scale, blocksize, nested_blocksize, weight_dtype, kernel=0):
     N, r = lora_B.shape
     return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], r), dtype=lora_A.dtype)
 
 
 @torch.library.impl("lora_kernels::nf4_gemv_lora", "cpu")
 def _nf4_gemv_lora_cpu(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A, lora_B, bias,
-                       scale, blocksize, nested_blocksize, weight_dtype):
-    """The spec: the lean PyTorch forward on the same NF4 tensors (no dropout)."""
+                       scale, blocksize, nested_blocksize, weight_dtype, kernel=0):
+    """The spec: the lean PyTorch forward on the same NF4 tensors (no dropout; both kernels)."""
+    if kernel not in (0, 1):
+        raise ValueError(f"kernel must be 0 ({GEMV_KERNELS[0]}) or 1 ({GEMV_KERNELS[1]}), got {kernel!r}")
     N = lora_B.shape[0]
     wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, x.shape[1], blocksize,
                     nested_blocksize, weight_dtype)
@@ -95,11 +116,49 @@ def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[T
     return load_extension()
 
 
+def requested_gemv_kernel() -> str:
+    """The kernel LORA_KERNELS_NF4_GEMV_KERNEL asks for (read per call), DEFAULT_GEMV_KERNEL if unset."""
+    name = os.environ.get(NF4_GEMV_KERNEL_ENV, "").strip() or DEFAULT_GEMV_KERNEL
+    if name not in GEMV_KERNELS:
+        raise ValueError(f"{NF4_GEMV_KERNEL_ENV} must be one of {', '.join(GEMV_KERNELS)}, got {name!r}")
+    return name
+
+
+def mma_eligible(x2: Tensor, wq: NF4Tensors) -> bool:
+    """Whether the tensor-core kernel takes this call (module docstring). x2 needs no alignment: a
+    misaligned x2 is copied (M <= 16 rows) by ``cuda_gemv_forward``."""
+    if x2.shape[1] % MMA_K_MULTIPLE or wq.blocksize != 64:
+        return False
+    if wq.absmax_code is not None and (wq.nested_blocksize < 4 or not _power_of_two(wq.nested_blocksize)):
+        return False
+    if wq.packed.data_ptr() % 8 or wq.absmax.data_ptr() % 16 or wq.N * wq.K // 64 >= 2 ** 31:
+        return False
+    props = _device_properties(x2.device)
+    return props.major >= 8 and getattr(props, "shared_memory_per_block_optin", 0) >= MMA_SHARED_BYTES
+
+
+def _device_properties(device: torch.device):
+    return torch.cuda.get_device_properties(device)  # cached by torch; queried per call, never at import
+
+
+def gemv_kernel(x2: Tensor, wq: NF4Tensors, kernel: Optional[str] = None) -> str:
+    """The kernel this call runs: ``kernel`` (default: the requested one) when eligible, else simt."""
+    kernel = requested_gemv_kernel() if kernel is None else kernel
+    if kernel not in GEMV_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(GEMV_KERNELS)}, got {kernel!r}")
+    return "mma" if kernel == "mma" and mma_eligible(x2, wq) else "simt"
+
+
 def cuda_gemv_forward(x2: Tensor, wq: NF4Tensors, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-                      scale: float):
-    """(y2 [M, N], h [M, r]) from the CUDA GEMV; x2 is made unit-stride along K."""
+                      scale: float, kernel: Optional[str] = None):
+    """(y2 [M, N], h [M, r]) from the CUDA GEMV; x2 is made unit-stride along K (and, for the
+    tensor-core kernel, 16-byte aligned rows). ``kernel``: as ``gemv_kernel``."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    chosen = gemv_kernel(x2, wq, kernel)
+    if chosen == "mma" and (x2.data_ptr() % 16 or x2.stride(0) % 8):
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy of <= 16 rows
     return torch.ops.lora_kernels.nf4_gemv_lora(
         x2, wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale, wq.absmax_offset, wq.code,
-        lora_A.contiguous(), lora_B.contiguous(), bias, scale, wq.blocksize, wq.nested_blocksize, wq.dtype)
+        lora_A.contiguous(), lora_B.contiguous(), bias, scale, wq.blocksize, wq.nested_blocksize, wq.dtype,
+        GEMV_KERNELS.index(chosen))

@@ -2,13 +2,14 @@
 
     python -m lora_kernels gemv [--device D] [--dtype bf16|fp16] [--shapes "K,N;K,N"] [--m 1,4,16] [--r 16]
 
-For each weight (K, N) (default the issue's 8192×28672 and 4096×14336) and decode M (default 1, 4,
-16), one inference forward of, timed side by side in the same run:
+For each weight (K, N) (default the issue's 8192×28672 and 4096×14336), decode M (default 1, 4,
+16) and kernel of the op (``--kernels``, default both: ``simt`` and the tensor-core ``mma``, where
+the device and shape allow it), one inference forward of, timed side by side in the same run:
     gemv_lora   ``lora_kernels::nf4_gemv_lora`` (NF4 decode GEMV with the fused LoRA term, rank r)
     gemv_base   the same op with rank 0: the decode GEMV alone (the LoRA term's cost is the difference)
     bnb         bitsandbytes ``matmul_4bit`` on the same NF4 bytes (no LoRA)
     dense       ``F.linear`` on the dense weight in x's dtype (cuBLAS on CUDA)
-Each row: ms per provider, the GEMV's weight bytes per second (packed codes + block scales, read
+One row per kernel (bnb and dense timed once, repeated in both). Each row: ms per provider, the GEMV's weight bytes per second (packed codes + block scales, read
 once) as a fraction of the device-copy bandwidth measured in the same run, its speed-up over bnb and
 over the dense matmul, and the LoRA term's overhead. Goals (issue 5, at M = 1): ≥ 85 % of copy
 bandwidth, ≥ 1.5× bnb, ≥ 3.3× dense, LoRA term ≤ 5 %. On CUDA the op needs the built extension
@@ -32,19 +33,30 @@ DEFAULT_M = (1, 4, 16)
 GOALS = {"copy_fraction_min": 0.85, "speedup_vs_bnb_min": 1.5, "speedup_vs_dense_min": 3.3,
          "lora_overhead_max": 0.05}
 PROVIDERS = ("gemv_lora", "gemv_base", "bnb", "dense")
-CSV_FIELDS = ["K", "N", "M", "r", "gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms", "gemv_GBps",
+KERNELS = ("simt", "mma")  # lora_kernels.ops.nf4_gemv.GEMV_KERNELS
+CSV_FIELDS = ["K", "N", "M", "r", "kernel", "gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms", "gemv_GBps",
               "copy_fraction", "speedup_vs_bnb", "speedup_vs_dense", "lora_overhead", "rel_err"]
 
 
-def _op_call(x, q, A, B, scale):
+def _op_call(x, q, A, B, scale, kernel: str = "simt"):
+    from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
+    index = GEMV_KERNELS.index(kernel)
     return lambda: torch.ops.lora_kernels.nf4_gemv_lora(
-        x, *q.op_tensors(), A, B, None, scale, q.blocksize, q.nested_blocksize, q.dtype)[0]
+        x, *q.op_tensors(), A, B, None, scale, q.blocksize, q.nested_blocksize, q.dtype, index)[0]
 
 
-def _providers(x, q, W, A, B, scale) -> dict:
+def _names(kernel: str) -> tuple:
+    """Provider names of one kernel's GEMV with and without the LoRA term."""
+    return ("gemv_lora", "gemv_base") if kernel == "simt" else (f"gemv_{kernel}_lora", f"gemv_{kernel}_base")
+
+
+def _providers(x, q, W, A, B, scale, kernels=("simt",)) -> dict:
     """name -> Impl (inference only) for one problem (the op is defined by importing lora_kernels)."""
-    out = {"gemv_lora": _op_call(x, q, A, B, scale), "gemv_base": _op_call(x, q, A[:0], B[:, :0], scale),
-           "dense": lambda: F.linear(x, W)}
+    out = {"dense": lambda: F.linear(x, W)}
+    for kernel in kernels:
+        lora, base = _names(kernel)
+        out[lora] = _op_call(x, q, A, B, scale, kernel)
+        out[base] = _op_call(x, q, A[:0], B[:, :0], scale, kernel)
     try:
         import bitsandbytes as bnb
 
@@ -56,12 +68,23 @@ def _providers(x, q, W, A, B, scale) -> dict:
     return {name: Impl(name, fn, [], [], infer=fn) for name, fn in out.items()}
 
 
+def _runnable(kernels, x, q, device) -> list:
+    """The kernels that really run for this call on this device (the op's own eligibility rule; on
+    CPU both run the op's PyTorch spec)."""
+    if device.type != "cuda":
+        return list(kernels)
+    from lora_kernels.ops.nf4_gemv import gemv_kernel
+    from lora_kernels.ops.triton_launch import NF4Tensors
+    wq = NF4Tensors(*q.op_tensors(), q.shape[0], q.shape[1], q.blocksize, q.nested_blocksize, q.dtype)
+    return [k for k in kernels if gemv_kernel(x, wq, k) == k]
+
+
 def _rel_err(y, ref) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
 def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, reps=None, warmup=None,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, kernels=KERNELS) -> dict:
     """Times the providers (module docstring) for every (K, N) in ``kns`` and M in ``ms``; writes
     gemv_<dtype>.{json,csv} under ``out`` and returns the result (metadata, ceilings, rows, goals)."""
     from lora_kernels import NF4Weight
@@ -72,6 +95,9 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
         raise ValueError(f"dtype must be float16 or bfloat16 on CUDA (the GEMV's inputs), got {dtype}")
     if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= GEMV_MAX_RANK:
         raise ValueError(f"r must be an int in [1, {GEMV_MAX_RANK}], got {r!r}")
+    kernels = tuple(kernels)
+    if not kernels or any(k not in KERNELS for k in kernels):
+        raise ValueError(f"kernels must be values in {list(KERNELS)}, got {list(kernels)}")
     ms = tuple(ms)
     if not ms or any(not 1 <= m <= GEMV_MAX_ROWS for m in ms):
         raise ValueError(f"ms must be values in [1, {GEMV_MAX_ROWS}], got {list(ms)}")
@@ -90,28 +116,32 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
         B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
         for M in ms:
             x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
-            impls = _providers(x, q, Wd, A, B, 0.5)
+            runnable = _runnable(kernels, x, q, device)
+            impls = _providers(x, q, Wd, A, B, 0.5, runnable)
             ref = x.double() @ Wd.double().t() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
-            with torch.no_grad():
-                err = _rel_err(impls["gemv_lora"].infer(), ref)
             dy = torch.zeros(M, N, device=device, dtype=dtype)
             med = measure([impls], [dy], ("infer",), timing)
             t = {name: med[name]["infer"] for name in med}
-            gbps = q.nbytes / (t["gemv_lora"] * 1e6)
-            rows.append({"K": K, "N": N, "M": M, "r": r, **{f"{n}_ms": t.get(n) for n in PROVIDERS},
-                         "gemv_GBps": gbps, "rel_err": err,
-                         "speedup_vs_bnb": t["bnb"] / t["gemv_lora"] if "bnb" in t else None,
-                         "speedup_vs_dense": t["dense"] / t["gemv_lora"],
-                         "lora_overhead": t["gemv_lora"] / t["gemv_base"] - 1.0})
+            for kernel in runnable:
+                lora, base = _names(kernel)
+                with torch.no_grad():
+                    err = _rel_err(impls[lora].infer(), ref)
+                gbps = q.nbytes / (t[lora] * 1e6)
+                rows.append({"K": K, "N": N, "M": M, "r": r, "kernel": kernel, "gemv_lora_ms": t[lora],
+                             "gemv_base_ms": t[base], "bnb_ms": t.get("bnb"), "dense_ms": t["dense"],
+                             "gemv_GBps": gbps, "rel_err": err,
+                             "speedup_vs_bnb": t["bnb"] / t[lora] if "bnb" in t else None,
+                             "speedup_vs_dense": t["dense"] / t[lora],
+                             "lora_overhead": t[lora] / t[base] - 1.0})
             if verbose:
-                print(f"K={K} N={N} M={M}: " + ", ".join(f"{n} {fmt_num(t.get(n), '.4f')} ms" for n in PROVIDERS),
+                print(f"K={K} N={N} M={M}: " + ", ".join(f"{n} {fmt_num(v, '.4f')} ms" for n, v in t.items()),
                       flush=True)
         del W, q, Wd, A, B
     ceilings = measure_ceilings(device, dtype)
     for row in rows:
         row["copy_fraction"] = row["gemv_GBps"] / ceilings["copy_GBps"]
     result = {"metadata": environment_metadata(device, dtype), "ceilings": ceilings,
-              "config": {"providers": list(PROVIDERS), "timing": timing.describe(device), "statistic": "median",
+              "config": {"providers": list(PROVIDERS), "kernels": list(kernels), "timing": timing.describe(device), "statistic": "median",
                          "gemv_bytes": "NF4Weight.nbytes (packed codes + block scales), read once per call",
                          "copy_fraction": "gemv_GBps / the device-copy ceiling (read + write bytes per second)",
                          "lora_overhead": "gemv_lora_ms / gemv_base_ms - 1 (rank r vs rank 0, same op)"},
@@ -126,7 +156,7 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
 
 
 def check_goals(rows, device_type: str) -> dict:
-    """The issue's goals at M = 1: one check per (goal, shape)."""
+    """The issue's goals at M = 1: one check per (goal, shape, kernel)."""
     checks = []
     for row in rows:
         if row["M"] != 1:
@@ -135,16 +165,16 @@ def check_goals(rows, device_type: str) -> dict:
                                            ("vs bitsandbytes", "speedup_vs_bnb", GOALS["speedup_vs_bnb_min"], True),
                                            ("vs dense", "speedup_vs_dense", GOALS["speedup_vs_dense_min"], True),
                                            ("LoRA overhead", "lora_overhead", GOALS["lora_overhead_max"], False)):
-            checks.append(goal_check(goal, f"{row['K']}x{row['N']}", row.get(key),
+            checks.append(goal_check(goal, f"{row['K']}x{row['N']} {row['kernel']}", row.get(key),
                                      **({"min": bound} if at_least else {"max": bound})))
     return {"bounds": GOALS, "checks": checks, "device_type": device_type}
 
 
 def format_table(rows, goals) -> str:
-    lines = [f"{'K x N':<14}{'M':>3}{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}{'x copy':>8}"
+    lines = [f"{'K x N':<14}{'M':>3}{'kernel':>7}{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}{'x copy':>8}"
              f"{'x bnb':>7}{'x dense':>8}{'lora':>7}"]
     for r in rows:
-        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{fmt_num(r['gemv_lora_ms'], '11.4f')}"
+        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{r['kernel']:>7}{fmt_num(r['gemv_lora_ms'], '11.4f')}"
                      f"{fmt_num(r['gemv_base_ms'], '9.4f')}{fmt_num(r['bnb_ms'], '9.4f')}"
                      f"{fmt_num(r['dense_ms'], '9.4f')}{fmt_num(r['gemv_GBps'], '8.1f')}"
                      f"{fmt_num(r['copy_fraction'], '8.3f')}{fmt_num(r['speedup_vs_bnb'], '7.2f')}"
@@ -173,13 +203,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=lambda s: [int(v) for v in s.split(",") if v], default=list(DEFAULT_M),
                         help="decode rows, each in [1, 16] (default 1,4,16)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--kernels", type=lambda s: [v for v in s.split(",") if v], default=list(KERNELS),
+                        help="kernels of the op to time: simt, mma (default both; a kernel the device or "
+                             "shape does not allow is left out)")
     parser.add_argument("--reps", type=int, default=None, help="CPU: timed samples")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default benchmarks/results/<device>/)")
 
 
 def run_from_args(args) -> dict:
     return run(device=args.device, dtype=args.dtype, kns=args.shapes, ms=args.m, r=args.r, out=args.out,
-               reps=args.reps)
+               reps=args.reps, kernels=args.kernels)
 
 
 def main(argv=None) -> dict:

@@ -537,13 +537,14 @@ def render_csrc_check(f: ResultFile) -> list:
 
 
 def render_gemv(f: ResultFile) -> list:
-    """Decode benchmark of the CUDA NF4 GEMV (lora_kernels.tools.gemv_bench): per weight and M, ms of
-    the GEMV with and without the LoRA term, bitsandbytes and the dense matmul, and the goal ratios."""
-    body = [[f"{r['K']}×{r['N']}", str(r["M"]), fmt_num(r.get("gemv_lora_ms")), fmt_num(r.get("gemv_base_ms")),
-             fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")), fmt_num(r.get("copy_fraction")),
+    """Decode benchmark of the CUDA NF4 GEMV (lora_kernels.tools.gemv_bench): per weight, M and kernel
+    (files from before the tensor-core kernel have only the SIMT one), ms of the GEMV with and without
+    the LoRA term, bitsandbytes and the dense matmul, and the goal ratios."""
+    body = [[f"{r['K']}×{r['N']}", str(r["M"]), r.get("kernel", "simt"), fmt_num(r.get("gemv_lora_ms")),
+             fmt_num(r.get("gemv_base_ms")), fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")), fmt_num(r.get("copy_fraction")),
              fmt_num(r.get("speedup_vs_bnb")), fmt_num(r.get("speedup_vs_dense")), fmt_num(r.get("lora_overhead"))]
             for r in f.rows]
-    lines = md_table(["K×N", "M", "GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms", "× copy bandwidth",
+    lines = md_table(["K×N", "M", "kernel", "GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms", "× copy bandwidth",
                       "speed-up vs bnb", "speed-up vs dense", "LoRA overhead"], body)
     checks = f.data.get("goals", {}).get("checks", [])
     if checks:

@@ -58,10 +58,60 @@ def test_cpu_spec_matches_reference(bias, double_quant):
     assert_close(h, h_ref, 1e-5, "h")
 
 
+@pytest.mark.parametrize("kernel", [0, 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_opcheck(bias):
+def test_opcheck(bias, kernel):
     args, _ = _inputs(3, 64, 16, 4, torch.float32, torch.float32, bias)
-    torch.library.opcheck(OP, args)
+    torch.library.opcheck(OP, (*args, kernel))
+
+
+def test_cpu_spec_rejects_an_unknown_kernel():
+    args, _ = _inputs(2, 64, 8, 4, torch.float32, torch.float32, False)
+    with pytest.raises(ValueError, match="kernel must be 0"):
+        OP(*args, 2)
+
+
+def test_requested_kernel_from_the_environment(monkeypatch):
+    monkeypatch.delenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, raising=False)
+    assert nf4_gemv.requested_gemv_kernel() == nf4_gemv.DEFAULT_GEMV_KERNEL == "simt"
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, "mma")
+    assert nf4_gemv.requested_gemv_kernel() == "mma"
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, "wgmma")
+    with pytest.raises(ValueError, match=nf4_gemv.NF4_GEMV_KERNEL_ENV):
+        nf4_gemv.requested_gemv_kernel()
+
+
+def test_tensor_core_kernel_eligibility_with_stand_ins(monkeypatch):
+    """The documented rule (K % 256, blocksize 64, nested block size, alignment, device), with a
+    stand-in for the device properties (no GPU here)."""
+    from types import SimpleNamespace as NS
+    big = NS(major=9, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(nf4_gemv, "_device_properties", lambda device: big)
+    q = NF4Weight.quantize(torch.randn(16, 512), double_quant=True)
+
+    def wq(q=q, K=512, blocksize=None, nested=None):
+        return NF4Tensors(*q.op_tensors(), 16, K, blocksize or q.blocksize, nested or q.nested_blocksize, q.dtype)
+    x = torch.randn(3, 512)
+    assert nf4_gemv.mma_eligible(x, wq())
+    assert nf4_gemv.gemv_kernel(x, wq(), "mma") == "mma"
+    assert nf4_gemv.gemv_kernel(x, wq(), "simt") == "simt"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        nf4_gemv.gemv_kernel(x, wq(), "tensor")
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, "mma")
+    assert nf4_gemv.gemv_kernel(x, wq()) == "mma"  # the requested kernel when eligible
+    x_odd = torch.randn(3, 320)  # K % 256 != 0: one pass would straddle rows
+    assert not nf4_gemv.mma_eligible(x_odd, wq(K=320))
+    assert nf4_gemv.gemv_kernel(x_odd, wq(K=320)) == "simt"  # falls back
+    assert not nf4_gemv.mma_eligible(x, wq(blocksize=128))
+    assert not nf4_gemv.mma_eligible(x, wq(nested=2))
+    q32 = NF4Weight.quantize(torch.randn(16, 512), double_quant=False)  # fp32 absmax: no nested rule
+    assert nf4_gemv.mma_eligible(x, wq(q32, nested=2))
+    misaligned = NF4Tensors(q.packed[1:], *q.op_tensors()[1:], 16, 512, 64, q.nested_blocksize, q.dtype)
+    assert not nf4_gemv.mma_eligible(x, misaligned)  # packed codes not 8-byte aligned
+    for props in (NS(major=7, shared_memory_per_block_optin=232448),  # no bf16 mma.sync / cp.async
+                  NS(major=8, shared_memory_per_block_optin=101376)):  # sm_86/89: too little shared memory
+        monkeypatch.setattr(nf4_gemv, "_device_properties", lambda device, p=props: p)
+        assert not nf4_gemv.mma_eligible(x, wq())
 
 
 def test_dispatch_rule(monkeypatch):
@@ -130,12 +180,34 @@ needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv
                                    reason="needs a GPU and the built lora_kernels._C extension")
 
 
+def _wq(q, N, K):
+    return NF4Tensors(*q.op_tensors(), N, K, q.blocksize, q.nested_blocksize, q.dtype)
+
+
+def _check_cuda_kernel(kernel, args, q, N, label):
+    """Runs the op with ``kernel`` on poisoned memory and compares with the float64 reference."""
+    x, A = args[0], args[7]
+    assert nf4_gemv.gemv_kernel(x, _wq(q, N, x.shape[1]), kernel) == kernel  # eligible: it really runs
+    poison = torch.full((x.shape[0], N), float("nan"), device="cuda", dtype=x.dtype)
+    del poison  # the op's output reuses this block from the caching allocator: NaN unless written
+    y, h = OP(*args, nf4_gemv.GEMV_KERNELS.index(kernel))
+    y_ref, h_ref = _reference(args, q)
+    bound = 3e-3 if x.dtype == torch.float16 else 1.5e-2
+    assert y.dtype == x.dtype and h.dtype == A.dtype
+    assert_close(y, y_ref, bound, f"y {kernel} {label}")
+    if A.shape[0]:
+        assert_close(h, h_ref, bound, f"h {kernel} {label}")
+
+
 @needs_gpu_ext
+@pytest.mark.parametrize("kernel", nf4_gemv.GEMV_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 16])
-@pytest.mark.parametrize("K", [4096, 4000 + 7])  # vector path, element path (K % 32 != 0)
+@pytest.mark.parametrize("K", [4096, 4000 + 7])  # simt: vector path, element path (K % 32 != 0)
 @pytest.mark.parametrize("r", [8, 16, 64])
-def test_cuda_kernel_matches_reference(dtype, M, K, r):
+def test_cuda_kernel_matches_reference(kernel, dtype, M, K, r):
+    if kernel == "mma" and K % nf4_gemv.MMA_K_MULTIPLE:
+        pytest.skip("the tensor-core kernel needs K % 256 == 0 (the rule is tested on CPU)")
     # the last two: a stored dtype other than x's (decode rounds to it, then to x's dtype)
     for bias, dq, adapter_dtype, weight_dtype in ((False, True, dtype, dtype), (True, True, torch.float32, dtype),
                                                   (True, False, dtype, dtype), (False, True, dtype, torch.float32),
@@ -143,28 +215,55 @@ def test_cuda_kernel_matches_reference(dtype, M, K, r):
                                                    else torch.bfloat16)):
         args, q = _inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r,
                           weight_dtype=weight_dtype)
-        poison = torch.full((M, 333), float("nan"), device="cuda", dtype=dtype)
-        del poison  # the op's output reuses this block from the caching allocator: NaN unless written
-        y, h = OP(*args)
-        y_ref, h_ref = _reference(args, q)
-        bound = 3e-3 if dtype == torch.float16 else 1.5e-2
-        assert y.dtype == dtype and h.dtype == adapter_dtype
-        assert_close(y, y_ref, bound, f"y bias={bias} dq={dq} A={adapter_dtype} stored={weight_dtype}")
-        assert_close(h, h_ref, bound, "h")
+        _check_cuda_kernel(kernel, args, q, 333, f"bias={bias} dq={dq} A={adapter_dtype} stored={weight_dtype}")
 
 
 @needs_gpu_ext
-def test_nf4_lora_linear_dispatches_to_the_cuda_gemv(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 9, 16])
+@pytest.mark.parametrize("N,K", [(4100, 4864), (5, 256), (2200, 1024)])
+def test_cuda_tensor_core_kernel_tiles_passes_and_rank_zero(dtype, M, N, K):
+    """The tensor-core kernel's decomposition: more tiles than SMs (persistent blocks, the cp.async
+    ring running across tile boundaries), passes that do not divide evenly among the 16 warps (K =
+    4864: 19 passes), warps with no pass (K = 256, 1024), fewer rows than a tile (N = 5), one and two
+    column tiles of x (M = 9, 16), rank 0 (no shrink kernel, no dependent launch) and fp32 absmax."""
+    for r, dq, bias in ((16, True, True), (0, True, False), (8, False, True)):
+        args, q = _inputs(M, K, N, r, dtype, dtype, bias, dq, device="cuda", seed=N + K + M + r)
+        _check_cuda_kernel("mma", args, q, N, f"N={N} K={K} r={r} dq={dq}")
+
+
+@needs_gpu_ext
+def test_cuda_tensor_core_kernel_rejects_an_ineligible_call():
+    args, _ = _inputs(2, 4000 + 7, 64, 8, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    with pytest.raises(RuntimeError, match="K % 256 == 0"):
+        OP(*args, 1)
+
+
+@needs_gpu_ext
+def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
+    args, q = _inputs(3, 1024, 96, 8, torch.bfloat16, torch.bfloat16, True, device="cuda")
+    wide = torch.randn(3, 1024 + 3, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, 3:]  # rows start 6 bytes past a 16-byte boundary, row stride 1027
+    x.copy_(args[0])
+    y, _ = nf4_gemv.cuda_gemv_forward(x, _wq(q, 96, 1024), args[7], args[8], args[9], args[10], kernel="mma")
+    y_ref, _ = _reference(args, q)
+    assert_close(y, y_ref, 1.5e-2, "y")
+
+
+@needs_gpu_ext
+@pytest.mark.parametrize("kernel", nf4_gemv.GEMV_KERNELS)
+def test_nf4_lora_linear_dispatches_to_the_cuda_gemv(monkeypatch, kernel):
     monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "16")
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, kernel)
     calls = []
     real = nf4_gemv.cuda_gemv_forward
 
     def spy(*a, **k):
-        calls.append(a[0].shape)
+        calls.append((a[0].shape, nf4_gemv.gemv_kernel(a[0], a[1])))
         return real(*a, **k)
     monkeypatch.setattr("lora_kernels.ops.nf4_lora_linear.cuda_gemv_forward", spy)
     args, q = _inputs(4, 512, 128, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
     y = lora_kernels.nf4_lora_linear(args[0], q, args[7], args[8], 0.75, training=False)
-    assert calls == [(4, 512)]
+    assert calls == [((4, 512), kernel)]
     y_ref, _ = _reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")

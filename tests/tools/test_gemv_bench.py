@@ -15,7 +15,8 @@ def test_cpu_run_writes_consistent_rows(tmp_path, capsys):
                          warmup=0)
     data = json.loads((tmp_path / "gemv_float32.json").read_text())
     assert (tmp_path / "gemv_float32.csv").exists() and data["metadata"]["torch"] and data["ceilings"]["copy_GBps"] > 0
-    assert [(r["K"], r["N"], r["M"]) for r in data["rows"]] == [(128, 96, 1), (128, 96, 3)]
+    assert [(r["K"], r["N"], r["M"], r["kernel"]) for r in data["rows"]] == [
+        (128, 96, 1, "simt"), (128, 96, 1, "mma"), (128, 96, 3, "simt"), (128, 96, 3, "mma")]
     for r in res["rows"]:
         assert r["rel_err"] < 1e-5  # the op (CPU spec) against the float64 reference
         assert all(r[f"{p}_ms"] > 0 for p in gemv_bench.PROVIDERS)
@@ -27,7 +28,9 @@ def test_cpu_run_writes_consistent_rows(tmp_path, capsys):
         assert q_bytes == pytest.approx(128 * 96 / 2 + 128 * 96 / 64 + 256 * 4 + 4 * 1 + 4 + 16 * 4, rel=0.05)
     checks = res["goals"]["checks"]
     assert {c["goal"] for c in checks} == {"copy bandwidth", "vs bitsandbytes", "vs dense", "LoRA overhead"}
-    assert all(c["shape"] == "128x96" for c in checks)  # M = 1 only
+    assert sorted({c["shape"] for c in checks}) == ["128x96 mma", "128x96 simt"]  # M = 1 only, per kernel
+    one, other = (r for r in res["rows"] if r["M"] == 1)
+    assert one["bnb_ms"] == other["bnb_ms"] and one["dense_ms"] == other["dense_ms"]  # timed once per problem
     assert "GPU goals" in capsys.readouterr().out
 
 
@@ -51,10 +54,26 @@ def test_bad_arguments(tmp_path):
         gemv_bench.run(device="cpu", ms=(17,), out=tmp_path)
     with pytest.raises(ValueError, match="ms must"):
         gemv_bench.run(device="cpu", ms=(), out=tmp_path)
+    with pytest.raises(ValueError, match="kernels must"):
+        gemv_bench.run(device="cpu", kernels=("wgmma",), out=tmp_path)
+
+
+def test_kernels_the_device_does_not_allow_are_left_out(monkeypatch):
+    """On CUDA a kernel whose eligibility rule refuses the call gets no row (it would time the other)."""
+    from lora_kernels import NF4Weight
+    from lora_kernels.ops import nf4_gemv
+    q = NF4Weight.quantize(torch.randn(32, 320))
+    monkeypatch.setattr(nf4_gemv, "mma_eligible", lambda x2, wq: wq.K % 256 == 0)
+    x = torch.randn(2, 320)
+    assert gemv_bench._runnable(("simt", "mma"), x, q, torch.device("cuda")) == ["simt"]
+    q256 = NF4Weight.quantize(torch.randn(32, 256))
+    assert gemv_bench._runnable(("simt", "mma"), torch.randn(2, 256), q256, torch.device("cuda")) == ["simt", "mma"]
+    assert gemv_bench._runnable(("mma",), x, q, torch.device("cpu")) == ["mma"]  # CPU: the spec runs both
 
 
 def test_cli(tmp_path):
     from lora_kernels.__main__ import main
     main(["gemv", "--device", "cpu", "--shapes", "64,32", "--m", "1", "--r", "2", "--reps", "1",
-          "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "gemv_float32.json").read_text())["rows"][0]["N"] == 32
+          "--kernels", "mma", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gemv_float32.json").read_text())["rows"]
+    assert [(r["N"], r["kernel"]) for r in rows] == [(32, "mma")]
