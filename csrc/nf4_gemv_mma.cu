@@ -2,6 +2,7 @@
 // entry point and the SIMT kernel are in nf4_gemv_lora.cu.
 #include "nf4_gemv.cuh"
 
+#include <atomic>
 #include <type_traits>
 
 namespace lora_kernels {
@@ -353,11 +354,13 @@ void launch_mma_stages(const at::Tensor& x, const NF4Args& q, const at::Tensor& 
                        bool after_shrink, cudaStream_t stream) {
   auto kernel = nf4_gemv_mma_kernel<T, TA, NT, DQ, STAGES>;
   constexpr int smem = mma_smem_bytes(STAGES);
-  static const bool configured = [&] {  // per instantiation, once
+  static std::atomic<uint64_t> configured{0};  // per instantiation: a bit per device it was allowed on
+  const int device = c10::cuda::current_device();
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (device >= 64 || !(configured.load() & bit)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    return true;
-  }();
-  (void)configured;
+    configured.fetch_or(bit);
+  }
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);  // one resident block per SM
   cudaLaunchConfig_t config = {};
