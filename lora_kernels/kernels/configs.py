@@ -275,6 +275,13 @@ def nf4_dequantize_tiles_config(blocksize: int) -> TileConfig:
 # M = 1024-8192 it is 2-30x faster; at M = 32 the two are mixed.
 NF4_CUBLAS_MIN_M = 64
 NF4_SLAB_BYTES = 16 << 20
+# The same route for a dense base weight (no decode: cuBLAS reads W itself) from this many rows:
+# the LoRA term and bias from the GEMM kernels' epilogues (one extra write and read of y, or of dX,
+# against the fused Triton GEMMs), the base products at cuBLAS speed. On an H200 the Triton forward
+# GEMM took 1.02-1.21x the cuBLAS base matmul at M = 8192 (bench_bfloat16.json) and fwd+bwd 1.01-1.13x
+# PEFT's time; this route has not run on a GPU yet, so it is off (0) until measured: the bench's
+# lora_kernels_cublas row times it. Overridden per call by LORA_KERNELS_DENSE_CUBLAS_MIN_M.
+DENSE_CUBLAS_MIN_M = 0
 
 
 # Kernels with a split-K small-M configuration (forward_gemm_config(..., small_m=True)).

@@ -171,6 +171,20 @@ def use_nf4_cublas(M: int, wq: Optional[NF4Tensors]) -> bool:
     return wq is not None and 0 < min_m <= M and nf4_aligned(wq, nf4_slab_block_k(wq))
 
 
+# Overrides configs.DENSE_CUBLAS_MIN_M (read per call): the cuBLAS base route for dense weights.
+DENSE_CUBLAS_MIN_M_ENV = "LORA_KERNELS_DENSE_CUBLAS_MIN_M"
+
+
+def use_cublas_base(M: int, wq: Optional[NF4Tensors]) -> bool:
+    """Whether a forward / dX over M rows runs its base product on cuBLAS, the LoRA term and bias in
+    the GEMM kernels' epilogues: NF4 weights by ``use_nf4_cublas`` (slabs of the decoded weight), dense
+    ones from configs.DENSE_CUBLAS_MIN_M rows (LORA_KERNELS_DENSE_CUBLAS_MIN_M; 0: off)."""
+    if wq is not None:
+        return use_nf4_cublas(M, wq)
+    min_m = env_nonnegative_int(DENSE_CUBLAS_MIN_M_ENV, configs.DENSE_CUBLAS_MIN_M)
+    return 0 < min_m <= M
+
+
 def _slab_extent(other: int, length: int, element_size: int, step: int) -> int:
     """Rows (or columns) of a slab of a [length, other] (or [other, length]) weight: what fits
     configs.NF4_SLAB_BYTES, in multiples of ``step``, at least one step, and at most half the
@@ -314,8 +328,8 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     has_dropout = seed is not None
 
     small_m = M <= small_m_max()
-    nf4_cublas = use_nf4_cublas(M, wq)
-    if not small_m and not nf4_cublas and use_fused_forward(M, r, *key, scale):
+    cublas_base = use_cublas_base(M, wq)
+    if not small_m and not cublas_base and use_fused_forward(M, r, *key, scale):
         cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = cdiv(M, cfg.blocks["BLOCK_M"])
@@ -341,8 +355,8 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         UPCAST_DOT=flags["UPCAST_DOT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if nf4_cublas:
-        _nf4_cublas_forward(x2, wq, h, lora_B, bias, y2, scale, R, key, flags)
+    if cublas_base:
+        _cublas_base_forward(x2, weight, wq, h, lora_B, bias, y2, scale, R, key, flags)
         return y2, h
 
     if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
@@ -381,11 +395,13 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     return y2, h
 
 
-def _nf4_cublas_forward(x2, wq: NF4Tensors, h, lora_B, bias, y2, scale: float, R: int, key, flags):
+def _cublas_base_forward(x2, weight, wq: Optional[NF4Tensors], h, lora_B, bias, y2, scale: float, R: int, key,
+                         flags):
     """y2 = x2 @ W^T + scale * h @ B^T + bias for a large M: the LoRA term and bias from the forward
     GEMM kernel with an empty K-loop (its epilogue, adapters in their dtype), then x2 @ W^T added by
-    cuBLAS one slab of W's rows at a time (decoded into a bounded buffer: no full-precision copy of W
-    exists; the slabs' columns of y2 are disjoint, so the result does not depend on the slab size)."""
+    cuBLAS: a dense W at once, an NF4 one a slab of rows at a time (decoded into a bounded buffer: no
+    full-precision copy of W exists; the slabs' columns of y2 are disjoint, so the result does not
+    depend on the slab size)."""
     M, K = x2.shape
     N = lora_B.shape[0]
     cfg = configs.forward_gemm_config(R, *key, "dense")
@@ -399,16 +415,20 @@ def _nf4_cublas_forward(x2, wq: NF4Tensors, h, lora_B, bias, y2, scale: float, R
         scale,
         R=R, HAS_BIAS=bias is not None, SPLIT_K=False, **flags, **cfg.blocks, **w_consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if wq is None:
+        y2.addmm_(x2, weight.t())
+        return
     rows = _slab_extent(K, N, x2.element_size(), 64)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         y2[:, n0:n1].addmm_(x2, _nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())
 
 
-def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, dropout_p: float, R: int, key, flags):
+def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora_A, seed, dx2, dropout_p: float,
+                            R: int, key, flags):
     """dx2 = keep * (dH @ A) / (1 - p) + dY @ W for a large M: the masked LoRA term from the dX kernel
-    with an empty N-loop, then dY @ W added by cuBLAS one slab of W's columns at a time (bounded
-    buffer; disjoint columns of dx2)."""
+    with an empty N-loop, then dY @ W added by cuBLAS (an NF4 W one slab of columns at a time:
+    bounded buffer; disjoint columns of dx2)."""
     M, N = grad_y2.shape
     K = lora_A.shape[1]
     cfg = configs.grad_input_config(R, *key, "dense")
@@ -422,6 +442,9 @@ def _nf4_cublas_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dx2, drop
         drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         R=R, HAS_DROPOUT=seed is not None, **flags, **cfg.blocks, **w_consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if wq is None:
+        dx2.addmm_(grad_y2, weight)
+        return
     cols = _slab_extent(N, K, grad_y2.element_size(), 64)
     for k0 in range(0, K, cols):
         k1 = min(K, k0 + cols)
@@ -477,7 +500,11 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         if need_bias:
             d_bias = colsum_ws.sum(0)
 
-    if need_x and wq is None and use_tma(M, r, *key, grad_y2, weight):
+    if need_x and use_cublas_base(M, wq):
+        dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
+        _cublas_base_grad_input(grad_y2, weight, wq, d_h, lora_A, seed if has_dropout else None, dx2, dropout_p, R,
+                                key, flags)
+    elif need_x and wq is None and use_tma(M, r, *key, grad_y2, weight):
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.tma_grad_input_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
@@ -490,9 +517,6 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
             drop_threshold(dropout_p), keep_scale,
             R=R, HAS_DROPOUT=has_dropout, **flags, **cfg.blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif need_x and use_nf4_cublas(M, wq):
-        dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
-        _nf4_cublas_grad_input(grad_y2, wq, d_h, lora_A, seed if has_dropout else None, dx2, dropout_p, R, key, flags)
     elif need_x:
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = _gemm_config(configs.grad_input_config, wq, R, *key)

@@ -13,6 +13,8 @@ dense (writes bench_<dtype>.{json,csv,png})
                       accelerator; sm_90 GPUs)
     lora_kernels_triton the same as lora_kernels on the Triton kernels where the default takes the
                       small-M PyTorch route (CUDA, M <= configs.DENSE_TORCH_MAX_M, no dropout)
+    lora_kernels_cublas the same as lora_kernels with the cuBLAS base route at every M (x W^T and dY W
+                      by cuBLAS, the LoRA terms and biases in the Triton kernels' epilogues; CUDA)
     peft              ``peft.tuners.lora.layer.Linear`` around ``nn.Linear(K, N, bias=False)``
     peft_fa           the same with lora_A frozen
     peft_compiled     ``torch.compile(<peft layer>, dynamic=True)`` (default mode); compiled by the
@@ -91,7 +93,7 @@ import lora_kernels
 # The eager dense providers (the memory profile uses these); ``DENSE_PROVIDERS`` adds torch.compile.
 ALL_IMPLS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "torch_unfused", "base")
 DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lora_kernels_tma", "lora_kernels_triton",
-                   "peft", "peft_fa", "peft_compiled", "torch_unfused", "base")
+                   "lora_kernels_cublas", "peft", "peft_fa", "peft_compiled", "torch_unfused", "base")
 # LoRA variants on the fused kernels (opt-in with --providers): their cost over plain lora_kernels is
 # reported as ratio_vs_lora_kernels. dylora: rank r out of an r_max = 2r adapter, run on the views
 # A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does;
@@ -454,9 +456,9 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
         elif name == "lora_kernels_fa":
             out[name] = Impl(name, lambda: lora_linear(x, W, A_frozen, B, s, dropout_p=dropout_p), [x, B], params,
                              infer=lambda: lora_linear(x_infer, W, A_frozen, B, s))
-        elif name in ("lora_kernels_fused", "lora_kernels_tma", "lora_kernels_triton"):
+        elif name in ("lora_kernels_fused", "lora_kernels_tma", "lora_kernels_triton", "lora_kernels_cublas"):
             around = {"lora_kernels_fused": fused_forward, "lora_kernels_tma": tma_gemms,
-                      "lora_kernels_triton": triton_route}[name]
+                      "lora_kernels_triton": triton_route, "lora_kernels_cublas": cublas_base}[name]
             out[name] = Impl(name, lambda: lora_linear(x, W, A, B, s, dropout_p=dropout_p), [x, A, B], params,
                              infer=lambda: lora_linear(x_infer, W, A, B, s), around=around)
         elif name in ("peft_dora", "lora_kernels_dora"):
@@ -519,6 +521,18 @@ def tma_gemms(fn):
     """fn() with the TMA GEMMs (forward and dX) switched on for every M (on the Triton route)."""
     from lora_kernels.ops.triton_launch import TMA_MIN_M_ENV
     return triton_route(with_env(TMA_MIN_M_ENV, 1, fn))
+
+
+def cublas_base(fn):
+    """fn() with the cuBLAS base route switched on for every M (on the Triton route)."""
+    from lora_kernels.ops.triton_launch import DENSE_CUBLAS_MIN_M_ENV
+    return triton_route(with_env(DENSE_CUBLAS_MIN_M_ENV, 1, fn))
+
+
+def cublas_base_not_applicable(case, device, dtype) -> Optional[str]:
+    """Why the cuBLAS base route would not run for ``case``: it is a route of the Triton backend, which
+    CPU tensors take only under the interpreter (not a timing anyone needs)."""
+    return "the cuBLAS base route is timed on CUDA only" if device.type != "cuda" else None
 
 
 def triton_route(fn):
@@ -727,7 +741,8 @@ DENSE = Family(
     not_applicable=lambda case, provider, device, dtype: (
         fused_forward_not_applicable(case, device, dtype) if provider == "lora_kernels_fused"
         else tma_not_applicable(case, device, dtype) if provider == "lora_kernels_tma"
-        else triton_route_not_applicable(case, device, dtype) if provider == "lora_kernels_triton" else None),
+        else triton_route_not_applicable(case, device, dtype) if provider == "lora_kernels_triton"
+        else cublas_base_not_applicable(case, device, dtype) if provider == "lora_kernels_cublas" else None),
     finalize=_dense_finalize,
     summary=lambda result: format_goals("fused LoRA goals", result["goals"]),
 )

@@ -90,6 +90,29 @@ def test_layouts_and_leading_dims(backend, layout, lead, dtypes):
     _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.3)
 
 
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F16, F32)], ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+def test_large_m_cublas_base_route(backend, monkeypatch, dtypes):
+    # M >= LORA_KERNELS_DENSE_CUBLAS_MIN_M: the base products x W^T and dY W on cuBLAS, the LoRA terms,
+    # dropout mask and biases from the GEMM kernels' epilogues (empty K / N loops); 3-D and
+    # transposed x; below the threshold, the fused GEMMs
+    if backend.name == "torch":
+        pytest.skip("a route of the Triton backend")
+    from lora_kernels.ops import triton_launch
+    routes = []
+    for name in ("_cublas_base_forward", "_cublas_base_grad_input"):
+        real = getattr(triton_launch, name)
+        monkeypatch.setattr(triton_launch, name, lambda *a, real=real, name=name: (routes.append(name), real(*a))[1])
+    monkeypatch.setenv(triton_launch.DENSE_CUBLAS_MIN_M_ENV, "30")
+    for layout in ("contiguous", "transposed"):
+        pb = make_problem((3, 11), 72, 40, 8, *dtypes, bias=True, lora_B_bias=True, layout=layout, seed=31)
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    assert routes == ["_cublas_base_forward", "_cublas_base_grad_input"] * 2
+    routes.clear()
+    pb = make_problem((29,), 72, 40, 8, *dtypes, bias=True, seed=32)
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    assert routes == []
+
+
 def _in_layout(t: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
     """A leaf like t (dtype, device, requires_grad) in an odd memory layout: "transposed" (2-D,
     column-major), "strided" (every other element of the last dim; the gaps hold other random

@@ -522,7 +522,7 @@ def test_forward_variant_rows_apply_where_their_kernel_runs(monkeypatch, not_app
 
 
 @pytest.mark.parametrize("provider, reason", [("lora_kernels_fused", "sm_90"), ("lora_kernels_tma", "sm_90"),
-                                              ("lora_kernels_triton", "CUDA")])
+                                              ("lora_kernels_triton", "CUDA"), ("lora_kernels_cublas", "CUDA")])
 def test_cpu_run_reports_the_forward_variant_rows_not_applicable(tmp_path, provider, reason):
     res = bench.run(shapes=[(20, 32, 24, 4)], device="cpu", reps=1, warmup=0, out=tmp_path,
                     providers=[provider, "base"], families=["dense"], verbose=False, plot=False)["dense"]
@@ -575,6 +575,30 @@ def test_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_n
     default = forward_backward("lora_kernels")
     assert len(launched) == 1  # the plain provider keeps the default kernels
     for got, want in zip(variant, default):
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+def test_cublas_provider_switches_its_route_on(monkeypatch):
+    routes = []
+    for name in ("_cublas_base_forward", "_cublas_base_grad_input"):
+        real = getattr(triton_launch, name)
+        monkeypatch.setattr(triton_launch, name, lambda *a, real=real, name=name: (routes.append(name), real(*a))[1])
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.delenv(triton_launch.DENSE_CUBLAS_MIN_M_ENV, raising=False)
+    p = bench.make_problem(20, 32, 24, 4, torch.device("cpu"), torch.float16)
+    impls = bench.build_impls(p, ["lora_kernels", "lora_kernels_cublas"])
+    dy = torch.randn(20, 24, generator=torch.Generator().manual_seed(1)).half()
+    results = {}
+    for name in ("lora_kernels_cublas", "lora_kernels"):
+        p.x.grad = None
+        y = impls[name].forward()
+        impls[name].backward(y, dy)
+        results[name] = (y, p.x.grad)
+        if name == "lora_kernels_cublas":
+            assert routes == ["_cublas_base_forward", "_cublas_base_grad_input"]
+    assert len(routes) == 2 and triton_launch.DENSE_CUBLAS_MIN_M_ENV not in os.environ  # the default: off
+    for got, want in zip(results["lora_kernels_cublas"], results["lora_kernels"]):
         assert torch.allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
