@@ -509,7 +509,7 @@ def render_aot(f: ResultFile) -> list:
     body.append(["**all**", ""] + summary(rows))
     if len(body) > MAX_TABLE_ROWS:  # keep the total row visible
         body = body[:MAX_TABLE_ROWS - 1] + [body[-1]]
-    return ["Compiled, never run: per kernel and weight format."] + [""] + md_table(header, body)
+    return ["Compile-only check (no GPU involved): per kernel and weight format."] + [""] + md_table(header, body)
 
 
 def _csrc_spilled(row) -> bool:
@@ -531,8 +531,9 @@ def render_csrc_check(f: ResultFile) -> list:
                      fmt_num(max((r["regs"] for r in kernels if r.get("regs") is not None), default=None)),
                      fmt_num(max((r["smem"] for r in kernels if r.get("smem") is not None), default=None)),
                      str(sum(_csrc_spilled(r) for r in kernels))])
-    return (["Compiled, never run: per source file and target."] + [""]
-            + md_table(["file", "target", "kernels", "errors", "max regs", "max smem B", "spilling kernels"],
+    return (["Compile-only check (no GPU involved): per source file and target; shared memory as ptxas reports "
+             "it (static: dynamic shared memory is sized at launch)."] + [""]
+            + md_table(["file", "target", "kernels", "errors", "max regs", "max static smem B", "spilling kernels"],
                        body))
 
 
