@@ -46,7 +46,7 @@ DEFAULT_GEMV_MAX_M = GEMV_MAX_ROWS  # measured faster than the Triton path at M 
 GEMV_KERNELS = ("simt", "mma")  # the op's `kernel` argument is the index
 NF4_GEMV_KERNEL_ENV = "LORA_KERNELS_NF4_GEMV_KERNEL"
 DEFAULT_GEMV_KERNEL = "simt"  # the measured one; "mma" has not run on a GPU yet (module docstring)
-# Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_lora.cu:
+# Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_mma.cu:
 # the code-pair table, reduction, h, absmax table and two ring stages for each of its 16 warps).
 MMA_SHARED_BYTES = 160768
 MMA_K_MULTIPLE = 256  # one pass: 4 quantization blocks of a row
