@@ -21,11 +21,13 @@ Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_lora.cu explains both):
 ``simt``) when the call is eligible for it, else ``simt``.
 
 Dispatch: ``use_cuda_gemv`` sends a forward here when the extension is loaded, the call is
-eligible and M <= ``cuda_gemv_max_m()``: by default every M it supports (16), as measured on an
+eligible and M <= ``cuda_gemv_max_m()``: by default every M one launch takes (16), as measured on an
 H200 (benchmarks/results/nvidia-h200/: gemv_bfloat16.json against the Triton small-M path's
 lora_kernels_nf4 rows of bench_qlora_bfloat16.json): 0.05 vs 1.0 ms at M = 1 and 0.25 vs 1.0 ms at
 M = 16 on 4096x14336, 0.13 vs 3.9 ms and 0.90 vs 3.9 ms on 8192x28672 (the SIMT kernel).
-LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off).
+LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off; up to 64, run 16 rows per launch:
+each launch streams the weight again, which the tensor-core kernel may afford up to M = 64 where
+the large-M path decodes W into slabs and reads them back; not measured yet).
 """
 import functools
 import os
@@ -39,7 +41,8 @@ from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.reference import torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
 
-GEMV_MAX_ROWS = 16  # the kernel's row tiles go up to 16
+GEMV_MAX_ROWS = 16  # rows per launch: the kernels' row tiles go up to 16
+GEMV_CHUNKED_MAX_M = 64  # larger M runs one launch per 16 rows (each streams the weight again)
 GEMV_MAX_RANK = 64  # h lives in shared memory per block
 NF4_GEMV_ENV = "LORA_KERNELS_NF4_GEMV_MAX_M"
 DEFAULT_GEMV_MAX_M = GEMV_MAX_ROWS  # measured faster than the Triton path at M = 1, 4, 16 (module docstring)
@@ -93,8 +96,9 @@ def load_extension() -> bool:
 
 
 def cuda_gemv_max_m() -> int:
-    """Largest M sent to the CUDA GEMV (env override, else DEFAULT_GEMV_MAX_M; capped at 16)."""
-    return min(env_nonnegative_int(NF4_GEMV_ENV, DEFAULT_GEMV_MAX_M), GEMV_MAX_ROWS)
+    """Largest M sent to the CUDA GEMV (env override, else DEFAULT_GEMV_MAX_M; capped at
+    GEMV_CHUNKED_MAX_M: above 16 rows, one launch per 16)."""
+    return min(env_nonnegative_int(NF4_GEMV_ENV, DEFAULT_GEMV_MAX_M), GEMV_CHUNKED_MAX_M)
 
 
 def _power_of_two(n: int) -> bool:
@@ -155,6 +159,11 @@ def cuda_gemv_forward(x2: Tensor, wq: NF4Tensors, lora_A: Tensor, lora_B: Tensor
     tensor-core kernel, 16-byte aligned rows). ``kernel``: as ``gemv_kernel``."""
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > GEMV_MAX_ROWS:  # one launch per 16 rows: each streams the weight, so M / 16 times the bytes
+        parts = [cuda_gemv_forward(x2[m0:m0 + GEMV_MAX_ROWS], wq, lora_A, lora_B, bias, scale, kernel)
+                 for m0 in range(0, M, GEMV_MAX_ROWS)]
+        return torch.cat([y for y, _ in parts]), torch.cat([h for _, h in parts])
     chosen = gemv_kernel(x2, wq, kernel)
     if chosen == "mma" and (x2.data_ptr() % 16 or x2.stride(0) % 8):
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy of <= 16 rows

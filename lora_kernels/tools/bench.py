@@ -26,7 +26,8 @@ dense (writes bench_<dtype>.{json,csv,png})
     lora_kernels_dylora, lora_kernels_adalora, peft_dora (PEFT's DoRA layer), lora_kernels_dora
     (that layer patched; compared with peft_dora)
 nf4 (writes bench_qlora_<dtype>.*; see ``lora_kernels.tools.qlora_bench``)
-    lora_kernels_nf4, lora_kernels_nf4_fa, lora_kernels_nf4_gemv (the CUDA C++ decode GEMV, M <= 16,
+    lora_kernels_nf4, lora_kernels_nf4_fa, lora_kernels_nf4_gemv / _gemv_mma (the CUDA C++ decode GEMV's
+    SIMT / tensor-core kernel, M <= 64 in launches of 16 rows,
     CUDA with the built extension only), peft_qlora, bnb_matmul_4bit, base_dense (the floor)
 x requires grad everywhere (a hidden layer); W never does. scale = lora_alpha / r = 2.
 

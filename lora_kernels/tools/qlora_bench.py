@@ -5,8 +5,10 @@ Providers, all on the same NF4 bytes (block size 64, double quantization), adapt
 in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_bench on CUDA):
     lora_kernels_nf4       ``lora_kernels.nf4_lora_linear`` (A and B trainable)
     lora_kernels_nf4_fa    the same with lora_A frozen (LoRA-FA)
-    lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on (csrc/; CUDA with the built
-                           extension, M <= 16, fp16/bf16, r <= 64 only: "not_applicable" elsewhere)
+    lora_kernels_nf4_gemv  the same with the CUDA C++ decode GEMV forced on (csrc/, its SIMT kernel; CUDA
+                           with the built extension, M <= 64 (one launch per 16 rows), fp16/bf16,
+                           r <= 64 only: "not_applicable" elsewhere)
+    lora_kernels_nf4_gemv_mma the same with the GEMV's tensor-core kernel (where it can take the call)
     lora_kernels_nf4_fused the same with the one-launch forward switched on (see bench's
                            lora_kernels_fused; "not_applicable" where it would not run)
     lora_kernels_nf4_cublas the same with the slab-decode + cuBLAS base products switched on for
@@ -44,9 +46,10 @@ from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
-QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
+GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")  # CUDA with the built extension only
+QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
                "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora", "bnb_matmul_4bit", "base_dense")
-LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", "lora_kernels_nf4_gemv", "lora_kernels_nf4_fused",
+LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
               "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora")  # base + LoRA
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
@@ -144,11 +147,10 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             out[name] = Impl(name, lambda a=a: nf4_lora_linear(x, q, a, B, s),
                              [x, B] + ([A] if a is A else []), params,
                              infer=lambda a=a: nf4_lora_linear(x_infer, q, a, B, s))
-        elif name == "lora_kernels_nf4_gemv":
-            from lora_kernels.ops.nf4_gemv import GEMV_MAX_ROWS, NF4_GEMV_ENV
+        elif name in GEMV_IMPLS:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
-                             around=functools.partial(with_env, NF4_GEMV_ENV, GEMV_MAX_ROWS))
+                             around=functools.partial(_with_gemv, "mma" if name.endswith("_mma") else "simt"))
         elif name in PATH_SETTINGS:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
@@ -180,6 +182,12 @@ PATH_SETTINGS = {
 }
 
 
+def _with_gemv(kernel: str, fn):
+    """A callable running fn() with the CUDA GEMV on for every M it takes, with ``kernel``."""
+    from lora_kernels.ops.nf4_gemv import GEMV_CHUNKED_MAX_M, NF4_GEMV_ENV, NF4_GEMV_KERNEL_ENV
+    return with_env(NF4_GEMV_ENV, GEMV_CHUNKED_MAX_M, with_env(NF4_GEMV_KERNEL_ENV, kernel, fn))
+
+
 def _with_path(name: str, fn):
     """A callable running fn() with provider ``name``'s dispatch switches (``PATH_SETTINGS``)."""
     if name == "lora_kernels_nf4_fused":
@@ -190,8 +198,8 @@ def _with_path(name: str, fn):
 
 
 def available_qlora_impls(impls) -> list:
-    """``impls`` without the rows whose libraries cannot be imported (warns), and without
-    lora_kernels_nf4_gemv unless the CUDA extension is built and a GPU is present."""
+    """``impls`` without the rows whose libraries cannot be imported (warns), and without the
+    GEMV rows (``GEMV_IMPLS``) unless the CUDA extension is built and a GPU is present."""
     impls = list(impls)
     for lib, rows in (("bitsandbytes", ("peft_qlora", "bnb_matmul_4bit")), ("peft", ("peft_qlora",))):
         if any(i in rows for i in impls):
@@ -200,25 +208,31 @@ def available_qlora_impls(impls) -> list:
             except Exception as e:  # any import failure: the other rows are still worth measuring
                 warnings.warn(f"{lib} unavailable ({e!r}); skipping {[i for i in impls if i in rows]}")
                 impls = [i for i in impls if i not in rows]
-    if "lora_kernels_nf4_gemv" in impls:
+    if any(i in GEMV_IMPLS for i in impls):
         from lora_kernels.ops.nf4_gemv import load_extension
         if not (torch.cuda.is_available() and load_extension()):  # a GPU and the built extension
-            impls = [i for i in impls if i != "lora_kernels_nf4_gemv"]
+            impls = [i for i in impls if i not in GEMV_IMPLS]
     return impls
 
 
 def _not_applicable(case, provider, device, dtype):
     if provider == "lora_kernels_nf4_fused":
         return fused_forward_not_applicable(case, device, dtype)
-    if provider != "lora_kernels_nf4_gemv":
+    if provider not in GEMV_IMPLS:
         return None
-    from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS
+    from lora_kernels.ops import nf4_gemv
     if device.type != "cuda":
         return "CUDA only"
-    if case.M > GEMV_MAX_ROWS:
-        return f"M > {GEMV_MAX_ROWS}: the GEMV is not dispatched, the row would repeat lora_kernels_nf4"
-    if case.r > GEMV_MAX_RANK or dtype not in (torch.float16, torch.bfloat16):
-        return f"the GEMV needs fp16/bf16 and r <= {GEMV_MAX_RANK}"
+    if case.M > nf4_gemv.GEMV_CHUNKED_MAX_M:
+        return f"M > {nf4_gemv.GEMV_CHUNKED_MAX_M}: the GEMV is not dispatched, the row would repeat lora_kernels_nf4"
+    if case.r > nf4_gemv.GEMV_MAX_RANK or dtype not in (torch.float16, torch.bfloat16):
+        return f"the GEMV needs fp16/bf16 and r <= {nf4_gemv.GEMV_MAX_RANK}"
+    if provider.endswith("_mma"):
+        if case.K % nf4_gemv.MMA_K_MULTIPLE:
+            return f"the tensor-core GEMV needs K % {nf4_gemv.MMA_K_MULTIPLE} == 0 (the row would repeat the SIMT one)"
+        props = nf4_gemv._device_properties(device)
+        if props.major < 8 or getattr(props, "shared_memory_per_block_optin", 0) < nf4_gemv.MMA_SHARED_BYTES:
+            return "the tensor-core GEMV needs sm_80+ with >= 157 KiB of shared memory per block"
     return None
 
 

@@ -121,8 +121,10 @@ def test_dispatch_rule(monkeypatch):
     assert not nf4_gemv.use_cuda_gemv(x, torch.randn(2, 64), 0.0, None, wq)  # CPU tensors never
     monkeypatch.delenv(nf4_gemv.NF4_GEMV_ENV, raising=False)
     assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.DEFAULT_GEMV_MAX_M
-    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "64")
-    assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.GEMV_MAX_ROWS
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "32")
+    assert nf4_gemv.cuda_gemv_max_m() == 32  # above 16 rows: one launch per 16
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "1000")
+    assert nf4_gemv.cuda_gemv_max_m() == nf4_gemv.GEMV_CHUNKED_MAX_M == 64
     for bad in ("-1", "x"):
         monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, bad)
         with pytest.raises(ValueError, match=nf4_gemv.NF4_GEMV_ENV):
@@ -153,6 +155,27 @@ def test_eligibility_rule_with_cuda_stand_ins(monkeypatch):
     assert nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, NS(blocksize=64, nested_blocksize=100, absmax_code=None))
     monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")  # the default: off
     assert not nf4_gemv.use_cuda_gemv(x(1), A, 0.0, None, wq)
+
+
+@pytest.mark.parametrize("M", [16, 17, 40])
+def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
+    """cuda_gemv_forward splits M > 16 into launches of at most 16 rows (the op's CPU spec stands in
+    for the kernel here) and stitches y and h back in order."""
+    args, q = _inputs(M, 128, 24, 4, torch.float32, torch.float32, True)
+    rows = []
+    real = nf4_gemv.torch.ops.lora_kernels.nf4_gemv_lora
+
+    def spy(x, *rest):
+        rows.append(x.shape[0])
+        return real(x, *rest)
+    monkeypatch.setattr(nf4_gemv.torch.ops.lora_kernels, "nf4_gemv_lora", spy)
+    x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
+    y, h = nf4_gemv.cuda_gemv_forward(x, _wq(q, 24, 128), A, B, b, scale)
+    assert rows == [16] * (M // 16) + ([M % 16] if M % 16 else [])
+    y_ref, h_ref = _reference(args, q)
+    assert y.shape == (M, 24) and h.shape == (M, 4)
+    assert_close(y, y_ref, 1e-5, "y")
+    assert_close(h, h_ref, 1e-5, "h")
 
 
 def test_missing_extension_is_silent(recwarn):

@@ -41,7 +41,7 @@ def test_qlora_bench_writes_sane_results(tmp_path):
     not_applicable = data["not_applicable"].get(f"{M},{K},{N},{R}", {})
     assert set(rows) | set(skipped) | set(not_applicable) == set(data["config"]["impls"])
     assert set(not_applicable) == {"lora_kernels_nf4_fused"}
-    assert set(data["config"]["impls"]) == set(qlora_bench.QLORA_IMPLS) - {"lora_kernels_nf4_gemv"}
+    assert set(data["config"]["impls"]) == set(qlora_bench.QLORA_IMPLS) - set(qlora_bench.GEMV_IMPLS)
     assert not skipped, skipped  # bitsandbytes and peft are test dependencies: every row runs
     for r in rows.values():
         assert all(r[f"{ph}_ms"] > 0 for ph in qlora_bench.PHASES)
@@ -137,16 +137,27 @@ def test_qlora_cli_shares_the_bench_sweep_options():
         qlora_bench.run(shapes=[(M, K, N, R)], device="cpu", providers=["lora_kernels"], verbose=False)
 
 
-def test_gemv_provider_applicability():
+def test_gemv_provider_applicability(monkeypatch):
+    from types import SimpleNamespace as NS
+
     import torch
 
+    from lora_kernels.ops import nf4_gemv
     from lora_kernels.tools.bench import Case
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     na = qlora_bench._not_applicable
+    hopper = NS(major=9, shared_memory_per_block_optin=232448)  # stand-in device properties (no GPU here)
+    monkeypatch.setattr(nf4_gemv, "_device_properties", lambda device: hopper)
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16) is None
     assert na(Case(16, 4096, 4096, 64), "lora_kernels_nf4_gemv", cuda, torch.float16) is None
-    assert "M > 16" in na(Case(17, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16)
+    assert na(Case(64, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16) is None  # 4 launches
+    assert "M > 64" in na(Case(65, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16)
+    assert na(Case(64, 4096, 4096, 16), "lora_kernels_nf4_gemv_mma", cuda, torch.bfloat16) is None
+    assert "K % 256" in na(Case(8, 4000, 4096, 16), "lora_kernels_nf4_gemv_mma", cuda, torch.bfloat16)
+    assert na(Case(8, 4000, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.bfloat16) is None  # SIMT: any K
+    monkeypatch.setattr(nf4_gemv, "_device_properties", lambda device: NS(major=8, shared_memory_per_block_optin=101376))
+    assert "shared memory" in na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv_mma", cuda, torch.bfloat16)
     assert na(Case(8, 4096, 4096, 128), "lora_kernels_nf4_gemv", cuda, torch.bfloat16)
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.float32)
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cpu, torch.bfloat16) == "CUDA only"
@@ -156,9 +167,13 @@ def test_gemv_provider_applicability():
 def test_path_providers_pin_their_path(monkeypatch):
     # each forced-path row must time that path at every M: the CUDA GEMV (M <= 16 by default) off
     from lora_kernels.ops.nf4_gemv import NF4_GEMV_ENV, cuda_gemv_max_m
+    from lora_kernels.ops.nf4_gemv import GEMV_CHUNKED_MAX_M, requested_gemv_kernel
     from lora_kernels.ops.triton_launch import FUSED_MIN_M_ENV, NF4_CUBLAS_MIN_M_ENV
-    for variable in (NF4_GEMV_ENV, NF4_CUBLAS_MIN_M_ENV, FUSED_MIN_M_ENV):
+    for variable in (NF4_GEMV_ENV, NF4_CUBLAS_MIN_M_ENV, FUSED_MIN_M_ENV, "LORA_KERNELS_NF4_GEMV_KERNEL"):
         monkeypatch.delenv(variable, raising=False)
+    for kernel in ("simt", "mma"):  # the GEMV rows: on for every M it takes, with their kernel
+        assert qlora_bench._with_gemv(kernel, lambda: (cuda_gemv_max_m(), requested_gemv_kernel()))() == (
+            GEMV_CHUNKED_MAX_M, kernel)
     seen = {}
     for name, cublas in (("lora_kernels_nf4_cublas", "1"), ("lora_kernels_nf4_triton", "0"),
                          ("lora_kernels_nf4_fused", "0")):
