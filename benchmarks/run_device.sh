@@ -4,7 +4,7 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests tests-nf4 tests-gemv sanitizer gemv ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
+#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
@@ -109,6 +109,11 @@ for step in $STEPS; do
                       > "$OUT/ncu_gemv.txt" 2>&1; tail -60 "$OUT/ncu_gemv.txt" ;;
         qlora|split-k) timeout $(cap 240) python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
         qlora-quick) timeout $(cap 150) python -m lora_kernels qlora --quick --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" ;;
+        qlora-small-m) # the QLoRA forward at decode / small-batch M (issue 3: M 2-64): both CUDA GEMV kernels
+                       # (up to 64 rows in launches of 16) against the slab and fused paths and PEFT + bnb
+                       timeout $(cap 200) python -m lora_kernels qlora --quick --model 8b --proj q,gate,down \
+                           --m 1,2,4,8,16,32,64 --modes fwd,infer --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,peft_qlora,bnb_matmul_4bit \
+                           --out "$OUT/qlora_small_m" 2>&1 | tee "$OUT/qlora_small_m.txt" ;;
         *) echo "unknown step $step" ;;
     esac
     SUMMARY+=("$step: $((SECONDS - step_start)) s")

@@ -7,7 +7,6 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 

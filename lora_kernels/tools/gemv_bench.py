@@ -9,9 +9,10 @@ the device and shape allow it), one inference forward of, timed side by side in 
     gemv_base   the same op with rank 0: the decode GEMV alone (the LoRA term's cost is the difference)
     bnb         bitsandbytes ``matmul_4bit`` on the same NF4 bytes (no LoRA)
     dense       ``F.linear`` on the dense weight in x's dtype (cuBLAS on CUDA)
-One row per kernel (bnb and dense timed once, repeated in both). Each row: ms per provider, the GEMV's weight bytes per second (packed codes + block scales, read
-once) as a fraction of the device-copy bandwidth measured in the same run, its speed-up over bnb and
-over the dense matmul, and the LoRA term's overhead. Goals (issue 5, at M = 1): ≥ 85 % of copy
+One row per kernel (bnb and dense timed once, repeated in both). Each row: ms per provider, the
+GEMV's weight bytes per second (packed codes + block scales, read once) as a fraction of the
+device-copy bandwidth measured in the same run, its speed-up over bnb and over the dense matmul,
+and the LoRA term's overhead. Goals (issue 5, at M = 1): ≥ 85 % of copy
 bandwidth, ≥ 1.5× bnb, ≥ 3.3× dense, LoRA term ≤ 5 %. On CUDA the op needs the built extension
 (``lora_kernels._C``); on CPU it runs its PyTorch spec (structure checks only: CPU times say nothing
 about the kernel). Writes gemv_<dtype>.{json,csv} with the metadata.
@@ -141,7 +142,8 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
     for row in rows:
         row["copy_fraction"] = row["gemv_GBps"] / ceilings["copy_GBps"]
     result = {"metadata": environment_metadata(device, dtype), "ceilings": ceilings,
-              "config": {"providers": list(PROVIDERS), "kernels": list(kernels), "timing": timing.describe(device), "statistic": "median",
+              "config": {"providers": list(PROVIDERS), "kernels": list(kernels), "timing": timing.describe(device),
+                         "statistic": "median",
                          "gemv_bytes": "NF4Weight.nbytes (packed codes + block scales), read once per call",
                          "copy_fraction": "gemv_GBps / the device-copy ceiling (read + write bytes per second)",
                          "lora_overhead": "gemv_lora_ms / gemv_base_ms - 1 (rank r vs rank 0, same op)"},
@@ -171,10 +173,12 @@ def check_goals(rows, device_type: str) -> dict:
 
 
 def format_table(rows, goals) -> str:
-    lines = [f"{'K x N':<14}{'M':>3}{'kernel':>7}{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}{'x copy':>8}"
+    lines = [f"{'K x N':<14}{'M':>3}{'kernel':>7}{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}"
+             f"{'x copy':>8}"
              f"{'x bnb':>7}{'x dense':>8}{'lora':>7}"]
     for r in rows:
-        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{r['kernel']:>7}{fmt_num(r['gemv_lora_ms'], '11.4f')}"
+        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{r['kernel']:>7}"
+                     f"{fmt_num(r['gemv_lora_ms'], '11.4f')}"
                      f"{fmt_num(r['gemv_base_ms'], '9.4f')}{fmt_num(r['bnb_ms'], '9.4f')}"
                      f"{fmt_num(r['dense_ms'], '9.4f')}{fmt_num(r['gemv_GBps'], '8.1f')}"
                      f"{fmt_num(r['copy_fraction'], '8.3f')}{fmt_num(r['speedup_vs_bnb'], '7.2f')}"

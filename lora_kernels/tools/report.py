@@ -547,7 +547,8 @@ def render_gemv(f: ResultFile) -> list:
     (files from before the tensor-core kernel have only the SIMT one), ms of the GEMV with and without
     the LoRA term, bitsandbytes and the dense matmul, and the goal ratios."""
     body = [[f"{r['K']}×{r['N']}", str(r["M"]), r.get("kernel", "simt"), fmt_num(r.get("gemv_lora_ms")),
-             fmt_num(r.get("gemv_base_ms")), fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")), fmt_num(r.get("copy_fraction")),
+             fmt_num(r.get("gemv_base_ms")), fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")),
+             fmt_num(r.get("copy_fraction")),
              fmt_num(r.get("speedup_vs_bnb")), fmt_num(r.get("speedup_vs_dense")), fmt_num(r.get("lora_overhead"))]
             for r in f.rows]
     lines = md_table(["K×N", "M", "kernel", "GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms", "× copy bandwidth",

@@ -90,7 +90,8 @@ def test_layouts_and_leading_dims(backend, layout, lead, dtypes):
     _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.3)
 
 
-@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F16, F32)], ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F16, F32)],
+                         ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
 def test_large_m_cublas_base_route(backend, monkeypatch, dtypes):
     # M >= LORA_KERNELS_DENSE_CUBLAS_MIN_M: the base products x W^T and dY W on cuBLAS, the LoRA terms,
     # dropout mask and biases from the GEMM kernels' epilogues (empty K / N loops); 3-D and

@@ -59,8 +59,8 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
         monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
     monkeypatch.setattr(qlora_bench, "split_k_sweep", lambda **kw: seen.append(("split_k_sweep", kw)))
     commands = {step: _lora_kernels_commands(body) for step, body in _branches().items()}
-    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "gemv", "split-k",
-                 "dora"):
+    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "qlora-small-m", "gemv",
+                 "split-k", "dora"):
         assert commands[step], f"step {step} runs no python -m lora_kernels command"
     for step, argvs in commands.items():
         for argv in argvs:
