@@ -38,20 +38,23 @@ namespace {
 //    loads in flight (sm_90, 3 stages) without holding them in registers. Each lane copies exactly
 //    the bytes it later reads, so the ring needs no barrier, only cp.async.wait_group.
 //  * Block = 16 warps on one 16-row tile, splitting its passes; partial sums are reduced through
-//    shared memory, then the epilogue adds s * h B^T + bias. Blocks are persistent (one per SM),
-//    so the table is built once per SM.
+//    shared memory, then the epilogue adds s * h B^T + bias (the tile's B rows and bias are loaded
+//    when the tile starts, so their latency is hidden by its passes). Blocks are persistent (one per
+//    SM), so the table is built once per SM.
 constexpr int kMmaWarps = 16;
 constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kPassGroups = 4;  // 64-weight groups per pass: one 4-byte word of absmax codes per row
 constexpr int kTileRows = 16;   // rows of W per tile: the mma's M
 constexpr int kMaxCols = 16;    // rows of x per tile at most (NT = 2)
-// Dynamic shared memory (bytes): the table, the cross-warp reduction, h, the absmax code table,
-// then each warp's ring. A stage holds one pass: codes [group][row lo/hi][lane] (8 bytes each),
+// Dynamic shared memory (bytes): the table, the cross-warp reduction, h, the tile's rows of B and
+// bias, the absmax code table, then each warp's ring. A stage holds one pass: codes [group][row lo/hi][lane] (8 bytes each),
 // scales [row][lane] (4 absmax codes, or 4 fp32 absmax), second-level scale [row][lane].
 constexpr int kTableBytes = 256 * 32 * 4;
 constexpr int kRedOffset = kTableBytes;
 constexpr int kHOffset = kRedOffset + kMmaWarps * kTileRows * kMaxCols * 4;
-constexpr int kCode2Offset = kHOffset + kMaxCols * kMaxRank * 4;
+constexpr int kBOffset = kHOffset + kMaxCols * kMaxRank * 4;
+constexpr int kBiasOffset = kBOffset + kTileRows * kMaxRank * 4;
+constexpr int kCode2Offset = kBiasOffset + kTileRows * 4;
 constexpr int kStagesOffset = kCode2Offset + 256 * 4;
 constexpr int kStageCodeBytes = kPassGroups * 2 * 32 * 8;
 constexpr int kStageScaleOffset = kStageCodeBytes;
@@ -175,6 +178,8 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
   float (*red_s)[kTileRows][kMaxCols] = reinterpret_cast<float (*)[kTileRows][kMaxCols]>(smem + kRedOffset);
   float (*h_s)[kMaxRank] = reinterpret_cast<float (*)[kMaxRank]>(smem + kHOffset);
+  float* b_s = reinterpret_cast<float*>(smem + kBOffset);  // [kTileRows][r] of the current tile
+  float* bias_s = reinterpret_cast<float*>(smem + kBiasOffset);
   float* code2_s = reinterpret_cast<float*>(smem + kCode2Offset);
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
@@ -230,6 +235,21 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
     }
+    // The epilogue's B rows and bias, loaded now so that their latency passes during the tile's
+    // passes (read in the epilogue, each thread would wait a memory latency per rank, per tile):
+    // 16 x r <= 1024 values, two per thread.
+    float b_pre[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int idx = threadIdx.x + e * kMmaThreads;
+      b_pre[e] = 0.f;
+      if (idx < kTileRows * r) {
+        const int64_t n = min(tile * kTileRows + idx / r, N - 1);
+        b_pre[e] = to_float<TA>(B[n * r + idx % r]);
+      }
+    }
+    const float bias_pre =
+        (bias != nullptr && threadIdx.x < kTileRows) ? bias[min(tile * kTileRows + threadIdx.x, N - 1)] : 0.f;
     for (int j = 0; j < my_passes; ++j, ++item) {
       if (item + STAGES - 1 < n_items) {
         issue_pass<DQ>(q, ring + ((item + STAGES - 1) % STAGES) * kStageBytes,
@@ -324,6 +344,12 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
       }
       h_ready = true;
     }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int idx = threadIdx.x + e * kMmaThreads;
+      if (idx < kTileRows * r) b_s[idx] = b_pre[e];
+    }
+    if (threadIdx.x < kTileRows) bias_s[threadIdx.x] = bias_pre;
     __syncthreads();
     for (int o = threadIdx.x; o < kTileRows * kCols; o += kMmaThreads) {
       const int row = o / kCols, m = o % kCols;
@@ -333,12 +359,12 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
 #pragma unroll
         for (int w = 0; w < kMmaWarps; ++w) v += red_s[w][row][m];
         float lora = 0.f;
-        for (int i = 0; i < r; ++i) lora = fmaf(h_s[m][i], to_float<TA>(B[n * r + i]), lora);
+        for (int i = 0; i < r; ++i) lora = fmaf(h_s[m][i], b_s[row * r + i], lora);
         v = fmaf(scale, lora, v);
-        y[m * N + n] = from_float<T>(bias != nullptr ? v + bias[n] : v);
+        y[m * N + n] = from_float<T>(bias != nullptr ? v + bias_s[row] : v);
       }
     }
-    __syncthreads();  // red_s is rewritten by the next tile
+    __syncthreads();  // red_s, b_s and bias_s are rewritten by the next tile
   }
   cp_async_wait<0>();  // nothing may still be writing this block's shared memory when it exits
 }

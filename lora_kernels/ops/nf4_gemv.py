@@ -12,7 +12,7 @@ breaks import: CUDA calls then stay on the Triton path.
 Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_lora.cu explains both):
     0 ``simt``  any K and block size; each weight decoded bit-exactly as ``dequantize_4bit`` does.
     1 ``mma``   tensor cores (mma.sync) and a cp.async pipeline; K % 256 == 0, block size 64, sm_80+
-                with >= 157 KiB of shared memory per block (A100 / H100 / H200), 16-byte aligned
+                with >= 161 KiB of shared memory per block (A100 / H100 / H200), 16-byte aligned
                 absmax. Weights are never formed: block sums of NF4 codes (in x's dtype) times x are
                 scaled by the block scale, so results equal the bit-exact decode up to the rounding of
                 each weight (as bitsandbytes' own GEMV, which also rounds differently). Not run on a
@@ -50,8 +50,9 @@ GEMV_KERNELS = ("simt", "mma")  # the op's `kernel` argument is the index
 NF4_GEMV_KERNEL_ENV = "LORA_KERNELS_NF4_GEMV_KERNEL"
 DEFAULT_GEMV_KERNEL = "simt"  # the measured one; "mma" has not run on a GPU yet (module docstring)
 # Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_mma.cu:
-# the code-pair table, reduction, h, absmax table and two ring stages for each of its 16 warps).
-MMA_SHARED_BYTES = 160768
+# the code-pair table, reduction, h, a tile's B rows and bias, absmax table and two ring stages for
+# each of its 16 warps; the kernel checks it too).
+MMA_SHARED_BYTES = 164928
 MMA_K_MULTIPLE = 256  # one pass: 4 quantization blocks of a row
 
 torch.library.define(

@@ -71,6 +71,21 @@ def test_cpu_spec_rejects_an_unknown_kernel():
         OP(*args, 2)
 
 
+def test_shared_memory_constant_matches_the_kernel():
+    """MMA_SHARED_BYTES (the eligibility rule) is mma_smem_bytes(2) of csrc/nf4_gemv_mma.cu, computed
+    from the constexpr layout constants of the sources (a drifted constant would send calls to a
+    kernel that refuses them)."""
+    import pathlib
+    import re
+    csrc = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+    names = {}
+    for source in ("nf4_gemv.cuh", "nf4_gemv_mma.cu"):
+        for name, expr in re.findall(r"^constexpr int (k\w+) = ([^;]+);", (csrc / source).read_text(), re.M):
+            names[name] = eval(expr, {}, dict(names))  # integer arithmetic on earlier constants
+    assert names["kStagesOffset"] + names["kMmaWarps"] * 2 * names["kStageBytes"] == nf4_gemv.MMA_SHARED_BYTES
+    assert names["kMaxRank"] == nf4_gemv.GEMV_MAX_RANK
+
+
 def test_requested_kernel_from_the_environment(monkeypatch):
     monkeypatch.delenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, raising=False)
     assert nf4_gemv.requested_gemv_kernel() == nf4_gemv.DEFAULT_GEMV_KERNEL == "simt"
