@@ -358,7 +358,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   TORCH_CHECK(kernel == 0 || kernel == 1, "nf4_gemv_lora: kernel must be 0 (SIMT) or 1 (tensor cores), got ", kernel);
   const bool tensor_cores = kernel == 1;
   if (tensor_cores) {  // the Python side only asks for it when all of this holds (ops/nf4_gemv.py)
-    TORCH_CHECK(device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8, "nf4_gemv_lora: kernel 1 needs sm_80 or newer");
+    TORCH_CHECK(device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8,
+                "nf4_gemv_lora: kernel 1 needs sm_80 or newer");
     TORCH_CHECK(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) >= nf4_gemv_mma_min_shared_bytes(),
                 "nf4_gemv_lora: kernel 1 needs ", nf4_gemv_mma_min_shared_bytes(),
                 " bytes of shared memory per block (A100/H100 class)");
@@ -372,12 +373,15 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   }
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const bool fp32_adapters = lora_A.scalar_type() == at::kFloat;
+  auto dispatch = [&](auto t, auto ta) {  // x's dtype, the adapters' dtype
+    run<decltype(t), decltype(ta)>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+  };
   if (x.scalar_type() == at::kHalf) {
-    if (fp32_adapters) run<__half, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
-    else run<__half, __half>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+    if (fp32_adapters) dispatch(__half(), float());
+    else dispatch(__half(), __half());
   } else if (x.scalar_type() == at::kBFloat16) {
-    if (fp32_adapters) run<__nv_bfloat16, float>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
-    else run<__nv_bfloat16, __nv_bfloat16>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+    if (fp32_adapters) dispatch(__nv_bfloat16(), float());
+    else dispatch(__nv_bfloat16(), __nv_bfloat16());
   } else {
     TORCH_CHECK(false, "nf4_gemv_lora: x must be float16 or bfloat16, got ", x.scalar_type());
   }

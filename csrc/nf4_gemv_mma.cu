@@ -11,11 +11,11 @@ namespace {
 // Tensor-core decode GEMV (kernel = 1): the same op for weights whose rows hold whole 256-weight
 // passes (K % 256 == 0), blocksize 64 (bitsandbytes' default, the only size QLoRA uses), sm_80+.
 //
-// Why: the SIMT kernel (nf4_gemv_lora.cu) spends ~9 instructions per weight (sm_90 SASS of its M = 1 loop: a
-// table load, the product with the block scale, a rounding to bf16 -- conversions run at a quarter
-// of the FP32 rate -- and the FMA): instruction bound far below the copy bandwidth, and one FMA more
-// per weight for every row of x. Here (sm_90 SASS: ~3.3 instructions per weight in the loop, for
-// any M <= 16; ~31 weights per clock per SM are needed at an H200's copy bandwidth):
+// Why: the SIMT kernel (nf4_gemv_lora.cu) spends ~9 instructions per weight (sm_90 SASS of its
+// M = 1 loop: a table load, the product with the block scale, a rounding to bf16 -- conversions run
+// at a quarter of the FP32 rate -- and the FMA): instruction bound far below the copy bandwidth, and
+// one FMA more per weight for every row of x. Here (sm_90 SASS: ~3.5 instructions per weight in the
+// loop, for any M <= 16; ~31 weights per clock per SM are needed at an H200's copy bandwidth):
 //  * A weight is never formed. A packed byte is looked up in a 256-entry table of NF4 code pairs in
 //    x's dtype; the entry is directly an mma.sync A-fragment register (two consecutive k of a row).
 //    The table has one copy per lane (word = byte * 32 + lane): a warp's lookups never conflict.
@@ -47,8 +47,9 @@ constexpr int kPassGroups = 4;  // 64-weight groups per pass: one 4-byte word of
 constexpr int kTileRows = 16;   // rows of W per tile: the mma's M
 constexpr int kMaxCols = 16;    // rows of x per tile at most (NT = 2)
 // Dynamic shared memory (bytes): the table, the cross-warp reduction, h, the tile's rows of B and
-// bias, the absmax code table, then each warp's ring. A stage holds one pass: codes [group][row lo/hi][lane] (8 bytes each),
-// scales [row][lane] (4 absmax codes, or 4 fp32 absmax), second-level scale [row][lane].
+// bias, the absmax code table, then each warp's ring. A stage holds one pass: codes
+// [group][row lo/hi][lane] (8 bytes each), scales [row][lane] (4 absmax codes, or 4 fp32 absmax),
+// second-level scale [row][lane].
 constexpr int kTableBytes = 256 * 32 * 4;
 constexpr int kRedOffset = kTableBytes;
 constexpr int kHOffset = kRedOffset + kMmaWarps * kTileRows * kMaxCols * 4;
@@ -60,7 +61,9 @@ constexpr int kStageCodeBytes = kPassGroups * 2 * 32 * 8;
 constexpr int kStageScaleOffset = kStageCodeBytes;
 constexpr int kStageNestedOffset = kStageScaleOffset + 2 * 32 * 16;
 constexpr int kStageBytes = kStageNestedOffset + 2 * 32 * 4;
-__host__ __device__ constexpr int mma_smem_bytes(int stages) { return kStagesOffset + kMmaWarps * stages * kStageBytes; }
+__host__ __device__ constexpr int mma_smem_bytes(int stages) {
+  return kStagesOffset + kMmaWarps * stages * kStageBytes;
+}
 
 template <typename T> __device__ __forceinline__ uint32_t bits16(float v);
 template <> __device__ __forceinline__ uint32_t bits16<__half>(float v) { return __half_as_ushort(__float2half_rn(v)); }
@@ -161,7 +164,8 @@ __device__ __forceinline__ void issue_pass(const NF4Args& q, uint32_t stage, int
     if (DQ) {
       cp_async<4>(stage + kStageScaleOffset + (rr * 32 + lane) * 4, static_cast<const uint8_t*>(q.absmax) + group);
       // the pass's 4 blocks share one second-level scale (nested block size >= 4: checked on the host)
-      cp_async<4>(stage + kStageNestedOffset + (rr * 32 + lane) * 4, q.absmax_scale + (group >> q.log2_nested_blocksize));
+      cp_async<4>(stage + kStageNestedOffset + (rr * 32 + lane) * 4,
+                  q.absmax_scale + (group >> q.log2_nested_blocksize));
     } else {
       cp_async<16>(stage + kStageScaleOffset + (rr * 32 + lane) * 16, static_cast<const float*>(q.absmax) + group);
     }
@@ -402,7 +406,8 @@ void launch_mma_stages(const at::Tensor& x, const NF4Args& q, const at::Tensor& 
   config.attrs = attribute;
   config.numAttrs = (after_shrink && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9) ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x.data_ptr()), q,
-                                    reinterpret_cast<const TA*>(h.data_ptr()), reinterpret_cast<const TA*>(B.data_ptr()),
+                                    reinterpret_cast<const TA*>(h.data_ptr()),
+                                    reinterpret_cast<const TA*>(B.data_ptr()),
                                     bias, reinterpret_cast<T*>(y.data_ptr()), static_cast<int>(M), N, K,
                                     static_cast<int>(r), x.stride(0), scale));
 }
