@@ -60,7 +60,7 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
     N, K = weight.shape
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     if isinstance(weight, NF4Weight):  # the CPU path's row chunks, decoded like bnb, then fp32
-        wq = NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+        wq = NF4Tensors.of(weight)
         for n0, n1 in nf4_row_chunks(wq):
             out[n0:n1] = nf4_rows(wq, n0, n1, torch.float32).square().sum(1)
         return _store(cache, key, out)

@@ -43,6 +43,12 @@ class NF4Tensors(NamedTuple):
     def double_quant(self) -> bool:
         return self.absmax.dtype == torch.uint8
 
+    @classmethod
+    def of(cls, weight) -> "NF4Tensors":
+        """The tensors of an ``ops.nf4.NF4Weight`` [N, K]."""
+        N, K = weight.shape
+        return cls(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

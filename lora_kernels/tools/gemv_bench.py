@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
 from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata, fmt_num, goal_check,
                                       measure, measure_ceilings, resolve_device_dtype, standalone_main,
                                       write_outputs)
@@ -34,13 +35,12 @@ DEFAULT_M = (1, 4, 16)
 GOALS = {"copy_fraction_min": 0.85, "speedup_vs_bnb_min": 1.5, "speedup_vs_dense_min": 3.3,
          "lora_overhead_max": 0.05}
 PROVIDERS = ("gemv_lora", "gemv_base", "bnb", "dense")
-KERNELS = ("simt", "mma")  # lora_kernels.ops.nf4_gemv.GEMV_KERNELS
+KERNELS = GEMV_KERNELS  # simt, mma
 CSV_FIELDS = ["K", "N", "M", "r", "kernel", "gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms", "gemv_GBps",
               "copy_fraction", "speedup_vs_bnb", "speedup_vs_dense", "lora_overhead", "rel_err"]
 
 
 def _op_call(x, q, A, B, scale, kernel: str = "simt"):
-    from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
     index = GEMV_KERNELS.index(kernel)
     return lambda: torch.ops.lora_kernels.nf4_gemv_lora(
         x, *q.op_tensors(), A, B, None, scale, q.blocksize, q.nested_blocksize, q.dtype, index)[0]
@@ -76,8 +76,7 @@ def _runnable(kernels, x, q, device) -> list:
         return list(kernels)
     from lora_kernels.ops.nf4_gemv import gemv_kernel
     from lora_kernels.ops.triton_launch import NF4Tensors
-    wq = NF4Tensors(*q.op_tensors(), q.shape[0], q.shape[1], q.blocksize, q.nested_blocksize, q.dtype)
-    return [k for k in kernels if gemv_kernel(x, wq, k) == k]
+    return [k for k in kernels if gemv_kernel(x, NF4Tensors.of(q), k) == k]
 
 
 def _rel_err(y, ref) -> float:

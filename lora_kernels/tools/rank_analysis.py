@@ -122,8 +122,7 @@ def similarity_grid(svd1: DeltaSVD, svd2: DeltaSVD, side: str = "left") -> Tenso
 
 def _nf4_tensors(weight: NF4Weight):
     from lora_kernels.ops.triton_launch import NF4Tensors
-    N, K = weight.shape
-    return NF4Tensors(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
+    return NF4Tensors.of(weight)
 
 
 def _row_chunks(weight: Union[Tensor, NF4Weight], rows_per_chunk: int):

@@ -185,7 +185,7 @@ def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
         return real(x, *rest)
     monkeypatch.setattr(nf4_gemv.torch.ops.lora_kernels, "nf4_gemv_lora", spy)
     x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
-    y, h = nf4_gemv.cuda_gemv_forward(x, _wq(q, 24, 128), A, B, b, scale)
+    y, h = nf4_gemv.cuda_gemv_forward(x, NF4Tensors.of(q), A, B, b, scale)
     assert rows == [16] * (M // 16) + ([M % 16] if M % 16 else [])
     y_ref, h_ref = _reference(args, q)
     assert y.shape == (M, 24) and h.shape == (M, 4)
@@ -218,14 +218,10 @@ needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv
                                    reason="needs a GPU and the built lora_kernels._C extension")
 
 
-def _wq(q, N, K):
-    return NF4Tensors(*q.op_tensors(), N, K, q.blocksize, q.nested_blocksize, q.dtype)
-
-
 def _check_cuda_kernel(kernel, args, q, N, label):
     """Runs the op with ``kernel`` on poisoned memory and compares with the float64 reference."""
     x, A = args[0], args[7]
-    assert nf4_gemv.gemv_kernel(x, _wq(q, N, x.shape[1]), kernel) == kernel  # eligible: it really runs
+    assert nf4_gemv.gemv_kernel(x, NF4Tensors.of(q), kernel) == kernel  # eligible: it really runs
     poison = torch.full((x.shape[0], N), float("nan"), device="cuda", dtype=x.dtype)
     del poison  # the op's output reuses this block from the caching allocator: NaN unless written
     y, h = OP(*args, nf4_gemv.GEMV_KERNELS.index(kernel))
@@ -283,7 +279,7 @@ def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
     wide = torch.randn(3, 1024 + 3, device="cuda", dtype=torch.bfloat16)
     x = wide[:, 3:]  # rows start 6 bytes past a 16-byte boundary, row stride 1027
     x.copy_(args[0])
-    y, _ = nf4_gemv.cuda_gemv_forward(x, _wq(q, 96, 1024), args[7], args[8], args[9], args[10], kernel="mma")
+    y, _ = nf4_gemv.cuda_gemv_forward(x, NF4Tensors.of(q), args[7], args[8], args[9], args[10], kernel="mma")
     y_ref, _ = _reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")
 
