@@ -58,6 +58,7 @@ template <> __device__ __forceinline__ float hi_to_float<__half>(uint32_t u) {
 template <typename T> constexpr int stored_kind();
 template <> constexpr int stored_kind<__half>() { return kFloat16; }
 template <> constexpr int stored_kind<__nv_bfloat16>() { return kBFloat16; }
+template <> constexpr int stored_kind<float>() { return kFloat32; }
 
 // fl(NF4[c] * absmax) rounded to the stored dtype, then to x's dtype T, as a float. STORED_IS_X (the
 // stored dtype is T, the common case): one rounding, since rounding again to the same format is exact;
@@ -313,6 +314,87 @@ void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, co
   else if (M <= 8) launch_gemv<T, TA, 8>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
   else launch_gemv<T, TA, 16>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
 }
+
+// Slab decode for the large-M route (the base products on cuBLAS over slabs of the decoded weight):
+// out[i, j] = W[n0 + i, k0 + j], each value decoded bit-exactly as dequantize_4bit does (rounded to
+// the stored dtype, then to out's dtype T). Memory bound: 4 bytes of codes in, 8 values out per
+// thread and step (one 16-byte store for 16-bit T), consecutive threads on consecutive columns;
+// blockIdx.y walks rows (strided: a slab may have more rows than a grid's y extent). Needs K, k0 and
+// the slab's width to be multiples of 8 (the 8 values are one aligned 32-bit word of codes, inside one
+// quantization block).
+template <typename T, bool DQ, bool STORED_IS_X>
+__global__ void __launch_bounds__(kThreads)
+nf4_dequantize_slab_kernel(NF4Args q, T* __restrict__ out, int64_t K, int64_t n0, int64_t k0, int64_t rows,
+                           int64_t cols8) {
+  __shared__ float nf4_s[16];
+  __shared__ float code2_s[256];
+  if (threadIdx.x < 16) nf4_s[threadIdx.x] = q.code[threadIdx.x];
+  if (DQ) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) code2_s[i] = q.absmax_code[i];
+  }
+  __syncthreads();
+  const float offset = DQ ? *q.absmax_offset : 0.f;
+  const int64_t c8 = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c8 >= cols8) return;  // after the only barrier
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t e = (n0 + row) * K + k0 + c8 * 8;  // flat index of the 8 values: a multiple of 8
+    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(q.packed + (e >> 1)));
+    const float absmax = block_absmax<DQ>(q, code2_s, e >> q.log2_blocksize, offset);
+    float w[8];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {  // byte b holds values 2b (high nibble) and 2b + 1
+      const uint32_t byte = (word >> (8 * b)) & 0xffu;
+      w[2 * b] = decode<T, STORED_IS_X>(nf4_s, byte >> 4, absmax, q.stored);
+      w[2 * b + 1] = decode<T, STORED_IS_X>(nf4_s, byte & 0xfu, absmax, q.stored);
+    }
+    T* dst = out + row * (cols8 * 8) + c8 * 8;
+    if constexpr (std::is_same<T, float>::value) {
+      reinterpret_cast<float4*>(dst)[0] = make_float4(w[0], w[1], w[2], w[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(w[4], w[5], w[6], w[7]);
+    } else {
+      uint32_t packed[4];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {  // two 16-bit values per word, the first in the low half
+        T lo = from_float<T>(w[2 * p]), hi = from_float<T>(w[2 * p + 1]);
+        packed[p] = static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
+                    (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+  }
+}
+
+template <typename T>
+void launch_dequantize_slab(const NF4Args& q, bool dq, at::Tensor& out, int64_t K, int64_t n0, int64_t k0,
+                            cudaStream_t stream) {
+  const int64_t rows = out.size(0), cols8 = out.size(1) / 8;
+  const dim3 grid(static_cast<unsigned>((cols8 + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  const bool same = q.stored == stored_kind<T>();
+  auto kernel = dq ? (same ? nf4_dequantize_slab_kernel<T, true, true> : nf4_dequantize_slab_kernel<T, true, false>)
+                   : (same ? nf4_dequantize_slab_kernel<T, false, true> : nf4_dequantize_slab_kernel<T, false, false>);
+  kernel<<<grid, kThreads, 0, stream>>>(q, reinterpret_cast<T*>(out.data_ptr()), K, n0, k0, rows, cols8);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernels' view of an NF4 weight (block sizes must be powers of two: checked by the callers).
+NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_code,
+                 const c10::optional<at::Tensor>& absmax_scale, const c10::optional<at::Tensor>& absmax_offset,
+                 const at::Tensor& code, int64_t blocksize, int64_t nested_blocksize, at::ScalarType weight_dtype) {
+  const bool dq = absmax.scalar_type() == at::kByte;
+  NF4Args q;
+  q.packed = packed.data_ptr<uint8_t>();
+  q.absmax = absmax.data_ptr();
+  q.absmax_code = dq ? absmax_code->data_ptr<float>() : nullptr;
+  q.absmax_scale = dq ? absmax_scale->data_ptr<float>() : nullptr;
+  q.absmax_offset = dq ? absmax_offset->data_ptr<float>() : nullptr;
+  q.code = code.data_ptr<float>();
+  q.log2_blocksize = 63 - __builtin_clzll(static_cast<unsigned long long>(blocksize));
+  q.log2_nested_blocksize = dq ? 63 - __builtin_clzll(static_cast<unsigned long long>(nested_blocksize)) : 0;
+  q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
+  return q;
+}
+
 }  // namespace
 
 // x [M, K] (unit stride along K), NF4 weight [N, K], lora_A [r, K], lora_B [N, r] contiguous;
@@ -344,16 +426,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   if (M == 0 || N == 0) return {y, h};
   at::Tensor bias32;
   if (bias && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
-  NF4Args q;
-  q.packed = packed.data_ptr<uint8_t>();
-  q.absmax = absmax.data_ptr();
-  q.absmax_code = dq ? absmax_code->data_ptr<float>() : nullptr;
-  q.absmax_scale = dq ? absmax_scale->data_ptr<float>() : nullptr;
-  q.absmax_offset = dq ? absmax_offset->data_ptr<float>() : nullptr;
-  q.code = code.data_ptr<float>();
-  q.log2_blocksize = 63 - __builtin_clzll(static_cast<unsigned long long>(blocksize));
-  q.log2_nested_blocksize = dq ? 63 - __builtin_clzll(static_cast<unsigned long long>(nested_blocksize)) : 0;
-  q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
+  const NF4Args q = nf4_args(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, blocksize,
+                             nested_blocksize, weight_dtype);
   const bool vector_path = K % 32 == 0 && reinterpret_cast<uintptr_t>(q.packed) % 16 == 0;
   TORCH_CHECK(kernel == 0 || kernel == 1, "nf4_gemv_lora: kernel must be 0 (SIMT) or 1 (tensor cores), got ", kernel);
   const bool tensor_cores = kernel == 1;
@@ -386,6 +460,42 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
     TORCH_CHECK(false, "nf4_gemv_lora: x must be float16 or bfloat16, got ", x.scalar_type());
   }
   return {y, h};
+}
+
+// W[n0:n1, k0:k1] of an NF4 weight [N, K] as a new contiguous [n1 - n0, k1 - k0] tensor in out_dtype
+// (each value rounded to weight_dtype first, as dequantize_4bit(...).to(out_dtype)). Checks are in
+// Python (lora_kernels/ops/nf4_gemv.py: use_cuda_slab_decode); the TORCH_CHECKs guard direct calls.
+at::Tensor nf4_dequantize_slab_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const c10::optional<at::Tensor>& absmax_code,
+                                    const c10::optional<at::Tensor>& absmax_scale,
+                                    const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, int64_t N,
+                                    int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1, int64_t blocksize,
+                                    int64_t nested_blocksize, at::ScalarType weight_dtype,
+                                    at::ScalarType out_dtype) {
+  TORCH_CHECK(packed.is_cuda() && packed.is_contiguous() && absmax.is_contiguous(),
+              "nf4_dequantize_slab: packed and absmax must be contiguous CUDA tensors");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N && 0 <= k0 && k0 <= k1 && k1 <= K,
+              "nf4_dequantize_slab: rows [", n0, ", ", n1, ") and columns [", k0, ", ", k1, ") must lie in [", N, ", ",
+              K, "]");
+  TORCH_CHECK(K % 8 == 0 && k0 % 8 == 0 && (k1 - k0) % 8 == 0 && blocksize >= 8 &&
+                  (blocksize & (blocksize - 1)) == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0,
+              "nf4_dequantize_slab: needs K, k0 and k1 - k0 multiples of 8, a power-of-two blocksize >= 8 and "
+              "4-byte aligned codes, got K=", K, ", k0=", k0, ", k1=", k1, ", blocksize=", blocksize);
+  const bool dq = absmax.scalar_type() == at::kByte;
+  TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset && nested_blocksize >= 1 &&
+                      (nested_blocksize & (nested_blocksize - 1)) == 0),
+              "nf4_dequantize_slab: double quantization needs its tables and a power-of-two nested_blocksize");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty({n1 - n0, k1 - k0}, packed.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  const NF4Args q = nf4_args(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, blocksize,
+                             nested_blocksize, weight_dtype);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (out_dtype == at::kHalf) launch_dequantize_slab<__half>(q, dq, out, K, n0, k0, stream);
+  else if (out_dtype == at::kBFloat16) launch_dequantize_slab<__nv_bfloat16>(q, dq, out, K, n0, k0, stream);
+  else if (out_dtype == at::kFloat) launch_dequantize_slab<float>(q, dq, out, K, n0, k0, stream);
+  else TORCH_CHECK(false, "nf4_dequantize_slab: out_dtype must be float16, bfloat16 or float32, got ", out_dtype);
+  return out;
 }
 
 }  // namespace lora_kernels

@@ -1,4 +1,5 @@
-"""``lora_kernels::nf4_gemv_lora``: the CUDA C++ NF4 decode GEMV with the LoRA term (``csrc/``).
+"""The CUDA C++ ops of ``csrc/``: ``lora_kernels::nf4_gemv_lora``, the NF4 decode GEMV with the LoRA
+term, and ``lora_kernels::nf4_dequantize_slab``, a slab decode for the large-M route (end of file).
 
     nf4_gemv_lora(x [M, K], <NF4 weight tensors>, lora_A [r, K], lora_B [N, r], bias? [N] (combined),
                   scale, blocksize, nested_blocksize, weight_dtype, kernel=0) -> (y [M, N] x.dtype, h [M, r])
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.ops.checks import env_nonnegative_int
-from lora_kernels.ops.reference import torch_lora_forward
+from lora_kernels.ops.reference import nf4_rows, torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
 
 GEMV_MAX_ROWS = 16  # rows per launch: the kernels' row tiles go up to 16
@@ -79,6 +80,62 @@ def _nf4_gemv_lora_cpu(x, packed, absmax, absmax_code, absmax_scale, absmax_offs
     wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, x.shape[1], blocksize,
                     nested_blocksize, weight_dtype)
     return torch_lora_forward(x, None, lora_A, lora_B, bias, scale, 0.0, None, wq=wq)
+
+
+# The slab decode of the large-M route (ops.triton_launch._nf4_dequantize_slab) on CUDA: W[n0:n1, k0:k1]
+# decoded bit-exactly (rounded to the stored dtype, then to out_dtype) into a new contiguous tensor.
+torch.library.define(
+    "lora_kernels::nf4_dequantize_slab",
+    "(Tensor packed, Tensor absmax, Tensor? absmax_code, Tensor? absmax_scale, Tensor? absmax_offset, Tensor code, "
+    "int N, int K, int n0, int n1, int k0, int k1, int blocksize, int nested_blocksize, ScalarType weight_dtype, "
+    "ScalarType out_dtype) -> Tensor")
+
+
+@torch.library.register_fake("lora_kernels::nf4_dequantize_slab")
+def _nf4_dequantize_slab_fake(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, n0, n1, k0, k1,
+                              blocksize, nested_blocksize, weight_dtype, out_dtype):
+    return packed.new_empty((n1 - n0, k1 - k0), dtype=out_dtype)
+
+
+@torch.library.impl("lora_kernels::nf4_dequantize_slab", "cpu")
+def _nf4_dequantize_slab_cpu(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, n0, n1, k0, k1,
+                             blocksize, nested_blocksize, weight_dtype, out_dtype):
+    """The spec: the CPU path's row decode (bit-exact with dequantize_4bit), then the columns."""
+    wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize, nested_blocksize,
+                    weight_dtype)
+    return nf4_rows(wq, n0, n1, out_dtype)[:, k0:k1].contiguous()
+
+
+# Which decoder the large-M route's slabs use on CUDA: "triton" (default) or "cuda" (the kernel of
+# csrc/, when built). Neither has been timed on a GPU yet since the Triton tile decode was rewritten:
+# the QLoRA bench's rows lora_kernels_nf4_cublas and lora_kernels_nf4_cublas_cuda compare them.
+NF4_SLAB_DECODER_ENV = "LORA_KERNELS_NF4_SLAB_DECODER"
+SLAB_DECODERS = ("triton", "cuda")
+
+
+def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
+    """Whether the slab W[:, k_start:k_end] of ``wq`` (on CUDA) is decoded by the CUDA kernel: asked for
+    (LORA_KERNELS_NF4_SLAB_DECODER=cuda, read per call), the extension loaded, and a slab it takes
+    (K, k_start and the width multiples of 8; power-of-two block sizes >= 8; 4-byte aligned codes)."""
+    choice = os.environ.get(NF4_SLAB_DECODER_ENV, "").strip() or SLAB_DECODERS[0]
+    if choice not in SLAB_DECODERS:
+        raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
+    if choice != "cuda" or wq.packed.device.type != "cuda":
+        return False
+    if wq.K % 8 or k_start % 8 or (k_end - k_start) % 8 or wq.blocksize < 8 or not _power_of_two(wq.blocksize):
+        return False
+    if wq.absmax_code is not None and not _power_of_two(wq.nested_blocksize):
+        return False
+    return wq.packed.data_ptr() % 4 == 0 and load_extension()
+
+
+def cuda_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int, k_end: int,
+                         dtype: torch.dtype) -> Tensor:
+    """W[n_start:n_end, k_start:k_end] [n_end - n_start, k_end - k_start] in ``dtype`` by the CUDA
+    kernel (``use_cuda_slab_decode`` first)."""
+    return torch.ops.lora_kernels.nf4_dequantize_slab(
+        wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale, wq.absmax_offset, wq.code, wq.N, wq.K,
+        n_start, n_end, k_start, k_end, wq.blocksize, wq.nested_blocksize, wq.dtype, dtype)
 
 
 @functools.lru_cache(maxsize=None)

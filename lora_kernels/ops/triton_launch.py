@@ -143,7 +143,12 @@ def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     """W[n_start:n_end, k_start:k_end] as a contiguous [n_end - n_start, k_end - k_start] tensor in
     ``dtype`` (each value rounded to wq.dtype first, as dequantize_4bit(...).to(dtype)). Needs an
     aligned weight (``nf4_aligned(wq, nf4_slab_block_k(wq))``) and k_start, k_end multiples of
-    ``nf4_slab_block_k(wq)`` (or k_end = K)."""
+    ``nf4_slab_block_k(wq)`` (or k_end = K). On CUDA, LORA_KERNELS_NF4_SLAB_DECODER=cuda decodes with
+    the kernel of csrc/ instead of the Triton tiles (``ops.nf4_gemv.use_cuda_slab_decode``)."""
+    if wq.packed.device.type == "cuda":
+        from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+        if nf4_gemv.use_cuda_slab_decode(wq, k_start, k_end):
+            return nf4_gemv.cuda_dequantize_slab(wq, n_start, n_end, k_start, k_end, dtype)
     cfg = configs.nf4_dequantize_tiles_config(wq.blocksize)
     block_n, block_k = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
     out = torch.empty((n_end - n_start, k_end - k_start), dtype=dtype, device=wq.packed.device)

@@ -13,8 +13,10 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
                            lora_kernels_fused; "not_applicable" where it would not run)
     lora_kernels_nf4_cublas the same with the slab-decode + cuBLAS base products switched on for
                            every M (LORA_KERNELS_NF4_CUBLAS_MIN_M=1; the LoRA terms stay in the kernels)
+    lora_kernels_nf4_cublas_cuda the slab route with the slabs decoded by the CUDA kernel of csrc/
+                           (LORA_KERNELS_NF4_SLAB_DECODER=cuda; CUDA with the built extension only)
     lora_kernels_nf4_triton the same with them switched off (=0): the fused NF4 GEMMs at every M
-                           (these two and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
+                           (these three and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
@@ -46,11 +48,14 @@ from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
-GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")  # CUDA with the built extension only
+GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
+EXTENSION_IMPLS = GEMV_IMPLS + ("lora_kernels_nf4_cublas_cuda",)  # CUDA with the built extension only
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
-               "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora", "bnb_matmul_4bit", "base_dense")
+               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton", "peft_qlora",
+               "bnb_matmul_4bit", "base_dense")
 LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
-              "lora_kernels_nf4_cublas", "lora_kernels_nf4_triton", "peft_qlora")  # base + LoRA
+              "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
+              "peft_qlora")  # base + LoRA
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
@@ -178,6 +183,8 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
 PATH_SETTINGS = {
     "lora_kernels_nf4_fused": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
     "lora_kernels_nf4_cublas": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
+    "lora_kernels_nf4_cublas_cuda": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0,
+                                     "LORA_KERNELS_NF4_SLAB_DECODER": "cuda"},
     "lora_kernels_nf4_triton": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
 }
 
@@ -198,8 +205,8 @@ def _with_path(name: str, fn):
 
 
 def available_qlora_impls(impls) -> list:
-    """``impls`` without the rows whose libraries cannot be imported (warns), and without the
-    GEMV rows (``GEMV_IMPLS``) unless the CUDA extension is built and a GPU is present."""
+    """``impls`` without the rows whose libraries cannot be imported (warns), and without the rows of
+    the CUDA extension (``EXTENSION_IMPLS``) unless it is built and a GPU is present."""
     impls = list(impls)
     for lib, rows in (("bitsandbytes", ("peft_qlora", "bnb_matmul_4bit")), ("peft", ("peft_qlora",))):
         if any(i in rows for i in impls):
@@ -208,10 +215,10 @@ def available_qlora_impls(impls) -> list:
             except Exception as e:  # any import failure: the other rows are still worth measuring
                 warnings.warn(f"{lib} unavailable ({e!r}); skipping {[i for i in impls if i in rows]}")
                 impls = [i for i in impls if i not in rows]
-    if any(i in GEMV_IMPLS for i in impls):
+    if any(i in EXTENSION_IMPLS for i in impls):
         from lora_kernels.ops.nf4_gemv import load_extension
         if not (torch.cuda.is_available() and load_extension()):  # a GPU and the built extension
-            impls = [i for i in impls if i not in GEMV_IMPLS]
+            impls = [i for i in impls if i not in EXTENSION_IMPLS]
     return impls
 
 

@@ -61,6 +61,7 @@ IMPL_LABELS = {
     "lora_kernels_nf4_gemv": "lora_kernels NF4, CUDA GEMV (SIMT)",
     "lora_kernels_nf4_gemv_mma": "lora_kernels NF4, CUDA GEMV (tensor cores)",
     "lora_kernels_nf4_cublas": "lora_kernels NF4, slab decode + cuBLAS",
+    "lora_kernels_nf4_cublas_cuda": "lora_kernels NF4, CUDA slab decode + cuBLAS",
     "lora_kernels_nf4_triton": "lora_kernels NF4, fused Triton GEMMs",
     "peft_qlora": "PEFT + bnb Linear4bit",
     "bnb_matmul_4bit": "bnb matmul_4bit",

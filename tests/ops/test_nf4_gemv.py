@@ -193,6 +193,51 @@ def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
     assert_close(h, h_ref, 1e-5, "h")
 
 
+SLAB_OP = torch.ops.lora_kernels.nf4_dequantize_slab.default
+
+
+def _slab_args(q, n0, n1, k0, k1, dtype):
+    N, K = q.shape
+    return (*q.op_tensors(), N, K, n0, n1, k0, k1, q.blocksize, q.nested_blocksize, q.dtype, dtype)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_slab_decode_spec_is_bit_exact(double_quant, out_dtype):
+    q = NF4Weight.quantize(torch.randn(40, 192, generator=torch.Generator().manual_seed(3)), double_quant=double_quant)
+    W = _dequantized(q).to(out_dtype)  # bitsandbytes' own decode when installed
+    for n0, n1, k0, k1 in ((0, 40, 0, 192), (5, 29, 64, 128), (7, 8, 0, 8), (3, 3, 0, 64)):
+        out = SLAB_OP(*_slab_args(q, n0, n1, k0, k1, out_dtype))
+        assert out.dtype == out_dtype and out.shape == (n1 - n0, k1 - k0) and out.is_contiguous()
+        assert torch.equal(out, W[n0:n1, k0:k1])
+    torch.library.opcheck(SLAB_OP, _slab_args(q, 5, 29, 64, 128, out_dtype))
+
+
+def test_cuda_slab_decoder_rule_with_stand_ins(monkeypatch):
+    from types import SimpleNamespace as NS
+    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    q = NF4Weight.quantize(torch.randn(16, 256), double_quant=True)
+
+    def wq(K=256, blocksize=64, nested=256, ptr=1024, device="cuda"):
+        packed = NS(device=NS(type=device), data_ptr=lambda: ptr)
+        return NF4Tensors(packed, *q.op_tensors()[1:], 16, K, blocksize, nested, q.dtype)
+    monkeypatch.delenv(nf4_gemv.NF4_SLAB_DECODER_ENV, raising=False)
+    assert not nf4_gemv.use_cuda_slab_decode(wq(), 0, 256)  # the default: the Triton tiles
+    monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "cuda")
+    assert nf4_gemv.use_cuda_slab_decode(wq(), 0, 256)
+    assert nf4_gemv.use_cuda_slab_decode(wq(), 64, 128)
+    assert not nf4_gemv.use_cuda_slab_decode(wq(device="cpu"), 0, 256)
+    assert not nf4_gemv.use_cuda_slab_decode(wq(K=252), 0, 252)  # K % 8
+    assert not nf4_gemv.use_cuda_slab_decode(wq(), 4, 128)  # k_start % 8
+    assert not nf4_gemv.use_cuda_slab_decode(wq(), 0, 100)  # width % 8
+    assert not nf4_gemv.use_cuda_slab_decode(wq(blocksize=96), 0, 256)
+    assert not nf4_gemv.use_cuda_slab_decode(wq(nested=100), 0, 256)
+    assert not nf4_gemv.use_cuda_slab_decode(wq(ptr=1026), 0, 256)  # codes not 4-byte aligned
+    monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "cutlass")
+    with pytest.raises(ValueError, match=nf4_gemv.NF4_SLAB_DECODER_ENV):
+        nf4_gemv.use_cuda_slab_decode(wq(), 0, 256)
+
+
 def test_missing_extension_is_silent(recwarn):
     nf4_gemv.load_extension.cache_clear()
     try:
@@ -209,9 +254,9 @@ def test_extension_registers_the_cuda_kernel_for_the_declared_schema():
     # Runs wherever the extension is built, GPU or not (a CUDA torch loads without a driver):
     # bindings.cpp registers its function under the schema declared in Python; a C++ signature that
     # did not match the schema would have failed the import.
-    qualname = "lora_kernels::nf4_gemv_lora"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
-    assert "bindings.cpp" in torch._C._dispatch_dump(qualname).split("CUDA:")[1].splitlines()[0]
+    for qualname in ("lora_kernels::nf4_gemv_lora", "lora_kernels::nf4_dequantize_slab"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+        assert "bindings.cpp" in torch._C._dispatch_dump(qualname).split("CUDA:")[1].splitlines()[0]
 
 
 needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv.load_extension(),
@@ -280,6 +325,39 @@ def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
     x = wide[:, 3:]  # rows start 6 bytes past a 16-byte boundary, row stride 1027
     x.copy_(args[0])
     y, _ = nf4_gemv.cuda_gemv_forward(x, NF4Tensors.of(q), args[7], args[8], args[9], args[10], kernel="mma")
+    y_ref, _ = _reference(args, q)
+    assert_close(y, y_ref, 1.5e-2, "y")
+
+
+@needs_gpu_ext
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cuda_slab_decode_is_bit_exact(out_dtype, double_quant):
+    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        w = torch.randn(300, 1024, generator=torch.Generator().manual_seed(5)).to(weight_dtype)
+        q = NF4Weight.quantize(w, double_quant=double_quant)
+        W = _dequantized(q).to(out_dtype)
+        qc = q.to("cuda")
+        for n0, n1, k0, k1 in ((0, 300, 0, 1024), (17, 250, 0, 1024), (0, 300, 256, 512), (299, 300, 1016, 1024)):
+            out = SLAB_OP(*_slab_args(qc, n0, n1, k0, k1, out_dtype))
+            assert out.dtype == out_dtype and out.shape == (n1 - n0, k1 - k0)
+            assert torch.equal(out.cpu(), W[n0:n1, k0:k1]), (weight_dtype, n0, n1, k0, k1)
+
+
+@needs_gpu_ext
+def test_cuda_slab_decoder_in_the_large_m_route(monkeypatch):
+    from lora_kernels.ops import triton_launch
+    monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "cuda")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "1")
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")
+    calls = []
+    real = nf4_gemv.cuda_dequantize_slab
+    monkeypatch.setattr(nf4_gemv, "cuda_dequantize_slab", lambda *a: (calls.append(a[1:5]), real(*a))[1])
+    args, q = _inputs(70, 512, 200, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    x = args[0].requires_grad_(True)
+    y = lora_kernels.nf4_lora_linear(x, q, args[7], args[8], 0.75)
+    y.backward(torch.ones_like(y))
+    assert calls and all(k1 - k0 > 0 for _, _, k0, k1 in calls)
     y_ref, _ = _reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")
 

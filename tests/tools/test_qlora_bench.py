@@ -41,7 +41,7 @@ def test_qlora_bench_writes_sane_results(tmp_path):
     not_applicable = data["not_applicable"].get(f"{M},{K},{N},{R}", {})
     assert set(rows) | set(skipped) | set(not_applicable) == set(data["config"]["impls"])
     assert set(not_applicable) == {"lora_kernels_nf4_fused"}
-    assert set(data["config"]["impls"]) == set(qlora_bench.QLORA_IMPLS) - set(qlora_bench.GEMV_IMPLS)
+    assert set(data["config"]["impls"]) == set(qlora_bench.QLORA_IMPLS) - set(qlora_bench.EXTENSION_IMPLS)
     assert not skipped, skipped  # bitsandbytes and peft are test dependencies: every row runs
     for r in rows.values():
         assert all(r[f"{ph}_ms"] > 0 for ph in qlora_bench.PHASES)
@@ -175,10 +175,15 @@ def test_path_providers_pin_their_path(monkeypatch):
         assert qlora_bench._with_gemv(kernel, lambda: (cuda_gemv_max_m(), requested_gemv_kernel()))() == (
             GEMV_CHUNKED_MAX_M, kernel)
     seen = {}
-    for name, cublas in (("lora_kernels_nf4_cublas", "1"), ("lora_kernels_nf4_triton", "0"),
-                         ("lora_kernels_nf4_fused", "0")):
+    for name, cublas in (("lora_kernels_nf4_cublas", "1"), ("lora_kernels_nf4_cublas_cuda", "1"),
+                         ("lora_kernels_nf4_triton", "0"), ("lora_kernels_nf4_fused", "0")):
         seen[name] = qlora_bench._with_path(name, lambda: (os.environ.get(NF4_CUBLAS_MIN_M_ENV), cuda_gemv_max_m(),
                                                            os.environ.get(FUSED_MIN_M_ENV)))()
         assert seen[name][:2] == (cublas, 0), name
     assert seen["lora_kernels_nf4_fused"][2] == "1" and seen["lora_kernels_nf4_triton"][2] is None
+    from lora_kernels.ops.nf4_gemv import NF4_SLAB_DECODER_ENV
+    monkeypatch.delenv(NF4_SLAB_DECODER_ENV, raising=False)
+    decoder = {name: qlora_bench._with_path(name, lambda: os.environ.get(NF4_SLAB_DECODER_ENV))()
+               for name in ("lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda")}
+    assert decoder == {"lora_kernels_nf4_cublas": None, "lora_kernels_nf4_cublas_cuda": "cuda"}
     assert os.environ.get(NF4_CUBLAS_MIN_M_ENV) is None  # restored
