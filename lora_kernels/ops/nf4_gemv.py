@@ -195,7 +195,13 @@ def mma_eligible(x2: Tensor, wq: NF4Tensors) -> bool:
         return False
     if wq.packed.data_ptr() % 8 or wq.absmax.data_ptr() % 16 or wq.N * wq.K // 64 >= 2 ** 31:
         return False
-    props = _device_properties(x2.device)
+    return mma_device_ok(x2.device)
+
+
+def mma_device_ok(device: torch.device) -> bool:
+    """Whether ``device`` can run the tensor-core kernel: sm_80+ with MMA_SHARED_BYTES of shared
+    memory per block."""
+    props = _device_properties(device)
     return props.major >= 8 and getattr(props, "shared_memory_per_block_optin", 0) >= MMA_SHARED_BYTES
 
 

@@ -35,7 +35,6 @@ DEFAULT_M = (1, 4, 16)
 GOALS = {"copy_fraction_min": 0.85, "speedup_vs_bnb_min": 1.5, "speedup_vs_dense_min": 3.3,
          "lora_overhead_max": 0.05}
 PROVIDERS = ("gemv_lora", "gemv_base", "bnb", "dense")
-KERNELS = GEMV_KERNELS  # simt, mma
 CSV_FIELDS = ["K", "N", "M", "r", "kernel", "gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms", "gemv_GBps",
               "copy_fraction", "speedup_vs_bnb", "speedup_vs_dense", "lora_overhead", "rel_err"]
 
@@ -84,7 +83,7 @@ def _rel_err(y, ref) -> float:
 
 
 def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, reps=None, warmup=None,
-        verbose: bool = True, kernels=KERNELS) -> dict:
+        verbose: bool = True, kernels=GEMV_KERNELS) -> dict:
     """Times the providers (module docstring) for every (K, N) in ``kns`` and M in ``ms``; writes
     gemv_<dtype>.{json,csv} under ``out`` and returns the result (metadata, ceilings, rows, goals)."""
     from lora_kernels import NF4Weight
@@ -96,8 +95,8 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
     if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= GEMV_MAX_RANK:
         raise ValueError(f"r must be an int in [1, {GEMV_MAX_RANK}], got {r!r}")
     kernels = tuple(kernels)
-    if not kernels or any(k not in KERNELS for k in kernels):
-        raise ValueError(f"kernels must be values in {list(KERNELS)}, got {list(kernels)}")
+    if not kernels or any(k not in GEMV_KERNELS for k in kernels):
+        raise ValueError(f"kernels must be values in {list(GEMV_KERNELS)}, got {list(kernels)}")
     ms = tuple(ms)
     if not ms or any(not 1 <= m <= GEMV_MAX_ROWS for m in ms):
         raise ValueError(f"ms must be values in [1, {GEMV_MAX_ROWS}], got {list(ms)}")
@@ -206,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=lambda s: [int(v) for v in s.split(",") if v], default=list(DEFAULT_M),
                         help="decode rows, each in [1, 16] (default 1,4,16)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--kernels", type=lambda s: [v for v in s.split(",") if v], default=list(KERNELS),
+    parser.add_argument("--kernels", type=lambda s: [v for v in s.split(",") if v], default=list(GEMV_KERNELS),
                         help="kernels of the op to time: simt, mma (default both; a kernel the device or "
                              "shape does not allow is left out)")
     parser.add_argument("--reps", type=int, default=None, help="CPU: timed samples")

@@ -237,8 +237,7 @@ def _not_applicable(case, provider, device, dtype):
     if provider.endswith("_mma"):
         if case.K % nf4_gemv.MMA_K_MULTIPLE:
             return f"the tensor-core GEMV needs K % {nf4_gemv.MMA_K_MULTIPLE} == 0 (the row would repeat the SIMT one)"
-        props = nf4_gemv._device_properties(device)
-        if props.major < 8 or getattr(props, "shared_memory_per_block_optin", 0) < nf4_gemv.MMA_SHARED_BYTES:
+        if not nf4_gemv.mma_device_ok(device):
             return "the tensor-core GEMV needs sm_80+ with >= 161 KiB of shared memory per block"
     return None
 
