@@ -57,6 +57,11 @@ def csrc_sources() -> list:
     return sorted(os.path.relpath(p, ROOT) for p in found)
 
 
+def csrc_headers() -> list:
+    """Every csrc/*.cuh (the kernels and what the sources share), relative to this file."""
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cuh")))
+
+
 def _is_cuda_home(home: str) -> bool:
     return os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
         os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))
@@ -111,6 +116,7 @@ def cuda_extension_kwargs() -> dict:
     ext = CUDAExtension(
         name="lora_kernels._C",
         sources=sources,
+        depends=csrc_headers(),  # without ninja's dependency files, header edits rebuild through these
         extra_compile_args={
             "cxx": BUILD_FLAGS.OPT_FLAGS + [f"-std={std}", abi],
             "nvcc": BUILD_FLAGS.OPT_FLAGS + BUILD_FLAGS.NVCC_FLAGS + [f"-std={std}", abi]

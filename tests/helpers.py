@@ -5,7 +5,9 @@ Every numerical check is the relative error ||out - ref|| / ||ref|| against a fl
 computed from the same inputs upcast to float64.
 """
 import contextlib
+import copy
 import dataclasses
+import importlib.util
 import math
 import os
 from typing import Callable, Optional
@@ -387,3 +389,68 @@ class GridRecorder:
     def __getitem__(self, grid):
         self.grids.append(tuple(grid))
         return self.kernel[grid]
+
+
+# ---------------------------------------------------------------------------------------------
+# The NF4 decode GEMV and slab decode ops (lora_kernels/ops/nf4_gemv.py): inputs and references,
+# shared by the op's tests (tests/ops/test_nf4_gemv.py) and the emulated kernels' (tests/csrc/).
+# ---------------------------------------------------------------------------------------------
+def nf4_gemv_inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0, weight_dtype=None):
+    """(args of the op lora_kernels::nf4_gemv_lora without ``kernel``, the NF4Weight): random x [M, K],
+    weight [N, K] stored in ``weight_dtype`` (default x's) and quantized, adapters, fp32 bias or None."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype)  # the stored (decoded) dtype
+    q = lora_kernels.NF4Weight.quantize(w, double_quant=double_quant)
+    q = q.to(device)
+    x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=adapter_dtype)
+    b = torch.randn(N, generator=g).to(device=device, dtype=torch.float32) if bias else None
+    args = (x, *q.op_tensors(), A, B, b, 0.75, q.blocksize, q.nested_blocksize, q.dtype)
+    return args, q
+
+
+def bnb_dequantize(packed, quant_state):
+    """bnb's dequantize_4bit, reshaped to the weight's shape.
+
+    bnb 0.50.2's AVX512 CPU kernel (cdequantize_blockwise_cpu_nf4_*) looks the scale up per row, as
+    absmax[row * (K // blocksize) + k // blocksize]; that is wrong when blocks span rows, i.e. when K
+    is a multiple of 16 (its vector path) but not of the block size: it returns wrong values there
+    (its own torch kernel, and ours, are right). For those shapes the same bytes are decoded as one
+    row, where bnb's indexing is exact. The same is done for weights of more than 2 dimensions and
+    at most 2 elements, which crash bnb's transpose shim for packed tensors of one row. bnb's
+    fallback kernel is torch.compile'd; eager mode keeps this fast.
+    """
+    shape = tuple(quant_state.shape)
+    row_bug = len(shape) >= 2 and shape[-1] % 16 == 0 and shape[-1] % quant_state.blocksize
+    if row_bug or (len(shape) > 2 and packed.shape[0] == 1):
+        quant_state = copy.copy(quant_state)
+        quant_state.shape = torch.Size([math.prod(shape)])
+    with torch.compiler.set_stance("force_eager"):
+        out = pytest.importorskip("bitsandbytes.functional").dequantize_4bit(packed, quant_state)
+    return out.reshape(shape)  # bnb returns 1-D and tiny weights transposed or as [1, n]
+
+
+def bnb_dequantized(q):
+    """The weight as bitsandbytes decodes it (its own dequantize_4bit when installed, through
+    ``bnb_dequantize``; else ours, which tests/ops/test_nf4_format.py proves bit-exact with it)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return q.dequantize()
+    from lora_kernels.integrations.bitsandbytes import nf4_to_bnb
+    params, state = nf4_to_bnb(q)
+    return bnb_dequantize(params.data, state)
+
+
+def nf4_gemv_reference(args, q):
+    """float64 (y, h) of the op's arguments, on the weight as bitsandbytes decodes it."""
+    x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
+    W = bnb_dequantized(q).to(x.dtype).double().cpu()  # bnb: decode to the stored dtype, then x's dtype
+    h = x.double().cpu() @ A.double().cpu().t()
+    y = x.double().cpu() @ W.t() + scale * (h @ B.double().cpu().t())
+    return (y + b.double().cpu() if b is not None else y), h
+
+
+def nf4_slab_args(q, n0, n1, k0, k1, dtype):
+    """The arguments of the op lora_kernels::nf4_dequantize_slab for W[n0:n1, k0:k1] of ``q`` in ``dtype``."""
+    N, K = q.shape
+    return (*q.op_tensors(), N, K, n0, n1, k0, k1, q.blocksize, q.nested_blocksize, q.dtype, dtype)

@@ -10,7 +10,7 @@ here; the CUDA implementation is registered by the compiled extension ``lora_ker
 (``csrc/bindings.cpp``), loaded lazily by ``load_extension``. A missing or broken extension never
 breaks import: CUDA calls then stay on the Triton path.
 
-Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_lora.cu explains both):
+Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_kernels.cuh explains both):
     0 ``simt``  any K and block size; each weight decoded bit-exactly as ``dequantize_4bit`` does.
     1 ``mma``   tensor cores (mma.sync) and a cp.async pipeline; K % 256 == 0, block size 64, sm_80+
                 with >= 161 KiB of shared memory per block (A100 / H100 / H200), 16-byte aligned
@@ -50,7 +50,7 @@ DEFAULT_GEMV_MAX_M = GEMV_MAX_ROWS  # measured faster than the Triton path at M 
 GEMV_KERNELS = ("simt", "mma")  # the op's `kernel` argument is the index
 NF4_GEMV_KERNEL_ENV = "LORA_KERNELS_NF4_GEMV_KERNEL"
 DEFAULT_GEMV_KERNEL = "simt"  # the measured one; "mma" has not run on a GPU yet (module docstring)
-# Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_mma.cu:
+# Shared memory per block the tensor-core kernel needs (mma_smem_bytes(2) in csrc/nf4_gemv_mma_kernel.cuh:
 # the code-pair table, reduction, h, a tile's B rows and bias, absmax table and two ring stages for
 # each of its 16 warps; the kernel checks it too).
 MMA_SHARED_BYTES = 164928
@@ -189,13 +189,18 @@ def requested_gemv_kernel() -> str:
 def mma_eligible(x2: Tensor, wq: NF4Tensors) -> bool:
     """Whether the tensor-core kernel takes this call (module docstring). x2 needs no alignment: a
     misaligned x2 is copied (M <= 16 rows) by ``cuda_gemv_forward``."""
-    if x2.shape[1] % MMA_K_MULTIPLE or wq.blocksize != 64:
+    return mma_weight_ok(wq) and mma_device_ok(x2.device)
+
+
+def mma_weight_ok(wq: NF4Tensors) -> bool:
+    """The weight's part of the tensor-core kernel's rule: K % 256 == 0, block size 64, a nested block
+    size of at least 4 (a pass's 4 blocks share one second-level scale), 8-byte aligned codes,
+    16-byte aligned absmax, fewer than 2**31 blocks."""
+    if wq.K % MMA_K_MULTIPLE or wq.blocksize != 64:
         return False
     if wq.absmax_code is not None and (wq.nested_blocksize < 4 or not _power_of_two(wq.nested_blocksize)):
         return False
-    if wq.packed.data_ptr() % 8 or wq.absmax.data_ptr() % 16 or wq.N * wq.K // 64 >= 2 ** 31:
-        return False
-    return mma_device_ok(x2.device)
+    return wq.packed.data_ptr() % 8 == 0 and wq.absmax.data_ptr() % 16 == 0 and wq.N * wq.K // 64 < 2 ** 31
 
 
 def mma_device_ok(device: torch.device) -> bool:

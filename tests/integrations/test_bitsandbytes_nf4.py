@@ -19,7 +19,7 @@ from lora_kernels.integrations.bitsandbytes import linear4bit_from_nf4, nf4_from
 TENSOR_FIELDS = ("packed", "absmax", "code", "absmax_code", "absmax_scale", "absmax_offset")
 # (out_features, in_features): in_features % 16 != 0 or a multiple of 64, so that bnb's AVX512 CPU
 # dequantize kernel, which mis-indexes absmax when blocks span rows, is not involved (see
-# tests/ops/test_nf4_format.py::bnb_dequantize).
+# tests/helpers.py::bnb_dequantize).
 SHAPES = [(32, 128), (7, 100), (3, 37), (1, 70)]
 
 

@@ -2,7 +2,6 @@
 bytes and scales (hypothesis over shapes, dtypes, block sizes, double quant, varied magnitudes, plus
 hand-built zero blocks and exact ties), dequantization, absmax decoding, bnb Linear4bit state_dict
 keys and values, round trips, empty weights, and every validation error."""
-import copy
 import json
 import math
 
@@ -12,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from lora_kernels.ops.nf4 import (NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_BLOCKSIZES, NF4Weight, _quantize_absmax,
                                   decode_absmax, dequantize_nf4_reference, dynamic_map)
+from tests.helpers import bnb_dequantize
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -23,27 +23,6 @@ def bnb_functional():
 def bnb_quantize(weight, blocksize, double_quant):
     return bnb_functional().quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
                                           compress_statistics=double_quant)
-
-
-def bnb_dequantize(packed, quant_state):
-    """bnb's dequantize_4bit, reshaped to the weight's shape.
-
-    bnb 0.50.2's AVX512 CPU kernel (cdequantize_blockwise_cpu_nf4_*) looks the scale up per row, as
-    absmax[row * (K // blocksize) + k // blocksize]; that is wrong when blocks span rows, i.e. when K
-    is a multiple of 16 (its vector path) but not of the block size: it returns wrong values there
-    (its own torch kernel, and ours, are right). For those shapes the same bytes are decoded as one
-    row, where bnb's indexing is exact. The same is done for weights of more than 2 dimensions and
-    at most 2 elements, which crash bnb's transpose shim for packed tensors of one row. bnb's
-    fallback kernel is torch.compile'd; eager mode keeps this fast.
-    """
-    shape = tuple(quant_state.shape)
-    row_bug = len(shape) >= 2 and shape[-1] % 16 == 0 and shape[-1] % quant_state.blocksize
-    if row_bug or (len(shape) > 2 and packed.shape[0] == 1):
-        quant_state = copy.copy(quant_state)
-        quant_state.shape = torch.Size([math.prod(shape)])
-    with torch.compiler.set_stance("force_eager"):
-        out = bnb_functional().dequantize_4bit(packed, quant_state)
-    return out.reshape(shape)  # bnb returns 1-D and tiny weights transposed or as [1, n]
 
 
 def make_weight(shape, dtype, seed, blocksize=64, zero_blocks=()):

@@ -1,6 +1,5 @@
 """``lora_kernels::nf4_gemv_lora`` (csrc/ CUDA decode GEMV): schema, fake and CPU spec on CPU; the CUDA
 kernel against the float64 reference where a GPU and the built extension exist."""
-import math
 
 import pytest
 import torch
@@ -9,50 +8,17 @@ import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
 from lora_kernels.ops.triton_launch import NF4Tensors
-from tests.helpers import assert_close
+from tests.helpers import assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_slab_args
 
 OP = torch.ops.lora_kernels.nf4_gemv_lora.default
 
 
-def _inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0, weight_dtype=None):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype)  # the stored (decoded) dtype
-    q = NF4Weight.quantize(w, double_quant=double_quant)
-    q = q.to(device)
-    x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
-    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
-    B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=adapter_dtype)
-    b = torch.randn(N, generator=g).to(device=device, dtype=torch.float32) if bias else None
-    args = (x, *q.op_tensors(), A, B, b, 0.75, q.blocksize, q.nested_blocksize, q.dtype)
-    return args, q
-
-
-def _dequantized(q):
-    """The weight as bitsandbytes decodes it (its own dequantize_4bit when installed; else ours, which
-    tests/ops/test_nf4_format.py proves bit-exact with it)."""
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
-        return q.dequantize()
-    from lora_kernels.integrations.bitsandbytes import nf4_to_bnb
-    params, state = nf4_to_bnb(q)
-    return bnbf.dequantize_4bit(params.data, state)
-
-
-def _reference(args, q):
-    x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
-    W = _dequantized(q).to(x.dtype).double().cpu()  # bnb: decode to the stored dtype, then x's dtype
-    h = x.double().cpu() @ A.double().cpu().t()
-    y = x.double().cpu() @ W.t() + scale * (h @ B.double().cpu().t())
-    return (y + b.double().cpu() if b is not None else y), h
-
-
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_cpu_spec_matches_reference(bias, double_quant):
-    args, q = _inputs(5, 100, 37, 8, torch.float32, torch.float32, bias, double_quant)
+def test_cpu_spec_matchesnf4_gemv_reference(bias, double_quant):
+    args, q = nf4_gemv_inputs(5, 100, 37, 8, torch.float32, torch.float32, bias, double_quant)
     y, h = OP(*args)
-    y_ref, h_ref = _reference(args, q)
+    y_ref, h_ref = nf4_gemv_reference(args, q)
     assert y.shape == (5, 37) and h.shape == (5, 8)
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(h, h_ref, 1e-5, "h")
@@ -61,25 +27,25 @@ def test_cpu_spec_matches_reference(bias, double_quant):
 @pytest.mark.parametrize("kernel", [0, 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck(bias, kernel):
-    args, _ = _inputs(3, 64, 16, 4, torch.float32, torch.float32, bias)
+    args, _ = nf4_gemv_inputs(3, 64, 16, 4, torch.float32, torch.float32, bias)
     torch.library.opcheck(OP, (*args, kernel))
 
 
 def test_cpu_spec_rejects_an_unknown_kernel():
-    args, _ = _inputs(2, 64, 8, 4, torch.float32, torch.float32, False)
+    args, _ = nf4_gemv_inputs(2, 64, 8, 4, torch.float32, torch.float32, False)
     with pytest.raises(ValueError, match="kernel must be 0"):
         OP(*args, 2)
 
 
 def test_shared_memory_constant_matches_the_kernel():
-    """MMA_SHARED_BYTES (the eligibility rule) is mma_smem_bytes(2) of csrc/nf4_gemv_mma.cu, computed
+    """MMA_SHARED_BYTES (the eligibility rule) is mma_smem_bytes(2) of csrc/nf4_gemv_mma_kernel.cuh, computed
     from the constexpr layout constants of the sources (a drifted constant would send calls to a
     kernel that refuses them)."""
     import pathlib
     import re
     csrc = pathlib.Path(__file__).resolve().parents[2] / "csrc"
     names = {}
-    for source in ("nf4_gemv.cuh", "nf4_gemv_mma.cu"):
+    for source in ("nf4_device.cuh", "nf4_gemv_mma_kernel.cuh"):
         for name, expr in re.findall(r"^constexpr int (k\w+) = ([^;]+);", (csrc / source).read_text(), re.M):
             names[name] = eval(expr, {}, dict(names))  # integer arithmetic on earlier constants
     assert names["kStagesOffset"] + names["kMmaWarps"] * 2 * names["kStageBytes"] == nf4_gemv.MMA_SHARED_BYTES
@@ -176,7 +142,7 @@ def test_eligibility_rule_with_cuda_stand_ins(monkeypatch):
 def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
     """cuda_gemv_forward splits M > 16 into launches of at most 16 rows (the op's CPU spec stands in
     for the kernel here) and stitches y and h back in order."""
-    args, q = _inputs(M, 128, 24, 4, torch.float32, torch.float32, True)
+    args, q = nf4_gemv_inputs(M, 128, 24, 4, torch.float32, torch.float32, True)
     rows = []
     real = nf4_gemv.torch.ops.lora_kernels.nf4_gemv_lora
 
@@ -187,7 +153,7 @@ def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
     x, A, B, b, scale = args[0], args[7], args[8], args[9], args[10]
     y, h = nf4_gemv.cuda_gemv_forward(x, NF4Tensors.of(q), A, B, b, scale)
     assert rows == [16] * (M // 16) + ([M % 16] if M % 16 else [])
-    y_ref, h_ref = _reference(args, q)
+    y_ref, h_ref = nf4_gemv_reference(args, q)
     assert y.shape == (M, 24) and h.shape == (M, 4)
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(h, h_ref, 1e-5, "h")
@@ -196,21 +162,16 @@ def test_more_than_16_rows_run_one_launch_per_16(monkeypatch, M):
 SLAB_OP = torch.ops.lora_kernels.nf4_dequantize_slab.default
 
 
-def _slab_args(q, n0, n1, k0, k1, dtype):
-    N, K = q.shape
-    return (*q.op_tensors(), N, K, n0, n1, k0, k1, q.blocksize, q.nested_blocksize, q.dtype, dtype)
-
-
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_slab_decode_spec_is_bit_exact(double_quant, out_dtype):
     q = NF4Weight.quantize(torch.randn(40, 192, generator=torch.Generator().manual_seed(3)), double_quant=double_quant)
-    W = _dequantized(q).to(out_dtype)  # bitsandbytes' own decode when installed
+    W = bnb_dequantized(q).to(out_dtype)  # bitsandbytes' own decode when installed
     for n0, n1, k0, k1 in ((0, 40, 0, 192), (5, 29, 64, 128), (7, 8, 0, 8), (3, 3, 0, 64)):
-        out = SLAB_OP(*_slab_args(q, n0, n1, k0, k1, out_dtype))
+        out = SLAB_OP(*nf4_slab_args(q, n0, n1, k0, k1, out_dtype))
         assert out.dtype == out_dtype and out.shape == (n1 - n0, k1 - k0) and out.is_contiguous()
         assert torch.equal(out, W[n0:n1, k0:k1])
-    torch.library.opcheck(SLAB_OP, _slab_args(q, 5, 29, 64, 128, out_dtype))
+    torch.library.opcheck(SLAB_OP, nf4_slab_args(q, 5, 29, 64, 128, out_dtype))
 
 
 def test_cuda_slab_decoder_rule_with_stand_ins(monkeypatch):
@@ -270,7 +231,7 @@ def _check_cuda_kernel(kernel, args, q, N, label):
     poison = torch.full((x.shape[0], N), float("nan"), device="cuda", dtype=x.dtype)
     del poison  # the op's output reuses this block from the caching allocator: NaN unless written
     y, h = OP(*args, nf4_gemv.GEMV_KERNELS.index(kernel))
-    y_ref, h_ref = _reference(args, q)
+    y_ref, h_ref = nf4_gemv_reference(args, q)
     bound = 3e-3 if x.dtype == torch.float16 else 1.5e-2
     assert y.dtype == x.dtype and h.dtype == A.dtype
     assert_close(y, y_ref, bound, f"y {kernel} {label}")
@@ -284,7 +245,7 @@ def _check_cuda_kernel(kernel, args, q, N, label):
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("K", [4096, 4000 + 7])  # simt: vector path, element path (K % 32 != 0)
 @pytest.mark.parametrize("r", [8, 16, 64])
-def test_cuda_kernel_matches_reference(kernel, dtype, M, K, r):
+def test_cuda_kernel_matchesnf4_gemv_reference(kernel, dtype, M, K, r):
     if kernel == "mma" and K % nf4_gemv.MMA_K_MULTIPLE:
         pytest.skip("the tensor-core kernel needs K % 256 == 0 (the rule is tested on CPU)")
     # the last two: a stored dtype other than x's (decode rounds to it, then to x's dtype)
@@ -292,7 +253,7 @@ def test_cuda_kernel_matches_reference(kernel, dtype, M, K, r):
                                                   (True, False, dtype, dtype), (False, True, dtype, torch.float32),
                                                   (True, True, dtype, torch.float16 if dtype == torch.bfloat16
                                                    else torch.bfloat16)):
-        args, q = _inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r,
+        args, q = nf4_gemv_inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r,
                           weight_dtype=weight_dtype)
         _check_cuda_kernel(kernel, args, q, 333, f"bias={bias} dq={dq} A={adapter_dtype} stored={weight_dtype}")
 
@@ -307,25 +268,25 @@ def test_cuda_tensor_core_kernel_tiles_passes_and_rank_zero(dtype, M, N, K):
     4864: 19 passes), warps with no pass (K = 256, 1024), fewer rows than a tile (N = 5), one and two
     column tiles of x (M = 9, 16), rank 0 (no shrink kernel, no dependent launch) and fp32 absmax."""
     for r, dq, bias in ((16, True, True), (0, True, False), (8, False, True)):
-        args, q = _inputs(M, K, N, r, dtype, dtype, bias, dq, device="cuda", seed=N + K + M + r)
+        args, q = nf4_gemv_inputs(M, K, N, r, dtype, dtype, bias, dq, device="cuda", seed=N + K + M + r)
         _check_cuda_kernel("mma", args, q, N, f"N={N} K={K} r={r} dq={dq}")
 
 
 @needs_gpu_ext
 def test_cuda_tensor_core_kernel_rejects_an_ineligible_call():
-    args, _ = _inputs(2, 4000 + 7, 64, 8, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    args, _ = nf4_gemv_inputs(2, 4000 + 7, 64, 8, torch.bfloat16, torch.bfloat16, False, device="cuda")
     with pytest.raises(RuntimeError, match="K % 256 == 0"):
         OP(*args, 1)
 
 
 @needs_gpu_ext
 def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
-    args, q = _inputs(3, 1024, 96, 8, torch.bfloat16, torch.bfloat16, True, device="cuda")
+    args, q = nf4_gemv_inputs(3, 1024, 96, 8, torch.bfloat16, torch.bfloat16, True, device="cuda")
     wide = torch.randn(3, 1024 + 3, device="cuda", dtype=torch.bfloat16)
     x = wide[:, 3:]  # rows start 6 bytes past a 16-byte boundary, row stride 1027
     x.copy_(args[0])
     y, _ = nf4_gemv.cuda_gemv_forward(x, NF4Tensors.of(q), args[7], args[8], args[9], args[10], kernel="mma")
-    y_ref, _ = _reference(args, q)
+    y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")
 
 
@@ -336,10 +297,10 @@ def test_cuda_slab_decode_is_bit_exact(out_dtype, double_quant):
     for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
         w = torch.randn(300, 1024, generator=torch.Generator().manual_seed(5)).to(weight_dtype)
         q = NF4Weight.quantize(w, double_quant=double_quant)
-        W = _dequantized(q).to(out_dtype)
+        W = bnb_dequantized(q).to(out_dtype)
         qc = q.to("cuda")
         for n0, n1, k0, k1 in ((0, 300, 0, 1024), (17, 250, 0, 1024), (0, 300, 256, 512), (299, 300, 1016, 1024)):
-            out = SLAB_OP(*_slab_args(qc, n0, n1, k0, k1, out_dtype))
+            out = SLAB_OP(*nf4_slab_args(qc, n0, n1, k0, k1, out_dtype))
             assert out.dtype == out_dtype and out.shape == (n1 - n0, k1 - k0)
             assert torch.equal(out.cpu(), W[n0:n1, k0:k1]), (weight_dtype, n0, n1, k0, k1)
 
@@ -353,12 +314,12 @@ def test_cuda_slab_decoder_in_the_large_m_route(monkeypatch):
     calls = []
     real = nf4_gemv.cuda_dequantize_slab
     monkeypatch.setattr(nf4_gemv, "cuda_dequantize_slab", lambda *a: (calls.append(a[1:5]), real(*a))[1])
-    args, q = _inputs(70, 512, 200, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    args, q = nf4_gemv_inputs(70, 512, 200, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
     x = args[0].requires_grad_(True)
     y = lora_kernels.nf4_lora_linear(x, q, args[7], args[8], 0.75)
     y.backward(torch.ones_like(y))
     assert calls and all(k1 - k0 > 0 for _, _, k0, k1 in calls)
-    y_ref, _ = _reference(args, q)
+    y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")
 
 
@@ -374,8 +335,8 @@ def test_nf4_lora_linear_dispatches_to_the_cuda_gemv(monkeypatch, kernel):
         calls.append((a[0].shape, nf4_gemv.gemv_kernel(a[0], a[1])))
         return real(*a, **k)
     monkeypatch.setattr("lora_kernels.ops.nf4_lora_linear.cuda_gemv_forward", spy)
-    args, q = _inputs(4, 512, 128, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    args, q = nf4_gemv_inputs(4, 512, 128, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
     y = lora_kernels.nf4_lora_linear(args[0], q, args[7], args[8], 0.75, training=False)
     assert calls == [((4, 512), kernel)]
-    y_ref, _ = _reference(args, q)
+    y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")

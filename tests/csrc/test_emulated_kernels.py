@@ -1,0 +1,166 @@
+"""The CUDA kernels of csrc/ on a CPU, run by the emulation (lora_kernels/tools/csrc_emulation.py,
+itself checked by tests/tools/test_csrc_emulation.py): the kernels' own source, every CUDA thread a
+fiber, against the same float64 references (and bit-exact bitsandbytes decodes) as the op's GPU tests
+in tests/ops/test_nf4_gemv.py."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_kernels import NF4Weight
+from lora_kernels.ops import nf4_gemv
+from lora_kernels.tools import csrc_emulation as emulation
+from tests.helpers import assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_slab_args
+
+pytestmark = pytest.mark.skipif(emulation.available() is not None,
+                                reason=f"csrc emulation unavailable: {emulation.available()}")
+
+KERNELS = {"simt": 0, "mma": 1}
+# Relative error of y and h against float64: the output's rounding to x's dtype dominates (the
+# tensor-core kernel adds its per-weight rounding of the NF4 code to x's dtype); the GPU tests' bounds.
+BOUND = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+# (bias, double quantization, adapters' dtype, stored dtype) for x's dtype; the last two: a stored
+# dtype other than x's (the decode rounds to it, then to x's dtype).
+VARIANTS = ((False, True, None, None), (True, True, torch.float32, None), (True, False, None, None),
+            (False, True, None, torch.float32), (True, True, None, "other"))
+
+
+def _variant(dtype, variant):
+    bias, dq, adapter_dtype, weight_dtype = variant
+    if weight_dtype == "other":
+        weight_dtype = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    return bias, dq, adapter_dtype or dtype, weight_dtype or dtype
+
+
+def _check(kernel, args, q, label, **options):
+    x, A = args[0], args[7]
+    y, h = emulation.nf4_gemv_lora(*args, KERNELS[kernel], **options)
+    y_ref, h_ref = nf4_gemv_reference(args, q)
+    assert y.dtype == x.dtype and h.dtype == A.dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, BOUND[x.dtype], f"y {kernel} {label}")
+    if A.shape[0]:
+        assert_close(h, h_ref, BOUND[x.dtype], f"h {kernel} {label}")
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma"])
+def test_results_do_not_depend_on_the_thread_schedule(kernel):
+    """The same bits whichever order the emulation resumes threads in: no result depends on an
+    interleaving that a barrier does not fix (a missing barrier would make some order read shared
+    memory before it is written, or after it is overwritten)."""
+    args, q = nf4_gemv_inputs(9, 1024, 70, 8, torch.bfloat16, torch.bfloat16, True, seed=9)
+    y, h = emulation.nf4_gemv_lora(*args, KERNELS[kernel])
+    for order in (1, 2, 3):
+        with emulation.schedule(order):
+            y_o, h_o = emulation.nf4_gemv_lora(*args, KERNELS[kernel])
+        assert torch.equal(y_o, y) and torch.equal(h_o, h), order
+    slab = nf4_slab_args(q, 3, 60, 64, 1024, torch.bfloat16)
+    with emulation.schedule(2):
+        assert torch.equal(emulation.nf4_dequantize_slab(*slab), bnb_dequantized(q).to(torch.bfloat16)[3:60, 64:1024])
+
+
+# ----------------------------------------------------------------------------- SIMT GEMV
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# every row tile (1, 2, 4, 8, 16 rows; the shrink kernel runs r * M blocks: the emulation's cost)
+@pytest.mark.parametrize("M,r", [(1, 64), (2, 1), (3, 8), (5, 1), (16, 4)])
+@pytest.mark.parametrize("K,packed_offset", [(512, 0), (512, 4), (263, 0)])  # vector path, element paths
+def test_simt_kernel_matches_reference(dtype, M, r, K, packed_offset):
+    for variant in VARIANTS:
+        bias, dq, adapter_dtype, weight_dtype = _variant(dtype, variant)
+        args, q = nf4_gemv_inputs(M, K, 37, r, dtype, adapter_dtype, bias, dq, seed=M * K + r,
+                                  weight_dtype=weight_dtype)
+        _check("simt", args, q, f"{variant}", packed_offset=packed_offset)
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma"])
+def test_largest_call_sixteen_rows_rank_64(kernel):
+    args, q = nf4_gemv_inputs(16, 1024, 40, 64, torch.bfloat16, torch.float32, True, seed=64)
+    _check(kernel, args, q, "M=16 r=64")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [1024 + 64, 200 + 3])  # two chunks of x (vector path); odd K (element path)
+def test_simt_kernel_decodes_bit_exactly(dtype, K):
+    """Rows of x that are one-hot at column k make y[m, :] = W[:, k] exactly (every other product is an
+    exact zero): the kernel's decode, not only its sums, against bitsandbytes' dequantize_4bit, at
+    columns around block and chunk boundaries."""
+    args, q = nf4_gemv_inputs(16, K, 45, 0, dtype, dtype, False, seed=K)
+    columns = [0, 1, 31, 32, 63, 64, 65, 127, K // 2, K - 65, K - 64, K - 33, K - 2, K - 1, 1023 % K, 1024 % K]
+    x = torch.zeros(16, K, dtype=dtype)
+    x[torch.arange(16), torch.tensor(columns)] = 1.0
+    y, _ = emulation.nf4_gemv_lora(x, *args[1:], 0)
+    W = bnb_dequantized(q).to(dtype)
+    assert torch.equal(y, W[:, columns].t())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 16), N=st.integers(1, 70), K=st.integers(1, 700), r=st.integers(0, 16),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), variant=st.sampled_from(VARIANTS),
+       stride_pad=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_simt_kernel_on_drawn_shapes(M, N, K, r, dtype, variant, stride_pad, seed):
+    bias, dq, adapter_dtype, weight_dtype = _variant(dtype, variant)
+    args, q = nf4_gemv_inputs(M, K, N, r, dtype, adapter_dtype, bias, dq, seed=seed, weight_dtype=weight_dtype)
+    wide = torch.randn(M, K + stride_pad).to(dtype)  # rows of x stride_pad elements apart beyond K
+    wide[:, :K] = args[0]
+    _check("simt", (wide[:, :K], *args[1:]), q, f"M={M} N={N} K={K} r={r} {variant} pad={stride_pad}")
+
+
+# ----------------------------------------------------------------------------- tensor-core GEMV
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 7, 9, 16])  # one and two column tiles of x, rows past M
+@pytest.mark.parametrize("N,K", [(5, 256), (70, 1024), (40, 4864)])
+def test_mma_kernel_matches_reference(dtype, M, N, K):
+    """The decomposition of csrc/nf4_gemv_mma_kernel.cuh: fewer rows than a tile (N = 5), more tiles
+    than the 3 emulated SMs (persistent blocks, the cp.async ring running across tiles), warps with no
+    pass (K = 256, 1024), passes not dividing evenly among the 16 warps (K = 4864: 19 passes)."""
+    for variant in VARIANTS:
+        bias, dq, adapter_dtype, weight_dtype = _variant(dtype, variant)
+        args, q = nf4_gemv_inputs(M, K, N, 16, dtype, adapter_dtype, bias, dq, seed=N + K + M,
+                                  weight_dtype=weight_dtype)
+        _check("mma", args, q, f"{variant}")
+
+
+@pytest.mark.parametrize("shared_optin,stages", [(emulation.H100_SHARED_OPTIN, 3), (emulation.A100_SHARED_OPTIN, 2)])
+@pytest.mark.parametrize("r", [0, 64])
+def test_mma_kernel_ring_depths_and_ranks(shared_optin, stages, r):
+    assert (nf4_gemv.MMA_SHARED_BYTES <= shared_optin) and stages in (2, 3)
+    for sms in (1, 4):
+        args, q = nf4_gemv_inputs(9, 2048, 50, r, torch.bfloat16, torch.bfloat16, True, seed=r + sms)
+        _check("mma", args, q, f"optin={shared_optin} r={r} sms={sms}", sms=sms, shared_optin=shared_optin)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 16), N=st.integers(1, 60), passes=st.integers(1, 20), r=st.integers(0, 16),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), variant=st.sampled_from(VARIANTS),
+       sms=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_mma_kernel_on_drawn_shapes(M, N, passes, r, dtype, variant, sms, seed):
+    bias, dq, adapter_dtype, weight_dtype = _variant(dtype, variant)
+    args, q = nf4_gemv_inputs(M, 256 * passes, N, r, dtype, adapter_dtype, bias, dq, seed=seed,
+                              weight_dtype=weight_dtype)
+    _check("mma", args, q, f"M={M} N={N} K={256 * passes} r={r} {variant} sms={sms}", sms=sms)
+
+
+# ----------------------------------------------------------------------------- slab decode
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_slab_decode_is_bit_exact(out_dtype, double_quant):
+    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        w = torch.randn(37, 2112, generator=torch.Generator().manual_seed(5)).to(weight_dtype)
+        q = NF4Weight.quantize(w, double_quant=double_quant)
+        W = bnb_dequantized(q).to(out_dtype)
+        # whole weight (more columns than a block of threads), row and column windows, one row
+        for n0, n1, k0, k1 in ((0, 37, 0, 2112), (3, 29, 64, 1096), (0, 37, 2048 - 8, 2112), (36, 37, 8, 16)):
+            out = emulation.nf4_dequantize_slab(*nf4_slab_args(q, n0, n1, k0, k1, out_dtype))
+            assert out.dtype == out_dtype and out.shape == (n1 - n0, k1 - k0)
+            assert torch.equal(out, W[n0:n1, k0:k1]), (weight_dtype, n0, n1, k0, k1)
+
+
+def test_slab_decode_of_a_weight_whose_blocks_span_rows():
+    """K = 40: quantization blocks of 64 straddle rows, the block index comes from the flat index."""
+    q = NF4Weight.quantize(torch.randn(33, 40, generator=torch.Generator().manual_seed(2)) / math.sqrt(40))
+    out = emulation.nf4_dequantize_slab(*nf4_slab_args(q, 1, 32, 8, 40, torch.bfloat16))
+    assert torch.equal(out, bnb_dequantized(q).to(torch.bfloat16)[1:32, 8:40])
