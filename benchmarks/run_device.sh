@@ -6,7 +6,10 @@
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
 #   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
-#   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests)
+#   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
+#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick train tests (one call that settles
+#   the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the CUDA slab
+#   decoder, the dense cuBLAS route, each beside the default it would replace; ~9 minutes on an H200)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -30,6 +33,7 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
+STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick train tests}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -109,10 +113,11 @@ for step in $STEPS; do
                       > "$OUT/ncu_gemv.txt" 2>&1; tail -60 "$OUT/ncu_gemv.txt" ;;
         qlora|split-k) timeout $(cap 240) python -m lora_kernels "$step" --out "$OUT" 2>&1 | tee "$OUT/$step.txt" ;;
         qlora-quick) timeout $(cap 150) python -m lora_kernels qlora --quick --out "$OUT" 2>&1 | tee "$OUT/qlora.txt" ;;
-        qlora-small-m) # the QLoRA forward at decode / small-batch M (issue 3: M 2-64): both CUDA GEMV kernels
-                       # (up to 64 rows in launches of 16) against the slab and fused paths and PEFT + bnb
+        qlora-small-m) # the QLoRA layer at decode / small-batch M (issue 3: M 2-64): both CUDA GEMV kernels
+                       # (up to 64 rows in launches of 16) against the slab and fused paths and PEFT + bnb, and
+                       # fwd+bwd with the CUDA dX kernel
                        timeout $(cap 200) python -m lora_kernels qlora --quick --model 8b --proj q,gate,down \
-                           --m 1,2,4,8,16,32,64 --modes fwd,infer --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,peft_qlora,bnb_matmul_4bit \
+                           --m 1,2,4,8,16,32,64 --modes fwd,fwdbwd,infer --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,lora_kernels_nf4_cuda_dx,peft_qlora,bnb_matmul_4bit \
                            --out "$OUT/qlora_small_m" 2>&1 | tee "$OUT/qlora_small_m.txt" ;;
         *) echo "unknown step $step" ;;
     esac

@@ -18,11 +18,18 @@ at::Tensor nf4_dequantize_slab_cuda(const at::Tensor& packed, const at::Tensor& 
                                     const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, int64_t N,
                                     int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t k1, int64_t blocksize,
                                     int64_t nested_blocksize, at::ScalarType weight_dtype, at::ScalarType out_dtype);
+at::Tensor nf4_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                               const c10::optional<at::Tensor>& absmax_code,
+                               const c10::optional<at::Tensor>& absmax_scale,
+                               const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code,
+                               const c10::optional<at::Tensor>& init, int64_t K, int64_t blocksize,
+                               int64_t nested_blocksize, at::ScalarType weight_dtype);
 }  // namespace lora_kernels
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("nf4_gemv_lora", &lora_kernels::nf4_gemv_lora_cuda);
   m.impl("nf4_dequantize_slab", &lora_kernels::nf4_dequantize_slab_cuda);
+  m.impl("nf4_grad_input", &lora_kernels::nf4_grad_input_cuda);
 }
 
 // An importable module (lora_kernels._C) whose import runs the registration above.

@@ -17,6 +17,20 @@
 #define LK_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// A kernel launch from host code shared with the emulation: kernel<<<grid, block, smem, stream>>>(...)
+// on CUDA (the caller checks the launch), run to completion in the emulation (the first error is
+// kept: emulation::take_launch_error). `kernel` must be a plain name (a macro argument cannot hold a
+// template argument list's commas).
+#ifdef LORA_KERNELS_EMULATION
+#define LK_LAUNCH(kernel, grid, block, smem, stream, ...)                                           \
+  do {                                                                                               \
+    (void)(stream);                                                                                  \
+    ::lora_kernels::emulation::launch_or_keep_error(#kernel, kernel, grid, block, smem, __VA_ARGS__); \
+  } while (0)
+#else
+#define LK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
 namespace lora_kernels {
 
 constexpr int kMaxRank = 64;  // h lives in shared memory (lora_kernels/ops/nf4_gemv.py: GEMV_MAX_RANK)

@@ -16,6 +16,10 @@ inline int device_attribute(cudaDeviceAttr attr) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
   return value;
 }
+// The kernels' view of an NF4 weight (nf4_gemv_lora.cu; block sizes powers of two: checked by the callers).
+NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_code,
+                 const c10::optional<at::Tensor>& absmax_scale, const c10::optional<at::Tensor>& absmax_offset,
+                 const at::Tensor& code, int64_t blocksize, int64_t nested_blocksize, at::ScalarType weight_dtype);
 // The tensor-core decode GEMV (nf4_gemv_mma.cu), for the op's kernel = 1: y = x dequant(Q)^T +
 // scale * h B^T + bias with h [M, r] already computed (by the shrink kernel launched just before it
 // when after_shrink: on sm_90 the GEMV then starts while it runs, and waits for h in its epilogue).

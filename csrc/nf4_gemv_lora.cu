@@ -61,6 +61,8 @@ void launch_dequantize_slab(const NF4Args& q, bool dq, at::Tensor& out, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 // The kernels' view of an NF4 weight (block sizes must be powers of two: checked by the callers).
 NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_code,
                  const c10::optional<at::Tensor>& absmax_scale, const c10::optional<at::Tensor>& absmax_offset,
@@ -78,8 +80,6 @@ NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::
   q.stored = weight_dtype == at::kHalf ? kFloat16 : weight_dtype == at::kBFloat16 ? kBFloat16 : kFloat32;
   return q;
 }
-
-}  // namespace
 
 // x [M, K] (unit stride along K), NF4 weight [N, K], lora_A [r, K], lora_B [N, r] contiguous;
 // bias: combined bias (bias + scale * lora_B_bias) as fp32 [N], or undefined.

@@ -454,3 +454,21 @@ def nf4_slab_args(q, n0, n1, k0, k1, dtype):
     """The arguments of the op lora_kernels::nf4_dequantize_slab for W[n0:n1, k0:k1] of ``q`` in ``dtype``."""
     N, K = q.shape
     return (*q.op_tensors(), N, K, n0, n1, k0, k1, q.blocksize, q.nested_blocksize, q.dtype, dtype)
+
+
+def nf4_grad_input_args(M, N, K, dtype, init, double_quant=True, weight_dtype=None, seed=0):
+    """(args of the op lora_kernels::nf4_grad_input, the NF4Weight): random grad_y [M, N] in ``dtype``,
+    weight [N, K] stored in ``weight_dtype`` (default dtype), fp32 init [M, K] when ``init``."""
+    g = torch.Generator().manual_seed(seed)
+    q = lora_kernels.NF4Weight.quantize((torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype),
+                           double_quant=double_quant)
+    grad_y = torch.randn(M, N, generator=g).to(dtype)
+    start = torch.randn(M, K, generator=g) if init else None
+    return (grad_y, *q.op_tensors(), start, K, q.blocksize, q.nested_blocksize, q.dtype), q
+
+
+def nf4_grad_input_reference(args, q):
+    """float64 dx of the op's arguments, on the weight as bitsandbytes decodes it (in grad_y's dtype)."""
+    grad_y, init = args[0], args[7]
+    dx = grad_y.double() @ bnb_dequantized(q).to(grad_y.dtype).double()
+    return dx + init.double() if init is not None else dx

@@ -27,6 +27,7 @@
 #endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <driver_types.h>  // cudaStream_t, for the launchers' shared host code
 #include <ucontext.h>
 #include <vector_functions.h>
 #include <vector_types.h>
@@ -336,6 +337,24 @@ inline std::string run_grid(dim3 grid, dim3 block, size_t shared_bytes, std::fun
 template <typename... Params, typename... Args>
 std::string launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
   return run_grid(grid, block, shared_bytes, [=] { kernel(args...); });
+}
+// LK_LAUNCH in host code shared with the CUDA launchers: after a failed launch, later ones are
+// skipped and the first error is kept for take_launch_error().
+inline std::string& launch_error() {
+  static std::string error;
+  return error;
+}
+template <typename... Params, typename... Args>
+void launch_or_keep_error(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                          Args... args) {
+  if (!launch_error().empty()) return;
+  const std::string error = launch(kernel, grid, block, shared_bytes, args...);
+  if (!error.empty()) launch_error() = std::string(name) + ": " + error;
+}
+inline std::string take_launch_error() {
+  std::string error;
+  error.swap(launch_error());
+  return error;
 }
 
 }  // namespace emulation

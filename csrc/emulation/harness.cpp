@@ -7,8 +7,11 @@
 // the kernel headers after the emulation
 #include "../nf4_gemv_kernels.cuh"
 #include "../nf4_gemv_mma_kernel.cuh"
+#include "../nf4_grad_input_kernels.cuh"
 
+#include <cmath>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -188,6 +191,27 @@ int lk_emulated_nf4_dequantize_slab(int out_dtype, const NF4Buffers* weight, voi
     return report(dequantize_slab(q, dq, static_cast<__nv_bfloat16*>(out), K, n0, k0, rows, cols));
   }
   return report(dequantize_slab(q, dq, static_cast<float*>(out), K, n0, k0, rows, cols));
+}
+
+// The op lora_kernels::nf4_grad_input: dx [M, K] = dy [M, N] (row stride stride_dym) dequant(W) + init
+// (fp32 [M, K] or null), through the launcher the CUDA op uses (nf4_grad_input_kernels.cuh); sms
+// stands for the multiprocessor count (it sets the splits). N >= 1.
+int lk_emulated_nf4_grad_input(int dtype, const void* dy, int64_t M, int64_t N, int64_t stride_dym,
+                               const NF4Buffers* weight, int64_t K, const float* init, void* dx, int sms) {
+  using namespace lora_kernels;
+  emu::state().readable.clear();
+  const NF4Args q = nf4_args(*weight);
+  const GradSplits sp = grad_input_splits(N, K, sms);
+  std::vector<float> partial(sp.splits * (M < kGradMaxTile ? M : kGradMaxTile) * K, NAN);  // NaN until written
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    launch_grad_input<T>(static_cast<const T*>(dy), M, N, stride_dym, q, weight->double_quant != 0, K, init,
+                         static_cast<T*>(dx), K, partial.data(), sp, nullptr);
+    return emu::take_launch_error();
+  };
+  if (dtype == kFloat16) return report(run(__half()));
+  if (dtype == kBFloat16) return report(run(__nv_bfloat16()));
+  return report(run(float()));
 }
 
 // Checks of the emulation: one mma (A [16, 16], B [16, 8] row-major fp32, rounded to the 16-bit

@@ -1,5 +1,6 @@
 """The CUDA C++ ops of ``csrc/``: ``lora_kernels::nf4_gemv_lora``, the NF4 decode GEMV with the LoRA
-term, and ``lora_kernels::nf4_dequantize_slab``, a slab decode for the large-M route (end of file).
+term; ``lora_kernels::nf4_dequantize_slab``, a slab decode for the large-M route; and
+``lora_kernels::nf4_grad_input``, the small-M backward's dX = grad_y @ W + init (end of file).
 
     nf4_gemv_lora(x [M, K], <NF4 weight tensors>, lora_A [r, K], lora_B [N, r], bias? [N] (combined),
                   scale, blocksize, nested_blocksize, weight_dtype, kernel=0) -> (y [M, N] x.dtype, h [M, r])
@@ -136,6 +137,69 @@ def cuda_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     return torch.ops.lora_kernels.nf4_dequantize_slab(
         wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale, wq.absmax_offset, wq.code, wq.N, wq.K,
         n_start, n_end, k_start, k_end, wq.blocksize, wq.nested_blocksize, wq.dtype, dtype)
+
+
+# The QLoRA backward's base product at small M on CUDA (csrc/nf4_grad_input_kernels.cuh): dx = grad_y @
+# W (W decoded bit-exactly, rounded to the stored dtype then grad_y's) + init (the LoRA term in fp32),
+# rounded once to grad_y's dtype. The Triton dX kernel has too few programs there (one per 128
+# columns of W, each walking all N rows).
+torch.library.define(
+    "lora_kernels::nf4_grad_input",
+    "(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? absmax_code, Tensor? absmax_scale, Tensor? absmax_offset, "
+    "Tensor code, Tensor? init, int K, int blocksize, int nested_blocksize, ScalarType weight_dtype) -> Tensor")
+
+
+@torch.library.register_fake("lora_kernels::nf4_grad_input")
+def _nf4_grad_input_fake(grad_y, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, init, K, blocksize,
+                         nested_blocksize, weight_dtype):
+    return grad_y.new_empty((grad_y.shape[0], K))
+
+
+@torch.library.impl("lora_kernels::nf4_grad_input", "cpu")
+def _nf4_grad_input_cpu(grad_y, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, init, K, blocksize,
+                        nested_blocksize, weight_dtype):
+    """The spec: fp32 products of grad_y and the decoded weight in grad_y's dtype, plus init, rounded once."""
+    wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, grad_y.shape[1], K, blocksize,
+                    nested_blocksize, weight_dtype)
+    dx = grad_y.float() @ nf4_rows(wq, 0, wq.N, grad_y.dtype).float()
+    return (dx + init if init is not None else dx).to(grad_y.dtype)
+
+
+NF4_GRAD_INPUT_ENV = "LORA_KERNELS_NF4_GRAD_INPUT_MAX_M"
+DEFAULT_GRAD_INPUT_MAX_M = 0  # off: not run on a GPU yet (bench row lora_kernels_nf4_cuda_dx)
+
+
+def cuda_grad_input_max_m() -> int:
+    """Largest M whose NF4 backward dX runs on the CUDA kernel (env override, else
+    DEFAULT_GRAD_INPUT_MAX_M; at most GEMV_CHUNKED_MAX_M: the kernel takes up to 64 rows)."""
+    return min(env_nonnegative_int(NF4_GRAD_INPUT_ENV, DEFAULT_GRAD_INPUT_MAX_M), GEMV_CHUNKED_MAX_M)
+
+
+def use_cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors) -> bool:
+    """Whether the NF4 backward dX = grad_y2 @ W (+ the LoRA term) runs on the CUDA kernel: a CUDA call
+    the kernel takes (``grad_input_eligible``), the extension loaded."""
+    return grad_y2.device.type == "cuda" and grad_input_eligible(grad_y2, wq) and load_extension()
+
+
+def grad_input_eligible(grad_y2: Tensor, wq: NF4Tensors) -> bool:
+    """1 <= M <= cuda_grad_input_max_m(), unit stride along N, K % 8 == 0 (a lane's 8 columns: one
+    32-bit word of codes), power-of-two block sizes >= 8 and 4-byte aligned codes."""
+    M = grad_y2.shape[0]
+    if not 1 <= M <= cuda_grad_input_max_m() or grad_y2.stride(1) != 1:
+        return False
+    if wq.K % 8 or wq.blocksize < 8 or not _power_of_two(wq.blocksize):
+        return False
+    if wq.absmax_code is not None and not _power_of_two(wq.nested_blocksize):
+        return False
+    return wq.packed.data_ptr() % 4 == 0
+
+
+def cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors, init: Optional[Tensor]) -> Tensor:
+    """dx [M, K] in grad_y2's dtype = grad_y2 [M, N] @ W + init (fp32 [M, K] or None), by the CUDA
+    kernel (``use_cuda_grad_input`` first)."""
+    return torch.ops.lora_kernels.nf4_grad_input(
+        grad_y2, wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale, wq.absmax_offset, wq.code, init, wq.K,
+        wq.blocksize, wq.nested_blocksize, wq.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -441,17 +441,7 @@ def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora
     bounded buffer; disjoint columns of dx2)."""
     M, N = grad_y2.shape
     K = lora_A.shape[1]
-    cfg = configs.grad_input_config(R, *key, "dense")
-    grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
-    w_ptrs, w_consts, _ = _weight_args(None)
-    lora_grad_input_kernel[grid](
-        grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, dx2, *w_ptrs,
-        M, 0, K, lora_A.shape[0],
-        grad_y2.stride(0), grad_y2.stride(1), 0, 0,
-        d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1), dx2.stride(0), dx2.stride(1),
-        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        R=R, HAS_DROPOUT=seed is not None, **flags, **cfg.blocks, **w_consts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _lora_grad_input_term(grad_y2, d_h, lora_A, seed, dx2, dropout_p, R, key, flags)
     if wq is None:
         dx2.addmm_(grad_y2, weight)
         return
@@ -459,6 +449,38 @@ def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora
     for k0 in range(0, K, cols):
         k1 = min(K, k0 + cols)
         dx2[:, k0:k1].addmm_(grad_y2, _nf4_dequantize_slab(wq, 0, N, k0, k1, grad_y2.dtype))
+
+
+def _use_cuda_grad_input(grad_y2, wq: NF4Tensors) -> bool:
+    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+    return nf4_gemv.use_cuda_grad_input(grad_y2, wq)
+
+
+def _cuda_base_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dropout_p: float, R: int, key, flags):
+    """dx2 [M, K] = keep * (dH @ A) / (1 - p) + dY @ W for a small M: the masked LoRA term from the dX
+    kernel with an empty N-loop into an fp32 buffer, then the CUDA kernel of csrc/ adds dY @ W (W
+    decoded in registers, never stored) and rounds once."""
+    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+    init = torch.empty((grad_y2.shape[0], lora_A.shape[1]), dtype=torch.float32, device=grad_y2.device)
+    _lora_grad_input_term(grad_y2, d_h, lora_A, seed, init, dropout_p, R, key, flags)
+    return nf4_gemv.cuda_grad_input(grad_y2, wq, init)
+
+
+def _lora_grad_input_term(grad_y2, d_h, lora_A, seed, out, dropout_p: float, R: int, key, flags):
+    """out = keep * (dH @ A) / (1 - p) (in out's dtype): the dX kernel with an empty N-loop."""
+    M = grad_y2.shape[0]
+    K = lora_A.shape[1]
+    cfg = configs.grad_input_config(R, *key, "dense")
+    grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
+    w_ptrs, w_consts, _ = _weight_args(None)
+    lora_grad_input_kernel[grid](
+        grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, out, *w_ptrs,
+        M, 0, K, lora_A.shape[0],
+        grad_y2.stride(0), grad_y2.stride(1), 0, 0,
+        d_h.stride(0), d_h.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
+        drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        R=R, HAS_DROPOUT=seed is not None, **flags, **cfg.blocks, **w_consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _weight_strides(weight, wq):
@@ -510,7 +532,9 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         if need_bias:
             d_bias = colsum_ws.sum(0)
 
-    if need_x and use_cublas_base(M, wq):
+    if need_x and wq is not None and _use_cuda_grad_input(grad_y2, wq):
+        dx2 = _cuda_base_grad_input(grad_y2, wq, d_h, lora_A, seed if has_dropout else None, dropout_p, R, key, flags)
+    elif need_x and use_cublas_base(M, wq):
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         _cublas_base_grad_input(grad_y2, weight, wq, d_h, lora_A, seed if has_dropout else None, dx2, dropout_p, R,
                                 key, flags)

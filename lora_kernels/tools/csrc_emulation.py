@@ -6,6 +6,7 @@ ordering, and reads outside the inputs), and this module calls it with ctypes on
     nf4_gemv_lora(<the op lora_kernels::nf4_gemv_lora's arguments>, kernel=0, *, sms=3,
                   shared_optin=H100_SHARED_OPTIN) -> (y [M, N], h [M, r])
     nf4_dequantize_slab(<the op lora_kernels::nf4_dequantize_slab's arguments>) -> Tensor
+    nf4_grad_input(<the op lora_kernels::nf4_grad_input's arguments>, *, sms=3) -> Tensor
 
 Same arguments and results as the ops (``lora_kernels/ops/nf4_gemv.py``), so a test can run a kernel
 on a CPU where it would run the op on a GPU. ``sms`` and ``shared_optin`` stand for the device's
@@ -103,6 +104,7 @@ def library(csrc: str = DEFAULT_CSRC) -> ctypes.CDLL:
     lib.lk_emulated_nf4_gemv.argtypes = [i32, i32, i32, ptr, i64, i64, i64, ctypes.POINTER(_NF4), ptr, ptr, i64, i64,
                                          ptr, ctypes.c_float, ptr, ptr, i32, i32]
     lib.lk_emulated_nf4_dequantize_slab.argtypes = [i32, ctypes.POINTER(_NF4), ptr, i64, i64, i64, i64, i64]
+    lib.lk_emulated_nf4_grad_input.argtypes = [i32, ptr, i64, i64, i64, ctypes.POINTER(_NF4), i64, ptr, ptr, i32]
     lib.lk_emulated_mma.argtypes = [i32, ptr, ptr, ptr]
     lib.lk_emulated_rule_probe.argtypes = [i32, ptr, ptr]
     lib.lk_emulation_set_schedule.argtypes = [ctypes.c_uint64]
@@ -258,6 +260,32 @@ def nf4_dequantize_slab(packed, absmax, absmax_code, absmax_scale, absmax_offset
               out.ptr, K, n0, k0, n1 - n0, k1 - k0)
         out.check_untouched("out")
     return out.view.clone()
+
+
+def nf4_grad_input(grad_y, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, init, K, blocksize,
+                   nested_blocksize, weight_dtype, *, sms: int = 3):
+    """The op ``lora_kernels::nf4_grad_input`` run by the emulation: grad_y [M, N] @ W + init (fp32 [M, K]
+    or None), in grad_y's dtype. ``sms`` sets the kernel's splits of N, as the device's SM count does."""
+    M, N = grad_y.shape
+    if grad_y.stride(1) != 1 or M > 64 or K % 8 or not _power_of_two(blocksize) or blocksize < 8:
+        raise ValueError(f"needs grad_y [M <= 64, N] with unit stride along N, K % 8 == 0 and a power-of-two "
+                         f"blocksize >= 8, got {tuple(grad_y.shape)} strides {grad_y.stride()}, K={K}, "
+                         f"blocksize={blocksize}")
+    if init is not None and (init.dtype != torch.float32 or tuple(init.shape) != (M, K)):
+        raise ValueError(f"init must be float32 [{M}, {K}], got {init.dtype} {tuple(init.shape)}")
+    if M == 0 or K == 0 or N == 0:  # as the op's entry point: nothing to launch
+        return init.to(grad_y.dtype) if init is not None and M and K else grad_y.new_zeros((M, K))
+    wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize, nested_blocksize,
+                    weight_dtype)
+    keep = []
+    weight = _nf4(wq, keep)
+    dy = _Guarded(grad_y)
+    start = _Guarded(init.contiguous()) if init is not None else None
+    dx = _Guarded(shape=(M, K), dtype=grad_y.dtype)
+    _call(library().lk_emulated_nf4_grad_input, DTYPE_CODES[grad_y.dtype], dy.ptr, M, N, grad_y.stride(0),
+          ctypes.byref(weight), K, start.ptr if start else None, dx.ptr, sms)
+    dx.check_untouched("dx")
+    return dx.view.clone()
 
 
 # ----------------------------------------------------------------------------- checks of the emulation

@@ -17,6 +17,9 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
                            (LORA_KERNELS_NF4_SLAB_DECODER=cuda; CUDA with the built extension only)
     lora_kernels_nf4_triton the same with them switched off (=0): the fused NF4 GEMMs at every M
                            (these three and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
+    lora_kernels_nf4_cuda_dx lora_kernels_nf4 with the backward's dX = dY W on the CUDA kernel of csrc/
+                           for M <= 64 (LORA_KERNELS_NF4_GRAD_INPUT_MAX_M=64; CUDA with the built
+                           extension; "not_applicable" above 64 rows, where it would repeat lora_kernels_nf4)
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
@@ -49,13 +52,14 @@ from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default
                                       write_outputs, _names, ALL_MODES, standalone_main)
 
 GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
-EXTENSION_IMPLS = GEMV_IMPLS + ("lora_kernels_nf4_cublas_cuda",)  # CUDA with the built extension only
+# CUDA with the built extension only
+EXTENSION_IMPLS = GEMV_IMPLS + ("lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_cuda_dx")
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
-               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton", "peft_qlora",
-               "bnb_matmul_4bit", "base_dense")
+               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
+               "lora_kernels_nf4_cuda_dx", "peft_qlora", "bnb_matmul_4bit", "base_dense")
 LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
-              "peft_qlora")  # base + LoRA
+              "lora_kernels_nf4_cuda_dx", "peft_qlora")  # base + LoRA
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
@@ -186,6 +190,7 @@ PATH_SETTINGS = {
     "lora_kernels_nf4_cublas_cuda": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0,
                                      "LORA_KERNELS_NF4_SLAB_DECODER": "cuda"},
     "lora_kernels_nf4_triton": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
+    "lora_kernels_nf4_cuda_dx": {"LORA_KERNELS_NF4_GRAD_INPUT_MAX_M": 64},
 }
 
 
@@ -225,6 +230,13 @@ def available_qlora_impls(impls) -> list:
 def _not_applicable(case, provider, device, dtype):
     if provider == "lora_kernels_nf4_fused":
         return fused_forward_not_applicable(case, device, dtype)
+    if provider == "lora_kernels_nf4_cuda_dx":
+        from lora_kernels.ops import nf4_gemv
+        if device.type != "cuda":
+            return "CUDA only"
+        if case.M > nf4_gemv.GEMV_CHUNKED_MAX_M or case.K % 8:
+            return f"the CUDA dX kernel takes M <= {nf4_gemv.GEMV_CHUNKED_MAX_M} and K % 8 == 0 (the row would repeat lora_kernels_nf4)"
+        return None
     if provider not in GEMV_IMPLS:
         return None
     from lora_kernels.ops import nf4_gemv

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
 from lora_kernels.tools import csrc_emulation as emulation
-from tests.helpers import assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_slab_args
+from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
+                           nf4_grad_input_reference, nf4_slab_args)
 
 pytestmark = pytest.mark.skipif(emulation.available() is not None,
                                 reason=f"csrc emulation unavailable: {emulation.available()}")
@@ -164,3 +165,65 @@ def test_slab_decode_of_a_weight_whose_blocks_span_rows():
     q = NF4Weight.quantize(torch.randn(33, 40, generator=torch.Generator().manual_seed(2)) / math.sqrt(40))
     out = emulation.nf4_dequantize_slab(*nf4_slab_args(q, 1, 32, 8, 40, torch.bfloat16))
     assert torch.equal(out, bnb_dequantized(q).to(torch.bfloat16)[1:32, 8:40])
+
+
+# ----------------------------------------------------------------------------- small-M backward dX
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 8, 13])  # tiles of 1, 4, 8 rows; two launches of 8
+@pytest.mark.parametrize("N,K", [(37, 64), (300, 520)])  # one split; several splits, a partial column block
+def test_grad_input_kernel_matches_reference(dtype, M, N, K):
+    bound = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for init, dq, weight_dtype in ((True, True, None), (False, False, None), (True, True, other)):
+        args, q = nf4_grad_input_args(M, N, K, dtype, init, dq, weight_dtype, seed=M + N)
+        dx = emulation.nf4_grad_input(*args)
+        assert dx.dtype == dtype and dx.shape == (M, K)
+        assert_close(dx, nf4_grad_input_reference(args, q), bound, f"dx init={init} dq={dq} stored={weight_dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grad_input_kernel_decodes_bit_exactly(dtype):
+    """Rows of dY one-hot at row n of W make dx[m, :] = W[n, :] exactly: the decode itself, against
+    bitsandbytes', at rows of different splits."""
+    N, K = 700, 264
+    args, q = nf4_grad_input_args(6, N, K, dtype, False, seed=1)
+    rows = [0, 1, 63, 64, 350, N - 1]
+    grad_y = torch.zeros(6, N, dtype=dtype)
+    grad_y[torch.arange(6), torch.tensor(rows)] = 1.0
+    dx = emulation.nf4_grad_input(grad_y, *args[1:], sms=8)
+    assert torch.equal(dx, bnb_dequantized(q).to(dtype)[rows])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 20), N=st.integers(1, 400), K8=st.integers(1, 80), init=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), sms=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_grad_input_kernel_on_drawn_shapes(M, N, K8, init, dtype, sms, seed):
+    args, q = nf4_grad_input_args(M, N, 8 * K8, dtype, init, seed=seed)
+    dx = emulation.nf4_grad_input(*args, sms=sms)
+    assert_close(dx, nf4_grad_input_reference(args, q), BOUND[dtype], f"M={M} N={N} K={8 * K8} sms={sms}")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_qlora_backward_takes_the_cuda_dx_route(monkeypatch, dtypes):
+    """nf4_lora_linear's backward through the small-M CUDA dX route of the Triton backend
+    (ops.triton_launch._cuda_base_grad_input), taken on a CPU as on a GPU with the op served by the
+    emulated kernel: forward and every gradient against float64, the dropout mask in the LoRA term."""
+    from lora_kernels.ops import triton_launch
+    from tests.autograd.test_lora_linear import _run_and_check
+    from tests.helpers import make_grad_y, make_problem, use_backend
+    monkeypatch.setenv(nf4_gemv.NF4_GRAD_INPUT_ENV, "64")
+    monkeypatch.setattr(triton_launch, "_use_cuda_grad_input", nf4_gemv.grad_input_eligible)
+    calls = []
+
+    def emulated(grad_y2, wq, init):
+        calls.append(tuple(grad_y2.shape))
+        return emulation.nf4_grad_input(grad_y2, wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale,
+                                        wq.absmax_offset, wq.code, init, wq.K, wq.blocksize, wq.nested_blocksize,
+                                        wq.dtype)
+
+    monkeypatch.setattr(nf4_gemv, "cuda_grad_input", emulated)
+    with use_backend("triton") as backend:
+        pb = make_problem((3, 4), 128, 70, 8, *dtypes, bias=True, seed=5, nf4=dict(double_quant=True))
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    assert calls == [(12, 70)]

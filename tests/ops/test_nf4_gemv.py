@@ -8,7 +8,8 @@ import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
 from lora_kernels.ops.triton_launch import NF4Tensors
-from tests.helpers import assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_slab_args
+from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
+                           nf4_grad_input_reference, nf4_slab_args)
 
 OP = torch.ops.lora_kernels.nf4_gemv_lora.default
 
@@ -199,6 +200,46 @@ def test_cuda_slab_decoder_rule_with_stand_ins(monkeypatch):
         nf4_gemv.use_cuda_slab_decode(wq(), 0, 256)
 
 
+GRAD_OP = torch.ops.lora_kernels.nf4_grad_input.default
+
+
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_input_spec_matches_reference(init, dtype):
+    args, q = nf4_grad_input_args(5, 70, 96, dtype, init, seed=2)
+    dx = GRAD_OP(*args)
+    assert dx.dtype == dtype and dx.shape == (5, 96)
+    assert_close(dx, nf4_grad_input_reference(args, q), 1e-5 if dtype == torch.float32 else 1.5e-2, "dx")
+    torch.library.opcheck(GRAD_OP, args)
+
+
+def test_cuda_grad_input_rule_with_stand_ins(monkeypatch):
+    from types import SimpleNamespace as NS
+    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    q = NF4Weight.quantize(torch.randn(16, 256), double_quant=True)
+
+    def wq(K=256, blocksize=64, nested=256, ptr=1024):
+        return NF4Tensors(NS(data_ptr=lambda: ptr), *q.op_tensors()[1:], 16, K, blocksize, nested, q.dtype)
+
+    def dy(M=4, device="cuda", stride=1):
+        return NS(shape=(M, 16), device=NS(type=device), stride=lambda d: stride if d == 1 else 16)
+    monkeypatch.delenv(nf4_gemv.NF4_GRAD_INPUT_ENV, raising=False)
+    assert not nf4_gemv.use_cuda_grad_input(dy(), wq())  # the default: off until a GPU measures it
+    monkeypatch.setenv(nf4_gemv.NF4_GRAD_INPUT_ENV, "16")
+    assert nf4_gemv.use_cuda_grad_input(dy(), wq())
+    assert nf4_gemv.use_cuda_grad_input(dy(M=16), wq())
+    assert not nf4_gemv.use_cuda_grad_input(dy(M=17), wq())
+    assert not nf4_gemv.use_cuda_grad_input(dy(M=0), wq())
+    assert not nf4_gemv.use_cuda_grad_input(dy(device="cpu"), wq())
+    assert not nf4_gemv.use_cuda_grad_input(dy(stride=2), wq())
+    assert not nf4_gemv.use_cuda_grad_input(dy(), wq(K=252))  # K % 8
+    assert not nf4_gemv.use_cuda_grad_input(dy(), wq(blocksize=96))
+    assert not nf4_gemv.use_cuda_grad_input(dy(), wq(nested=100))
+    assert not nf4_gemv.use_cuda_grad_input(dy(), wq(ptr=1026))  # codes not 4-byte aligned
+    monkeypatch.setenv(nf4_gemv.NF4_GRAD_INPUT_ENV, "1000")
+    assert nf4_gemv.cuda_grad_input_max_m() == nf4_gemv.GEMV_CHUNKED_MAX_M  # the kernel takes up to 64 rows
+
+
 def test_missing_extension_is_silent(recwarn):
     nf4_gemv.load_extension.cache_clear()
     try:
@@ -340,3 +381,42 @@ def test_nf4_lora_linear_dispatches_to_the_cuda_gemv(monkeypatch, kernel):
     assert calls == [((4, 512), kernel)]
     y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(y, y_ref, 1.5e-2, "y")
+
+
+@needs_gpu_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize("N,K", [(333, 4096), (4100, 1032)])
+def test_cuda_grad_input_matches_reference(dtype, M, N, K):
+    bound = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype]
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for init, dq, weight_dtype in ((True, True, None), (False, False, None), (True, True, other)):
+        args, q = nf4_grad_input_args(M, N, K, dtype, init, dq, weight_dtype, seed=M + N)
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        poison = torch.full((M, K), float("nan"), device="cuda", dtype=dtype)
+        del poison  # the op's output reuses this block from the caching allocator: NaN unless written
+        dx = GRAD_OP(*cuda_args)
+        assert dx.dtype == dtype and dx.shape == (M, K)
+        assert_close(dx, nf4_grad_input_reference(args, q), bound, f"dx init={init} dq={dq} stored={weight_dtype}")
+
+
+@needs_gpu_ext
+def test_nf4_lora_linear_backward_takes_the_cuda_grad_input(monkeypatch):
+    monkeypatch.setenv(nf4_gemv.NF4_GRAD_INPUT_ENV, "64")
+    calls = []
+    real = nf4_gemv.cuda_grad_input
+
+    def spy(grad_y2, wq, init):
+        calls.append(tuple(grad_y2.shape))
+        return real(grad_y2, wq, init)
+    monkeypatch.setattr(nf4_gemv, "cuda_grad_input", spy)
+    args, q = nf4_gemv_inputs(6, 1024, 300, 16, torch.bfloat16, torch.bfloat16, False, device="cuda")
+    x = args[0].clone().requires_grad_(True)
+    y = lora_kernels.nf4_lora_linear(x, q, args[7], args[8], 0.75)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert calls == [(6, 300)]
+    W = bnb_dequantized(q.to("cpu")).to(torch.bfloat16).double()
+    A, B = args[7].double().cpu(), args[8].double().cpu()
+    ref = grad_y.double().cpu() @ (W + 0.75 * B @ A)
+    assert_close(x.grad, ref, 1.5e-2, "dx")

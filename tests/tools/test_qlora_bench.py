@@ -162,6 +162,11 @@ def test_gemv_provider_applicability(monkeypatch):
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cuda, torch.float32)
     assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_gemv", cpu, torch.bfloat16) == "CUDA only"
     assert na(Case(4096, 4096, 4096, 16), "lora_kernels_nf4", cuda, torch.bfloat16) is None
+    # the CUDA dX row: M <= 64 and K % 8 == 0 (else it repeats lora_kernels_nf4), any rank and dtype
+    assert na(Case(64, 4096, 4096, 128), "lora_kernels_nf4_cuda_dx", cuda, torch.float32) is None
+    assert "M <= 64" in na(Case(65, 4096, 4096, 16), "lora_kernels_nf4_cuda_dx", cuda, torch.bfloat16)
+    assert "K % 8" in na(Case(8, 4004, 4096, 16), "lora_kernels_nf4_cuda_dx", cuda, torch.bfloat16)
+    assert na(Case(8, 4096, 4096, 16), "lora_kernels_nf4_cuda_dx", cpu, torch.bfloat16) == "CUDA only"
 
 
 def test_path_providers_pin_their_path(monkeypatch):
@@ -186,4 +191,8 @@ def test_path_providers_pin_their_path(monkeypatch):
     decoder = {name: qlora_bench._with_path(name, lambda: os.environ.get(NF4_SLAB_DECODER_ENV))()
                for name in ("lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda")}
     assert decoder == {"lora_kernels_nf4_cublas": None, "lora_kernels_nf4_cublas_cuda": "cuda"}
+    from lora_kernels.ops.nf4_gemv import NF4_GRAD_INPUT_ENV, cuda_grad_input_max_m
+    monkeypatch.delenv(NF4_GRAD_INPUT_ENV, raising=False)
+    assert qlora_bench._with_path("lora_kernels_nf4_cuda_dx", cuda_grad_input_max_m)() == 64  # the dX kernel on
+    assert cuda_grad_input_max_m() == 0  # restored: off by default
     assert os.environ.get(NF4_CUBLAS_MIN_M_ENV) is None  # restored
