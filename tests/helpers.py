@@ -472,3 +472,11 @@ def nf4_grad_input_reference(args, q):
     grad_y, init = args[0], args[7]
     dx = grad_y.double() @ bnb_dequantized(q).to(grad_y.dtype).double()
     return dx + init.double() if init is not None else dx
+
+
+def nf4_weights_of_each_stored_dtype(N, K, double_quant, seed=5):
+    """(stored dtype, NF4Weight) for the same random [N, K] values stored in bf16, fp16 and fp32: the
+    slab decodes' bit-exactness cases (each rounds to the stored dtype, then to the output's)."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        yield weight_dtype, lora_kernels.NF4Weight.quantize(w.to(weight_dtype), double_quant=double_quant)

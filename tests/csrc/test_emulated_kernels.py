@@ -13,7 +13,7 @@ from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
 from lora_kernels.tools import csrc_emulation as emulation
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
-                           nf4_grad_input_reference, nf4_slab_args)
+                           nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)
 
 pytestmark = pytest.mark.skipif(emulation.available() is not None,
                                 reason=f"csrc emulation unavailable: {emulation.available()}")
@@ -149,9 +149,7 @@ def test_mma_kernel_on_drawn_shapes(M, N, passes, r, dtype, variant, sms, seed):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_slab_decode_is_bit_exact(out_dtype, double_quant):
-    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        w = torch.randn(37, 2112, generator=torch.Generator().manual_seed(5)).to(weight_dtype)
-        q = NF4Weight.quantize(w, double_quant=double_quant)
+    for weight_dtype, q in nf4_weights_of_each_stored_dtype(37, 2112, double_quant):
         W = bnb_dequantized(q).to(out_dtype)
         # whole weight (more columns than a block of threads), row and column windows, one row
         for n0, n1, k0, k1 in ((0, 37, 0, 2112), (3, 29, 64, 1096), (0, 37, 2048 - 8, 2112), (36, 37, 8, 16)):

@@ -9,7 +9,7 @@ from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
 from lora_kernels.ops.triton_launch import NF4Tensors
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
-                           nf4_grad_input_reference, nf4_slab_args)
+                           nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)
 
 OP = torch.ops.lora_kernels.nf4_gemv_lora.default
 
@@ -256,7 +256,7 @@ def test_extension_registers_the_cuda_kernel_for_the_declared_schema():
     # Runs wherever the extension is built, GPU or not (a CUDA torch loads without a driver):
     # bindings.cpp registers its function under the schema declared in Python; a C++ signature that
     # did not match the schema would have failed the import.
-    for qualname in ("lora_kernels::nf4_gemv_lora", "lora_kernels::nf4_dequantize_slab"):
+    for qualname in ("lora_kernels::nf4_gemv_lora", "lora_kernels::nf4_dequantize_slab", "lora_kernels::nf4_grad_input"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
         assert "bindings.cpp" in torch._C._dispatch_dump(qualname).split("CUDA:")[1].splitlines()[0]
 
@@ -335,9 +335,7 @@ def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_cuda_slab_decode_is_bit_exact(out_dtype, double_quant):
-    for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        w = torch.randn(300, 1024, generator=torch.Generator().manual_seed(5)).to(weight_dtype)
-        q = NF4Weight.quantize(w, double_quant=double_quant)
+    for weight_dtype, q in nf4_weights_of_each_stored_dtype(300, 1024, double_quant):
         W = bnb_dequantized(q).to(out_dtype)
         qc = q.to("cuda")
         for n0, n1, k0, k1 in ((0, 300, 0, 1024), (17, 250, 0, 1024), (0, 300, 256, 512), (299, 300, 1016, 1024)):
