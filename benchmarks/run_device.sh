@@ -4,12 +4,13 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train variants dora split-k csrc tests-all
+#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick train tests (one call that settles
-#   the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the CUDA slab
-#   decoder, the dense cuBLAS route, each beside the default it would replace; ~9 minutes on an H200)
+#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes tests (one call that
+#   settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the
+#   CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
+#   replace, in layer benchmarks and in 1B training steps; ~9 minutes on an H200)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -33,7 +34,7 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick train tests}
+STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes tests}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -97,6 +98,9 @@ for step in $STEPS; do
                      timeout $(cap 150) python -m lora_kernels bench --family dense --quick --model 8b \
                          --proj q,gate,down --m 16,8192 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
         train) timeout $(cap 300) python -m lora_kernels bench --train --out "$OUT" 2>&1 | tee "$OUT/train.txt" ;;
+        train-routes) # 1B training steps with the opt-in routes beside their defaults (and PEFT)
+                      timeout $(cap 240) python -m lora_kernels bench --train --variants peft,lora_kernels,lora_kernels_cublas,peft_qlora,lora_kernels_qlora,lora_kernels_qlora_cuda_decode \
+                          --out "$OUT/train_routes" 2>&1 | tee "$OUT/train.txt" ;;
         variants) timeout $(cap 240) python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,peft_dora,lora_kernels_dora,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;

@@ -11,7 +11,12 @@ loss):
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` on bitsandbytes NF4 ``Linear4bit`` projections
     lora_kernels_qlora     the QLoRA model patched
     lora_kernels_qlora_fa  the QLoRA model patched with ``lora_fa=True``
-The QLoRA rows need bitsandbytes (skipped with a warning when it does not import).
+The QLoRA rows need bitsandbytes (skipped with a warning when it does not import). Opt-in rows (not
+run unless named in ``variants``; CUDA only, ``skipped`` elsewhere) time the dispatch routes written
+without a GPU, beside the default they would replace:
+    lora_kernels_cublas    lora_kernels with the dense base products on cuBLAS (DENSE_CUBLAS_MIN_M = 1)
+    lora_kernels_qlora_cuda_decode  lora_kernels_qlora with the large-M slabs decoded by the CUDA kernel
+                           of csrc/ (LORA_KERNELS_NF4_SLAB_DECODER=cuda; needs the built extension)
 
 One step: ``zero_grad(set_to_none=True)``, forward with labels, ``loss.backward()``, AdamW step over
 the trainable parameters. Warm-up steps run untimed (they also absorb Triton JIT and autotuning);
@@ -26,6 +31,7 @@ their losses leave PEFT's after the first step (the first one must still match).
 the masks come from different generators, so losses differ from the first step.
 """
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -35,7 +41,8 @@ from pathlib import Path
 import torch
 
 from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, format_goals,
-                                      goal_check, mib, ratio, resolve_device_dtype, standalone_main, write_outputs)
+                                      goal_check, mib, ratio, resolve_device_dtype, standalone_main, with_env,
+                                      write_outputs)
 from lora_kernels.tools.models import bitsandbytes_importable, free_memory
 
 # name -> (models.ModelSpec variant, qlora)
@@ -47,6 +54,12 @@ VARIANTS = {
     "lora_kernels_qlora": ("lora_kernels", True),
     "lora_kernels_qlora_fa": ("lora_kernels_fa", True),
 }
+# Opt-in rows: name -> (models.ModelSpec variant, qlora, {environment variable: value} during the run)
+OPT_IN_VARIANTS = {
+    "lora_kernels_cublas": ("lora_kernels", False, {"LORA_KERNELS_DENSE_CUBLAS_MIN_M": 1}),
+    "lora_kernels_qlora_cuda_decode": ("lora_kernels", True, {"LORA_KERNELS_NF4_SLAB_DECODER": "cuda"}),
+}
+ALL_VARIANTS = {**VARIANTS, **{name: spec[:2] for name, spec in OPT_IN_VARIANTS.items()}}
 PEFT_REF = {False: "peft", True: "peft_qlora"}  # the reference row of each family
 CPU_DEFAULTS = dict(preset="tiny", batch=2, seq=64, steps=5, warmup_steps=1)
 # 1b: 4 x 1024 tokens per step. The 128k-vocabulary logits (bf16, then fp32 inside the loss, and their
@@ -74,10 +87,10 @@ def _check_variants(variants) -> list:
         variants = [v for v in variants.split(",") if v]
     variants = list(variants)
     if not variants:
-        raise ValueError(f"variants must name at least one of {list(VARIANTS)}")
-    unknown = [v for v in variants if v not in VARIANTS]
+        raise ValueError(f"variants must name at least one of {list(ALL_VARIANTS)}")
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
-        raise ValueError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        raise ValueError(f"variants: unknown {unknown}; choose from {list(ALL_VARIANTS)}")
     if len(set(variants)) != len(variants):
         raise ValueError(f"variants must not repeat a name, got {variants}")
     return variants
@@ -95,13 +108,24 @@ def _check_float(name: str, value, low: float, high: float, low_open: bool, high
     return value
 
 
-def available_variants(variants) -> list:
-    """``variants`` without the QLoRA rows when bitsandbytes cannot be imported (warns)."""
-    qlora = [v for v in variants if VARIANTS[v][1]]
+def available_variants(variants, device: torch.device) -> tuple:
+    """(``variants`` that can run here, {skipped variant: why}): the QLoRA rows need bitsandbytes
+    (warns), the opt-in rows a GPU (their routes exist on CUDA only), the CUDA decode row the built
+    extension."""
+    skipped = {}
+    qlora = [v for v in variants if ALL_VARIANTS[v][1]]
     if qlora and not bitsandbytes_importable():  # the dense rows are still worth measuring
         warnings.warn(f"bitsandbytes unavailable; skipping the QLoRA rows {qlora}")
-        variants = [v for v in variants if v not in qlora]
-    return variants
+        skipped.update({v: "bitsandbytes unavailable" for v in qlora})
+    for v in variants:
+        if v in OPT_IN_VARIANTS and v not in skipped:
+            if device.type != "cuda":
+                skipped[v] = "CUDA only: the route it times exists on CUDA only"
+            elif v == "lora_kernels_qlora_cuda_decode":
+                from lora_kernels.ops.nf4_gemv import load_extension
+                if not load_extension():
+                    skipped[v] = "needs the built lora_kernels._C extension"
+    return [v for v in variants if v not in skipped], skipped
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -147,7 +171,7 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
     from lora_kernels.integrations.peft import is_patched
     from lora_kernels.tools.models import ModelSpec, build_lora_model, random_batch
 
-    variant, qlora = VARIANTS[name]
+    variant, qlora = ALL_VARIANTS[name]
     spec = ModelSpec(preset=preset, variant=variant, qlora=qlora, dropout=dropout, r=r, alpha=2 * r, dora=dora)
     model = build_lora_model(spec, device, dtype, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -203,7 +227,7 @@ def make_rows(raw: dict, batch: int, seq: int) -> list:
     rows = []
     medians = {n: statistics.median(m["step_ms"]) for n, m in raw.items()}
     for n, m in raw.items():
-        qlora = VARIANTS[n][1]
+        qlora = ALL_VARIANTS[n][1]
         ref = PEFT_REF[qlora]
         ref_raw = raw.get(ref)
         med = medians[n]
@@ -272,18 +296,21 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
     dropout = _check_float("dropout", dropout, 0.0, 1.0, low_open=False, high_open=True)
     if not isinstance(dora, bool):
         raise TypeError(f"dora must be a bool, got {type(dora).__name__}")
-    variants = available_variants(_check_variants(variants))
+    variants, skipped = available_variants(_check_variants(variants), device)
     out = Path(out) if out is not None else default_out_dir(device)
 
     from lora_kernels.ops import select_backend
 
     hidden = PRESETS[preset]["hidden_size"]
-    raw, skipped = {}, {}
+    raw = {}
     for name in variants:
+        train = functools.partial(train_variant, name, preset=preset, device=device, dtype=dtype, batch=batch,
+                                  seq=seq, steps=steps, warmup_steps=warmup_steps, lr=lr, dropout=dropout, r=r,
+                                  seed=seed, dora=dora)
+        for variable, value in OPT_IN_VARIANTS.get(name, (None, None, {}))[2].items():
+            train = with_env(variable, value, train)
         try:
-            raw[name] = train_variant(name, preset=preset, device=device, dtype=dtype, batch=batch, seq=seq,
-                                      steps=steps, warmup_steps=warmup_steps, lr=lr, dropout=dropout, r=r,
-                                      seed=seed, dora=dora)
+            raw[name] = train()
         except Exception as e:  # report a failing variant (e.g. out of memory) and measure the others
             err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             warnings.warn(f"{name} failed: {err}")
@@ -422,7 +449,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 CUDA, 2 CPU)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024 CUDA, 64 CPU)")
     parser.add_argument("--variants", type=_variant_list, default=list(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
+                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: the first "
+                             f"{len(VARIANTS)}; the others are opt-in routes, CUDA only)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0: losses comparable)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r; default 16)")

@@ -44,6 +44,10 @@ def test_every_documented_and_default_step_has_a_branch():
     expanded_first = re.search(r"STEPS=\$\{STEPS//first/([\w -]+)\}", text).group(1).split()
     assert documented_first == expanded_first and set(expanded_first) <= set(documented)
     assert expanded_first[0] == "build"  # the benchmarks then use the CUDA GEMV
+    documented_decide = re.search(r"#\s+decide = ([\w -]+?) \(", text).group(1).split()
+    expanded_decide = re.search(r"STEPS=\$\{STEPS//decide/([\w -]+)\}", text).group(1).split()
+    assert documented_decide == expanded_decide and set(expanded_decide) <= set(documented)
+    assert expanded_decide[0] == "build"
 
 
 def test_every_step_runs_under_the_deadline_cap():
@@ -59,8 +63,8 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
         monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
     monkeypatch.setattr(qlora_bench, "split_k_sweep", lambda **kw: seen.append(("split_k_sweep", kw)))
     commands = {step: _lora_kernels_commands(body) for step, body in _branches().items()}
-    for step in ("memory", "bench", "bench-quick", "train", "variants", "qlora", "qlora-quick", "qlora-small-m", "gemv",
-                 "split-k", "dora"):
+    for step in ("memory", "bench", "bench-quick", "train", "train-routes", "variants", "qlora", "qlora-quick",
+                 "qlora-small-m", "gemv", "split-k", "dora"):
         assert commands[step], f"step {step} runs no python -m lora_kernels command"
     for step, argvs in commands.items():
         for argv in argvs:
@@ -73,6 +77,11 @@ def test_lora_kernels_command_lines_parse(monkeypatch):
     args = seen[-1][1]
     assert args.impls == ["lora_kernels", *bench.VARIANT_PROVIDERS, "base"] and args.m == [4096, 8192]
     assert args.family == ["dense"] and args.model == "8b"
+    # the routes' training step names every opt-in row beside its default and PEFT
+    cli.main(_lora_kernels_commands(_branches()["train-routes"])[0])
+    args = seen[-1][1]
+    assert set(train_bench.OPT_IN_VARIANTS) <= set(args.variants) and {"peft", "lora_kernels", "peft_qlora",
+                                                                      "lora_kernels_qlora"} <= set(args.variants)
     # the quick bench keeps the fused-LoRA goal rows: M = 8192 on the three goal shapes
     cli.main(_lora_kernels_commands(_branches()["bench-quick"])[0])
     args = seen[-1][1]

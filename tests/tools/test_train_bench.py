@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -221,3 +222,32 @@ def test_dora_run(tmp_path):
     assert _close(rows["lora_kernels"]["final_loss"], rows["peft"]["final_loss"])
     assert rows["lora_kernels"]["first_step_paths"] == {"fast path": 7 * PRESETS["tiny"]["num_hidden_layers"]}
     assert (tmp_path / "train_float32_dora.json").exists()
+
+
+def test_opt_in_rows_run_their_route_on_cuda_only(monkeypatch, tmp_path):
+    """The opt-in rows train with their dispatch switch set (and only while they train); off CUDA,
+    where their routes do not exist, they are reported as skipped instead of repeating a default row."""
+    import torch
+    seen = {}
+
+    def fake_train_variant(name, **kwargs):
+        seen[name] = {v: os.environ.get(v) for spec in train_bench.OPT_IN_VARIANTS.values() for v in spec[2]}
+        return {"losses": [1.0], "step_ms": [1.0], "peak_bytes": None, "trainable_params": 1, "patched_layers": 1,
+                "first_step_paths": {}}
+    monkeypatch.setattr(train_bench, "train_variant", fake_train_variant)
+    for spec in train_bench.OPT_IN_VARIANTS.values():
+        for variable in spec[2]:
+            monkeypatch.delenv(variable, raising=False)
+    names = ["peft", "lora_kernels", "lora_kernels_cublas"]
+    res = train_bench.run(**{**CFG, "steps": 1, "warmup_steps": 0}, variants=names, out=tmp_path, plot=False,
+                          verbose=False)
+    assert [r["variant"] for r in res["rows"]] == ["peft", "lora_kernels"]
+    assert "CUDA only" in res["skipped"]["lora_kernels_cublas"]
+    assert train_bench.available_variants(["lora_kernels_qlora_cuda_decode"], torch.device("cpu"))[0] == []
+    monkeypatch.setattr(train_bench, "available_variants", lambda variants, device: (list(variants), {}))
+    res = train_bench.run(**{**CFG, "steps": 1, "warmup_steps": 0}, variants=names, out=tmp_path, plot=False,
+                          verbose=False)
+    assert seen["lora_kernels_cublas"]["LORA_KERNELS_DENSE_CUBLAS_MIN_M"] == "1"
+    assert seen["lora_kernels"]["LORA_KERNELS_DENSE_CUBLAS_MIN_M"] is None
+    assert os.environ.get("LORA_KERNELS_DENSE_CUBLAS_MIN_M") is None  # restored
+    assert [r["variant"] for r in res["rows"]] == names and res["rows"][2]["peft_ref"] == "peft"
