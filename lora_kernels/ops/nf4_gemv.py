@@ -23,13 +23,15 @@ Two CUDA kernels (``kernel`` argument; csrc/nf4_gemv_kernels.cuh explains both):
 ``simt``) when the call is eligible for it, else ``simt``.
 
 Dispatch: ``use_cuda_gemv`` sends a forward here when the extension is loaded, the call is
-eligible and M <= ``cuda_gemv_max_m()``: by default every M one launch takes (16), as measured on an
-H200 (benchmarks/results/nvidia-h200/: gemv_bfloat16.json against the Triton small-M path's
-lora_kernels_nf4 rows of bench_qlora_bfloat16.json): 0.05 vs 1.0 ms at M = 1 and 0.25 vs 1.0 ms at
-M = 16 on 4096x14336, 0.13 vs 3.9 ms and 0.90 vs 3.9 ms on 8192x28672 (the SIMT kernel).
-LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off; up to 64, run 16 rows per launch:
-each launch streams the weight again, which the tensor-core kernel may afford up to M = 64 where
-the large-M path decodes W into slabs and reads them back; not measured yet).
+eligible and M <= ``cuda_gemv_max_m()``: by default up to 32 rows (two launches of 16), as measured
+on an H200 (benchmarks/results/nvidia-h200/: gemv_bfloat16.json against the other paths' rows of
+bench_qlora_bfloat16.json): 0.05 vs 1.0 ms at M = 1 and 0.25 vs 1.0 ms at M = 16 on 4096x14336, 0.13
+vs 3.9 ms and 0.90 vs 3.9 ms on 8192x28672 (the SIMT kernel against the Triton small-M path); at M =
+32 two launches take 2 x 0.25 and 2 x 0.90 ms, against 0.95 / 0.69 ms (fused GEMM / slabs + cuBLAS,
+inference forward) on 4096x14336 and 3.9 / 2.2 ms on 8192x28672. At M = 64, four launches (~1.0 and
+~3.6 ms) lose to the slab path (0.73-0.77 and 2.1 ms), which takes M >= 64 (configs.NF4_CUBLAS_MIN_M).
+LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off; up to 64, 16 rows per launch: each
+launch streams the weight again, which the tensor-core kernel may afford further; not measured yet).
 """
 import functools
 import os
@@ -47,7 +49,7 @@ GEMV_MAX_ROWS = 16  # rows per launch: the kernels' row tiles go up to 16
 GEMV_CHUNKED_MAX_M = 64  # larger M runs one launch per 16 rows (each streams the weight again)
 GEMV_MAX_RANK = 64  # h lives in shared memory per block
 NF4_GEMV_ENV = "LORA_KERNELS_NF4_GEMV_MAX_M"
-DEFAULT_GEMV_MAX_M = GEMV_MAX_ROWS  # measured faster than the Triton path at M = 1, 4, 16 (module docstring)
+DEFAULT_GEMV_MAX_M = 2 * GEMV_MAX_ROWS  # measured faster than the other paths up to M = 32 (module docstring)
 GEMV_KERNELS = ("simt", "mma")  # the op's `kernel` argument is the index
 NF4_GEMV_KERNEL_ENV = "LORA_KERNELS_NF4_GEMV_KERNEL"
 DEFAULT_GEMV_KERNEL = "simt"  # the measured one; "mma" has not run on a GPU yet (module docstring)
