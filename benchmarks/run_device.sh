@@ -136,6 +136,8 @@ grep -h "lora_kernels._C loaded" "$OUT"/build.txt 2>/dev/null
 for f in "$OUT"/pytest*.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -1)"; done
 grep -h "ERROR SUMMARY" "$OUT"/sanitizer.txt 2>/dev/null
 grep -h -A6 -E "goals" "$OUT"/{bench,qlora,gemv,train}.txt 2>/dev/null | grep -v "^--$" | head -40
+# the opt-in routes beside their defaults (python -m lora_kernels routes), from every result file of this run
+python -m lora_kernels routes --results "$OUT" 2>&1 | tail -40
 } 2>&1 | tee "$OUT/summary.txt"
 archive
 [ -n "$ARCHIVE" ] && cp "$OUT/summary.txt" "$ARCHIVE/"

@@ -1,4 +1,4 @@
-"""``python -m lora_kernels {bench,memory,qlora,gemv,split-k,analyze,all} [options]``.
+"""``python -m lora_kernels {bench,memory,qlora,gemv,split-k,analyze,routes,all} [options]``.
 
 bench   LoRA (dense) and QLoRA (nf4) layer timings vs PEFT, torch.compile(PEFT), unfused PyTorch,
         bitsandbytes and the base matmul (``lora_kernels.tools.bench``); ``bench --train``: tokens/s,
@@ -13,6 +13,8 @@ gemv    the CUDA NF4 decode GEMV (csrc/) vs bitsandbytes and the dense matmul, w
 split-k forward time with the small-M split-K path on vs off, per M: tunes SMALL_M_MAX (Triton path)
 analyze rank analysis of a PEFT adapter folder: ΔW spectra, subspace similarity, base projection
         (``lora_kernels.tools.rank_analysis``)
+routes  each opt-in dispatch route beside its default, from one device run's result files
+        (``lora_kernels.tools.routes``)
 all     the main job: bench (dense), qlora, memory (model and layer) and bench --train with their
         defaults (memory and --train also with DoRA adapters), and on CUDA split-k and (when csrc/ is
         built) gemv (only --device, --dtype and --out apply)
@@ -29,7 +31,7 @@ def main(argv=None):
     TypeError, e.g. an unknown provider, a GEMV M above 16, a folder that is no PEFT adapter) ends
     like an argparse error: one line on stderr naming where it was raised, exit status 2."""
     # Tools are imported here, not at module level: `python -m lora_kernels --help` stays fast.
-    from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench
+    from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench
 
     parser = argparse.ArgumentParser(prog="python -m lora_kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,13 +49,14 @@ def main(argv=None):
     p_split.add_argument("--out", default=None)
     p_split.add_argument("--reps", type=int, default=None)
     rank_analysis.add_arguments(sub.add_parser("analyze", help="rank analysis of a PEFT adapter"))
+    routes.add_arguments(sub.add_parser("routes", help="opt-in dispatch routes vs their defaults, from results"))
     p_all = sub.add_parser("all", help="the main job: every benchmark and memory profile with defaults")
     p_all.add_argument("--device", default=None)
     p_all.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES))
     p_all.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
-        _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench)
+        _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench)
     except (ValueError, TypeError) as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         print(f"{parser.prog} {args.command}: error: {exc} (raised at {os.path.basename(where.filename)}:"
@@ -61,7 +64,7 @@ def main(argv=None):
         raise SystemExit(2) from None
 
 
-def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_bench):
+def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench):
     if args.command == "bench":
         (train_bench if args.train else bench).run_from_args(args)
     elif args.command == "memory":
@@ -72,6 +75,8 @@ def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, train_benc
         gemv_bench.run_from_args(args)
     elif args.command == "analyze":
         rank_analysis.run_from_args(args)
+    elif args.command == "routes":
+        routes.run_from_args(args)
     elif args.command == "split-k":
         qlora_bench.split_k_sweep(device=args.device, dtype=args.dtype, out=args.out, reps=args.reps)
     else:
