@@ -34,11 +34,16 @@ void launch_mma(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor
     // producer finished): the GEMV reads x before its grid-dependency wait.
     config.attrs = attribute;
     config.numAttrs = (after_shrink && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9) ? 1 : 0;
+    // With the dependent launch, the LoRA term is deferred to the kernel's tail (its design notes):
+    // base sums of the whole output wait in an fp32 scratch buffer.
+    at::Tensor pending;
+    if (config.numAttrs == 1) pending = at::empty({mma_pending_floats(N)}, x.options().dtype(at::kFloat));
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x.data_ptr()), q,
                                       reinterpret_cast<const TA*>(h.data_ptr()),
                                       reinterpret_cast<const TA*>(B.data_ptr()), bias,
-                                      reinterpret_cast<T*>(y.data_ptr()), static_cast<int>(M), N, K,
-                                      static_cast<int>(r), x.stride(0), scale));
+                                      reinterpret_cast<T*>(y.data_ptr()),
+                                      pending.defined() ? pending.data_ptr<float>() : nullptr, static_cast<int>(M),
+                                      N, K, static_cast<int>(r), x.stride(0), scale));
   });
 }
 

@@ -44,6 +44,11 @@ namespace lora_kernels {
 //    shared memory, then the epilogue adds s * h B^T + bias (the tile's B rows and bias are loaded
 //    when the tile starts, so their latency is hidden by its passes). Blocks are persistent (one per
 //    SM), so the table is built once per SM.
+//  * After the shrink kernel with programmatic dependent launch (sm_90), the LoRA term is deferred:
+//    each tile's base sums go to an fp32 scratch buffer (`pending`, [N, kCols]: L2-resident, M N 4
+//    bytes against the weight's N K / 2) and a tail pass adds s * h B^T + bias to all of the block's
+//    outputs once h is there. Waiting for h after the first tile instead would expose most of the
+//    shrink kernel (a few microseconds, latency bound) in a GEMV of ~7-30 us at M = 1.
 constexpr int kMmaWarps = 16;
 constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kPassGroups = 4;  // 64-weight groups per pass: one 4-byte word of absmax codes per row
@@ -194,8 +199,8 @@ __device__ __forceinline__ void issue_pass(const NF4Args& q, uint32_t stage, int
 template <typename T, typename TA, int NT, bool DQ, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads, 1)
 nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h, const TA* __restrict__ B,
-                    const float* __restrict__ bias, T* __restrict__ y, int M, int64_t N, int64_t K, int r,
-                    int64_t stride_xm, float scale) {
+                    const float* __restrict__ bias, T* __restrict__ y, float* __restrict__ pending, int M, int64_t N,
+                    int64_t K, int r, int64_t stride_xm, float scale) {
   constexpr int kCols = 8 * NT;  // rows of x per tile (the mma's N, times NT)
   LK_DYNAMIC_SHARED(smem);
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);
@@ -260,19 +265,20 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
     }
     // The epilogue's B rows and bias, loaded now so that their latency passes during the tile's
     // passes (read in the epilogue, each thread would wait a memory latency per rank, per tile):
-    // 16 x r <= 1024 values, two per thread.
+    // 16 x r <= 1024 values, two per thread. Not with a deferred LoRA term (the tail reads them).
     float b_pre[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int idx = threadIdx.x + e * kMmaThreads;
       b_pre[e] = 0.f;
-      if (idx < kTileRows * r) {
+      if (pending == nullptr && idx < kTileRows * r) {
         const int64_t n = min(tile * kTileRows + idx / r, N - 1);
         b_pre[e] = to_float<TA>(B[n * r + idx % r]);
       }
     }
-    const float bias_pre =
-        (bias != nullptr && threadIdx.x < kTileRows) ? bias[min(tile * kTileRows + threadIdx.x, N - 1)] : 0.f;
+    const float bias_pre = (pending == nullptr && bias != nullptr && threadIdx.x < kTileRows)
+                               ? bias[min(tile * kTileRows + threadIdx.x, N - 1)]
+                               : 0.f;
     for (int j = 0; j < my_passes; ++j, ++item) {
       if (item + STAGES - 1 < n_items) {
         issue_pass<DQ>(q, ring + ((item + STAGES - 1) % STAGES) * kStageBytes,
@@ -359,6 +365,21 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
       red_s[warp][gid + 8][8 * nt + 2 * tig] = acc[nt][2];
       red_s[warp][gid + 8][8 * nt + 2 * tig + 1] = acc[nt][3];
     }
+    if (pending != nullptr) {  // deferred LoRA term: the tile's base sums wait in pending for the tail
+      __syncthreads();
+      for (int o = threadIdx.x; o < kTileRows * kCols; o += kMmaThreads) {
+        const int row = o / kCols, m = o % kCols;
+        const int64_t n = tile * kTileRows + row;
+        if (m < M && n < N) {
+          float v = 0.f;
+#pragma unroll
+          for (int w = 0; w < kMmaWarps; ++w) v += red_s[w][row][m];
+          pending[n * kCols + m] = v;
+        }
+      }
+      __syncthreads();  // red_s is rewritten by the next tile
+      continue;
+    }
     if (!h_ready) {  // once per block, after its first tile: the shrink kernel has had that long
       wait_for_prior_grid();
       for (int i = threadIdx.x; i < kCols * kMaxRank; i += kMmaThreads) {
@@ -389,6 +410,28 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
     }
     __syncthreads();  // red_s, b_s and bias_s are rewritten by the next tile
   }
+  if (pending != nullptr) {
+    // The tail of a deferred LoRA term: h is waited for only now, after every pass of every tile
+    // of the block (on sm_90 the shrink kernel ran meanwhile), then each output of the block's
+    // tiles takes its base sum back, s * h B^T (B read per output: independent loads) and the bias,
+    // in the immediate epilogue's order of operations (the same bits).
+    wait_for_prior_grid();
+    for (int i = threadIdx.x; i < kCols * kMaxRank; i += kMmaThreads) {
+      const int m = i / kMaxRank, jr = i % kMaxRank;
+      h_s[m][jr] = (m < M && jr < r) ? to_float<TA>(h[m * r + jr]) : 0.f;
+    }
+    __syncthreads();  // h_s, and the pending sums the other threads wrote
+    for (int o = threadIdx.x; o < my_tiles * kTileRows * kCols; o += kMmaThreads) {
+      const int t = o / (kTileRows * kCols), row = (o / kCols) % kTileRows, m = o % kCols;
+      const int64_t n = (blockIdx.x + static_cast<int64_t>(t) * gridDim.x) * kTileRows + row;
+      if (m < M && n < N) {
+        float lora = 0.f;
+        for (int i = 0; i < r; ++i) lora = fmaf(h_s[m][i], to_float<TA>(B[n * r + i]), lora);
+        const float v = fmaf(scale, lora, pending[n * kCols + m]);
+        y[m * N + n] = from_float<T>(bias != nullptr ? v + bias[n] : v);
+      }
+    }
+  }
   cp_async_wait<0>();  // nothing may still be writing this block's shared memory when it exits
 }
 
@@ -396,6 +439,9 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ h
 inline int mma_stages(int max_shared_per_block_optin) {
   return max_shared_per_block_optin >= mma_smem_bytes(3) ? 3 : 2;
 }
+// Floats of the deferred LoRA term's scratch buffer for N rows of W: [tiles * 16, kMaxCols] (rows past
+// N included: the kernel indexes it by the row of W).
+inline int64_t mma_pending_floats(int64_t N) { return (N + kTileRows - 1) / kTileRows * kTileRows * kMaxCols; }
 // Persistent blocks: one per SM, never more than the tiles of 16 rows of W.
 inline dim3 mma_grid(int64_t N, int64_t sms) {
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;

@@ -68,7 +68,7 @@ NF4Args nf4_args(const NF4Buffers& b) {
 template <typename T, typename TA>
 std::string gemv(int kernel, const T* x, int64_t M, int64_t K, int64_t stride_xm, const NF4Args& q, bool dq,
                  const TA* A, const TA* B, int64_t N, int64_t r, const float* bias, float scale, T* y, TA* h, int sms,
-                 int shared_optin) {
+                 int shared_optin, bool defer_lora) {
   using namespace lora_kernels;
   emu::allow_reads(x, ((M - 1) * stride_xm + K) * sizeof(T), "x");
   if (r > 0) {
@@ -79,10 +79,13 @@ std::string gemv(int kernel, const T* x, int64_t M, int64_t K, int64_t stride_xm
   }
   std::string error;
   if (kernel == 1) {
+    // the CUDA launcher defers the LoRA term after the shrink kernel on sm_90 (programmatic dependent
+    // launch, which the emulation does not have: defer_lora stands for it); NaN until written
+    std::vector<float> pending(defer_lora ? mma_pending_floats(N) : 0, NAN);
     with_mma_kernel<T, TA>(M, dq, mma_stages(shared_optin), [&](auto tag, int smem) {
       error = emu::launch(decltype(tag)::kernel, mma_grid(N, sms), dim3(kMmaThreads), smem, x, q,
-                          static_cast<const TA*>(h), B, bias, y, static_cast<int>(M), N, K, static_cast<int>(r),
-                          stride_xm, scale);
+                          static_cast<const TA*>(h), B, bias, y, defer_lora ? pending.data() : nullptr,
+                          static_cast<int>(M), N, K, static_cast<int>(r), stride_xm, scale);
     });
     return error.empty() ? error : "nf4_gemv_mma_kernel: " + error;
   }
@@ -151,10 +154,12 @@ void lk_emulation_set_schedule(uint64_t schedule) { emu::state().schedule = sche
 // The op lora_kernels::nf4_gemv_lora (kernel 0 SIMT, 1 tensor cores) on host memory: x [M, K] with row
 // stride stride_xm, A [r, K], B [N, r] contiguous, bias fp32 [N] or null; writes y [M, N] and h [M, r].
 // x_dtype and adapter_dtype: lora_kernels::StoredDtype. sms and shared_optin stand for the device's
-// multiprocessor count and opt-in shared memory per block (they pick the grid and the ring depth).
+// multiprocessor count and opt-in shared memory per block (they pick the grid and the ring depth);
+// defer_lora: the tensor-core kernel defers its LoRA term to its tail, as after a dependent launch.
 int lk_emulated_nf4_gemv(int kernel, int x_dtype, int adapter_dtype, const void* x, int64_t M, int64_t K,
                          int64_t stride_xm, const NF4Buffers* weight, const void* A, const void* B, int64_t N, int64_t r,
-                         const float* bias, float scale, void* y, void* h, int sms, int shared_optin) {
+                         const float* bias, float scale, void* y, void* h, int sms, int shared_optin,
+                         int defer_lora) {
   emu::state().readable.clear();
   const NF4Args q = nf4_args(*weight);
   const bool dq = weight->double_quant != 0;
@@ -168,7 +173,7 @@ int lk_emulated_nf4_gemv(int kernel, int x_dtype, int adapter_dtype, const void*
     using TA = decltype(ta);
     return gemv<T, TA>(kernel, static_cast<const T*>(x), M, K, stride_xm, q, dq, static_cast<const TA*>(A),
                        static_cast<const TA*>(B), N, r, bias, scale, static_cast<T*>(y), static_cast<TA*>(h), sms,
-                       shared_optin);
+                       shared_optin, defer_lora != 0);
   };
   const bool fp32_adapters = adapter_dtype == lora_kernels::kFloat32;
   if (x_dtype == lora_kernels::kFloat16) {

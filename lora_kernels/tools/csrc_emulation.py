@@ -102,7 +102,7 @@ def library(csrc: str = DEFAULT_CSRC) -> ctypes.CDLL:
     lib.lk_emulation_error.restype = ctypes.c_char_p
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.lk_emulated_nf4_gemv.argtypes = [i32, i32, i32, ptr, i64, i64, i64, ctypes.POINTER(_NF4), ptr, ptr, i64, i64,
-                                         ptr, ctypes.c_float, ptr, ptr, i32, i32]
+                                         ptr, ctypes.c_float, ptr, ptr, i32, i32, i32]
     lib.lk_emulated_nf4_dequantize_slab.argtypes = [i32, ctypes.POINTER(_NF4), ptr, i64, i64, i64, i64, i64]
     lib.lk_emulated_nf4_grad_input.argtypes = [i32, ptr, i64, i64, i64, ctypes.POINTER(_NF4), i64, ptr, ptr, i32]
     lib.lk_emulated_mma.argtypes = [i32, ptr, ptr, ptr]
@@ -209,10 +209,12 @@ def _power_of_two(n: int) -> bool:
 
 def nf4_gemv_lora(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A, lora_B, bias, scale,
                   blocksize, nested_blocksize, weight_dtype, kernel=0, *, sms: int = 3,
-                  shared_optin: int = H100_SHARED_OPTIN, packed_offset: int = 0):
+                  shared_optin: int = H100_SHARED_OPTIN, packed_offset: int = 0, defer_lora: bool = False):
     """The op ``lora_kernels::nf4_gemv_lora`` (kernel 0 SIMT, 1 tensor cores) run by the emulation on
     CPU tensors: (y [M, N] in x's dtype, h [M, r] in the adapters' dtype). ``packed_offset``: bytes by
-    which the codes' copy is moved off a 16-byte boundary (the SIMT kernel's element path)."""
+    which the codes' copy is moved off a 16-byte boundary (the SIMT kernel's element path);
+    ``defer_lora``: the tensor-core kernel adds its LoRA term in a tail pass, as the CUDA launcher has
+    it do after the shrink kernel on sm_90."""
     M, K = x.shape
     N, r = lora_B.shape
     wq = NF4Tensors(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize, nested_blocksize,
@@ -239,7 +241,7 @@ def nf4_gemv_lora(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, c
     h = _Guarded(shape=(M, r), dtype=lora_A.dtype)
     _call(library().lk_emulated_nf4_gemv, kernel, DTYPE_CODES[x.dtype], DTYPE_CODES[lora_A.dtype], xg.ptr, M, K,
           x.stride(0), ctypes.byref(weight), A.ptr if A else None, B.ptr if B else None, N, r, b.ptr if b else None,
-          float(scale), y.ptr, h.ptr, sms, shared_optin)
+          float(scale), y.ptr, h.ptr, sms, shared_optin, int(defer_lora))
     y.check_untouched("y")
     h.check_untouched("h")
     return y.view.clone(), h.view.clone()

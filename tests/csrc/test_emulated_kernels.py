@@ -54,7 +54,7 @@ def test_results_do_not_depend_on_the_thread_schedule(kernel):
     y, h = emulation.nf4_gemv_lora(*args, KERNELS[kernel])
     for order in (1, 2, 3):
         with emulation.schedule(order):
-            y_o, h_o = emulation.nf4_gemv_lora(*args, KERNELS[kernel])
+            y_o, h_o = emulation.nf4_gemv_lora(*args, KERNELS[kernel], defer_lora=kernel == "mma" and order == 2)
         assert torch.equal(y_o, y) and torch.equal(h_o, h), order
     slab = nf4_slab_args(q, 3, 60, 64, 1024, torch.bfloat16)
     with emulation.schedule(2):
@@ -136,12 +136,28 @@ def test_mma_kernel_ring_depths_and_ranks(shared_optin, stages, r):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(M=st.integers(1, 16), N=st.integers(1, 60), passes=st.integers(1, 20), r=st.integers(0, 16),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]), variant=st.sampled_from(VARIANTS),
-       sms=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_mma_kernel_on_drawn_shapes(M, N, passes, r, dtype, variant, sms, seed):
+       sms=st.integers(1, 5), defer=st.booleans(), seed=st.integers(0, 2**16))
+def test_mma_kernel_on_drawn_shapes(M, N, passes, r, dtype, variant, sms, defer, seed):
     bias, dq, adapter_dtype, weight_dtype = _variant(dtype, variant)
     args, q = nf4_gemv_inputs(M, 256 * passes, N, r, dtype, adapter_dtype, bias, dq, seed=seed,
                               weight_dtype=weight_dtype)
-    _check("mma", args, q, f"M={M} N={N} K={256 * passes} r={r} {variant} sms={sms}", sms=sms)
+    _check("mma", args, q, f"M={M} N={N} K={256 * passes} r={r} {variant} sms={sms} defer={defer}", sms=sms,
+           defer_lora=defer)
+
+
+@pytest.mark.parametrize("M", [1, 9, 16])
+def test_mma_kernel_deferred_lora_term_gives_the_same_bits(M):
+    """After the shrink kernel on sm_90 the launcher has the tensor-core kernel defer its LoRA term to
+    a tail pass (base sums parked in an fp32 buffer until h is there): the same bits as the epilogue
+    that adds it per tile, with every tile count per block, rank and bias."""
+    for N, K, sms, r, bias, adapter_dtype in ((70, 1024, 3, 16, True, torch.bfloat16),
+                                              (5, 256, 1, 8, False, torch.float32),
+                                              (300, 512, 4, 64, True, torch.bfloat16)):
+        args, q = nf4_gemv_inputs(M, K, N, r, torch.bfloat16, adapter_dtype, bias, seed=N + M)
+        y, h = emulation.nf4_gemv_lora(*args, KERNELS["mma"], sms=sms)
+        y_deferred, h_deferred = emulation.nf4_gemv_lora(*args, KERNELS["mma"], sms=sms, defer_lora=True)
+        assert torch.equal(y_deferred, y) and torch.equal(h_deferred, h), (N, K, r)
+        assert_close(y_deferred, nf4_gemv_reference(args, q)[0], BOUND[torch.bfloat16], f"y N={N} r={r}")
 
 
 # ----------------------------------------------------------------------------- slab decode
