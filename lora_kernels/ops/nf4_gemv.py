@@ -231,17 +231,21 @@ def _power_of_two(n: int) -> bool:
 
 def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
     """Whether this NF4 forward (x2 [M, K], weight ``wq``) runs on the CUDA GEMV instead of the Triton
-    kernels. The kernel indexes blocks by shifts: block sizes must be powers of two (bnb's always are)."""
+    kernels: a CUDA call the GEMV takes (``gemv_eligible``), the extension loaded."""
+    return x2.device.type == "cuda" and gemv_eligible(x2, lora_A, dropout_p, seed, wq) and load_extension()
+
+
+def gemv_eligible(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
+    """1 <= M <= cuda_gemv_max_m(), fp16/bf16 x, no dropout, r <= GEMV_MAX_RANK, power-of-two block
+    sizes (the kernels index blocks by shifts; bitsandbytes' always are)."""
     M = x2.shape[0]
-    if x2.device.type != "cuda" or M == 0 or M > cuda_gemv_max_m():
+    if M == 0 or M > cuda_gemv_max_m():
         return False
     if x2.dtype not in (torch.float16, torch.bfloat16) or (dropout_p > 0 and seed is not None):
         return False
     if lora_A.shape[0] > GEMV_MAX_RANK:
         return False
-    if not (_power_of_two(wq.blocksize) and (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))):
-        return False
-    return load_extension()
+    return _power_of_two(wq.blocksize) and (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))
 
 
 def requested_gemv_kernel() -> str:

@@ -241,3 +241,43 @@ def test_qlora_backward_takes_the_cuda_dx_route(monkeypatch, dtypes):
         pb = make_problem((3, 4), 128, 70, 8, *dtypes, bias=True, seed=5, nf4=dict(double_quant=True))
         _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
     assert calls == [(12, 70)]
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma"])
+def test_qlora_layer_with_every_cuda_route_emulated(monkeypatch, kernel):
+    """nf4_lora_linear forward and backward through the CUDA routes of a GPU, on a CPU: the forward on
+    the decode GEMV (24 rows: launches of 16 and 8, the kernel under test), h saved from it, the
+    backward's dX on the dX kernel, each op served by the emulated kernel; the other backward kernels
+    are the Triton ones under the interpreter. Forward and every gradient against float64."""
+    from lora_kernels.ops import CPU_BACKEND_ENV
+    from lora_kernels.ops import nf4_lora_linear as nf4_ops
+    from lora_kernels.ops import triton_launch
+    from tests.helpers import BOUNDS, check_against_reference, make_grad_y, make_problem, reference, run_public
+    launches = []
+
+    def gemv_op(x, *rest):
+        launches.append((x.shape[0], rest[-1]))
+        return emulation.nf4_gemv_lora(x, *rest)
+
+    def grad_input(grad_y2, wq, init):
+        launches.append((grad_y2.shape[0], "dx"))
+        return emulation.nf4_grad_input(grad_y2, wq.packed, wq.absmax, wq.absmax_code, wq.absmax_scale,
+                                        wq.absmax_offset, wq.code, init, wq.K, wq.blocksize, wq.nested_blocksize,
+                                        wq.dtype)
+
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_KERNEL_ENV, kernel)
+    monkeypatch.setenv(nf4_gemv.NF4_GRAD_INPUT_ENV, "64")
+    monkeypatch.setattr(nf4_ops, "use_cuda_gemv", nf4_gemv.gemv_eligible)  # the rule without its device check
+    monkeypatch.setattr(nf4_gemv, "mma_device_ok", lambda device: True)
+    monkeypatch.setattr(nf4_gemv.torch.ops.lora_kernels, "nf4_gemv_lora", gemv_op)
+    monkeypatch.setattr(triton_launch, "_use_cuda_grad_input", nf4_gemv.grad_input_eligible)
+    monkeypatch.setattr(nf4_gemv, "cuda_grad_input", grad_input)
+    monkeypatch.setenv(CPU_BACKEND_ENV, "triton")  # the Triton backend's routes, as on a GPU
+    pb = make_problem((2, 12), 512, 40, 8, torch.bfloat16, torch.bfloat16, bias=True, seed=7,
+                      nf4=dict(double_quant=True))
+    grad_y = make_grad_y(pb)
+    y, grads = run_public(pb, grad_y)
+    check_against_reference(pb, y, grads, *reference(pb, grad_y), BOUNDS[torch.bfloat16],
+                            reference(pb, grad_y, absolute=True))
+    code = KERNELS[kernel]
+    assert launches == [(16, code), (8, code), (24, "dx")]
