@@ -123,13 +123,20 @@ def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
     choice = os.environ.get(NF4_SLAB_DECODER_ENV, "").strip() or SLAB_DECODERS[0]
     if choice not in SLAB_DECODERS:
         raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
-    if choice != "cuda" or wq.packed.device.type != "cuda":
+    if choice != "cuda" or wq.packed.device.type != "cuda" or k_start % 8 or (k_end - k_start) % 8:
         return False
-    if wq.K % 8 or k_start % 8 or (k_end - k_start) % 8 or wq.blocksize < 8 or not _power_of_two(wq.blocksize):
+    return decodes_by_words(wq) and load_extension()
+
+
+def decodes_by_words(wq: NF4Tensors) -> bool:
+    """What the kernels that decode one 32-bit word of codes (8 values, in one quantization block) per
+    thread and step need of the weight (slab decode, small-M dX): K % 8 == 0, power-of-two block
+    sizes >= 8 (indices by shifts) and 4-byte aligned codes."""
+    if wq.K % 8 or wq.blocksize < 8 or not _power_of_two(wq.blocksize):
         return False
     if wq.absmax_code is not None and not _power_of_two(wq.nested_blocksize):
         return False
-    return wq.packed.data_ptr() % 4 == 0 and load_extension()
+    return wq.packed.data_ptr() % 4 == 0
 
 
 def cuda_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int, k_end: int,
@@ -184,16 +191,10 @@ def use_cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors) -> bool:
 
 
 def grad_input_eligible(grad_y2: Tensor, wq: NF4Tensors) -> bool:
-    """1 <= M <= cuda_grad_input_max_m(), unit stride along N, K % 8 == 0 (a lane's 8 columns: one
-    32-bit word of codes), power-of-two block sizes >= 8 and 4-byte aligned codes."""
+    """1 <= M <= cuda_grad_input_max_m(), unit stride along N, and a weight the kernel decodes a 32-bit
+    word of codes at a time (``decodes_by_words``: a lane's 8 columns)."""
     M = grad_y2.shape[0]
-    if not 1 <= M <= cuda_grad_input_max_m() or grad_y2.stride(1) != 1:
-        return False
-    if wq.K % 8 or wq.blocksize < 8 or not _power_of_two(wq.blocksize):
-        return False
-    if wq.absmax_code is not None and not _power_of_two(wq.nested_blocksize):
-        return False
-    return wq.packed.data_ptr() % 4 == 0
+    return 1 <= M <= cuda_grad_input_max_m() and grad_y2.stride(1) == 1 and decodes_by_words(wq)
 
 
 def cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors, init: Optional[Tensor]) -> Tensor:

@@ -439,7 +439,7 @@ def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora
     """dx2 = keep * (dH @ A) / (1 - p) + dY @ W for a large M: the masked LoRA term from the dX kernel
     with an empty N-loop, then dY @ W added by cuBLAS (an NF4 W one slab of columns at a time:
     bounded buffer; disjoint columns of dx2)."""
-    M, N = grad_y2.shape
+    N = grad_y2.shape[1]
     K = lora_A.shape[1]
     _lora_grad_input_term(grad_y2, d_h, lora_A, seed, dx2, dropout_p, R, key, flags)
     if wq is None:
