@@ -4,13 +4,15 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
+#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes (one call that
+#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick overhead train-routes (one call that
 #   settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the
 #   CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
-#   replace, in layer benchmarks and in 1B training steps, after the GPU tests of csrc/'s ops; ~8
+#   replace, in layer benchmarks and in 1B training steps, after the GPU tests of csrc/'s ops, with the
+#   host time per layer call beside PEFT's (what bounds small layers, and the 1B steps if the train
+#   table's GPU-busy fraction is low); ~9
 #   minutes on an H200: the rest of the GPU tests ("tests") in a second call)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
@@ -35,7 +37,7 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes}
+STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick overhead train-routes}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -124,6 +126,8 @@ for step in $STEPS; do
                        timeout $(cap 200) python -m lora_kernels qlora --quick --model 8b --proj q,gate,down \
                            --m 1,2,4,8,16,32,64 --modes fwd,fwdbwd,infer --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,lora_kernels_nf4_cuda_dx,peft_qlora,bnb_matmul_4bit \
                            --out "$OUT/qlora_small_m" 2>&1 | tee "$OUT/qlora_small_m.txt" ;;
+        overhead) # host time per layer call (a decode step and a 1B-model projection), PEFT vs patched
+                  timeout $(cap 120) python -m lora_kernels overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.txt" ;;
         *) echo "unknown step $step" ;;
     esac
     SUMMARY+=("$step: $((SECONDS - step_start)) s")
@@ -137,6 +141,7 @@ grep -h "lora_kernels._C loaded" "$OUT"/build.txt 2>/dev/null
 for f in "$OUT"/pytest*.txt; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -1)"; done
 grep -h "ERROR SUMMARY" "$OUT"/sanitizer.txt 2>/dev/null
 grep -h -A6 -E "goals" "$OUT"/{bench,qlora,gemv,train}.txt 2>/dev/null | grep -v "^--$" | head -40
+grep -h -E "fwdbwd|infer" "$OUT"/overhead.txt 2>/dev/null | head -24
 # the opt-in routes beside their defaults (python -m lora_kernels routes), from every result file of this run
 python -m lora_kernels routes --results "$OUT" 2>&1 | tail -40
 } 2>&1 | tee "$OUT/summary.txt"

@@ -1,4 +1,4 @@
-"""``python -m lora_kernels {bench,memory,qlora,gemv,split-k,analyze,routes,all} [options]``.
+"""``python -m lora_kernels {bench,memory,qlora,gemv,overhead,split-k,analyze,routes,all} [options]``.
 
 bench   LoRA (dense) and QLoRA (nf4) layer timings vs PEFT, torch.compile(PEFT), unfused PyTorch,
         bitsandbytes and the base matmul (``lora_kernels.tools.bench``); ``bench --train``: tokens/s,
@@ -10,6 +10,9 @@ qlora   QLoRA layer (NF4 base) vs PEFT + bitsandbytes and the dense matmul, with
         the GPU goals (``lora_kernels.tools.qlora_bench``)
 gemv    the CUDA NF4 decode GEMV (csrc/) vs bitsandbytes and the dense matmul, with and without its
         LoRA term, against the copy bandwidth (``lora_kernels.tools.gemv_bench``; needs the built extension)
+overhead host time per layer call (forward, forward + backward) and Triton launches, PEFT vs patched:
+        what bounds small layers and decoding on a GPU (``lora_kernels.tools.overhead``; without a GPU
+        the patched layers' GPU route runs dry: launches recorded, not run)
 split-k forward time with the small-M split-K path on vs off, per M: tunes SMALL_M_MAX (Triton path)
 analyze rank analysis of a PEFT adapter folder: ΔW spectra, subspace similarity, base projection
         (``lora_kernels.tools.rank_analysis``)
@@ -31,7 +34,7 @@ def main(argv=None):
     TypeError, e.g. an unknown provider, a GEMV M above 16, a folder that is no PEFT adapter) ends
     like an argparse error: one line on stderr naming where it was raised, exit status 2."""
     # Tools are imported here, not at module level: `python -m lora_kernels --help` stays fast.
-    from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench
+    from lora_kernels.tools import bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench
 
     parser = argparse.ArgumentParser(prog="python -m lora_kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +46,7 @@ def main(argv=None):
     memory.add_arguments(sub.add_parser("memory", help="memory profile"))
     qlora_bench.add_arguments(sub.add_parser("qlora", help="QLoRA (NF4) layer benchmark and memory"))
     gemv_bench.add_arguments(sub.add_parser("gemv", help="CUDA NF4 decode GEMV benchmark (issue 5 goals)"))
+    overhead.add_arguments(sub.add_parser("overhead", help="host time per layer call, PEFT vs patched"))
     p_split = sub.add_parser("split-k", help="small-M split-K threshold sweep")
     p_split.add_argument("--device", default=None)
     p_split.add_argument("--dtype", default=None, choices=sorted(bench.DTYPES))
@@ -56,7 +60,7 @@ def main(argv=None):
     p_all.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
-        _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench)
+        _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench)
     except (ValueError, TypeError) as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         print(f"{parser.prog} {args.command}: error: {exc} (raised at {os.path.basename(where.filename)}:"
@@ -64,7 +68,7 @@ def main(argv=None):
         raise SystemExit(2) from None
 
 
-def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, train_bench):
+def _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench):
     if args.command == "bench":
         (train_bench if args.train else bench).run_from_args(args)
     elif args.command == "memory":
@@ -73,6 +77,8 @@ def _run(args, bench, gemv_bench, memory, qlora_bench, rank_analysis, routes, tr
         qlora_bench.run_from_args(args)
     elif args.command == "gemv":
         gemv_bench.run_from_args(args)
+    elif args.command == "overhead":
+        overhead.run_from_args(args)
     elif args.command == "analyze":
         rank_analysis.run_from_args(args)
     elif args.command == "routes":

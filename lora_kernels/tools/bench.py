@@ -1342,7 +1342,7 @@ def resolve_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def _names(arg: str, value, allowed) -> tuple:
+def check_names(arg: str, value, allowed) -> tuple:
     if isinstance(value, str):
         value = [v for v in value.split(",") if v]
     value = tuple(value)
@@ -1364,11 +1364,11 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
         raise ValueError("give providers or impls (its alias), not both")
     providers = providers if providers is not None else impls
     device, dtype = resolve_device_dtype(device, dtype)
-    families = _names("families", families, FAMILIES)
-    modes = _names("modes", modes, ALL_MODES)
+    families = check_names("families", families, FAMILIES)
+    modes = check_names("modes", modes, ALL_MODES)
     fams = [get_family(f) for f in families]
     if providers is not None:
-        providers = _names("providers", providers, [p for f in fams for p in f.providers + f.optional])
+        providers = check_names("providers", providers, [p for f in fams for p in f.providers + f.optional])
     cases = resolve_cases(device, bench_grid, shapes, models, projs, ms, ranks, quick)
     if all(v is None for v in (shapes, models, projs, ms, ranks)):
         cases += [c for c in default_extra_cases(device, quick) if c not in cases]

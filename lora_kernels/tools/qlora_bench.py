@@ -49,7 +49,7 @@ from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default
                                       csv_fields, environment_metadata, measure, with_env,
                                       random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
-                                      write_outputs, _names, ALL_MODES, standalone_main)
+                                      write_outputs, check_names, ALL_MODES, standalone_main)
 
 GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
 # CUDA with the built extension only
@@ -323,9 +323,9 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
         raise ValueError("give providers or impls (its alias), not both")
     providers = providers if providers is not None else impls
     device, dtype = resolve_device_dtype(device, dtype)
-    modes = _names("modes", modes, ALL_MODES)
+    modes = check_names("modes", modes, ALL_MODES)
     if providers is not None:
-        providers = _names("providers", providers, QLORA_IMPLS)
+        providers = check_names("providers", providers, QLORA_IMPLS)
     cases = resolve_cases(device, qlora_grid, shapes, models, projs, ms, ranks, quick)
     timing = default_timing(quick, reps, warmup, rep_ms, warmup_ms)
     chosen = resolve_providers(NF4, providers, quick)

@@ -26,6 +26,9 @@ each timed step is bracketed by ``torch.cuda.synchronize`` + ``time.perf_counter
 CPU), the loss of every step (warm-up included), and, against the PEFT row of the same family
 (dense or QLoRA): ``speedup_vs_peft`` (PEFT median / this median), ``peak_ratio_vs_peft``,
 ``max_loss_diff_vs_peft`` (max |loss - PEFT loss| over the steps) and ``first_loss_diff_vs_peft``.
+On CUDA one more step runs under torch.profiler: ``gpu_kernel_ms`` (its kernels' summed time),
+``kernels_per_step`` and ``gpu_busy_fraction`` = gpu_kernel_ms / median step: near 1 the GPU bounds
+the step, well below 1 the host does (Python and launches between kernels).
 Patched full-LoRA rows must match PEFT's losses to rounding; the LoRA-FA rows train only lora_B, so
 their losses leave PEFT's after the first step (the first one must still match). With dropout > 0
 the masks come from different generators, so losses differ from the first step.
@@ -69,7 +72,8 @@ CUDA_DEFAULTS = dict(preset="1b", batch=4, seq=1024, steps=20, warmup_steps=3)
 GOALS = {"qlora_tokens_per_s_vs_peft_min": 1.5}
 TRAIN_CSV_FIELDS = ["variant", "family", "trainable_params", "patched_layers", "median_step_ms", "min_step_ms",
                     "tokens_per_s", "speedup_vs_peft", "peak_bytes", "peak_ratio_vs_peft", "first_loss",
-                    "final_loss", "max_loss_diff_vs_peft", "first_loss_diff_vs_peft"]
+                    "final_loss", "max_loss_diff_vs_peft", "first_loss_diff_vs_peft", "gpu_kernel_ms",
+                    "kernels_per_step", "gpu_busy_fraction"]
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -190,7 +194,7 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
 
     torch.manual_seed(seed)  # same RNG stream for every variant (dropout masks, if any)
     losses, step_ms = [], []
-    peak = None
+    peak = kernel_ms = kernels = None
     try:
         for i, input_ids in enumerate(inputs):
             if i == warmup_steps:
@@ -208,12 +212,33 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
                 remove_probe()  # the layers' paths are known after one step; hooks cost time
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
+            kernel_ms, kernels = gpu_kernel_time(lambda: step(inputs[-1]), device)
     finally:
         remove_probe()
     trainable = sum(p.numel() for p in params)
     del model, optimizer, params, inputs
     return {"losses": [float(v) for v in losses], "step_ms": step_ms, "peak_bytes": peak,
-            "trainable_params": trainable, "patched_layers": patched_layers, "first_step_paths": dict(path_counts)}
+            "trainable_params": trainable, "patched_layers": patched_layers, "first_step_paths": dict(path_counts),
+            "gpu_kernel_ms": kernel_ms, "kernels_per_step": kernels}
+
+
+def gpu_kernel_time(step, device: torch.device) -> tuple:
+    """(summed GPU kernel time in ms, kernel count) of one more call of ``step`` under torch.profiler.
+    Beside the step's wall time it says what bounds the step: kernel time close to the wall time means
+    the GPU is busy throughout; far below it, the GPU waits for the host (Python, launches) between
+    kernels. (None, None) where the profiler cannot say (a warning says why)."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+        return sum(e.device_time for e in kernels) / 1e3, len(kernels)
+    except Exception as exc:  # a measurement aid: never the reason a benchmark fails
+        warnings.warn(f"GPU kernel time not measured: {exc!r}")
+        return None, None
 
 
 def _max_abs_diff(a, b):
@@ -236,6 +261,8 @@ def make_rows(raw: dict, batch: int, seq: int) -> list:
             "trainable_params": m["trainable_params"], "patched_layers": m["patched_layers"],
             "first_step_paths": m["first_step_paths"],
             "median_step_ms": med, "min_step_ms": min(m["step_ms"]), "step_ms": m["step_ms"],
+            "gpu_kernel_ms": m.get("gpu_kernel_ms"), "kernels_per_step": m.get("kernels_per_step"),
+            "gpu_busy_fraction": ratio(m.get("gpu_kernel_ms"), med),
             "tokens_per_s": batch * seq / (med / 1e3),
             "speedup_vs_peft": ratio(medians.get(ref), med),
             "peak_bytes": m["peak_bytes"],
@@ -360,13 +387,14 @@ def format_table(rows, meta, config) -> str:
              f"dropout {config['dropout']:g}, "
              f"lora_kernels backend {config['lora_kernels_backend']}",
              f"{'variant':<23}{'step ms':>9}{'tokens/s':>11}{'x peft':>8}{'peak MiB':>10}{'x peft':>8}"
-             f"{'max |dloss|':>13}{'1st |dloss|':>13}  paths (step 1)"]
+             f"{'max |dloss|':>13}{'1st |dloss|':>13}{'GPU busy':>9}  paths (step 1)"]
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in r["first_step_paths"].items()) or "-"
         lines.append(f"{r['variant']:<23}{r['median_step_ms']:9.2f}{r['tokens_per_s']:11.1f}"
                      f"{fmt_num(r['speedup_vs_peft'], '8.3f')}{fmt_num(mib(r['peak_bytes']), '10.1f')}"
                      f"{fmt_num(r['peak_ratio_vs_peft'], '8.3f')}{fmt_num(r['max_loss_diff_vs_peft'], '13.2e')}"
-                     f"{fmt_num(r['first_loss_diff_vs_peft'], '13.2e')}  {paths}")
+                     f"{fmt_num(r['first_loss_diff_vs_peft'], '13.2e')}{fmt_num(r.get('gpu_busy_fraction'), '9.2f')}"
+                     f"  {paths}")
     return "\n".join(lines)
 
 

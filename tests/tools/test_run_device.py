@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lora_kernels.__main__ as cli
-from lora_kernels.tools import bench, gemv_bench, memory, qlora_bench, train_bench
+from lora_kernels.tools import bench, gemv_bench, memory, overhead, qlora_bench, train_bench
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_device.sh"
 
@@ -59,12 +59,12 @@ def test_every_step_runs_under_the_deadline_cap():
 
 def test_lora_kernels_command_lines_parse(monkeypatch):
     seen = []
-    for module in (bench, train_bench, memory, qlora_bench, gemv_bench):  # record the parsed options, run nothing
+    for module in (bench, train_bench, memory, qlora_bench, gemv_bench, overhead):  # record the parsed options, run nothing
         monkeypatch.setattr(module, "run_from_args", lambda args, m=module.__name__: seen.append((m, args)))
     monkeypatch.setattr(qlora_bench, "split_k_sweep", lambda **kw: seen.append(("split_k_sweep", kw)))
     commands = {step: _lora_kernels_commands(body) for step, body in _branches().items()}
     for step in ("memory", "bench", "bench-quick", "train", "train-routes", "variants", "qlora", "qlora-quick",
-                 "qlora-small-m", "gemv", "split-k", "dora"):
+                 "qlora-small-m", "gemv", "split-k", "dora", "overhead"):
         assert commands[step], f"step {step} runs no python -m lora_kernels command"
     for step, argvs in commands.items():
         for argv in argvs:
