@@ -35,11 +35,13 @@ aot-check: install
 
 # The same with the triton of our GPU machine (3.6: older ptxas, different register allocation),
 # shadowing the venv's triton through PYTHONPATH. Skipped with a message if that wheel cannot be
-# installed (no local copy, no network); a compile error or a spill still fails.
+# installed (no local copy, no network); a compile error or a spill still fails. Then the fast launch
+# path's choices against that Triton's own dispatch (tools.launch_check, a dry run: no GPU).
 OLD_TRITON ?= 3.6.0
 aot-check-old-triton: install
 	@if $(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/triton-$(OLD_TRITON) triton==$(OLD_TRITON); then \
-	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.aot_check; \
+	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.aot_check && \
+	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.launch_check; \
 	else echo "make: triton==$(OLD_TRITON) not installable here: AOT check with it SKIPPED"; fi
 
 # Compile-only check of csrc/*.cu (sm_80, sm_90) and csrc/*.cpp with nvcc: registers, spills (no GPU needed)

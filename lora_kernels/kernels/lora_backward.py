@@ -1,15 +1,17 @@
 """Backward kernels of the fused LoRA linear (deterministic: no atomics).
 
     lora_grad_out_pass_kernel   one read of dY gives, per (N-tile, M-split) program:
-                                  dH partials  dY @ B          -> dh_ws     [N_tiles, M, r]
-                                  dB partials  dY^T @ h        -> db_ws     [M_splits, N, r]
-                                  column sums  sum_m dY        -> colsum_ws [M_splits, N]
-                                the host reduces the partials with torch.sum in a fixed order.
+                                  dH partials  scale * dY @ B      -> dh_ws     [N_tiles, M, r]
+                                  dB partials  scale * dY^T @ h    -> db_ws     [M_splits, N, r]
+                                  column sums  sum_m dY            -> colsum_ws [M_splits, N]
+                                the host reduces the partials with torch.sum in a fixed order
+                                (scaled here: no host multiply, one launch less per gradient).
     lora_grad_input_kernel      dX = keep * (dH @ A) / (1-p) + dY @ W: the accumulator starts from
                                 the masked LoRA term and continues with the N-loop (one GEMM);
                                 W dense or NF4 (tiles decoded in the loop, W_NF4).
     lora_grad_input_tma_kernel  the same for dense W with dY and W tiles loaded by TMA (sm_90).
-    lora_grad_a_kernel          dA partials dH^T @ dropout(x) per M-split -> da_ws [M_splits, r, K].
+    lora_grad_a_kernel          dA partials keep_scale * dH^T @ dropout(x) per M-split
+                                -> da_ws [M_splits, r, K] (keep_scale = 1 / (1 - p)).
 
 dH arrives already multiplied by scale (fp32); dropout masks are regenerated from the seed.
 LoRA dots run in the adapters' dtype, the dY @ W dot in dY's dtype; all accumulate in fp32.
@@ -26,6 +28,7 @@ def lora_grad_out_pass_kernel(
     dy_ptr, b_ptr, h_ptr, dh_ws_ptr, db_ws_ptr, colsum_ws_ptr,
     M, N, r, rows_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr,
+    scale,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DB: tl.constexpr, NEED_COLSUM: tl.constexpr,
     LORA_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -53,7 +56,7 @@ def lora_grad_out_pass_kernel(
         if NEED_DH:
             dh = mma(dy_lora, b, tl.zeros([BLOCK_M, R], dtype=tl.float32), LORA_PRECISION, UPCAST_DOT)
             dh_base = dh_ws_ptr + pid_n.to(tl.int64) * M * r
-            tl.store(dh_base + rows[:, None] * r + offs_r[None, :], dh,
+            tl.store(dh_base + rows[:, None] * r + offs_r[None, :], dh * scale,
                      mask=m_mask[:, None] & r_mask[None, :])
         if NEED_DB:
             h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -64,7 +67,7 @@ def lora_grad_out_pass_kernel(
 
     if NEED_DB:
         db_base = db_ws_ptr + pid_s.to(tl.int64) * N * r
-        tl.store(db_base + cols[:, None] * r + offs_r[None, :], db_acc,
+        tl.store(db_base + cols[:, None] * r + offs_r[None, :], db_acc * scale,
                  mask=n_mask[:, None] & r_mask[None, :])
     if NEED_COLSUM:
         tl.store(colsum_ws_ptr + pid_s.to(tl.int64) * N + cols, colsum_acc, mask=n_mask)
@@ -188,7 +191,7 @@ def lora_grad_a_kernel(
     x_ptr, dh_ptr, seed_ptr, da_ws_ptr,
     M, K, r, rows_per_split,
     stride_xm, stride_xk, stride_dhm, stride_dhr,
-    drop_threshold,
+    drop_threshold, keep_scale,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -218,5 +221,5 @@ def lora_grad_a_kernel(
             x = tl.where(keep, x, 0.0)
         acc = mma(dh_t.to(lora_dtype), x.to(lora_dtype), acc, LORA_PRECISION, UPCAST_DOT)
     da_base = da_ws_ptr + pid_s.to(tl.int64) * r * K
-    tl.store(da_base + offs_r[:, None] * K + ks[None, :], acc,
+    tl.store(da_base + offs_r[:, None] * K + ks[None, :], acc * keep_scale,
              mask=r_mask[:, None] & k_mask[None, :])

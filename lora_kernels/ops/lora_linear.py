@@ -86,8 +86,16 @@ def with_leading_dims(t2: Tensor, like: Tensor) -> Tensor:
     custom op or autograd function returns as a view of a tensor made inside it may not be modified
     in place (autograd refuses: "this view was created inside a custom Function"), and users modify
     a linear layer's output in place (``y += residual``, ``ReLU(inplace=True)``). aten's
-    ``_unsafe_view`` is the reshape that nn.Linear's own matmul returns for the same reason."""
+    ``_unsafe_view`` is the reshape that nn.Linear's own matmul returns for the same reason. A 2-D
+    ``like`` and a t2 that is no view come back as they are (one host op less per call)."""
+    if like.dim() == 2 and t2._base is None:
+        return t2
     return torch.ops.aten._unsafe_view(t2, (*like.shape[:-1], t2.shape[-1]))
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """t [..., C] as [M, C] (t itself when 2-D)."""
+    return t if t.dim() == 2 else t.reshape(_rows(t), t.shape[-1])
 
 
 def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
@@ -97,7 +105,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     no gradient is needed, through an autograd function otherwise."""
     K = x.shape[-1]
     N, r = lora_B.shape
-    x2 = x.reshape(_rows(x), K)
+    x2 = as_rows(x)
     backend = select_backend(x.device, x2.shape[0], N, K, r, small_m_torch=seed is None)
     impl = triton_lora_forward if backend == "triton" else torch_lora_forward
     with autocast_off(x.device):
@@ -112,7 +120,7 @@ def lora_linear_composite(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
     torch.func to differentiate. What ``forward_route`` takes under torch.func transforms (vmap,
     grad, jvp, jacrev...), which neither the op nor the eager autograd function supports.
     (y [..., N], h [M, r])."""
-    x2 = x.reshape(_rows(x), x.shape[-1])
+    x2 = as_rows(x)
     with autocast_off(x.device):
         y2, h = composite_lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
     return y2.reshape(*x.shape[:-1], y2.shape[-1]), h
@@ -141,8 +149,8 @@ def lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lo
     N, K = weight.shape
     r = lora_A.shape[0]
     check_saved_for_backward("lora_linear_bwd", x, h, need_A, need_B)
-    grad_y2 = grad_y.reshape(_rows(grad_y), N)
-    x2 = x.reshape(_rows(x), K) if x is not None else None
+    grad_y2 = as_rows(grad_y)
+    x2 = as_rows(x) if x is not None else None
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r, small_m_torch=seed is None)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     with autocast_off(grad_y.device):

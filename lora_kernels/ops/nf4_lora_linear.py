@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.lora_linear import (_rows, autocast_off, check_saved_for_backward, grads_asked_for,
+from lora_kernels.ops.lora_linear import (_rows, as_rows, autocast_off, check_saved_for_backward, grads_asked_for,
                                          lora_linear_composite, op_outputs, select_backend, with_leading_dims)
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
@@ -61,7 +61,7 @@ def nf4_lora_linear_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_co
     N, r = lora_B.shape
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
               nested_blocksize, weight_dtype)
-    x2 = x.reshape(_rows(x), K)
+    x2 = as_rows(x)
     backend = select_backend(x.device, x2.shape[0], N, K, r)
     with autocast_off(x.device):
         if backend == "triton" and use_cuda_gemv(x2, lora_A, dropout_p, seed, wq):
@@ -122,8 +122,8 @@ def nf4_lora_linear_backward(grad_y: Tensor, x: Optional[Tensor], packed: Tensor
     check_saved_for_backward("nf4_lora_linear_bwd", x, h, need_A, need_B)
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,
               nested_blocksize, weight_dtype)
-    grad_y2 = grad_y.reshape(_rows(grad_y), N)
-    x2 = x.reshape(_rows(x), K) if x is not None else None
+    grad_y2 = as_rows(grad_y)
+    x2 = as_rows(x) if x is not None else None
     backend = select_backend(grad_y.device, grad_y2.shape[0], N, K, r)
     impl = triton_lora_backward if backend == "triton" else torch_lora_backward
     needs = (need_x, need_A, need_B, need_bias)

@@ -17,6 +17,7 @@ from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_f
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
 from lora_kernels.ops.checks import env_nonnegative_int
+from lora_kernels.ops.launch import launch
 from lora_kernels.ops.dropout_mask import drop_threshold
 
 
@@ -108,10 +109,10 @@ def _launches_on(device_of):
     """Decorator: run the launcher inside ``on_device(device_of(first argument))``."""
     def wrap(launcher):
         @functools.wraps(launcher)
-        def launch(first, *args, **kwargs):
+        def launch_on_device(first, *args, **kwargs):
             with on_device(device_of(first)):
                 return launcher(first, *args, **kwargs)
-        return launch
+        return launch_on_device
     return wrap
 
 
@@ -131,7 +132,7 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
         return out
     ptrs, consts, opts = _weight_args(wq)
     cfg = configs.nf4_dequantize_config()
-    nf4_dequantize_kernel[(cdiv(numel, cfg.blocks["BLOCK"]),)](
+    launch(nf4_dequantize_kernel, (cdiv(numel, cfg.blocks["BLOCK"]),),
         wq.packed, *ptrs, out, numel,
         QBLOCK=consts["QBLOCK"], QBLOCK2=consts["QBLOCK2"], DOUBLE_QUANT=consts["DOUBLE_QUANT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -155,7 +156,7 @@ def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     if out.numel() == 0:
         return out
     ptrs, consts, opts = _weight_args(wq)
-    nf4_dequantize_tiles_kernel[(cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k)](
+    launch(nf4_dequantize_tiles_kernel, (cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k),
         wq.packed, *ptrs, out, n_start, n_end, k_start, wq.K, out.stride(0),
         QBLOCK=wq.blocksize, QBLOCK2=wq.nested_blocksize, DOUBLE_QUANT=wq.double_quant,
         STORED_DTYPE=TL_DTYPES[wq.dtype], **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -344,7 +345,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = cdiv(M, cfg.blocks["BLOCK_M"])
         groups = fused_column_groups(m_blocks, cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
-        lora_forward_fused_kernel[(m_blocks, groups)](
+        launch(lora_forward_fused_kernel, (m_blocks, groups),
             x2, weight, lora_A, lora_B, bias if bias is not None else y2, y2, h, seed if has_dropout else h,
             *w_ptrs,
             M, N, K, r, groups,
@@ -356,7 +357,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         return y2, h
 
     cfg = configs.shrink_config(R, *key)
-    lora_shrink_kernel[(cdiv(M, cfg.blocks["BLOCK_M"]),)](
+    launch(lora_shrink_kernel, (cdiv(M, cfg.blocks["BLOCK_M"]),),
         x2, lora_A, h, seed if has_dropout else h,
         M, K, r,
         x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
@@ -372,7 +373,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
         cfg = configs.tma_forward_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        lora_forward_gemm_tma_kernel[(cdiv(M, block_m) * cdiv(N, block_n),)](
+        launch(lora_forward_gemm_tma_kernel, (cdiv(M, block_m) * cdiv(N, block_n),),
             TensorDescriptor.from_tensor(x2, [block_m, block_k]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             h, lora_B, bias if bias is not None else y2, y2,
@@ -392,7 +393,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     out = torch.empty((splits, M, N), dtype=torch.float32, device=x2.device) if small_m else y2
     out_2d = out[0] if small_m else out
     w_ptrs, w_consts, w_opts = _weight_args(wq, block_k)
-    lora_forward_gemm_kernel[(tiles, splits)](
+    launch(lora_forward_gemm_kernel, (tiles, splits),
         x2, weight, h, lora_B, bias if bias is not None else out, out, *w_ptrs,
         M, N, K, r, k_per_split,
         x2.stride(0), x2.stride(1), *_weight_strides(weight, wq), h.stride(0), h.stride(1),
@@ -417,7 +418,7 @@ def _cublas_base_forward(x2, weight, wq: Optional[NF4Tensors], h, lora_B, bias, 
     cfg = configs.forward_gemm_config(R, *key, "dense")
     tiles = cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"])
     w_ptrs, w_consts, _ = _weight_args(None)
-    lora_forward_gemm_kernel[(tiles, 1)](
+    launch(lora_forward_gemm_kernel, (tiles, 1),
         x2, x2, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
         M, N, 0, h.shape[1], 0,
         x2.stride(0), x2.stride(1), 0, 0, h.stride(0), h.stride(1),
@@ -473,7 +474,7 @@ def _lora_grad_input_term(grad_y2, d_h, lora_A, seed, out, dropout_p: float, R: 
     cfg = configs.grad_input_config(R, *key, "dense")
     grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
     w_ptrs, w_consts, _ = _weight_args(None)
-    lora_grad_input_kernel[grid](
+    launch(lora_grad_input_kernel, grid,
         grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, out, *w_ptrs,
         M, 0, K, lora_A.shape[0],
         grad_y2.stride(0), grad_y2.stride(1), 0, 0,
@@ -481,6 +482,16 @@ def _lora_grad_input_term(grad_y2, d_h, lora_A, seed, out, dropout_p: float, R: 
         drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         R=R, HAS_DROPOUT=seed is not None, **flags, **cfg.blocks, **w_consts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _sum_partials(ws: torch.Tensor) -> torch.Tensor:
+    """ws [splits, ...] summed over splits in a fixed order; one split is the sum itself (a view:
+    one host op less)."""
+    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _weight_strides(weight, wq):
@@ -517,20 +528,21 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else dummy
         db_ws = torch.empty((splits, N, r), **f32) if need_B else dummy
         colsum_ws = torch.empty((splits, N), **f32) if need_bias else dummy
-        lora_grad_out_pass_kernel[(n_tiles, splits)](
+        launch(lora_grad_out_pass_kernel, (n_tiles, splits),
             grad_y2, lora_B, h if need_B else dummy, dh_ws, db_ws, colsum_ws,
             M, N, r, rows_per_split,
             grad_y2.stride(0), grad_y2.stride(1), lora_B.stride(0), lora_B.stride(1),
             h.stride(0) if need_B else 0, h.stride(1) if need_B else 0,
+            scale,
             R=R, NEED_DH=need_dh, NEED_DB=need_B, NEED_COLSUM=need_bias, **lora_flags, **cfg.blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        # Fixed-order reductions of the partials keep the backward deterministic.
+        # Fixed-order reductions of the (scaled) partials keep the backward deterministic.
         if need_dh:
-            d_h = dh_ws.sum(0).mul_(scale)
+            d_h = _sum_partials(dh_ws)
         if need_B:
-            d_b = db_ws.sum(0).mul_(scale).to(lora_B.dtype)
+            d_b = _as_dtype(_sum_partials(db_ws), lora_B.dtype)
         if need_bias:
-            d_bias = colsum_ws.sum(0)
+            d_bias = _sum_partials(colsum_ws)
 
     if need_x and wq is not None and _use_cuda_grad_input(grad_y2, wq):
         dx2 = _cuda_base_grad_input(grad_y2, wq, d_h, lora_A, seed if has_dropout else None, dropout_p, R, key, flags)
@@ -542,7 +554,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.tma_grad_input_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        lora_grad_input_tma_kernel[(cdiv(M, block_m) * cdiv(K, block_k),)](
+        launch(lora_grad_input_tma_kernel, (cdiv(M, block_m) * cdiv(K, block_k),),
             TensorDescriptor.from_tensor(grad_y2, [block_m, block_n]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             d_h, lora_A, seed if has_dropout else d_h, dx2,
@@ -556,7 +568,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         cfg = _gemm_config(configs.grad_input_config, wq, R, *key)
         grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
-        lora_grad_input_kernel[grid](
+        launch(lora_grad_input_kernel, grid,
             grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2, *w_ptrs,
             M, N, K, r,
             grad_y2.stride(0), grad_y2.stride(1), *_weight_strides(weight, wq),
@@ -571,13 +583,13 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         k_tiles = cdiv(K, cfg.blocks["BLOCK_K"])
         splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], k_tiles, device)
         da_ws = torch.empty((splits, r, K), **f32)
-        lora_grad_a_kernel[(k_tiles, splits)](
+        launch(lora_grad_a_kernel, (k_tiles, splits),
             x2, d_h, seed if has_dropout else d_h, da_ws,
             M, K, r, rows_per_split,
             x2.stride(0), x2.stride(1), d_h.stride(0), d_h.stride(1),
-            drop_threshold(dropout_p),
+            drop_threshold(dropout_p), keep_scale,
             R=R, HAS_DROPOUT=has_dropout, LORA_FP32=lora_A.dtype == torch.float32, **lora_flags,
             **cfg.blocks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        d_a = da_ws.sum(0).mul_(keep_scale).to(lora_A.dtype)
+        d_a = _as_dtype(_sum_partials(da_ws), lora_A.dtype)
     return dx2, d_a, d_b, d_bias

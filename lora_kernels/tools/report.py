@@ -4,7 +4,7 @@
 
 Every ``*.json`` under ``--results`` (recursively, sorted) is summarised by the renderer registered
 for its file stem (``RENDERERS``: bench_*, bench_qlora_*, memory_*, memory_model_*, train_*,
-split_k_*, aot_*, csrc_check_*) as a short markdown table under a line naming the file, its device,
+split_k_*, gemv_*, overhead_*, aot_*, csrc_check_*) as a short markdown table under a line naming the file, its device,
 dtype, date, commit and library versions. Files are grouped by their directory below ``--results``:
 GPU directories first, then ``cpu/``, then the compile-only checks (``aot/``, ``csrc/``). A file no
 renderer knows gets a one-line mention; a file without device/date metadata is listed as such; a
@@ -443,13 +443,15 @@ def render_memory_model(f: ResultFile) -> list:
 
 def render_train(f: ResultFile) -> list:
     """End-to-end training benchmark (lora_kernels.tools.train_bench): per variant, the median step
-    time, tokens/s and speed-up over the PEFT model of the same family, the CUDA peak when
-    recorded, the final loss and the largest loss difference from PEFT over the steps."""
+    time, tokens/s and speed-up over the PEFT model of the same family, the CUDA peak and the
+    fraction of a step the GPU spends in kernels when recorded, the final loss and the largest loss
+    difference from PEFT over the steps."""
     rows = f.rows
     cfg = f.section("config") or {}
     has_peak = any(r.get("peak_bytes") is not None for r in rows)
+    has_busy = any(r.get("gpu_busy_fraction") is not None for r in rows)
     header = (["variant", "step ms", "tokens/s", "speed-up vs PEFT"] + (["peak", "peak ÷ PEFT"] if has_peak else [])
-              + ["final loss", "max loss diff vs PEFT"])
+              + (["GPU busy"] if has_busy else []) + ["final loss", "max loss diff vs PEFT"])
     body = []
     for r in rows:
         speedup = r.get("speedup_vs_peft")
@@ -457,6 +459,8 @@ def render_train(f: ResultFile) -> list:
                  fmt_ratio(speedup) if speedup is not None else "–"]
         if has_peak:
             cells += [fmt_bytes(r.get("peak_bytes")), fmt_ratio(r.get("peak_ratio_vs_peft"))]
+        if has_busy:
+            cells.append(fmt_num(r.get("gpu_busy_fraction")))
         cells += [fmt_num(r.get("final_loss")), fmt_num(r.get("max_loss_diff_vs_peft"))]
         body.append(cells)
     caption = "AdamW training steps"
@@ -562,6 +566,19 @@ def render_gemv(f: ResultFile) -> list:
     return lines
 
 
+def render_overhead(f: ResultFile) -> list:
+    """Host time per layer call (lora_kernels.tools.overhead): per shape, provider and mode, the host
+    and wall µs, Triton launches and host time over PEFT's; whether the patched rows ran dry."""
+    body = [[f"{r['M']}×{r['K']}×{r['N']}", r["provider"], r["mode"], fmt_num(r.get("host_us")),
+             fmt_num(r.get("wall_us")), fmt_num(r.get("launches")), fmt_ratio(r.get("host_vs_peft"))]
+            for r in f.rows]
+    lines = md_table(["M×K×N", "provider", "mode", "host µs", "wall µs", "Triton launches", "host ÷ PEFT"], body)
+    dry = (f.section("config") or {}).get("dry_run")
+    if dry:
+        lines += ["", f"Without a GPU: {dry}; host-side costs compare, absolute times are this CPU's."]
+    return lines
+
+
 # Most specific pattern first: a stem takes the first renderer whose pattern it matches.
 RENDERERS: tuple = (
     ("bench_qlora_*", "QLoRA layer benchmark", render_qlora_bench),
@@ -571,6 +588,7 @@ RENDERERS: tuple = (
     ("train_*", "end-to-end training steps", render_train),
     ("split_k_*", "small-M split-K sweep", render_split_k),
     ("gemv_*", "CUDA NF4 decode GEMV benchmark", render_gemv),
+    ("overhead_*", "host time per layer call", render_overhead),
     ("aot_*", "AOT compile check of the Triton kernels", render_aot),
     ("csrc_check_*", "nvcc compile check of csrc/", render_csrc_check),
 )

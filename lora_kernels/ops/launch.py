@@ -1,0 +1,131 @@
+"""Kernel launches with less host time: ``launch(kernel, grid, *args, **kwargs)`` does what
+``kernel[grid](*args, **kwargs)`` does.
+
+Why: a Triton launch spends ~15-40 us of host time in ``JITFunction.run`` before the driver call
+(binding ~50 arguments to the signature, specializing each, building a string cache key from the
+options), measured on a CPU with ``tools.dry_run``; a small layer's forward and backward make five
+of them, and on a GPU such calls are bound by host time. After the first launch of a
+specialization, ``launch`` keeps the compiled kernel under a key of its own and calls its launcher
+directly: about a third of the host time of ``kernel[grid]``.
+
+The key decides which compiled kernel runs, so it distinguishes at least what Triton's
+specialization does (checked against Triton's own choice by ``tools.launch_check`` in CI, with
+triton 3.6 and 3.9, and per argument kind in tests/ops/test_launch.py): per tensor argument its dtype and whether its address is 16-byte aligned; per int
+whether it is 1, a multiple of 16, and which of i32 / i64 / u64 holds it; floats, bools and None by
+type (None, bools by value); every keyword argument (constexprs and launch options) by value.
+Anything else (a TensorDescriptor, a tuple argument), an interpreted kernel (TRITON_INTERPRET=1),
+launch hooks installed (profilers such as proton add to ``triton.knobs.runtime.launch_enter_hook``)
+or LORA_KERNELS_FAST_LAUNCH=0 take ``kernel[grid]`` itself. A compiled kernel is kept for the
+process: options read by Triton from its environment (TRITON_DEBUG, ...) and changed after a first
+launch do not reach kernels already launched.
+"""
+import os
+
+import torch
+
+# "0": every launch through kernel[grid]; "check": each fast launch also asks Triton which compiled
+# kernel and argument values it would launch and raises if they differ (read per call).
+FAST_LAUNCH_ENV = "LORA_KERNELS_FAST_LAUNCH"
+
+_INT32_MIN, _INT32_MAX, _INT64_MAX = -(1 << 31), (1 << 31) - 1, (1 << 63) - 1
+
+
+class _NotKeyable(Exception):
+    pass
+
+
+def _arg_key(a):
+    """What Triton specializes a runtime argument on (or more): an int's key is "one", or a code
+    of divisibility by 16 (bit 0) and the type holding it (i32 0, i64 2, u64 4); a tensor's its dtype
+    and whether its address is 16-byte aligned."""
+    t = type(a)
+    if t is int:
+        if a == 1:
+            return "one"
+        return (not a & 15) + (0 if _INT32_MIN <= a <= _INT32_MAX else 2 if a <= _INT64_MAX else 4)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        return a.dtype, not a.data_ptr() & 15
+    if t is float or a is None:
+        return t
+    if t is bool:
+        return "true" if a else "false"
+    if isinstance(a, torch.Tensor):
+        return a.dtype, not a.data_ptr() & 15
+    raise _NotKeyable
+
+
+class _KernelLaunches:
+    """Per JIT kernel: by key, the compiled kernel and the values of the parameters that follow the
+    positional arguments (keyword arguments and defaults: part of the key, so fixed with it)."""
+
+    def __init__(self, kernel):
+        self.compiled = {}
+        self.params = kernel.params
+
+    def tail_values(self, n_args: int, kwargs: dict) -> tuple:
+        return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in self.params[n_args:])
+
+
+_LAUNCHES: dict = {}  # JIT kernel -> _KernelLaunches
+CHECKED_LAUNCHES = [0]  # fast launches compared with Triton's own choice (LORA_KERNELS_FAST_LAUNCH=check)
+_RUNTIME: list = []  # [JITFunction, triton.runtime.driver, triton.knobs.runtime], filled on first use
+
+
+def _runtime() -> list:
+    if not _RUNTIME:  # imported on first launch, not at import time
+        from triton import knobs
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+        _RUNTIME.extend((JITFunction, driver, knobs.runtime))
+    return _RUNTIME
+
+
+def _no_hooks(chain) -> bool:
+    """Whether a Triton launch hook (a HookChain in triton 3.6 and 3.9, else None or a function) is
+    empty: then passing None instead changes nothing."""
+    return chain is None or getattr(chain, "calls", None) == []
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; grid: a tuple of 1 to 3 ints."""
+    jit_function, driver, hooks = _runtime()
+    mode = os.environ.get(FAST_LAUNCH_ENV, "1")
+    if (type(kernel) is not jit_function or mode == "0"
+            or not (_no_hooks(hooks.launch_enter_hook) and _no_hooks(hooks.launch_exit_hook))):
+        kernel[grid](*args, **kwargs)
+        return
+    device = driver.active.get_current_device()
+    try:
+        key = (device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+        entry = _LAUNCHES.get(kernel)
+        if entry is None:
+            entry = _LAUNCHES[kernel] = _KernelLaunches(kernel)
+        compiled = entry.compiled.get(key)
+    except (_NotKeyable, TypeError):  # an argument of another kind, an unhashable keyword value
+        kernel[grid](*args, **kwargs)
+        return
+    if compiled is None:
+        # Triton binds, specializes, compiles if needed and launches; its choice is kept for the key.
+        kernel_of_key = kernel[grid](*args, **kwargs)
+        if kernel_of_key is not None:
+            entry.compiled[key] = (kernel_of_key, entry.tail_values(len(args), kwargs))
+        return
+    compiled, tail = compiled
+    if mode == "check":
+        _check_against_triton(kernel, device, compiled, args, tail, kwargs)
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.active.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _check_against_triton(kernel, device, compiled, args: tuple, tail: tuple, kwargs: dict) -> None:
+    """Raises RuntimeError unless Triton, given the same arguments, picks ``compiled`` and binds the
+    values ``args + tail`` (its binder: internal to triton, here only)."""
+    expected = kernel.run(*args, grid=(1,), warmup=True, **kwargs)
+    bound = tuple(kernel.device_caches[device][-1](*args, **kwargs)[0].values())
+    same_values = len(bound) == len(args) + len(tail) and all(
+        b is v or (not isinstance(b, torch.Tensor) and type(b) is type(v) and b == v) for b, v in zip(bound, args + tail))
+    if expected is not compiled or not same_values:
+        raise RuntimeError(f"fast launch of {kernel.__name__}: Triton would launch "
+                           f"{'another compiled kernel' if expected is not compiled else 'other argument values'}")
+    CHECKED_LAUNCHES[0] += 1

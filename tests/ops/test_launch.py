@@ -1,0 +1,103 @@
+"""ops.launch: the fast launch path picks the compiled kernel and argument values Triton would.
+
+The key must separate whatever Triton's specialization separates: checked in-process against
+Triton's own binder for the argument kinds our launchers pass (hypothesis over ints, tensors at
+every alignment), and end to end in a subprocess that runs the launchers' GPU route dry
+(tools.dry_run, no interpreter) with LORA_KERNELS_FAST_LAUNCH=check, where every fast launch asks
+Triton for its choice and raises on a difference."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lora_kernels.ops import launch as launch_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _kernel_params(a, b, c):  # the signature the binder below specializes (never launched)
+    pass
+
+
+@pytest.fixture(scope="module")
+def triton_binder():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = JITFunction(_kernel_params)
+    binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+    return lambda *args: binder(*args)[1]
+
+
+INTS = st.one_of(st.integers(-(1 << 40), 1 << 40), st.sampled_from([0, 1, 2, 15, 16, 17, 32, -16, (1 << 31) - 16,
+                                                                     (1 << 31), -(1 << 31), -(1 << 31) - 16,
+                                                                     (1 << 63) - 16, 1 << 63, (1 << 64) - 16]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=INTS, b=INTS)
+def test_int_keys_separate_what_triton_separates(triton_binder, a, b):
+    # the key may be finer than Triton's specialization, never coarser
+    if launch_mod._arg_key(a) == launch_mod._arg_key(b):
+        assert triton_binder(a, 0, 0)[0] == triton_binder(b, 0, 0)[0], (a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(offsets=st.tuples(st.integers(0, 7), st.integers(0, 7)),
+       dtypes=st.tuples(*[st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.uint8])] * 2))
+def test_tensor_keys_separate_what_triton_separates(triton_binder, offsets, dtypes):
+    a, b = (torch.empty(64, dtype=dt)[off:] for off, dt in zip(offsets, dtypes))
+    if launch_mod._arg_key(a) == launch_mod._arg_key(b):
+        assert triton_binder(a, 0, 0)[0] == triton_binder(b, 0, 0)[0]
+    # and the key does separate alignment and dtype
+    assert (launch_mod._arg_key(a) == launch_mod._arg_key(b)) == (
+        a.dtype == b.dtype and (a.data_ptr() % 16 == 0) == (b.data_ptr() % 16 == 0))
+
+
+def test_other_argument_kinds():
+    key = launch_mod._arg_key
+    assert key(None) is type(None) and key(0.5) is float and key(True) != key(False)
+    assert key(torch.nn.Parameter(torch.empty(4))) == key(torch.empty(4))
+    with pytest.raises(launch_mod._NotKeyable):
+        key((1, 2))  # a tuple argument: the launch takes kernel[grid] instead
+    assert launch_mod._no_hooks(None)
+    assert not launch_mod._no_hooks(lambda *a: None)
+
+
+def test_interpreted_kernels_take_kernel_grid():
+    # under TRITON_INTERPRET=1 (tests/conftest.py) our kernels are not JITFunctions: launch() must
+    # hand them to kernel[grid] unchanged, which every kernel test here goes through
+    from lora_kernels.kernels.lora_forward import lora_shrink_kernel
+    from lora_kernels.ops.triton_launch import is_interpreted
+
+    if not is_interpreted():
+        pytest.skip("kernels are compiled here")
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs))
+
+    launch_mod.launch(Kernel(), (3, 1), 1, 2, BLOCK=4)
+    assert seen == [((3, 1), (1, 2), {"BLOCK": 4})]
+    assert type(lora_shrink_kernel).__name__ == "InterpretedFunction"
+
+
+def test_fast_launches_match_triton_in_a_dry_run():
+    # tools.launch_check: every launcher route a CPU dry run reaches, with inputs of different
+    # alignments, strides, dtypes and sizes, each fast launch checked against Triton's own choice
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])]),
+               TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-m", "lora_kernels.tools.launch_check"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["checked"] >= 2 * got["first"] > 0  # every launch after the first pass went the fast way
+    assert {"lora_shrink_kernel", "lora_forward_gemm_kernel", "nf4_dequantize_tiles_kernel",
+            "lora_grad_out_pass_kernel", "lora_grad_input_kernel", "lora_grad_a_kernel"} <= set(got["kernels"])
