@@ -20,6 +20,7 @@ peft and bitsandbytes are imported inside the functions only.
 """
 import dataclasses
 import importlib
+import sys
 from typing import Optional
 
 import torch
@@ -144,11 +145,11 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
 
 
 def _is_linear4bit(module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)
+    # No module is a Linear4bit while bitsandbytes has not been imported (by anyone): no import here,
+    # which would cost a microsecond on every call of every layer.
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return linear4bit is not None and isinstance(module, linear4bit)
 
 
 def _linear4bit_reason(base, x, autocast: bool) -> Optional[str]:

@@ -24,34 +24,42 @@ import os
 import torch
 
 # "0": every launch through kernel[grid]; "check": each fast launch also asks Triton which compiled
-# kernel and argument values it would launch and raises if they differ (read per call).
+# kernel and argument values it would launch and raises if they differ; else "1". Read when this
+# module is imported (a per-call environment read would cost a microsecond per launch); set MODE[0]
+# to change it in a running process.
 FAST_LAUNCH_ENV = "LORA_KERNELS_FAST_LAUNCH"
+MODE = [os.environ.get(FAST_LAUNCH_ENV, "1")]
 
-_INT32_MIN, _INT32_MAX, _INT64_MAX = -(1 << 31), (1 << 31) - 1, (1 << 63) - 1
 
 
 class _NotKeyable(Exception):
     pass
 
 
-def _arg_key(a):
-    """What Triton specializes a runtime argument on (or more): an int's key is "one", or a code
-    of divisibility by 16 (bit 0) and the type holding it (i32 0, i64 2, u64 4); a tensor's its dtype
-    and whether its address is 16-byte aligned."""
-    t = type(a)
-    if t is int:
-        if a == 1:
-            return "one"
-        return (not a & 15) + (0 if _INT32_MIN <= a <= _INT32_MAX else 2 if a <= _INT64_MAX else 4)
-    if t is torch.Tensor or t is torch.nn.Parameter:
-        return a.dtype, not a.data_ptr() & 15
-    if t is float or a is None:
-        return t
-    if t is bool:
-        return "true" if a else "false"
-    if isinstance(a, torch.Tensor):
-        return a.dtype, not a.data_ptr() & 15
-    raise _NotKeyable
+def _args_key(args: tuple, _int=int, _float=float, _bool=bool, _none=type(None), _tensor=torch.Tensor,
+              _param=torch.nn.Parameter) -> tuple:
+    """What Triton specializes the runtime arguments on (or more), one entry per argument: an int's
+    is "one", or a code of divisibility by 16 (bit 0) and the type holding it (i32 0, i64 2, u64 4);
+    a tensor's its dtype and whether its address is 16-byte aligned. (One loop with local names: it
+    runs for every argument of every launch.)"""
+    key = []
+    append = key.append
+    for a in args:
+        t = type(a)
+        if t is _int:
+            append("one" if a == 1 else
+                   (not a & 15) + (0 if -2147483648 <= a <= 2147483647 else 2 if a <= 9223372036854775807 else 4))
+        elif t is _tensor or t is _param:
+            append((a.dtype, not a.data_ptr() & 15))
+        elif t is _float or t is _none:
+            append(t)
+        elif t is _bool:
+            append("true" if a else "false")
+        elif isinstance(a, _tensor):
+            append((a.dtype, not a.data_ptr() & 15))
+        else:
+            raise _NotKeyable
+    return tuple(key)
 
 
 class _KernelLaunches:
@@ -66,8 +74,11 @@ class _KernelLaunches:
         return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in self.params[n_args:])
 
 
-_LAUNCHES: dict = {}  # JIT kernel -> _KernelLaunches
+_LAUNCHES: dict = {}  # id(JIT kernel) -> _KernelLaunches (a JITFunction hashes its source key: slow)
 CHECKED_LAUNCHES = [0]  # fast launches compared with Triton's own choice (LORA_KERNELS_FAST_LAUNCH=check)
+# Counters (collections.Counter) that count fast launches by kernel name while registered
+# (tools.dry_run.count_launches; launches through kernel[grid] it counts in JITFunction.run).
+FAST_LAUNCH_COUNTERS: list = []
 _RUNTIME: list = []  # [JITFunction, triton.runtime.driver, triton.knobs.runtime], filled on first use
 
 
@@ -89,17 +100,17 @@ def _no_hooks(chain) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; grid: a tuple of 1 to 3 ints."""
     jit_function, driver, hooks = _runtime()
-    mode = os.environ.get(FAST_LAUNCH_ENV, "1")
+    mode = MODE[0]
     if (type(kernel) is not jit_function or mode == "0"
             or not (_no_hooks(hooks.launch_enter_hook) and _no_hooks(hooks.launch_exit_hook))):
         kernel[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
     try:
-        key = (device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
-        entry = _LAUNCHES.get(kernel)
+        key = (device, _args_key(args), tuple(kwargs.items()))
+        entry = _LAUNCHES.get(id(kernel))
         if entry is None:
-            entry = _LAUNCHES[kernel] = _KernelLaunches(kernel)
+            entry = _LAUNCHES[id(kernel)] = _KernelLaunches(kernel)
         compiled = entry.compiled.get(key)
     except (_NotKeyable, TypeError):  # an argument of another kind, an unhashable keyword value
         kernel[grid](*args, **kwargs)
@@ -113,6 +124,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     compiled, tail = compiled
     if mode == "check":
         _check_against_triton(kernel, device, compiled, args, tail, kwargs)
+    for counter in FAST_LAUNCH_COUNTERS:
+        counter[kernel.__name__] += 1
     n = len(grid)
     compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.active.get_current_stream(device),
                  compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)

@@ -524,10 +524,13 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         cfg = configs.grad_out_pass_config(R, *key)
         n_tiles = cdiv(N, cfg.blocks["BLOCK_N"])
         splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], n_tiles, device)
-        dummy = torch.empty(1, **f32)
-        dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else dummy
-        db_ws = torch.empty((splits, N, r), **f32) if need_B else dummy
-        colsum_ws = torch.empty((splits, N), **f32) if need_bias else dummy
+        dh_ws = torch.empty((n_tiles, M, r), **f32) if need_dh else None
+        db_ws = torch.empty((splits, N, r), **f32) if need_B else None
+        colsum_ws = torch.empty((splits, N), **f32) if need_bias else None
+        # Workspaces not needed get a stand-in pointer the kernel never touches (its NEED_* flag is
+        # off): one of the others, fp32 and aligned like them, instead of one more allocation.
+        dummy = next(t for t in (dh_ws, db_ws, colsum_ws) if t is not None)
+        dh_ws, db_ws, colsum_ws = (t if t is not None else dummy for t in (dh_ws, db_ws, colsum_ws))
         launch(lora_grad_out_pass_kernel, (n_tiles, splits),
             grad_y2, lora_B, h if need_B else dummy, dh_ws, db_ws, colsum_ws,
             M, N, r, rows_per_split,

@@ -125,8 +125,10 @@ def _triton_backend_on_cpu():
 
 @contextlib.contextmanager
 def count_launches() -> Iterator[Counter]:
-    """Counts Triton kernel launches (by kernel name) inside the block, on any device."""
+    """Counts Triton kernel launches (by kernel name) inside the block, on any device: those through
+    ``kernel[grid]`` (JITFunction.run) and the fast ones of ``ops.launch``."""
     from triton.runtime.jit import JITFunction
+    from lora_kernels.ops import launch as launch_mod
 
     launches: Counter = Counter()
     original = JITFunction.run
@@ -137,7 +139,9 @@ def count_launches() -> Iterator[Counter]:
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     JITFunction.run = run
+    launch_mod.FAST_LAUNCH_COUNTERS.append(launches)
     try:
         yield launches
     finally:
         JITFunction.run = original
+        launch_mod.FAST_LAUNCH_COUNTERS.remove(launches)

@@ -14,7 +14,6 @@ Prints one JSON line: fast launches checked, launches of the first pass, kernels
 ``make aot-check-old-triton``).
 """
 import json
-import os
 import sys
 
 
@@ -56,7 +55,7 @@ def run() -> dict:
     from lora_kernels.ops import launch as launch_mod
     from lora_kernels.tools.dry_run import dry_run
 
-    os.environ[launch_mod.FAST_LAUNCH_ENV] = "check"
+    launch_mod.MODE[0] = "check"
     with dry_run() as launches:
         calls = scenarios()
         for call in calls:

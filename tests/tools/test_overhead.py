@@ -103,13 +103,16 @@ def test_count_launches_counts_launches_not_compiles_and_restores_triton(monkeyp
         return "ran"
 
     monkeypatch.setattr(JITFunction, "run", fake_run)
+    from lora_kernels.ops import launch as launch_mod
+
     kernel = types.SimpleNamespace(__name__="some_kernel")
     with count_launches() as launches:
+        assert launches in launch_mod.FAST_LAUNCH_COUNTERS  # ops.launch's fast launches count too
         assert JITFunction.run(kernel, 1, grid=(1,), warmup=False, BLOCK=4) == "ran"
         JITFunction.run(kernel, grid=(1,), warmup=True)  # a compile, not a launch
         JITFunction.run(kernel, grid=(2,), warmup=False)
     assert launches == Counter({"some_kernel": 2})
-    assert JITFunction.run is fake_run
+    assert JITFunction.run is fake_run and launch_mod.FAST_LAUNCH_COUNTERS == []
 
 
 def test_ratios_and_reference_rows():
