@@ -188,7 +188,7 @@ def run(device=None, dtype=None, shapes=None, providers=PROVIDERS, modes=MODES, 
     add_ratios(rows)
     result = {"metadata": environment_metadata(device, dtype),
               "config": {"shapes": [list(s) for s in shapes], "r": r, "calls": calls, "reps": reps,
-                         "modes": list(modes), "statistic": "best of reps batches (mean over calls per batch), providers interleaved",
+                         "modes": list(modes), "statistic": "best batch mean (providers interleaved)",
                          "dry_run": "patched providers on a CPU: Triton launches recorded, not run "
                                     "(tools.dry_run)" if device.type == "cpu" else None},
               "rows": rows, "skipped": skipped}

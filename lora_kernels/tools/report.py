@@ -567,12 +567,29 @@ def render_gemv(f: ResultFile) -> list:
 
 
 def render_overhead(f: ResultFile) -> list:
-    """Host time per layer call (lora_kernels.tools.overhead): per shape, provider and mode, the host
-    and wall µs, Triton launches and host time over PEFT's; whether the patched rows ran dry."""
-    body = [[f"{r['M']}×{r['K']}×{r['N']}", r["provider"], r["mode"], fmt_num(r.get("host_us")),
-             fmt_num(r.get("wall_us")), fmt_num(r.get("launches")), fmt_ratio(r.get("host_vs_peft"))]
-            for r in f.rows]
-    lines = md_table(["M×K×N", "provider", "mode", "host µs", "wall µs", "Triton launches", "host ÷ PEFT"], body)
+    """Host time per layer call (lora_kernels.tools.overhead): one row per shape and provider, the host
+    µs of each mode with its ratio to PEFT's, the wall µs and Triton launches of forward + backward;
+    whether the patched rows ran dry."""
+    by_key = {}
+    for r in f.rows:
+        by_key.setdefault((r["M"], r["K"], r["N"], r["provider"]), {})[r["mode"]] = r
+    modes = [m for m in ("infer", "fwd", "fwdbwd") if any(m in v for v in by_key.values())]
+
+    def host(row) -> str:
+        if row is None:
+            return "–"
+        ratio = row.get("host_vs_peft")
+        return fmt_num(row.get("host_us")) + (f" ({fmt_ratio(ratio)})" if ratio is not None else "")
+
+    body = []
+    for (M, K, N, provider), rows in by_key.items():
+        last = rows.get("fwdbwd") or rows[modes[-1]]
+        body.append([f"{M}×{K}×{N}", provider] + [host(rows.get(m)) for m in modes]
+                    + [fmt_num(last.get("wall_us")), fmt_num(last.get("launches"))])
+    last_mode = "fwd+bwd" if "fwdbwd" in modes else modes[-1]
+    header = (["M×K×N", "provider"] + [f"{m.replace('fwdbwd', 'fwd+bwd')} host µs (÷ PEFT)" for m in modes]
+              + [f"{last_mode} wall µs", f"{last_mode} Triton launches"])
+    lines = md_table(header, body)
     dry = (f.section("config") or {}).get("dry_run")
     if dry:
         lines += ["", f"Without a GPU: {dry}; host-side costs compare, absolute times are this CPU's."]

@@ -295,6 +295,37 @@ def test_train_rows(tmp_path):
     assert f"Goals checked in the file: {met} of 1 met (qlora_tokens_per_s_vs_peft {met} of 1)." in lines
 
 
+def test_train_rows_show_the_gpu_busy_fraction_when_measured(tmp_path):
+    rows = [{"variant": v, "peft_ref": "peft", "median_step_ms": ms, "tokens_per_s": 4096 / ms * 1e3,
+             "speedup_vs_peft": 100.0 / ms, "peak_bytes": None, "final_loss": 6.0, "max_loss_diff_vs_peft": 0.0,
+             "gpu_kernel_ms": busy * ms, "gpu_busy_fraction": busy, "losses": [1.0], "step_ms": [ms]}
+            for v, ms, busy in (("peft", 100.0, 0.48), ("lora_kernels", 90.0, 0.55))]
+    write(tmp_path, "gpu/train_bfloat16.json", {"metadata": meta(), "config": {"statistic": "median"}, "rows": rows})
+    body = table_bodies(section_of(report.generate(tmp_path), "train_bfloat16.json"))
+    assert [row[4] for row in body] == [fmt_num(0.48), fmt_num(0.55)]
+
+
+def test_overhead_rows_one_per_shape_and_provider(tmp_path):
+    rng = random.Random(7)
+    rows = []
+    for provider in ("peft", "lora_kernels"):
+        for mode in ("infer", "fwd", "fwdbwd"):
+            rows.append({"provider": provider, "M": 4, "K": 64, "N": 32, "mode": mode, "host_us": rng.uniform(50, 900),
+                         "wall_us": rng.uniform(900, 1000), "launches": 0 if provider == "peft" else 5})
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for r in rows:
+        r["host_vs_peft"] = r["host_us"] / by[("peft", r["mode"])]["host_us"]
+    cfg = {"statistic": "best batch mean", "reps": 7, "dry_run": "launches recorded, not run"}
+    write(tmp_path, "cpu/overhead_float32.json", {"metadata": meta(device="cpu-x"), "config": cfg, "rows": rows})
+    lines = section_of(report.generate(tmp_path), "overhead_float32.json")
+    body = table_bodies(lines)
+    assert body == [["4×64×32", p] + [f"{fmt_num(by[(p, m)]['host_us'])} ({fmt_ratio(by[(p, m)]['host_vs_peft'])})"
+                                      for m in ("infer", "fwd", "fwdbwd")]
+                    + [fmt_num(by[(p, "fwdbwd")]["wall_us"]), fmt_num(by[(p, "fwdbwd")]["launches"])]
+                    for p in ("peft", "lora_kernels")]
+    assert any("launches recorded, not run" in line for line in lines)
+
+
 def test_split_k_sweep(tmp_path):
     rng = random.Random(6)
     rows = [{"shape": f"{M},4096,4096,16", "weight": w, "M": M, "split_ms": rng.uniform(0.01, 1),
