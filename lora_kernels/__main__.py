@@ -18,8 +18,8 @@ analyze rank analysis of a PEFT adapter folder: ΔW spectra, subspace similarity
         (``lora_kernels.tools.rank_analysis``)
 routes  each opt-in dispatch route beside its default, from one device run's result files
         (``lora_kernels.tools.routes``)
-all     the main job: bench (dense), qlora, memory (model and layer) and bench --train with their
-        defaults (memory and --train also with DoRA adapters), and on CUDA split-k and (when csrc/ is
+all     the main job: bench (dense), qlora, memory (model and layer), bench --train and overhead with
+        their defaults (memory and --train also with DoRA adapters), and on CUDA split-k and (when csrc/ is
         built) gemv (only --device, --dtype and --out apply)
 Results go to --out, default ``benchmarks/results/<device-kind>/`` (e.g. ``cpu``, ``nvidia-h100-...``).
 """
@@ -92,6 +92,7 @@ def _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, 
         memory.run(device=args.device, dtype=args.dtype, out=args.out, layer=True)  # one layer per shape
         qlora_bench.run(device=args.device, dtype=args.dtype, out=args.out)
         train_bench.run(device=args.device, dtype=args.dtype, out=args.out)
+        overhead.run(device=args.device, dtype=args.dtype, out=args.out)  # host time per layer call
         # DoRA (PEFT use_dora=True) models: saved activations and training steps, PEFT vs patched
         memory.run(device=args.device, dtype=args.dtype, out=args.out, dora=True)
         train_bench.run(device=args.device, dtype=args.dtype, out=args.out, dora=True)

@@ -17,8 +17,8 @@ from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_f
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
 from lora_kernels.ops.checks import env_nonnegative_int
-from lora_kernels.ops.launch import launch
 from lora_kernels.ops.dropout_mask import drop_threshold
+from lora_kernels.ops.launch import launch
 
 
 class NF4Tensors(NamedTuple):
