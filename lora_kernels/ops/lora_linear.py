@@ -33,6 +33,11 @@ CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "tr
 DENSE_TORCH_MAX_M_ENV = "LORA_KERNELS_DENSE_TORCH_MAX_M"
 
 
+# Set by tools.dry_run while it runs the GPU route on a CPU without a GPU (kernels compiled, launches
+# recorded, not run): CPU calls then take the CUDA rule below.
+CPU_AS_CUDA = [False]
+
+
 def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m_torch: bool = False) -> str:
     """"triton" or "torch" for a problem of x [M, K], weight [N, K], rank r on ``device``.
 
@@ -43,7 +48,7 @@ def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m
     """
     if M == 0 or N == 0 or K == 0 or r > MAX_RANK:
         return "torch"
-    if device.type == "cuda":
+    if device.type == "cuda" or (CPU_AS_CUDA[0] and device.type == "cpu"):
         if small_m_torch and M <= env_nonnegative_int(DENSE_TORCH_MAX_M_ENV, configs.DENSE_TORCH_MAX_M):
             return "torch"
         return "triton"

@@ -103,24 +103,14 @@ def dry_run(arch: int = 90) -> Iterator[Counter]:
 
 @contextlib.contextmanager
 def _triton_backend_on_cpu():
-    """The ops' backend rule answers "triton" for CPU tensors (as for CUDA ones) inside the block."""
-    from lora_kernels.ops import lora_linear as dense_ops, nf4_lora_linear as nf4_ops
+    """The ops' backend rule answers for CPU tensors as for CUDA ones inside the block."""
+    from lora_kernels.ops import lora_linear as dense_ops
 
-    original = dense_ops.select_backend
-
-    def select_backend(device, M, N, K, r, small_m_torch=False):
-        if device.type == "cpu":
-            device = torch.device("cuda")  # only the rule is asked; nothing is allocated on it
-        return original(device, M, N, K, r, small_m_torch)
-
-    modules = (dense_ops, nf4_ops)
-    for module in modules:
-        module.select_backend = select_backend
+    dense_ops.CPU_AS_CUDA[0] = True
     try:
         yield
     finally:
-        for module in modules:
-            module.select_backend = original
+        dense_ops.CPU_AS_CUDA[0] = False
 
 
 @contextlib.contextmanager

@@ -108,11 +108,6 @@ def time_batch(call, device: torch.device, calls: int) -> tuple:
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
-def _bitsandbytes_ok() -> bool:
-    from lora_kernels.tools.models import bitsandbytes_importable
-    return bitsandbytes_importable()
-
-
 def measure(providers, M: int, K: int, N: int, r: int, device, dtype, modes=MODES, calls: int = 50,
             reps: int = 7, warmup: int = 3, seed: int = 0) -> list:
     """Rows (dicts) at x [M, K], weight [N, K], rank r: one per provider and mode. Providers are timed
@@ -168,6 +163,7 @@ def run(device=None, dtype=None, shapes=None, providers=PROVIDERS, modes=MODES, 
     """Measure every (shape, provider, mode); write ``overhead_<dtype>.json/.csv`` under ``out``
     (default ``benchmarks/results/<device-kind>/``) unless out is False. Returns the result dict."""
     from lora_kernels.tools.bench import check_names, default_out_dir, environment_metadata, resolve_device_dtype, write_outputs
+    from lora_kernels.tools.models import bitsandbytes_importable
 
     device, dtype = resolve_device_dtype(device, dtype)
     if device.type == "cpu" and dtype != torch.float32 and not quiet:
@@ -179,7 +175,7 @@ def run(device=None, dtype=None, shapes=None, providers=PROVIDERS, modes=MODES, 
     providers = check_names("providers", providers, PROVIDERS)
     modes = check_names("modes", modes, MODES)
     skipped = {}
-    if any(family_of(p) == "qlora" for p in providers) and not _bitsandbytes_ok():
+    if any(family_of(p) == "qlora" for p in providers) and not bitsandbytes_importable():
         skipped = {p: "bitsandbytes not importable" for p in providers if family_of(p) == "qlora"}
         providers = tuple(p for p in providers if p not in skipped)
     rows = []
