@@ -44,8 +44,6 @@ class _RecordingDriver:
     def __init__(self, target, launches: Counter):
         self.utils = _FakeUtils()
         self._target = target
-        launches_ref = launches
-
         class _Launcher:
             def __init__(self, src, metadata):
                 self.name = getattr(src, "name", None) or getattr(metadata, "name", "?")
@@ -55,7 +53,7 @@ class _RecordingDriver:
                 for a in args:
                     if isinstance(a, torch.Tensor):
                         a.data_ptr()
-                launches_ref[self.name] += 1
+                launches[self.name] += 1
 
         self.launcher_cls = _Launcher
 
