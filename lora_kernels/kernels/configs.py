@@ -13,6 +13,8 @@ and checked for register spills (python -m lora_kernels.tools.aot_check) with tr
 12.9, what CI installs) and triton 3.6 (ptxas 12.8, the GPU machine's): a few sm_80 entries are
 smaller than sm_90's because ptxas 12.8 spilled there.
 """
+import functools
+import types
 from dataclasses import dataclass, field
 
 MIN_PADDED_RANK = 16  # tl.dot needs every dimension >= 16
@@ -26,11 +28,20 @@ MAIN_MAX_PADDED_RANK = 64
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes (kernel constexpr names) plus launch options."""
+    """Block sizes (kernel constexpr names, a read-only mapping) plus launch options."""
 
     blocks: dict = field(hash=False)
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self):
+        # The *_config functions below return one shared instance per argument tuple (cached: they
+        # run several times per layer call), so its blocks must not change under other callers.
+        object.__setattr__(self, "blocks", types.MappingProxyType(dict(self.blocks)))
+
+
+# What the launchers call per launch, cached: the tables are fixed, each call builds a config (~2 us).
+_cached = functools.lru_cache(maxsize=None)
 
 
 def padded_rank(r: int) -> int:
@@ -53,6 +64,7 @@ def arch_family(capability: tuple) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
+@_cached
 def shrink_config(R: int, kind: str, arch: int) -> TileConfig:
     """h = dropout(x) @ A^T: acc [BLOCK_M, R], K-loop over BLOCK_K (dropout hash on each x tile)."""
     if kind == "ieee":
@@ -101,6 +113,7 @@ def _small_m_config(R: int, kind: str, arch: int, weight_format: str) -> TileCon
                        "R_CHUNK": r_chunk}, num_warps=4, num_stages=2 if weight_format == "nf4" else 3)
 
 
+@_cached
 def forward_gemm_config(R: int, kind: str, arch: int, weight_format: str = "dense",
                         small_m: bool = False, nf4_aligned: bool = True) -> TileConfig:
     """y tile [BLOCK_M, BLOCK_N], K-loop over BLOCK_K; the rank loop takes R_CHUNK at a time.
@@ -137,6 +150,7 @@ def fused_forward_supported(R: int, kind: str, arch: int) -> bool:
     return R <= FUSED_MAX_PADDED_RANK and kind != "ieee" and arch >= 90
 
 
+@_cached
 def fused_forward_config(R: int, kind: str, arch: int, weight_format: str = "dense",
                          nf4_aligned: bool = True) -> TileConfig:
     """The forward GEMM's tiles (``forward_gemm_config``) with row blocks and column groups in place of
@@ -169,12 +183,14 @@ def tma_supported(R: int, kind: str, arch: int) -> bool:
     return kind != "ieee" and arch >= 90
 
 
+@_cached
 def tma_forward_config(R: int, kind: str, arch: int) -> TileConfig:
     """The dense forward GEMM's tiles (``forward_gemm_config``): the TMA kernel differs only in how
     its x and W tiles reach shared memory. Launched only where ``tma_supported``."""
     return forward_gemm_config(R, kind, arch, "dense")
 
 
+@_cached
 def tma_grad_input_config(R: int, kind: str, arch: int) -> TileConfig:
     """The dense dX GEMM's tiles (``grad_input_config``), for its TMA variant (``tma_supported``)."""
     return grad_input_config(R, kind, arch, "dense")
@@ -206,6 +222,7 @@ def _nf4_gemm_config(R: int, kind: str, arch: int, out_block: str, red_block: st
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=2 if arch < 90 else 3)
 
 
+@_cached
 def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense",
                       nf4_aligned: bool = True) -> TileConfig:
     """dX tile [BLOCK_M, BLOCK_K], reduction over N in BLOCK_N steps (dropout mask on the tile)."""
@@ -222,6 +239,7 @@ def grad_input_config(R: int, kind: str, arch: int, weight_format: str = "dense"
                        "R_CHUNK": min(R, 32)}, num_warps=8, num_stages=3)
 
 
+@_cached
 def grad_out_pass_config(R: int, kind: str, arch: int) -> TileConfig:
     """One dY tile [BLOCK_M, BLOCK_N] per step; dH partials [BLOCK_M, R], dB acc [BLOCK_N, R].
 
@@ -239,6 +257,7 @@ def grad_out_pass_config(R: int, kind: str, arch: int) -> TileConfig:
     return TileConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
+@_cached
 def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
     """dA partial acc [R, BLOCK_K] over an M-split in BLOCK_M steps (dropout hash on each x tile)."""
     if kind == "ieee":
@@ -253,11 +272,13 @@ def grad_a_config(R: int, kind: str, arch: int) -> TileConfig:
     return TileConfig({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 
+@_cached
 def nf4_dequantize_config() -> TileConfig:
     """Flat decode: BLOCK elements per program (memory bound; 4 warps keep loads in flight)."""
     return TileConfig({"BLOCK": 1024}, num_warps=4, num_stages=1)
 
 
+@_cached
 def nf4_dequantize_tiles_config(blocksize: int) -> TileConfig:
     """Aligned slab decode (``nf4_dequantize_tiles_kernel``): [32, BLOCK_K] tiles, BLOCK_K dividing
     the quantization block (memory bound)."""

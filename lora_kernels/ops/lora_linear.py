@@ -16,7 +16,6 @@ cost.
 """
 import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.configs import MAX_RANK
-from lora_kernels.ops.checks import env_nonnegative_int
+from lora_kernels.ops.checks import env_nonnegative_int, env_text
 from lora_kernels.ops.reference import composite_lora_forward, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import is_interpreted, triton_lora_backward, triton_lora_forward
 
@@ -53,7 +52,7 @@ def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m
             return "torch"
         return "triton"
     if device.type == "cpu":
-        choice = os.environ.get(CPU_BACKEND_ENV, "auto")
+        choice = env_text(CPU_BACKEND_ENV, "auto")
         if choice not in ("auto", "torch", "triton"):
             raise ValueError(f"{CPU_BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
         if choice == "triton" and not is_interpreted():

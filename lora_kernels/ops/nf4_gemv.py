@@ -34,14 +34,13 @@ LORA_KERNELS_NF4_GEMV_MAX_M (read per call) overrides it (0: off; up to 64, 16 r
 launch streams the weight again, which the tensor-core kernel may afford further; not measured yet).
 """
 import functools
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.checks import env_nonnegative_int
+from lora_kernels.ops.checks import env_nonnegative_int, env_text
 from lora_kernels.ops.reference import nf4_rows, torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
 
@@ -120,7 +119,7 @@ def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
     """Whether the slab W[:, k_start:k_end] of ``wq`` (on CUDA) is decoded by the CUDA kernel: asked for
     (LORA_KERNELS_NF4_SLAB_DECODER=cuda, read per call), the extension loaded, and a slab it takes
     (K, k_start and the width multiples of 8; power-of-two block sizes >= 8; 4-byte aligned codes)."""
-    choice = os.environ.get(NF4_SLAB_DECODER_ENV, "").strip() or SLAB_DECODERS[0]
+    choice = env_text(NF4_SLAB_DECODER_ENV).strip() or SLAB_DECODERS[0]
     if choice not in SLAB_DECODERS:
         raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
     if choice != "cuda" or wq.packed.device.type != "cuda" or k_start % 8 or (k_end - k_start) % 8:
@@ -251,7 +250,7 @@ def gemv_eligible(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[T
 
 def requested_gemv_kernel() -> str:
     """The kernel LORA_KERNELS_NF4_GEMV_KERNEL asks for (read per call), DEFAULT_GEMV_KERNEL if unset."""
-    name = os.environ.get(NF4_GEMV_KERNEL_ENV, "").strip() or DEFAULT_GEMV_KERNEL
+    name = env_text(NF4_GEMV_KERNEL_ENV).strip() or DEFAULT_GEMV_KERNEL
     if name not in GEMV_KERNELS:
         raise ValueError(f"{NF4_GEMV_KERNEL_ENV} must be one of {', '.join(GEMV_KERNELS)}, got {name!r}")
     return name

@@ -19,7 +19,7 @@ providers interleaved.
 
 Without a GPU the patched providers run the GPU route dry (``tools.dry_run``: Triton kernels
 compiled for sm_90, launches recorded, not run; CUDA-extension routes are not taken) and PEFT's
-layers run their CPU ops at a shape small enough for compute to be negligible: the host-side costs
+layers run their CPU ops (on one thread) at a shape small enough for compute to be negligible: the host-side costs
 compare, absolute times are this CPU's. Results: JSON and CSV (``overhead_<dtype>``).
 """
 import argparse
@@ -108,6 +108,22 @@ def time_batch(call, device: torch.device, calls: int) -> tuple:
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On a CPU, one intra-op thread inside the block: PEFT's small CPU matmuls (what its rows run
+    here, where a GPU host only queues them) otherwise pay OpenMP's wake-ups, which made its times
+    vary by up to 2x from batch to batch on a 2-core machine."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(providers, M: int, K: int, N: int, r: int, device, dtype, modes=MODES, calls: int = 50,
             reps: int = 7, warmup: int = 3, seed: int = 0) -> list:
     """Rows (dicts) at x [M, K], weight [N, K], rank r: one per provider and mode. Providers are timed
@@ -123,7 +139,7 @@ def measure(providers, M: int, K: int, N: int, r: int, device, dtype, modes=MODE
     rows = []
     order = random.Random(seed)
     # PEFT's layers never reach lora_kernels' launchers: one dry-run block can hold every provider.
-    with dry_run() if dry else contextlib.nullcontext():
+    with dry_run() if dry else contextlib.nullcontext(), _one_cpu_thread(device):
         models = {p: build_layer(p, K, N, r, device, dtype, seed) for p in providers}
         for mode in modes:
             calls_of = {p: _calls(m, x, dy, mode) for p, m in models.items()}
@@ -186,7 +202,7 @@ def run(device=None, dtype=None, shapes=None, providers=PROVIDERS, modes=MODES, 
               "config": {"shapes": [list(s) for s in shapes], "r": r, "calls": calls, "reps": reps,
                          "modes": list(modes), "statistic": "best batch mean (providers interleaved)",
                          "dry_run": "patched providers on a CPU: Triton launches recorded, not run "
-                                    "(tools.dry_run)" if device.type == "cpu" else None},
+                                    "(tools.dry_run); one intra-op thread" if device.type == "cpu" else None},
               "rows": rows, "skipped": skipped}
     if not quiet:
         print(format_table(rows))

@@ -76,6 +76,10 @@ def test_config_blocks_are_valid(name, R, kind, arch):
         assert cfg.blocks["R_CHUNK"] <= R and R % cfg.blocks["R_CHUNK"] == 0
     assert _is_pow2(cfg.num_warps) and cfg.num_warps <= 16
     assert 1 <= cfg.num_stages <= 5
+    # the launchers share one cached instance per arguments: nobody may change it for the others
+    assert fn(R, kind, arch) is cfg
+    with pytest.raises(TypeError):
+        cfg.blocks["BLOCK_M" if "BLOCK_M" in cfg.blocks else next(iter(cfg.blocks))] = 16
 
 
 def test_aot_variants_cover_every_kernel_and_rank():

@@ -147,3 +147,12 @@ def test_shape_option_rejects_text():
 def test_build_layer_rejects_unknown_provider():
     with pytest.raises(ValueError, match="provider must be one of"):
         overhead.build_layer("nope", 8, 8, 2, "cpu", torch.float32)
+
+
+def test_cpu_rows_are_timed_on_one_thread():
+    before = torch.get_num_threads()
+    with overhead._one_cpu_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with overhead._one_cpu_thread(torch.device("meta")):  # only a CPU's computing rows are pinned
+        assert torch.get_num_threads() == before
