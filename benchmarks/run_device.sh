@@ -4,10 +4,10 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
-#   aliases: first = build gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
+#   steps: build tests-launch tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
+#   aliases: first = build tests-launch gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead (one call that
+#   decide = build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead (one call that
 #   settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the
 #   CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
 #   replace, in layer benchmarks and in 1B training steps, after the GPU tests of csrc/'s ops, then in
@@ -35,9 +35,9 @@ cd "$(dirname "$0")/.."
 ARCHIVE=${OUT:-}
 if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/device-run; fi
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
-STEPS=${*:-build tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
-STEPS=${STEPS//first/build gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead}
+STEPS=${*:-build tests-launch tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
+STEPS=${STEPS//first/build tests-launch gemv bench-quick qlora-quick tests}
+STEPS=${STEPS//decide/build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -78,6 +78,12 @@ for step in $STEPS; do
                    -k "(cuda or dropout_hash) and not matches_float64_reference" --junitxml="$OUT/pytest.xml" \
                    > "$OUT/pytest.txt" 2>&1
                tail -40 "$OUT/pytest.txt" ;;
+        tests-launch) # ops.launch's direct launches (first run on a GPU): bit for bit what kernel[grid] gives. If
+                      # they do not, every later step launches through kernel[grid] (slower host side, same kernels).
+                      $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/ops/test_launch.py -q -p no:cacheprovider $XDIST -k cuda \
+                          --junitxml="$OUT/pytest_launch.xml" > "$OUT/pytest_launch.txt" 2>&1 \
+                          || { export LORA_KERNELS_FAST_LAUNCH=0; echo "FAST LAUNCH FAILED: LORA_KERNELS_FAST_LAUNCH=0 from here"; }
+                      tail -15 "$OUT/pytest_launch.txt" ;;
         tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)
                     $PYTEST_TIMEOUT $(cap 200) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
                         --maxfail=10 -k cuda --junitxml="$OUT/pytest_gemv.xml" > "$OUT/pytest_gemv.txt" 2>&1

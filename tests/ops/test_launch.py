@@ -105,3 +105,47 @@ def test_fast_launches_match_triton_in_a_dry_run():
     assert got["checked"] >= 2 * got["first"] > 0  # every launch after the first pass went the fast way
     assert {"lora_shrink_kernel", "lora_forward_gemm_kernel", "nf4_dequantize_tiles_kernel",
             "lora_grad_out_pass_kernel", "lora_grad_input_kernel", "lora_grad_a_kernel"} <= set(got["kernels"])
+
+
+def _layer_outputs(nf4: bool, M: int, seed: int = 0):
+    """y, dx, dA, dB of a CUDA bf16 LoRA layer (dropout on) for inputs drawn from ``seed``."""
+    import lora_kernels
+
+    g = torch.Generator().manual_seed(seed)
+    K, N, r = 320, 192, 16
+    x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(N, K, generator=g) / K ** 0.5).to("cuda", torch.bfloat16)
+    A = (torch.randn(r, K, generator=g) / K ** 0.5).to("cuda").requires_grad_(True)
+    B = torch.randn(N, r, generator=g).to("cuda").requires_grad_(True)
+    bias = torch.randn(N, generator=g).to("cuda", torch.bfloat16)
+    torch.manual_seed(seed)  # the dropout seed
+    if nf4:
+        y = lora_kernels.nf4_lora_linear(x, lora_kernels.NF4Weight.quantize(weight), A, B, 2.0, bias=bias,
+                                         dropout_p=0.1)
+    else:
+        y = lora_kernels.lora_linear(x, weight, A, B, 2.0, bias=bias, dropout_p=0.1)
+    y.backward(torch.randn(M, N, generator=g).to("cuda", torch.bfloat16))
+    return [t.detach().clone() for t in (y, x.grad, A.grad, B.grad)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M", [1, 17, 300])  # the small-M, split-K and large-M routes
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_fast_launches_equal_kernel_grid_cuda(monkeypatch, nf4, M):
+    # On a GPU, the compiled launcher called directly gives what kernel[grid] gives, bit for bit (same
+    # kernels, deterministic reductions).
+    from collections import Counter
+
+    monkeypatch.setitem(launch_mod.MODE, 0, "0")
+    expected = _layer_outputs(nf4, M)
+    for mode in ("1", "1", "check"):  # the first "1" call may still fill the fast-launch cache
+        monkeypatch.setitem(launch_mod.MODE, 0, mode)
+        fast = Counter()
+        launch_mod.FAST_LAUNCH_COUNTERS.append(fast)
+        try:
+            got = _layer_outputs(nf4, M)
+        finally:
+            launch_mod.FAST_LAUNCH_COUNTERS.remove(fast)
+        for e, o, name in zip(expected, got, ("y", "dx", "dA", "dB")):
+            assert torch.equal(e, o), (mode, name)
+    assert sum(fast.values()) > 0  # the last calls did go the fast way
