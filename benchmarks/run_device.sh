@@ -4,16 +4,16 @@
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
 #   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
-#   steps: build tests-launch tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
+#   steps: build tests-launch tests-graphs tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build tests-launch gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead (one call that
+#   decide = build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead tests-graphs (one call that
 #   settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the
 #   CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
-#   replace, in layer benchmarks and in 1B training steps, after the GPU tests of csrc/'s ops, then in
-#   the time left the host time per layer call beside PEFT's (what bounds small layers, and the 1B
-#   steps if the train table's GPU-busy fraction is low); ~9 minutes on an H200: the rest of the GPU
-#   tests ("tests") in a second call)
+#   replace, in layer benchmarks and in 1B training steps, after a check of the direct launches and the
+#   GPU tests of csrc/'s ops, then in the time left the host time per layer call beside PEFT's (what
+#   bounds small layers, and the 1B steps if the train table's GPU-busy fraction is low) and the CUDA
+#   graph tests; ~9-10 minutes on an H200: the rest of the GPU tests ("tests") in a second call)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -37,7 +37,7 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests-launch tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build tests-launch gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead}
+STEPS=${STEPS//decide/build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead tests-graphs}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -84,6 +84,10 @@ for step in $STEPS; do
                           --junitxml="$OUT/pytest_launch.xml" > "$OUT/pytest_launch.txt" 2>&1 \
                           || { export LORA_KERNELS_FAST_LAUNCH=0; echo "FAST LAUNCH FAILED: LORA_KERNELS_FAST_LAUNCH=0 from here"; }
                       tail -15 "$OUT/pytest_launch.txt" ;;
+        tests-graphs) # the layers captured in CUDA graphs (what removes the host time per call): replays equal eager calls
+                      $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/modules/test_cuda_graphs.py -q -p no:cacheprovider $XDIST \
+                          --junitxml="$OUT/pytest_graphs.xml" > "$OUT/pytest_graphs.txt" 2>&1
+                      tail -15 "$OUT/pytest_graphs.txt" ;;
         tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)
                     $PYTEST_TIMEOUT $(cap 200) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
                         --maxfail=10 -k cuda --junitxml="$OUT/pytest_gemv.xml" > "$OUT/pytest_gemv.txt" 2>&1
