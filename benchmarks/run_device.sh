@@ -84,8 +84,9 @@ for step in $STEPS; do
                           --junitxml="$OUT/pytest_launch.xml" > "$OUT/pytest_launch.txt" 2>&1 \
                           || { export LORA_KERNELS_FAST_LAUNCH=0; echo "FAST LAUNCH FAILED: LORA_KERNELS_FAST_LAUNCH=0 from here"; }
                       tail -15 "$OUT/pytest_launch.txt" ;;
-        tests-graphs) # the layers captured in CUDA graphs (what removes the host time per call): replays equal eager calls
-                      $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/modules/test_cuda_graphs.py -q -p no:cacheprovider $XDIST \
+        tests-graphs) # the layers captured in CUDA graphs (what removes the host time per call): replays equal eager calls;
+                      # and no patched layer call makes the host wait for the GPU (torch.cuda sync debug mode)
+                      $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/modules/test_cuda_graphs.py tests/integrations/test_peft_patch.py -k "graphed or synchronizes" -q -p no:cacheprovider $XDIST \
                           --junitxml="$OUT/pytest_graphs.xml" > "$OUT/pytest_graphs.txt" 2>&1
                       tail -15 "$OUT/pytest_graphs.txt" ;;
         tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)

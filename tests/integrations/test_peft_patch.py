@@ -800,3 +800,30 @@ def test_nf4_view_is_cached_and_follows_weight_changes():
     assert layers[0].base_layer.__dict__[lk_peft._NF4_CACHE][1] is not first
     lora_kernels.unpatch_peft_model(patched)
     assert lk_peft._NF4_CACHE not in layers[0].base_layer.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M", [4, 300])  # the small-M routes (aten, GEMV) and the GEMM / slab routes
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_patched_layer_never_synchronizes_cuda(qlora, dropout, M):
+    # A call that makes the host wait for the GPU (a device-to-host read, a blocking copy) loses the
+    # overlap of host and device at every layer: a training step then takes host + GPU time instead of
+    # the larger of the two. torch's sync debug mode raises on every synchronizing CUDA call.
+    from lora_kernels.tools.overhead import build_layer
+
+    model = build_layer("lora_kernels_qlora" if qlora else "lora_kernels", 256, 192, 16, torch.device("cuda"),
+                        torch.bfloat16)
+    layer = model.base_model.model.q_proj
+    layer.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    x = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, 192, device="cuda", dtype=torch.bfloat16)
+    assert lk_peft.fallback_reason(layer, x) is None
+    model(x).backward(dy)  # the first call compiles and builds the NF4 view
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            model(x).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
