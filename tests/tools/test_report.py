@@ -305,6 +305,19 @@ def test_train_rows_show_the_gpu_busy_fraction_when_measured(tmp_path):
     assert [row[4] for row in body] == [fmt_num(0.48), fmt_num(0.55)]
 
 
+def test_train_rows_show_the_spread_of_the_timed_steps(tmp_path):
+    rng = random.Random(8)
+    rows = [{"variant": v, "peft_ref": "peft", "median_step_ms": 100.0, "tokens_per_s": 4e4, "speedup_vs_peft": 1.0,
+             "peak_bytes": None, "final_loss": 6.0, "max_loss_diff_vs_peft": 0.0, "losses": [1.0],
+             "step_ms": [rng.uniform(80, 200) for _ in range(7)]} for v in ("peft", "lora_kernels")]
+    write(tmp_path, "gpu/train_bfloat16.json", {"metadata": meta(), "config": {"statistic": "median"}, "rows": rows})
+    lines = section_of(report.generate(tmp_path), "train_bfloat16.json")
+    assert "fastest–slowest step ms" in next(line for line in lines if line.startswith("| variant"))
+    body = table_bodies(lines)
+    assert [row[2] for row in body] == [f"{fmt_num(min(r['step_ms']))}–{fmt_num(max(r['step_ms']))}" for r in rows]
+    assert [row[3] for row in body] == [fmt_num(4e4)] * 2  # the columns after it move over
+
+
 def test_overhead_rows_one_per_shape_and_provider(tmp_path):
     rng = random.Random(7)
     rows = []
