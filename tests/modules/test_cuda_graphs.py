@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 K, N, R = 320, 192, 16
 
 
-def _layer(cls, dropout: float = 0.0):
+def _layer(cls, k: int = K, n: int = N, r: int = R, dropout: float = 0.0):
     torch.manual_seed(0)
-    layer = cls(K, N, r=R, alpha=2 * R, dropout=dropout, device="cuda", dtype=torch.bfloat16)
+    layer = cls(k, n, r=r, alpha=2 * r, dropout=dropout, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_B.normal_()  # PEFT's init leaves B at zero: a LoRA term of zero would hide errors
     return layer
@@ -52,8 +52,7 @@ def test_graphed_dropout_draws_a_new_mask_each_replay_cuda(cls):
     # other elements, and its backward regenerates that replay's mask. With A = B = I (K = N = r)
     # and x = +-1, the LoRA term is s * keep * x / (1 - p) = 0 or +-4: the mask can be read off y.
     size, p = 16, 0.5
-    torch.manual_seed(0)
-    layer = cls(size, size, r=size, alpha=2 * size, dropout=p, device="cuda", dtype=torch.bfloat16)
+    layer = _layer(cls, size, size, size, dropout=p)
     with torch.no_grad():
         layer.lora_A.copy_(torch.eye(size))
         layer.lora_B.copy_(torch.eye(size))
