@@ -58,10 +58,33 @@ class PatchReport:
 
 def _active_adapter(layer) -> tuple:
     """(adapter name, None) for the single active adapter with LoRA weights, else (None, reason)."""
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    lora_A = _child(layer, "lora_A")
+    active = [a for a in layer.active_adapters if a in lora_A]
     if len(active) != 1:
         return None, f"{len(active)} active adapters"
     return active[0], None
+
+
+# The per-call reads below go to the modules' own dicts: an attribute that nn.Module.__getattr__
+# resolves (submodules, parameters) and a ModuleDict lookup cost ~1-2 us each on a CPU, and a patched
+# layer's call made about ten of them, as much as one kernel launch.
+
+def _child(module, name: str):
+    """``getattr(module, name)`` for a submodule or parameter (e.g. ``layer.lora_A``, ``linear.weight``;
+    None for a parameter registered as None)."""
+    found = module._modules.get(name)
+    if found is None:
+        found = module._parameters.get(name)
+    return found if found is not None else getattr(module, name)
+
+
+def _adapter_entry(layer, name: str, adapter: str):
+    """``layer.<name>[adapter]``: a module of a ModuleDict or a parameter of a ParameterDict."""
+    container = _child(layer, name)
+    entry = container._modules.get(adapter)
+    if entry is None:
+        entry = container._parameters.get(adapter)
+    return entry if entry is not None else container[adapter]
 
 
 def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
@@ -80,7 +103,8 @@ def _base_layer(layer) -> torch.nn.Module:
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
-    """(None, (adapter, base layer, A, B, whether the base is a bnb Linear4bit)) when this call can run
+    """(None, (adapter, base layer, its weight, its bias, A, B, whether the base is a bnb Linear4bit))
+    when this call can run
     on lora_kernels, else (reason, None): what the check resolves, the fast forward reuses (a per-call
     cost of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
@@ -107,18 +131,19 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
     if A.device != x.device or B.device != x.device:
         return "adapters on another device than the input", None
-    bias = getattr(base, "bias", None)
+    bias = _child(base, "bias")
     linear4bit = _is_linear4bit(base)
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
     why = None
+    weight = _child(base, "weight")
     if linear4bit:
         why = _linear4bit_reason(base, x, autocast)
-    elif base.weight.requires_grad:
+    elif weight.requires_grad:
         why = "the base weight is trainable"
-    elif not autocast and base.weight.dtype != x.dtype:
-        why = f"base weight dtype {base.weight.dtype} with input dtype {x.dtype}"
-    return (why, None) if why else (None, (adapter, base, A, B, linear4bit))
+    elif not autocast and weight.dtype != x.dtype:
+        why = f"base weight dtype {weight.dtype} with input dtype {x.dtype}"
+    return (why, None) if why else (None, (adapter, base, weight, bias, A, B, linear4bit))
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
@@ -136,7 +161,7 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
         return f"LoRA variant {type(variant).__name__}"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
-    dropout = layer.lora_dropout[adapter]
+    dropout = _adapter_entry(layer, "lora_dropout", adapter)
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__}"
     if not (_is_linear4bit(base) or isinstance(base, torch.nn.Linear)):
@@ -173,13 +198,13 @@ def _is_adalora(layer, adapter: str) -> bool:
 
 def _lora_A_weight(layer, adapter: str) -> torch.Tensor:
     """lora_A [r, K]: a Linear's weight in LoRA layers, a bare Parameter in AdaLoRA's SVD layers."""
-    a = layer.lora_A[adapter]
-    return a if isinstance(a, torch.Tensor) else a.weight
+    a = _adapter_entry(layer, "lora_A", adapter)
+    return a if isinstance(a, torch.Tensor) else _child(a, "weight")
 
 
 def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
-    b = layer.lora_B[adapter]
-    return b if isinstance(b, torch.Tensor) else b.weight
+    b = _adapter_entry(layer, "lora_B", adapter)
+    return b if isinstance(b, torch.Tensor) else _child(b, "weight")
 
 
 _RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (id, _version, float value)
@@ -205,16 +230,16 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
     so the fused kernels run unchanged and autograd gives A and E their gradients."""
     if _is_adalora(layer, adapter):
         return A * layer.lora_E[adapter], B, None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
-    return A, B, layer.lora_B[adapter].bias, layer.scaling[adapter]
+    return A, B, _child(_adapter_entry(layer, "lora_B", adapter), "bias"), layer.scaling[adapter]
 
 
 def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     """The layer's forward on lora_kernels; ``plan`` from ``_fast_plan``."""
-    adapter, base, A, B, linear4bit = plan
+    adapter, base, weight, bias, A, B, linear4bit = plan
     A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
-    dropout = layer.lora_dropout[adapter]
+    dropout = _adapter_entry(layer, "lora_dropout", adapter)
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
-    common = dict(bias=base.bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
+    common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
     if _is_dora(layer, adapter):
         return _dora_forward(layer, adapter, base, x, A, B, scale, linear4bit, common)
     if linear4bit:
@@ -224,7 +249,7 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         y = nf4_lora_linear(x, qweight, A, B, scale, **common)
         # bnb returns its matmul in x's dtype (under autocast too); PEFT adds the LoRA term to that
         return y.to(torch.promote_types(x.dtype, y.dtype))
-    return lora_linear(x, base.weight, A, B, scale, **common)
+    return lora_linear(x, weight, A, B, scale, **common)
 
 
 # ----------------------------------------------------------------------------- DoRA

@@ -23,6 +23,8 @@ def _require_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) ->
 
 
 def _require_real(name: str, value) -> float:
+    if type(value) is float and value - value == 0.0:  # a finite Python float (inf - inf and nan give nan)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -69,11 +71,12 @@ def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias
         _require_shape("lora_B_bias", lora_B_bias, (N,), "[N]")
 
     # The weight first: when x alone is elsewhere, the message names the weight's device.
-    if weight_device != x.device:
-        raise ValueError(f"{weight_name} must be on x's device {x.device}, got {weight_device}")
+    device = x.device
+    if weight_device != device:
+        raise ValueError(f"{weight_name} must be on x's device {device}, got {weight_device}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_B_bias", lora_B_bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on x's device {device}, got {t.device}")
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"lora_A must have x's dtype {x.dtype} or float32, got {lora_A.dtype}")
     if lora_B.dtype != lora_A.dtype:
