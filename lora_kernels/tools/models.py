@@ -132,23 +132,34 @@ def quantize_projections(model, compute_dtype: torch.dtype, targets=TARGETS, qua
 def build_lora_model(spec: ModelSpec, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """The PEFT model of ``spec`` in training mode: base frozen, LoRA (r, alpha, dropout) on TARGETS,
     B initialised randomly from ``seed`` (PEFT's zero init would make the LoRA gradient of A zero)."""
-    import peft
-
     if spec.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {spec.variant!r}")
     device = torch.device(device)
     model = build_base_model(spec.preset, device, dtype, seed)
     if spec.qlora:
         model = quantize_projections(model, compute_dtype=dtype)
-    cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(TARGETS), lora_dropout=spec.dropout,
-                          init_lora_weights=False, use_dora=spec.dora)
-    torch.manual_seed(seed + 1)
+    return add_lora(model, spec.variant, TARGETS, spec.r, spec.alpha, device, seed + 1, dropout=spec.dropout,
+                    dora=spec.dora)
+
+
+def add_lora(model: torch.nn.Module, variant: str, targets, r: int, alpha: float, device, seed: int,
+             dropout: float = 0.0, dora: bool = False):
+    """``model`` wrapped by PEFT (LoRA on the modules named ``targets``, adapters drawn from ``seed``,
+    B random too), patched by lora_kernels unless ``variant`` is "peft" (``VARIANTS``), on ``device``
+    in training mode."""
+    import peft
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                          init_lora_weights=False, use_dora=dora)
+    torch.manual_seed(seed)
     model = peft.get_peft_model(model, cfg)  # PEFT default: fp32 adapters on a bf16/fp16 model
     model = model.to(device)
-    if spec.variant != "peft":
+    if variant != "peft":
         import lora_kernels
 
-        lora_kernels.patch_peft_model(model, lora_fa=spec.variant == "lora_kernels_fa")
+        lora_kernels.patch_peft_model(model, lora_fa=variant == "lora_kernels_fa")
     return model.train()
 
 

@@ -60,8 +60,7 @@ class _OneProjection(torch.nn.Module):
 
 def build_layer(provider: str, K: int, N: int, r: int, device, dtype, seed: int = 0):
     """A PEFT model holding one LoRA projection [N, K] of ``provider`` (training mode, random adapters)."""
-    import peft
-    from lora_kernels.tools.models import quantize_projections
+    from lora_kernels.tools.models import add_lora, quantize_projections
 
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -69,12 +68,10 @@ def build_layer(provider: str, K: int, N: int, r: int, device, dtype, seed: int 
     model = _OneProjection(K, N).to(device=device, dtype=dtype)
     if family_of(provider) == "qlora":
         quantize_projections(model, compute_dtype=dtype, targets=("q_proj",))
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(model, cfg).to(device)
+    variant = "peft"  # models.VARIANTS: the patched providers are lora_kernels[_qlora] and ..._fa
     if provider.startswith("lora_kernels"):
-        import lora_kernels
-        lora_kernels.patch_peft_model(model, lora_fa=provider.endswith("_fa"))
-    return model.train()
+        variant = "lora_kernels_fa" if provider.endswith("_fa") else "lora_kernels"
+    return add_lora(model, variant, ("q_proj",), r, 2 * r, device, seed + 1)
 
 
 def _calls(model, x, dy, mode: str):
