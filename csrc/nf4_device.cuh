@@ -30,6 +30,14 @@
 #else
 #define LK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
+// Lets `kernel` take `bytes` of dynamic shared memory above the default 48 KiB (before its launch; on
+// CUDA an error shows at the caller's launch check). The emulation has no such limit.
+#ifdef LORA_KERNELS_EMULATION
+#define LK_ALLOW_DYNAMIC_SHARED(kernel, bytes) ((void)(kernel), (void)(bytes))
+#else
+#define LK_ALLOW_DYNAMIC_SHARED(kernel, bytes) \
+  ((void)cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
+#endif
 
 namespace lora_kernels {
 

@@ -355,6 +355,30 @@ constexpr size_t simt_gemv_smem_bytes(int m_tile) { return static_cast<size_t>(m
 // The shrink kernel's grid: a block per (rank index, row of x).
 inline dim3 shrink_grid(int64_t r, int64_t M) { return dim3(static_cast<unsigned>(r), static_cast<unsigned>(M)); }
 
+// The shrink kernel h = x A^T (r > 0; rank 0 launches nothing) and the SIMT decode GEMV on raw
+// pointers: the launch sequences of nf4_gemv_lora.cu, shared with the CPU emulation (LK_LAUNCH).
+// x [M, K] rows stride_xm apart, A [r, K], h [M, r], B [N, r], bias fp32 [N] or null, y [M, N].
+template <typename T, typename TA>
+void launch_shrink(const T* x, int64_t M, int64_t K, int64_t stride_xm, const TA* A, TA* h, int64_t r,
+                   cudaStream_t stream) {
+  if (r == 0) return;
+  auto shrink_kernel = lora_shrink_kernel<T, TA>;
+  LK_LAUNCH(shrink_kernel, shrink_grid(r, M), dim3(kThreads), 0, stream, x, A, h, K, r, stride_xm);
+}
+template <typename T, typename TA>
+void launch_simt_gemv(const T* x, int64_t M, int64_t K, int64_t stride_xm, const NF4Args& q, bool dq, const TA* h,
+                      const TA* B, int64_t N, int64_t r, const float* bias, float scale, T* y, cudaStream_t stream) {
+  const bool vector_path = simt_vector_path(K, q.packed);
+  with_m_tile(M, [&](auto tile) {
+    constexpr int M_TILE = decltype(tile)::value;
+    constexpr size_t smem = simt_gemv_smem_bytes<T>(M_TILE);
+    auto gemv_kernel = simt_gemv_kernel<T, TA, M_TILE>(dq, q.stored == stored_kind<T>());
+    if (smem > 48 * 1024) LK_ALLOW_DYNAMIC_SHARED(gemv_kernel, smem);
+    LK_LAUNCH(gemv_kernel, simt_gemv_grid(N, M_TILE), dim3(kThreads), smem, stream, x, q, h, B, bias, y, M, N, K, r,
+              stride_xm, scale, vector_path);
+  });
+}
+
 template <typename T>
 auto slab_kernel(bool dq, bool stored_is_x) {
   return dq ? (stored_is_x ? nf4_dequantize_slab_kernel<T, true, true> : nf4_dequantize_slab_kernel<T, true, false>)
@@ -364,6 +388,14 @@ auto slab_kernel(bool dq, bool stored_is_x) {
 // grid's y limit (the kernel strides over the rest).
 inline dim3 slab_grid(int64_t rows, int64_t cols8) {
   return dim3(static_cast<unsigned>((cols8 + kThreads - 1) / kThreads), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+}
+// W[n0:n0 + rows, k0:k0 + 8 cols8] decoded into out [rows, 8 cols8] (contiguous): nf4_gemv_lora.cu's
+// launch, shared with the emulation.
+template <typename T>
+void launch_dequantize_slab(const NF4Args& q, bool dq, T* out, int64_t K, int64_t n0, int64_t k0, int64_t rows,
+                            int64_t cols8, cudaStream_t stream) {
+  auto decode_kernel = slab_kernel<T>(dq, q.stored == stored_kind<T>());
+  LK_LAUNCH(decode_kernel, slab_grid(rows, cols8), dim3(kThreads), 0, stream, q, out, K, n0, k0, rows, cols8);
 }
 
 }  // namespace lora_kernels

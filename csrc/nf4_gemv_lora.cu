@@ -13,51 +13,25 @@
 namespace lora_kernels {
 namespace {
 
-template <typename T, typename TA, int M_TILE>
-void launch_gemv(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& h, const at::Tensor& B,
-                 const float* bias, at::Tensor& y, int64_t M, int64_t N, int64_t K, int64_t r, float scale,
-                 bool vector_path, cudaStream_t stream) {
-  constexpr size_t smem = simt_gemv_smem_bytes<T>(M_TILE);
-  auto kernel = simt_gemv_kernel<T, TA, M_TILE>(dq, q.stored == stored_kind<T>());
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<simt_gemv_grid(N, M_TILE), kThreads, smem, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), q, reinterpret_cast<const TA*>(h.data_ptr()),
-      reinterpret_cast<const TA*>(B.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, r,
-      x.stride(0), scale, vector_path);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-// The shrink kernel (r > 0), then the decode GEMV. The CPU emulation (csrc/emulation/harness.cpp)
-// launches the same sequence.
+// The shrink kernel (r > 0; rank 0 is the benchmark's baseline for the LoRA term's cost), then the
+// decode GEMV: the sequence the CPU emulation (csrc/emulation/harness.cpp) launches too.
 template <typename T, typename TA>
 void run(const at::Tensor& x, const NF4Args& q, bool dq, const at::Tensor& A, const at::Tensor& B,
-         const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool vector_path, bool tensor_cores) {
+         const float* bias, at::Tensor& y, at::Tensor& h, double scale, bool tensor_cores) {
   const int64_t M = x.size(0), K = x.size(1), N = B.size(0), r = B.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (r > 0) {  // rank 0: the decode GEMV alone (the benchmark's baseline for the LoRA term's cost)
-    lora_shrink_kernel<T, TA><<<shrink_grid(r, M), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const TA*>(A.data_ptr()),
-        reinterpret_cast<TA*>(h.data_ptr()), K, r, x.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
+  launch_shrink<T, TA>(x_ptr, M, K, x.stride(0), reinterpret_cast<const TA*>(A.data_ptr()),
+                       reinterpret_cast<TA*>(h.data_ptr()), r, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const float s = static_cast<float>(scale);
   if (tensor_cores) {
     launch_nf4_gemv_mma(x, q, dq, h, B, bias, y, s, /*after_shrink=*/r > 0, stream);
     return;
   }
-  with_m_tile(M, [&](auto tile) {
-    launch_gemv<T, TA, decltype(tile)::value>(x, q, dq, h, B, bias, y, M, N, K, r, s, vector_path, stream);
-  });
-}
-
-template <typename T>
-void launch_dequantize_slab(const NF4Args& q, bool dq, at::Tensor& out, int64_t K, int64_t n0, int64_t k0,
-                            cudaStream_t stream) {
-  const int64_t rows = out.size(0), cols8 = out.size(1) / 8;
-  auto kernel = slab_kernel<T>(dq, q.stored == stored_kind<T>());
-  kernel<<<slab_grid(rows, cols8), kThreads, 0, stream>>>(q, reinterpret_cast<T*>(out.data_ptr()), K, n0, k0, rows,
-                                                          cols8);
+  launch_simt_gemv<T, TA>(x_ptr, M, K, x.stride(0), q, dq, reinterpret_cast<const TA*>(h.data_ptr()),
+                          reinterpret_cast<const TA*>(B.data_ptr()), N, r, bias, s,
+                          reinterpret_cast<T*>(y.data_ptr()), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -112,7 +86,6 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   if (bias && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
   const NF4Args q = nf4_args(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, blocksize,
                              nested_blocksize, weight_dtype);
-  const bool vector_path = simt_vector_path(K, q.packed);
   TORCH_CHECK(kernel == 0 || kernel == 1, "nf4_gemv_lora: kernel must be 0 (SIMT) or 1 (tensor cores), got ", kernel);
   const bool tensor_cores = kernel == 1;
   if (tensor_cores) {  // the Python side only asks for it when all of this holds (ops/nf4_gemv.py)
@@ -132,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const bool fp32_adapters = lora_A.scalar_type() == at::kFloat;
   auto dispatch = [&](auto t, auto ta) {  // x's dtype, the adapters' dtype
-    run<decltype(t), decltype(ta)>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, vector_path, tensor_cores);
+    run<decltype(t), decltype(ta)>(x, q, dq, lora_A, lora_B, bias_ptr, y, h, scale, tensor_cores);
   };
   if (x.scalar_type() == at::kHalf) {
     if (fp32_adapters) dispatch(__half(), float());
@@ -175,9 +148,15 @@ at::Tensor nf4_dequantize_slab_cuda(const at::Tensor& packed, const at::Tensor& 
   const NF4Args q = nf4_args(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, blocksize,
                              nested_blocksize, weight_dtype);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (out_dtype == at::kHalf) launch_dequantize_slab<__half>(q, dq, out, K, n0, k0, stream);
-  else if (out_dtype == at::kBFloat16) launch_dequantize_slab<__nv_bfloat16>(q, dq, out, K, n0, k0, stream);
-  else if (out_dtype == at::kFloat) launch_dequantize_slab<float>(q, dq, out, K, n0, k0, stream);
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    launch_dequantize_slab<T>(q, dq, reinterpret_cast<T*>(out.data_ptr()), K, n0, k0, out.size(0), out.size(1) / 8,
+                              stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (out_dtype == at::kHalf) run(__half());
+  else if (out_dtype == at::kBFloat16) run(__nv_bfloat16());
+  else if (out_dtype == at::kFloat) run(float());
   else TORCH_CHECK(false, "nf4_dequantize_slab: out_dtype must be float16, bfloat16 or float32, got ", out_dtype);
   return out;
 }

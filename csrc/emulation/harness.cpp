@@ -71,42 +71,23 @@ std::string gemv(int kernel, const T* x, int64_t M, int64_t K, int64_t stride_xm
                  int shared_optin, bool defer_lora) {
   using namespace lora_kernels;
   emu::allow_reads(x, ((M - 1) * stride_xm + K) * sizeof(T), "x");
-  if (r > 0) {
-    emu::allow_reads(h, M * r * sizeof(TA), "h");  // the GEMV reads what the shrink kernel wrote
-    const std::string error = emu::launch(lora_shrink_kernel<T, TA>, shrink_grid(r, M), dim3(kThreads), 0, x, A, h,
-                                          K, r, stride_xm);
-    if (!error.empty()) return "lora_shrink_kernel: " + error;
+  if (r > 0) emu::allow_reads(h, M * r * sizeof(TA), "h");  // the GEMV reads what the shrink kernel wrote
+  launch_shrink<T, TA>(x, M, K, stride_xm, A, h, r, nullptr);
+  std::string error = emu::take_launch_error();
+  if (!error.empty()) return error;
+  if (kernel != 1) {
+    launch_simt_gemv<T, TA>(x, M, K, stride_xm, q, dq, h, B, N, r, bias, scale, y, nullptr);
+    return emu::take_launch_error();
   }
-  std::string error;
-  if (kernel == 1) {
-    // the CUDA launcher defers the LoRA term after the shrink kernel on sm_90 (programmatic dependent
-    // launch, which the emulation does not have: defer_lora stands for it); NaN until written
-    std::vector<float> pending(defer_lora ? mma_pending_floats(N) : 0, NAN);
-    with_mma_kernel<T, TA>(M, dq, mma_stages(shared_optin), [&](auto tag, int smem) {
-      error = emu::launch(decltype(tag)::kernel, mma_grid(N, sms), dim3(kMmaThreads), smem, x, q,
-                          static_cast<const TA*>(h), B, bias, y, defer_lora ? pending.data() : nullptr,
-                          static_cast<int>(M), N, K, static_cast<int>(r), stride_xm, scale);
-    });
-    return error.empty() ? error : "nf4_gemv_mma_kernel: " + error;
-  }
-  const bool vector_path = simt_vector_path(K, q.packed);
-  with_m_tile(M, [&](auto tile) {
-    constexpr int M_TILE = decltype(tile)::value;
-    error = emu::launch(simt_gemv_kernel<T, TA, M_TILE>(dq, q.stored == stored_kind<T>()), simt_gemv_grid(N, M_TILE),
-                        dim3(kThreads), simt_gemv_smem_bytes<T>(M_TILE), x, q, static_cast<const TA*>(h), B, bias, y,
-                        M, N, K, r, stride_xm, scale, vector_path);
+  // the CUDA launcher defers the LoRA term after the shrink kernel on sm_90 (programmatic dependent
+  // launch, which the emulation does not have: defer_lora stands for it); NaN until written
+  std::vector<float> pending(defer_lora ? mma_pending_floats(N) : 0, NAN);
+  with_mma_kernel<T, TA>(M, dq, mma_stages(shared_optin), [&](auto tag, int smem) {
+    error = emu::launch(decltype(tag)::kernel, mma_grid(N, sms), dim3(kMmaThreads), smem, x, q,
+                        static_cast<const TA*>(h), B, bias, y, defer_lora ? pending.data() : nullptr,
+                        static_cast<int>(M), N, K, static_cast<int>(r), stride_xm, scale);
   });
-  return error.empty() ? error : "nf4_gemv_lora_kernel: " + error;
-}
-
-template <typename T>
-std::string dequantize_slab(const NF4Args& q, bool dq, T* out, int64_t K, int64_t n0, int64_t k0, int64_t rows,
-                            int64_t cols) {
-  using namespace lora_kernels;
-  const int64_t cols8 = cols / 8;
-  const std::string error = emu::launch(slab_kernel<T>(dq, q.stored == stored_kind<T>()), slab_grid(rows, cols8),
-                                        dim3(kThreads), 0, q, out, K, n0, k0, rows, cols8);
-  return error.empty() ? error : "nf4_dequantize_slab_kernel: " + error;
+  return error.empty() ? error : "nf4_gemv_mma_kernel: " + error;
 }
 
 // ---- kernels that check the emulation itself
@@ -190,12 +171,15 @@ int lk_emulated_nf4_dequantize_slab(int out_dtype, const NF4Buffers* weight, voi
                                     int64_t k0, int64_t rows, int64_t cols) {
   emu::state().readable.clear();
   const NF4Args q = nf4_args(*weight);
-  const bool dq = weight->double_quant != 0;
-  if (out_dtype == lora_kernels::kFloat16) return report(dequantize_slab(q, dq, static_cast<__half*>(out), K, n0, k0, rows, cols));
-  if (out_dtype == lora_kernels::kBFloat16) {
-    return report(dequantize_slab(q, dq, static_cast<__nv_bfloat16*>(out), K, n0, k0, rows, cols));
-  }
-  return report(dequantize_slab(q, dq, static_cast<float*>(out), K, n0, k0, rows, cols));
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    lora_kernels::launch_dequantize_slab<T>(q, weight->double_quant != 0, static_cast<T*>(out), K, n0, k0, rows,
+                                            cols / 8, nullptr);
+    return emu::take_launch_error();
+  };
+  if (out_dtype == lora_kernels::kFloat16) return report(run(__half()));
+  if (out_dtype == lora_kernels::kBFloat16) return report(run(__nv_bfloat16()));
+  return report(run(float()));
 }
 
 // The op lora_kernels::nf4_grad_input: dx [M, K] = dy [M, N] (row stride stride_dym) dequant(W) + init
