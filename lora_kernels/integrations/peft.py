@@ -59,7 +59,10 @@ class PatchReport:
 def _active_adapter(layer) -> tuple:
     """(adapter name, None) for the single active adapter with LoRA weights, else (None, reason)."""
     lora_A = _child(layer, "lora_A")
-    active = [a for a in layer.active_adapters if a in lora_A]
+    active = layer.active_adapters
+    if len(active) == 1 and active[0] in lora_A:  # the common case, without building a list
+        return active[0], None
+    active = [a for a in active if a in lora_A]
     if len(active) != 1:
         return None, f"{len(active)} active adapters"
     return active[0], None
@@ -69,13 +72,16 @@ def _active_adapter(layer) -> tuple:
 # resolves (submodules, parameters) and a ModuleDict lookup cost ~1-2 us each on a CPU, and a patched
 # layer's call made about ten of them, as much as one kernel launch.
 
+_ABSENT = object()
+
+
 def _child(module, name: str):
     """``getattr(module, name)`` for a submodule or parameter (e.g. ``layer.lora_A``, ``linear.weight``;
-    None for a parameter registered as None)."""
-    found = module._modules.get(name)
-    if found is None:
-        found = module._parameters.get(name)
-    return found if found is not None else getattr(module, name)
+    None for a parameter registered as None, such as a Linear's bias=False)."""
+    found = module._modules.get(name, _ABSENT)
+    if found is _ABSENT:
+        found = module._parameters.get(name, _ABSENT)
+    return found if found is not _ABSENT else getattr(module, name)
 
 
 def _adapter_entry(layer, name: str, adapter: str):
