@@ -478,7 +478,21 @@ def render_train(f: ResultFile) -> list:
                     f"dropout {fmt_param(cfg.get('dropout'))}, "
                     f"{fmt_num(cfg.get('steps'))} timed steps after {fmt_num(cfg.get('warmup_steps'))} warm-up")
     return [caption + "; speed-up = PEFT step time ÷ this one (same family, dense or QLoRA)."] + [""] + \
-        md_table(header, body) + _goal_line(f.section("goals"))
+        md_table(header, body) + _goal_line(f.section("goals")) + _train_kernel_kinds(rows)
+
+
+def _train_kernel_kinds(rows) -> list:
+    """The profiled step's GPU kernel time by kind (the rows' ``gpu_ms_<kind>`` fields, in the file's
+    order), for the rows that have it; nothing when no row does (CPU runs, files from before)."""
+    kinds = [k[len("gpu_ms_"):] for r in rows[:1] for k in r if k.startswith("gpu_ms_")]
+    rows = [r for r in rows if kinds and r.get(f"gpu_ms_{kinds[0]}") is not None]
+    if not rows:
+        return []
+    body = [[r["variant"]] + [fmt_num(r.get(f"gpu_ms_{k}")) for k in kinds] + [fmt_num(r.get("gpu_kernel_ms"))]
+            for r in rows]
+    return (["GPU kernel time of one profiled step by kind of kernel, ms (lora_kernels: this package's own "
+             "kernels; what no LoRA kernel touches is the rest):", ""]
+            + md_table(["variant"] + kinds + ["total"], body))
 
 
 def render_split_k(f: ResultFile) -> list:

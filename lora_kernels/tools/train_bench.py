@@ -28,7 +28,10 @@ CPU), the loss of every step (warm-up included), and, against the PEFT row of th
 ``max_loss_diff_vs_peft`` (max |loss - PEFT loss| over the steps) and ``first_loss_diff_vs_peft``.
 On CUDA one more step runs under torch.profiler: ``gpu_kernel_ms`` (its kernels' summed time),
 ``kernels_per_step`` and ``gpu_busy_fraction`` = gpu_kernel_ms / median step: near 1 the GPU bounds
-the step, well below 1 the host does (Python and launches between kernels).
+the step, well below 1 the host does (Python and launches between kernels). The same step's kernel
+time is split by kind (``gpu_ms_<kind>``: lora_kernels' own kernels, bitsandbytes, matmuls,
+attention, loss, optimizer, other; ``KERNEL_CATEGORIES``) with its most expensive kernels
+(``top_kernels``): what a faster LoRA layer can change, and what no LoRA kernel touches.
 Patched full-LoRA rows must match PEFT's losses to rounding; the LoRA-FA rows train only lora_B, so
 their losses leave PEFT's after the first step (the first one must still match). With dropout > 0
 the masks come from different generators, so losses differ from the first step.
@@ -70,10 +73,25 @@ CPU_DEFAULTS = dict(preset="tiny", batch=2, seq=64, steps=5, warmup_steps=1)
 CUDA_DEFAULTS = dict(preset="1b", batch=4, seq=1024, steps=20, warmup_steps=3)
 # Goal of the end-to-end issue, checked on GPU results: QLoRA tokens/s, patched over PEFT + bitsandbytes.
 GOALS = {"qlora_tokens_per_s_vs_peft_min": 1.5}
+# Kinds of GPU kernels in the profiled step, by lower-case substrings of the kernel's name; the first
+# kind that matches wins, so lora_kernels' own kernels (``our_kernel_names``: a Triton kernel's name is
+# its function's, e.g. lora_forward_gemm_kernel; the CUDA ones of csrc/ live in namespace
+# lora_kernels) come before the generic "gemm".
+KERNEL_CATEGORIES = (
+    ("bitsandbytes", ("dequantizeblockwise", "quantizeblockwise", "gemm_4bit")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitkreduce")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+)
+OURS = "lora_kernels"
+OTHER = "other"
+CATEGORY_NAMES = (OURS, *(name for name, _ in KERNEL_CATEGORIES), OTHER)
+TOP_KERNELS = 8  # most expensive kernels of the profiled step kept per row
 TRAIN_CSV_FIELDS = ["variant", "family", "trainable_params", "patched_layers", "median_step_ms", "min_step_ms",
                     "tokens_per_s", "speedup_vs_peft", "peak_bytes", "peak_ratio_vs_peft", "first_loss",
                     "final_loss", "max_loss_diff_vs_peft", "first_loss_diff_vs_peft", "gpu_kernel_ms",
-                    "kernels_per_step", "gpu_busy_fraction"]
+                    "kernels_per_step", "gpu_busy_fraction", *(f"gpu_ms_{name}" for name in CATEGORY_NAMES)]
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -194,7 +212,8 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
 
     torch.manual_seed(seed)  # same RNG stream for every variant (dropout masks, if any)
     losses, step_ms = [], []
-    peak = kernel_ms = kernels = None
+    peak = None
+    profiled = {}
     try:
         for i, input_ids in enumerate(inputs):
             if i == warmup_steps:
@@ -212,21 +231,61 @@ def train_variant(name: str, *, preset: str, device: torch.device, dtype: torch.
                 remove_probe()  # the layers' paths are known after one step; hooks cost time
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
-            kernel_ms, kernels = gpu_kernel_time(lambda: step(inputs[-1]), device)
+            profiled = gpu_kernel_time(lambda: step(inputs[-1]), device)
     finally:
         remove_probe()
     trainable = sum(p.numel() for p in params)
     del model, optimizer, params, inputs
     return {"losses": [float(v) for v in losses], "step_ms": step_ms, "peak_bytes": peak,
             "trainable_params": trainable, "patched_layers": patched_layers, "first_step_paths": dict(path_counts),
-            "gpu_kernel_ms": kernel_ms, "kernels_per_step": kernels}
+            "gpu_kernel_ms": profiled.get("gpu_kernel_ms"), "kernels_per_step": profiled.get("kernels_per_step"),
+            "gpu_ms_by_category": profiled.get("gpu_ms_by_category"), "top_kernels": profiled.get("top_kernels")}
 
 
-def gpu_kernel_time(step, device: torch.device) -> tuple:
-    """(summed GPU kernel time in ms, kernel count) of one more call of ``step`` under torch.profiler.
+def our_kernel_names() -> frozenset:
+    """Names of lora_kernels' Triton kernels (the ``*_kernel`` functions of ``lora_kernels.kernels``)."""
+    from lora_kernels.kernels import lora_backward, lora_forward, nf4
+    return frozenset(name for module in (lora_forward, lora_backward, nf4) for name, obj in vars(module).items()
+                     if name.endswith("_kernel") and hasattr(obj, "fn"))
+
+
+def kernel_category(name: str, ours: frozenset) -> str:
+    """The kind (one of ``CATEGORY_NAMES``) of a GPU kernel called ``name`` in a profile: lora_kernels'
+    own (a name in ``ours``, or in C++ namespace lora_kernels), else the first ``KERNEL_CATEGORIES``
+    entry with a substring in the lower-cased name, else "other" (elementwise ops, norms, copies...)."""
+    if name in ours or "lora_kernels::" in name:
+        return OURS
+    lower = name.lower()
+    for category, parts in KERNEL_CATEGORIES:
+        if any(part in lower for part in parts):
+            return category
+    return OTHER
+
+
+def summarize_kernels(kernels, ours: frozenset, top: int = TOP_KERNELS) -> dict:
+    """Per-step summary of profiled GPU kernels, ``kernels`` an iterable of (name, time in µs):
+    gpu_kernel_ms (summed), kernels_per_step, gpu_ms_by_category (ms per ``CATEGORY_NAMES`` entry, each
+    present) and top_kernels (the ``top`` names with the most summed time: name, category, ms, calls)."""
+    by_category = dict.fromkeys(CATEGORY_NAMES, 0.0)
+    by_name: dict = {}
+    count = 0
+    for name, us in kernels:
+        count += 1
+        by_category[kernel_category(name, ours)] += us / 1e3
+        total, calls = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + us / 1e3, calls + 1)
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return {"gpu_kernel_ms": sum(by_category.values()), "kernels_per_step": count,
+            "gpu_ms_by_category": by_category,
+            "top_kernels": [{"name": name, "category": kernel_category(name, ours), "ms": ms, "calls": calls}
+                            for name, (ms, calls) in ranked]}
+
+
+def gpu_kernel_time(step, device: torch.device) -> dict:
+    """``summarize_kernels`` of the GPU kernels of one more call of ``step`` under torch.profiler.
     Beside the step's wall time it says what bounds the step: kernel time close to the wall time means
     the GPU is busy throughout; far below it, the GPU waits for the host (Python, launches) between
-    kernels. (None, None) where the profiler cannot say (a warning says why)."""
+    kernels. An empty dict where the profiler cannot say (a warning says why)."""
     try:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -234,11 +293,12 @@ def gpu_kernel_time(step, device: torch.device) -> tuple:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize(device)
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
-        return sum(e.device_time for e in kernels) / 1e3, len(kernels)
+        kernels = [(e.name, e.device_time) for e in prof.events()
+                   if getattr(e, "device_type", None) == DeviceType.CUDA]
+        return summarize_kernels(kernels, our_kernel_names())
     except Exception as exc:  # a measurement aid: never the reason a benchmark fails
         warnings.warn(f"GPU kernel time not measured: {exc!r}")
-        return None, None
+        return {}
 
 
 def _max_abs_diff(a, b):
@@ -263,6 +323,8 @@ def make_rows(raw: dict, batch: int, seq: int) -> list:
             "median_step_ms": med, "min_step_ms": min(m["step_ms"]), "step_ms": m["step_ms"],
             "gpu_kernel_ms": m.get("gpu_kernel_ms"), "kernels_per_step": m.get("kernels_per_step"),
             "gpu_busy_fraction": ratio(m.get("gpu_kernel_ms"), med),
+            "top_kernels": m.get("top_kernels"),
+            **{f"gpu_ms_{name}": (m.get("gpu_ms_by_category") or {}).get(name) for name in CATEGORY_NAMES},
             "tokens_per_s": batch * seq / (med / 1e3),
             "speedup_vs_peft": ratio(medians.get(ref), med),
             "peak_bytes": m["peak_bytes"],
@@ -395,7 +457,26 @@ def format_table(rows, meta, config) -> str:
                      f"{fmt_num(r['peak_ratio_vs_peft'], '8.3f')}{fmt_num(r['max_loss_diff_vs_peft'], '13.2e')}"
                      f"{fmt_num(r['first_loss_diff_vs_peft'], '13.2e')}{fmt_num(r.get('gpu_busy_fraction'), '9.2f')}"
                      f"  {paths}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_kernel_kinds(rows))
+
+
+def format_kernel_kinds(rows) -> list:
+    """Lines of a table of the profiled step's GPU kernel time by kind (ms), one line per row that has
+    it, and each such row's most expensive kernel; no lines where nothing was profiled (CPU)."""
+    rows = [r for r in rows if r.get(f"gpu_ms_{OURS}") is not None]
+    if not rows:
+        return []
+    lines = ["GPU kernel ms of one profiled step, by kind",
+             f"{'variant':<23}" + "".join(f"{name:>14}" for name in CATEGORY_NAMES) + f"{'total':>10}"]
+    for r in rows:
+        lines.append(f"{r['variant']:<23}" + "".join(f"{r[f'gpu_ms_{name}']:14.2f}" for name in CATEGORY_NAMES)
+                     + fmt_num(r.get("gpu_kernel_ms"), "10.2f"))
+    for r in rows:
+        top = (r.get("top_kernels") or [{}])[0]
+        if top:
+            lines.append(f"  {r['variant']}: most time in {top['name'][:90]} ({top['category']}, "
+                         f"{top['ms']:.2f} ms in {top['calls']} calls)")
+    return lines
 
 
 def format_losses(rows, warmup_steps: int) -> str:

@@ -305,6 +305,25 @@ def test_train_rows_show_the_gpu_busy_fraction_when_measured(tmp_path):
     assert [row[4] for row in body] == [fmt_num(0.48), fmt_num(0.55)]
 
 
+def test_train_kernel_kinds_table_when_profiled(tmp_path):
+    rng = random.Random(9)
+    kinds = ["lora_kernels", "matmul", "other"]
+    rows = [{"variant": v, "peft_ref": "peft", "median_step_ms": 100.0, "tokens_per_s": 4e4, "speedup_vs_peft": 1.0,
+             "peak_bytes": None, "final_loss": 6.0, "max_loss_diff_vs_peft": 0.0, "losses": [1.0], "step_ms": [100.0],
+             "gpu_kernel_ms": rng.uniform(50, 99), **{f"gpu_ms_{k}": rng.uniform(0, 40) for k in kinds}}
+            for v in ("peft", "lora_kernels")]
+    write(tmp_path, "gpu/train_bfloat16.json", {"metadata": meta(), "config": {"statistic": "median"}, "rows": rows})
+    lines = section_of(report.generate(tmp_path), "train_bfloat16.json")
+    assert "| variant | lora_kernels | matmul | other | total |" in lines
+    assert table_bodies(lines)[-2:] == [[r["variant"]] + [fmt_num(r[f"gpu_ms_{k}"]) for k in kinds]
+                                        + [fmt_num(r["gpu_kernel_ms"])] for r in rows]
+    for r in rows:  # CPU runs: the fields are there, empty; no table
+        for k in kinds:
+            r[f"gpu_ms_{k}"] = None
+    write(tmp_path, "gpu/train_bfloat16.json", {"metadata": meta(), "config": {"statistic": "median"}, "rows": rows})
+    assert not any("by kind" in line for line in section_of(report.generate(tmp_path), "train_bfloat16.json"))
+
+
 def test_train_rows_show_the_spread_of_the_timed_steps(tmp_path):
     rng = random.Random(8)
     rows = [{"variant": v, "peft_ref": "peft", "median_step_ms": 100.0, "tokens_per_s": 4e4, "speedup_vs_peft": 1.0,

@@ -251,3 +251,131 @@ def test_opt_in_rows_run_their_route_on_cuda_only(monkeypatch, tmp_path):
     assert seen["lora_kernels"]["LORA_KERNELS_DENSE_CUBLAS_MIN_M"] is None
     assert os.environ.get("LORA_KERNELS_DENSE_CUBLAS_MIN_M") is None  # restored
     assert [r["variant"] for r in res["rows"]] == names and res["rows"][2]["peft_ref"] == "peft"
+
+
+# ----------------------------------------------------------------------------- GPU kernel kinds
+
+# Kernel names as torch.profiler reports them on an H100/H200 (cuBLAS, bitsandbytes, PyTorch), and
+# the kind each must get.
+PROFILED_NAMES = {
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "matmul",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>(Params)": "matmul",
+    "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)":
+        "bitsandbytes",
+    "void kgemm_4bit_inference_naive<__nv_bfloat16, 128, 16>(int, int, int, __nv_bfloat16*)": "bitsandbytes",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, true>(Flash_fwd_params)":
+        "attention",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>":
+        "loss",
+    "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": "loss",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>":
+        "optimizer",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>": "other",
+    "void lora_kernels::nf4_gemv_lora_kernel<__nv_bfloat16, __nv_bfloat16, 1>(__nv_bfloat16 const*)": "lora_kernels",
+    "void lora_kernels::nf4_dequantize_slab_kernel<__nv_bfloat16>(lora_kernels::NF4Args, __nv_bfloat16*)":
+        "lora_kernels",
+}
+
+
+def test_kernel_kinds_of_profiled_names():
+    ours = train_bench.our_kernel_names()
+    for name, kind in PROFILED_NAMES.items():
+        assert train_bench.kernel_category(name, ours) == kind, name
+    # Our Triton kernels by their own names, before the generic "gemm" of the matmul kind.
+    for name in ours:
+        assert train_bench.kernel_category(name, ours) == "lora_kernels", name
+    assert train_bench.kernel_category("lora_forward_gemm_kernel", frozenset()) == "matmul"
+
+
+def test_our_kernel_names_cover_every_launched_kernel():
+    from lora_kernels.kernels import configs
+    from lora_kernels.tools import aot_check
+    ours = train_bench.our_kernel_names()
+    assert set(configs.KERNEL_CONFIGS) | set(aot_check.DECODE_KERNELS) <= ours
+    assert all(name.endswith("_kernel") for name in ours)
+
+
+def _random_kernels(rng, n):
+    names = list(PROFILED_NAMES) + sorted(train_bench.our_kernel_names())
+    return [(rng.choice(names), rng.uniform(1.0, 900.0)) for _ in range(n)]
+
+
+def test_summarize_kernels_adds_up():
+    import random
+    rng = random.Random(11)
+    kernels = _random_kernels(rng, 300)
+    ours = train_bench.our_kernel_names()
+    s = train_bench.summarize_kernels(kernels, ours, top=5)
+    assert s["kernels_per_step"] == len(kernels)
+    assert math.isclose(s["gpu_kernel_ms"], sum(us for _, us in kernels) / 1e3, rel_tol=1e-12)
+    assert list(s["gpu_ms_by_category"]) == list(train_bench.CATEGORY_NAMES)
+    for kind, ms in s["gpu_ms_by_category"].items():
+        expected = sum(us for name, us in kernels if train_bench.kernel_category(name, ours) == kind) / 1e3
+        assert math.isclose(ms, expected, rel_tol=1e-12, abs_tol=1e-15), kind
+    totals = {}
+    for name, us in kernels:
+        totals.setdefault(name, []).append(us / 1e3)
+    ranked = sorted(totals, key=lambda name: -sum(totals[name]))[:5]
+    assert [t["name"] for t in s["top_kernels"]] == ranked
+    for t in s["top_kernels"]:
+        assert t["calls"] == len(totals[t["name"]]) and math.isclose(t["ms"], sum(totals[t["name"]]))
+        assert t["category"] == train_bench.kernel_category(t["name"], ours)
+
+
+def test_gpu_kernel_time_reads_the_cuda_events_of_the_profiled_step(monkeypatch):
+    """The profiler glue on a machine without a GPU: a stand-in profiler yields CPU and CUDA events;
+    only the CUDA ones count, and the step runs once inside the profile."""
+    import random
+
+    import torch
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    rng = random.Random(12)
+    kernels = _random_kernels(rng, 40)
+    events = [argparse.Namespace(name=n, device_type=DeviceType.CUDA, device_time=us) for n, us in kernels]
+    events += [argparse.Namespace(name="aten::mm", device_type=DeviceType.CPU, device_time=rng.uniform(1, 9))]
+    calls = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CUDA]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    got = train_bench.gpu_kernel_time(lambda: calls.append(1), torch.device("cuda"))
+    assert calls == [1]
+    assert got == train_bench.summarize_kernels(kernels, train_bench.our_kernel_names())
+
+
+def test_format_table_shows_kernel_kinds_only_when_profiled(result):
+    res, _ = result
+    text = train_bench.format_table(res["rows"], res["metadata"], res["config"])
+    assert "by kind" not in text  # CPU: nothing profiled
+    import random
+    rng = random.Random(13)
+    rows = []
+    for r in res["rows"]:
+        s = train_bench.summarize_kernels(_random_kernels(rng, 50), train_bench.our_kernel_names())
+        rows.append({**r, "gpu_kernel_ms": s["gpu_kernel_ms"], "top_kernels": s["top_kernels"],
+                     **{f"gpu_ms_{k}": v for k, v in s["gpu_ms_by_category"].items()}})
+    lines = train_bench.format_table(rows, res["metadata"], res["config"]).splitlines()
+    start = lines.index("GPU kernel ms of one profiled step, by kind")
+    assert lines[start + 1].split() == ["variant", *train_bench.CATEGORY_NAMES, "total"]
+    for r, line in zip(rows, lines[start + 2:]):
+        cells = line.split()
+        assert cells[0] == r["variant"]
+        assert [float(c) for c in cells[1:]] == pytest.approx(
+            [r[f"gpu_ms_{k}"] for k in train_bench.CATEGORY_NAMES] + [r["gpu_kernel_ms"]], abs=0.006)
+    assert any(r["top_kernels"][0]["name"][:90] in line for r in rows for line in lines)
