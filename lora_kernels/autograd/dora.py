@@ -42,7 +42,7 @@ def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
 def _weight_key(weight) -> tuple:
     if isinstance(weight, NF4Weight):
         return ("nf4", id(weight), weight.packed.data_ptr(), weight.packed._version)
-    return ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    return ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride())
 
 
 def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:

@@ -109,8 +109,8 @@ def _base_layer(layer) -> torch.nn.Module:
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
-    """(None, (adapter, base layer, its weight, its bias, A, B, whether the base is a bnb Linear4bit))
-    when this call can run on lora_kernels, else (reason, None): what the check resolves, the fast
+    """(None, (adapter, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb Linear4bit),
+    its bias, A, B, whether the base is a bnb Linear4bit)) when this call can run on lora_kernels, else (reason, None): what the check resolves, the fast
     forward reuses (a per-call cost of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments (adapter_names=, variant or base-layer arguments)", None
@@ -141,7 +141,7 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
     why = None
-    weight = _child(base, "weight")
+    weight = None if linear4bit else _dense_weight(base)
     if linear4bit:
         why = _linear4bit_reason(base, x, autocast)
     elif weight.requires_grad:
@@ -153,7 +153,8 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
     """Why ``adapter`` of ``layer`` always needs PEFT's forward (a LoRA variant other than PEFT's
-    linear DoRA, fan_in_fan_out, dropout module, base layer type), or None."""
+    linear DoRA, dropout module, base layer type: nn.Linear, transformers' Conv1D or a bnb Linear4bit),
+    or None."""
     return _static_reason(layer, adapter, _base_layer(layer))
 
 
@@ -164,14 +165,27 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
             return f"DoRA variant {type(variant).__name__}"
     elif variant is not None:
         return f"LoRA variant {type(variant).__name__}"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
     dropout = _adapter_entry(layer, "lora_dropout", adapter)
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__}"
-    if not (_is_linear4bit(base) or isinstance(base, torch.nn.Linear)):
+    if not (isinstance(base, torch.nn.Linear) or _is_linear4bit(base) or _is_conv1d(base)):
         return f"base layer {type(base).__name__}"
     return None
+
+
+def _is_conv1d(module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2's projections: y = x W + b with W [K, N], the
+    layers PEFT wraps with fan_in_fan_out=True). Without an import, as ``_is_linear4bit``."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _dense_weight(base) -> torch.Tensor:
+    """The base layer's dense weight as [N, K] (out_features x in_features), as the fused functions
+    take it: an nn.Linear's own, a Conv1D's [K, N] weight transposed (a view: no copy). What PEFT's
+    fan_in_fan_out describes only matters for merging; the forward is the base layer's own."""
+    weight = _child(base, "weight")
+    return weight if isinstance(base, torch.nn.Linear) or not _is_conv1d(base) else weight.t()
 
 
 def _is_linear4bit(module) -> bool:
@@ -246,7 +260,7 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
     if _is_dora(layer, adapter):
-        return _dora_forward(layer, adapter, base, x, A, B, scale, linear4bit, common)
+        return _dora_forward(layer, adapter, base, weight, x, A, B, scale, linear4bit, common)
     if linear4bit:
         qweight = _linear4bit_weight(base, x)
         if common["bias"] is not None and common["bias"].dtype not in (x.dtype, torch.float32):
@@ -263,16 +277,18 @@ def _is_dora(layer, adapter: str) -> bool:
     return bool(getattr(layer, "use_dora", {}).get(adapter, False))
 
 
-def _dora_forward(layer, adapter, base, x, A, B, scale: float, linear4bit: bool, common: dict) -> torch.Tensor:
+def _dora_forward(layer, adapter, base, weight, x, A, B, scale: float, linear4bit: bool,
+                  common: dict) -> torch.Tensor:
     """PEFT's DoRA forward on the fused kernels: ``lora_kernels.dora_linear`` (the row norms without
-    forming W + scale B A, the dropout mask regenerated from its seed), with PEFT's output dtype."""
+    forming W + scale B A, the dropout mask regenerated from its seed), with PEFT's output dtype.
+    weight: the dense base weight [N, K] (``_dense_weight``), None for a bnb Linear4bit."""
     if linear4bit:
         weight = _linear4bit_weight(base, x)
         # bnb's output dtype is x's (under autocast too), and PEFT's bnb layer casts nothing back while
         # torch.is_autocast_enabled() (CUDA's autocast only): its DoRA sum then stays fp32
         out_dtype = torch.float32 if torch.is_autocast_enabled() else x.dtype
     else:
-        weight, out_dtype = base.weight, None  # nn.Linear's output dtype: the fused layer's
+        out_dtype = None  # nn.Linear's (and Conv1D's) output dtype: the fused layer's
     # ||W_n||^2 of the frozen base weight, kept on the base layer (not while compiling: see row_sqnorm)
     cache = None if torch.compiler.is_compiling() else base.__dict__.setdefault(_ROW_SQNORM_CACHE, {})
     return dora_linear(x, weight, A, B, layer.lora_magnitude_vector[adapter].weight, scale, bias=common["bias"],

@@ -102,6 +102,9 @@ def test_row_norm_cache_follows_the_weight(torch_backend_env):
     assert_close(tripled, 9 * first, 1e-6, "recomputed")
     other = W.clone()  # another storage, same values: recomputed, and the cache now follows it
     assert row_sqnorm(other, cache) is not tripled and cache["key"][1] == other.data_ptr()
+    square = torch.randn(K, K, generator=torch.Generator().manual_seed(2))
+    row_sqnorm(square, cache)  # a transposed view (a Conv1D's weight as [N, K]): same storage and shape
+    assert_close(row_sqnorm(square.t(), cache), square.double().square().sum(0), 1e-6, "||W^T_n||^2")
 
 
 def test_bad_arguments(torch_backend_env):

@@ -102,6 +102,66 @@ def test_patched_matches_peft(qlora, backend):
     assert len(record.impls("bwd")) == 14
 
 
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: Conv1D
+
+
+def gpt2_peft_model(seed=0, **lora_kwargs):
+    """A small GPT-2 (transformers' Conv1D projections: weight [in, out]) under PEFT LoRA, which wraps
+    Conv1D with fan_in_fan_out=True."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=32, vocab_size=100, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: same logits
+    model = transformers.GPT2LMHeadModel(cfg).float()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_TARGETS, fan_in_fan_out=True,
+                           init_lora_weights=False, **lora_kwargs)
+    return peft.get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend, dora):
+    reference = gpt2_peft_model(seed=4, use_dora=dora)
+    layers = [m for m in reference.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(layers) == 8 and all(m.fan_in_fan_out for m in layers)
+    assert all(isinstance(m.get_base_layer(), transformers.pytorch_utils.Conv1D) for m in layers)
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.swapped == {"lora.Linear": 8} and not report.left_on_peft
+    x = torch.randn(5, 48)
+    assert lk_peft.fallback_reason(patched.base_model.model.transformer.h[0].attn.c_attn, x) is None
+    with use_backend(backend) as record:
+        _compare_step(patched, reference, _ids(seed=5, seq=7))
+    assert _fast_calls(record) == 8
+    assert len(record.impls("bwd")) == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpt2_conv1d_layers_on_cuda_match_peft():
+    # the transposed Conv1D weight through the GPU's routes (pointer GEMMs; TMA needs a unit inner stride)
+    reference = gpt2_peft_model(seed=4).to("cuda", torch.bfloat16)
+    patched = copy.deepcopy(reference)
+    assert lora_kernels.patch_peft_model(patched).num_swapped == 8
+    ids = _ids(seed=5, batch=4, seq=32).cuda()
+    with use_backend("cuda") as record:
+        out = patched(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert _fast_calls(record) == 8 and set(record.impls()) == {"triton"}
+    ref = reference(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    assert_close(out.logits, ref.logits, 2e-2, "bf16 logits")
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 16
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], 5e-2, name)
+
+
+def test_gpt2_conv1d_adamw_steps_match():
+    reference = gpt2_peft_model(seed=6)
+    patched = copy.deepcopy(reference)
+    assert lora_kernels.patch_peft_model(patched).num_swapped == 8
+    train_side_by_side((patched, reference), steps=3, lr=1e-2, rel_tol=BOUND, first_seed=20)
+
+
 def train_side_by_side(models, steps: int, lr: float, rel_tol: float, first_seed: int, after_step=None):
     """AdamW steps on every model with the same batches; the losses must agree at every step.
     ``after_step(model, step)`` runs after each optimizer step (e.g. AdaLoRA's rank allocator)."""
