@@ -204,7 +204,12 @@ def _linear4bit_reason(base, x, autocast: bool) -> Optional[str]:
         return f"quant type {state.quant_type}"
     if getattr(state, "packing_format_for_cpu", False):
         return "bitsandbytes repacked the weight for its CPU kernel"
-    if not autocast and base.compute_dtype is not None and base.compute_dtype != x.dtype:
+    if (not autocast and base.compute_dtype is not None and base.compute_dtype != x.dtype
+            and not (base.compute_dtype == torch.float32 and state.dtype == x.dtype)):
+        # bnb casts x to its compute dtype. An fp32 one (bitsandbytes' and transformers' default, kept
+        # for fp16 inputs) multiplies values of x's dtype (x, and W decoded to a stored dtype equal to
+        # x's) exactly in fp32, as the fused kernels' fp32-accumulated dots in x's dtype do: the same
+        # product to summation order, then rounded to x's dtype by both. Other mixes would change it.
         return f"compute dtype {base.compute_dtype} with input dtype {x.dtype}"
     return None
 

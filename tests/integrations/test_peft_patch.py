@@ -763,18 +763,25 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
         assert_close(distributed[n], expected[n], BOUND, n)
 
 
-def _check_bf16_model_against_peft(backend: str, qlora: bool, dora: bool):
-    """A bf16 Llama (QLoRA: NF4 projections with bf16 compute dtype) with PEFT's fp32 adapters
-    (get_peft_model's autocast_adapter_dtype=True: PEFT casts x to fp32 for the LoRA branch,
-    lora_kernels takes the fp32 adapters as they are), on ``backend``'s device: every layer on the
-    fast path of that backend, bf16 logits and fp32 gradients close to PEFT's."""
+# Relative-error bounds against PEFT of a 16-bit model's (logits, fp32 LoRA gradients): a few 16-bit
+# roundings differ per layer (summation order); fp16 keeps 3 more mantissa bits than bf16.
+HALF_MODEL_BOUNDS = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 1e-2)}
+
+
+def _check_half_model_against_peft(backend: str, qlora: bool, dora: bool, dtype=torch.bfloat16,
+                                   compute_dtype=None):
+    """A 16-bit Llama (QLoRA: NF4 projections quantized from ``dtype`` weights, bnb compute dtype
+    ``compute_dtype``, default ``dtype``) with PEFT's fp32 adapters (get_peft_model's
+    autocast_adapter_dtype=True: PEFT casts x to fp32 for the LoRA branch, lora_kernels takes the fp32
+    adapters as they are), on ``backend``'s device: every layer on the fast path of that backend,
+    logits in ``dtype`` and fp32 gradients close to PEFT's."""
     from lora_kernels.tools.models import quantize_projections
 
     device = "cuda" if backend == "cuda" else "cpu"
-    model = tiny_llama(hidden=128, intermediate=256, seed=9).to(device, torch.bfloat16)
+    model = tiny_llama(hidden=128, intermediate=256, seed=9).to(device, dtype)
     if qlora:
         pytest.importorskip("bitsandbytes")
-        model = quantize_projections(model, compute_dtype=torch.bfloat16, targets=TARGETS)
+        model = quantize_projections(model, compute_dtype=compute_dtype or dtype, targets=TARGETS)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, use_dora=dora)
     reference = peft.get_peft_model(model, cfg)
     assert reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
@@ -788,19 +795,46 @@ def _check_bf16_model_against_peft(backend: str, qlora: bool, dora: bool):
     assert _fast_calls(record) == 14 * (2 if dora and qlora else 1)  # QLoRA DoRA: W A^T on the NF4 GEMM too
     ref = reference(input_ids=ids, labels=ids)
     ref.loss.backward()
-    assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
-    assert_close(out.logits, ref.logits, 2e-2, "bf16 logits")  # a few bf16 roundings differ per layer
+    assert out.logits.dtype == ref.logits.dtype == dtype
+    logits_bound, grad_bound = HALF_MODEL_BOUNDS[dtype]
+    assert_close(out.logits, ref.logits, logits_bound, f"{dtype} logits")
     grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
     assert grads.keys() == ref_grads.keys() and len(grads) == (42 if dora else 28)
     for name in ref_grads:
         assert grads[name].dtype == torch.float32
-        assert_close(grads[name], ref_grads[name], 5e-2, name)
+        assert_close(grads[name], ref_grads[name], grad_bound, name)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
 def test_bf16_model_with_fp32_adapters(qlora, dora):
-    _check_bf16_model_against_peft("torch", qlora, dora)
+    _check_half_model_against_peft("torch", qlora, dora)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_qlora_model_with_bnb_default_fp32_compute_dtype(backend, dora):
+    """fp16 inputs beside bitsandbytes' default fp32 compute dtype (bnb keeps it for fp16 inputs and
+    warns that it is slow): bnb multiplies the fp16 values exactly in fp32, so the fused fp16 kernels
+    with fp32 accumulation give the same products, and the layers stay on the fast path."""
+    _check_half_model_against_peft(backend, qlora=True, dora=dora, dtype=torch.float16, compute_dtype=torch.float32)
+
+
+def test_qlora_compute_dtype_mixes_that_change_the_product_fall_back():
+    from lora_kernels.tools.models import quantize_projections
+
+    pytest.importorskip("bitsandbytes")
+    # weights stored in fp32, run in fp16 under an fp32 compute dtype: bnb multiplies the fp32 decode
+    model = quantize_projections(tiny_llama(hidden=128, intermediate=256, seed=9), compute_dtype=torch.float32,
+                                 targets=TARGETS)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=TARGETS))
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.base_layer.compute_type_is_set = True  # as after a first forward that kept the fp32 compute dtype
+    x = torch.randn(3, 128, dtype=torch.float16)
+    assert "compute dtype torch.float32 with input dtype torch.float16" in lk_peft.fallback_reason(layer, x)
+    layer.base_layer.compute_dtype = torch.float16  # a 16-bit compute dtype for fp32 inputs: rounds x
+    assert "compute dtype torch.float16" in lk_peft.fallback_reason(layer, torch.randn(3, 128))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -808,7 +842,7 @@ def test_bf16_model_with_fp32_adapters(qlora, dora):
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
 def test_bf16_model_on_cuda_matches_peft(qlora, dora):
     # the patched model end to end on the GPU: the Triton kernels (and bnb's CUDA NF4 in PEFT's model)
-    _check_bf16_model_against_peft("cuda", qlora, dora)
+    _check_half_model_against_peft("cuda", qlora, dora)
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
