@@ -239,14 +239,16 @@ def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
     return layers
 
 
-def _load_base_weight(base: dict, layer: str):
-    """The base weight of ``layer`` from a state dict (dense, or bitsandbytes NF4 keys), else None."""
+def _load_base_weight(base: dict, layer: str, fan_in_fan_out: bool = False):
+    """The base weight [N, K] of ``layer`` from a state dict (dense, or bitsandbytes NF4 keys), else None.
+    fan_in_fan_out (the adapter config's): the dense weights are stored [K, N], as transformers' Conv1D
+    (GPT-2) keeps them, and come back transposed (bitsandbytes stores its NF4 weights [N, K] always)."""
     for prefix in (layer, layer.removeprefix("base_model.model.")):
         for key in (f"{prefix}.weight", f"{prefix}.base_layer.weight"):
             if f"{key}.quant_state.bitsandbytes__nf4" in base:
                 return NF4Weight.from_state_dict(base, prefix=key)
             if key in base and base[key].is_floating_point():
-                return base[key]
+                return base[key].t() if fan_in_fan_out else base[key]
     return None
 
 
@@ -266,8 +268,10 @@ def analyze_adapter(adapter_dir, compare_dir=None, base=None, energy: float = 0.
     ‖ΔW‖_F; with ``compare_dir`` the subspace similarity to the same layer of another adapter
     (κ at i = j = 1 and at i = j = min rank, left singular vectors, plus the mean of the grid);
     with ``base`` (state dict file/folder of the base model) the projection of W₀ onto ΔW's top-``top``
-    directions."""
+    directions (W₀ [N, K] as ΔW: a fan_in_fan_out adapter's dense base weights, stored [K, N] by
+    transformers' Conv1D, are transposed)."""
     layers = load_peft_adapter(adapter_dir)
+    fan_in_fan_out = bool(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("fan_in_fan_out"))
     other = load_peft_adapter(compare_dir) if compare_dir is not None else None
     base_sd = _load_base(base) if base is not None else None
     rows = []
@@ -284,7 +288,7 @@ def analyze_adapter(adapter_dir, compare_dir=None, base=None, energy: float = 0.
                 row.update(similarity_top1=float(grid[0, 0]), similarity_full=float(grid[q - 1, q - 1]),
                            similarity_grid_mean=float(grid.mean()))
         if base_sd is not None:
-            weight = _load_base_weight(base_sd, name)
+            weight = _load_base_weight(base_sd, name, fan_in_fan_out)
             if weight is not None:
                 row.update({f"base_{k}": v for k, v in base_projection(weight, svd, min(top, svd.S.numel())).items()})
         rows.append(row)

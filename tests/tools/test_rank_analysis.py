@@ -200,3 +200,27 @@ def test_analyze_cli(tmp_path):
         assert not math.isnan(row["base_amplification"])
     with pytest.raises(ValueError, match="adapter_config.json"):
         ra.load_peft_adapter(tmp_path)
+
+
+def test_analyze_gpt2_adapter_with_conv1d_base(tmp_path):
+    """GPT-2's Conv1D keeps W [in, out] (PEFT: fan_in_fan_out=True): the base projection uses W^T
+    [out, in] like ΔW, also for the square attention output projection."""
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=50)
+    base = transformers.GPT2LMHeadModel(cfg)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                      fan_in_fan_out=True, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    from safetensors.torch import save_file
+    base_sd = {k.replace(".base_layer", ""): v.contiguous() for k, v in base.state_dict().items()
+               if "lora_" not in k and "base_layer" in k}
+    save_file(base_sd, str(tmp_path / "base.safetensors"))
+    result = ra.analyze_adapter(tmp_path / "a", base=tmp_path / "base.safetensors", top=3)
+    layers = ra.load_peft_adapter(tmp_path / "a")
+    assert len(result["rows"]) == 3 and any(row["N"] == row["K"] for row in result["rows"])  # attn.c_proj
+    for row in result["rows"]:
+        A, B, scale = layers[row["layer"]]
+        _, U, S, V = _full_svd(A, B, scale)
+        W = base_sd[row["layer"].removeprefix("base_model.model.") + ".weight"].double()
+        assert W.shape == (row["K"], row["N"])  # Conv1D layout
+        assert row["base_projection"] == pytest.approx(float((U[:, :3].t() @ W.t() @ V[:, :3]).norm()), rel=1e-9)
