@@ -310,6 +310,11 @@ SMALL_M_KERNELS = ("lora_forward_gemm_kernel",)
 # Kernels that read the base weight W take it dense or as bitsandbytes NF4 (W_NF4).
 WEIGHT_FORMATS = {"lora_forward_gemm_kernel": ("dense", "nf4"), "lora_grad_input_kernel": ("dense", "nf4"),
                   "lora_forward_fused_kernel": ("dense", "nf4")}
+# Kernels launched with a dense W whose unit stride runs along N (a transposed view: transformers'
+# Conv1D keeps W [in, out], and the PEFT patch passes W^T). The one-launch forward is not: with W's
+# tiles contiguous along N it spills on sm_90 (aot_check), so the launcher keeps it to weights with
+# unit stride along K and takes the two-launch forward otherwise.
+TRANSPOSED_WEIGHT_KERNELS = ("lora_forward_gemm_kernel", "lora_grad_input_kernel")
 # Kernels launched only for some (padded rank, dot kind, GPU family): name -> predicate.
 LAUNCH_LIMITS = {"lora_forward_fused_kernel": fused_forward_supported,
                  "lora_forward_gemm_tma_kernel": tma_supported, "lora_grad_input_tma_kernel": tma_supported}

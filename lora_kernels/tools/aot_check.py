@@ -33,6 +33,9 @@ FP32_ARGS = {"dh_ws_ptr", "db_ws_ptr", "colsum_ws_ptr", "da_ws_ptr", "dh_ptr", "
 # constant 1, so the AOT compile does the same (it decides vectorised, pipelined loads).
 UNIT_STRIDE_ARGS = {"stride_xk", "stride_ak", "stride_hr", "stride_wk", "stride_br", "stride_yn",
                     "stride_dyn", "stride_dhr", "stride_dxk"}
+# A dense W [N, K] that is the transposed view of a contiguous [K, N] weight (transformers' Conv1D, as
+# the PEFT patch passes it): unit stride along N instead of K, a specialization of its own.
+TRANSPOSED_W = "dense-wT"
 ALL_ON_FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "NEED_DH": True, "NEED_DB": True,
                 "NEED_COLSUM": True, "UPCAST_DOT": False}
 NF4_PTR_ARGS = ("wq_absmax_ptr", "wq_absmax_code_ptr", "wq_absmax_scale_ptr", "wq_absmax_offset_ptr",
@@ -71,10 +74,20 @@ TL_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 def aot_weight_formats(name: str) -> tuple:
     """The base-weight formats kernel ``name`` is compiled for: its ``configs.WEIGHT_FORMATS``, NF4
     both aligned ("nf4": the fast tile decode) and not ("nf4-unaligned": per-element decode, its own
-    tiles), since the launchers pick either by the weight's shape."""
+    tiles), since the launchers pick either by the weight's shape, and a dense W both contiguous
+    ("dense") and, for ``configs.TRANSPOSED_WEIGHT_KERNELS``, transposed (``TRANSPOSED_W``)."""
     from lora_kernels.kernels import configs
-    formats = configs.WEIGHT_FORMATS.get(name, ("dense",))
-    return tuple(f for fmt in formats for f in ((fmt, "nf4-unaligned") if fmt == "nf4" else (fmt,)))
+    extra = {"nf4": ("nf4", "nf4-unaligned"),
+             "dense": ("dense", TRANSPOSED_W) if name in configs.TRANSPOSED_WEIGHT_KERNELS else ("dense",)}
+    return tuple(f for fmt in configs.WEIGHT_FORMATS.get(name, ("dense",)) for f in extra.get(fmt, (fmt,)))
+
+
+def unit_stride_args(weight_format: str) -> set:
+    """The stride arguments a variant's tensors have equal to 1 (``UNIT_STRIDE_ARGS``; W's along N for a
+    transposed dense weight)."""
+    if weight_format == TRANSPOSED_W:
+        return (UNIT_STRIDE_ARGS - {"stride_wk"}) | {"stride_wn"}
+    return UNIT_STRIDE_ARGS
 
 
 def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
@@ -93,8 +106,9 @@ def _weight_constexprs(fn, x_dtype: str, weight_format: str) -> dict:
 def _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format="dense", small_m=False):
     """Argument types as triton.jit would infer them for contiguous tensors and 16-aligned sizes."""
     sig = {}
+    unit_strides = unit_stride_args(weight_format)
     for arg in fn.arg_names:
-        if arg in constexprs or arg in UNIT_STRIDE_ARGS:
+        if arg in constexprs or arg in unit_strides:
             sig[arg] = "constexpr"
         elif arg in TMA_DESCRIPTOR_BLOCKS:  # host-made TMA descriptor of a 16-byte-aligned x or W
             sig[arg] = f"tensordesc<{x_dtype}[{', '.join(str(constexprs[b]) for b in TMA_DESCRIPTOR_BLOCKS[arg])}]>"
@@ -161,7 +175,7 @@ def compile_one(variant, arch: int) -> dict:
                       "LORA_PRECISION": precision if (x_dtype == "fp32" or adapter_dtype != "fp32") else "tf32",
                       **ALL_ON_FLAGS, **cfg.blocks, **_weight_constexprs(fn, x_dtype, weight_format)}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    constexprs.update({k: 1 for k in UNIT_STRIDE_ARGS if k in fn.arg_names})
+    constexprs.update({k: 1 for k in unit_stride_args(weight_format) if k in fn.arg_names})
     row = {"kernel": name, "R": R, "x": x_dtype, "adapter": adapter_dtype, "precision": precision,
            "weight": weight_format + ("/smallM" if small_m else ""), "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
            "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}

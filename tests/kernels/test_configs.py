@@ -96,6 +96,9 @@ def test_aot_variants_cover_every_kernel_and_rank():
     assert {r[0] for r in rows if r[5] == "nf4"} == set(configs.WEIGHT_FORMATS) | set(aot_check.DECODE_KERNELS)
     # ... aligned (the tile decode) and not (the per-element decode, its own tiles)
     assert {r[0] for r in rows if r[5] == "nf4-unaligned"} == set(configs.WEIGHT_FORMATS)
+    # ... and a dense W transposed (a Conv1D's [in, out] weight): unit stride along N, not K
+    assert {r[0] for r in rows if r[5] == aot_check.TRANSPOSED_W} == set(configs.TRANSPOSED_WEIGHT_KERNELS)
+    assert set(configs.TRANSPOSED_WEIGHT_KERNELS) <= set(configs.WEIGHT_FORMATS)
     assert {r[0] for r in rows if r[6]} == set(configs.SMALL_M_KERNELS)
     only = list(aot_check.variants(kernels=["lora_shrink_kernel"], ranks=[32]))
     assert len(only) == len(aot_check.DTYPE_PAIRS) and all(v[:2] == ("lora_shrink_kernel", 32) for v in only)
@@ -118,7 +121,8 @@ def test_parse_res_usage():
 _COMPILE_SCRIPT = """
 import json, sys
 from lora_kernels.tools import aot_check
-for name, fmt, small_m in (("lora_forward_gemm_kernel", "nf4", True), ("lora_forward_gemm_tma_kernel", "dense", False),
+for name, fmt, small_m in (("lora_grad_input_kernel", "dense-wT", False),
+                           ("lora_forward_gemm_kernel", "nf4", True), ("lora_forward_gemm_tma_kernel", "dense", False),
                            ("lora_grad_input_tma_kernel", "dense", False)):
     print(json.dumps(aot_check.compile_one((name, 16, "bf16", "bf16", "tf32", fmt, small_m), 90)))
 """
@@ -135,14 +139,25 @@ def test_aot_compile_one_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()[-3:]]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()[-4:]]
     for row in rows:
         assert row["error"] is None, row["error"]
         assert 0 < row["regs"] <= 255
         assert row["arch"] == "sm_90" and row["dynamic_shared"] >= 0
         assert not aot_check.spilled(row)  # R = 16 is a main configuration: it must not spill
     # the TMA GEMMs' descriptors become TMA copies; the pointer-based GEMM has none
-    assert [row["tma"] for row in rows] == [False, True, True] and rows[1]["wgmma"] and rows[2]["wgmma"]
+    assert [row["tma"] for row in rows] == [False, False, True, True] and rows[2]["wgmma"] and rows[3]["wgmma"]
+    assert rows[0]["weight"] == aot_check.TRANSPOSED_W
+
+
+def test_aot_transposed_weight_signature():
+    """The transposed dense W is compiled as triton.jit specializes it: stride_wn the constant 1,
+    stride_wk a runtime int; the contiguous one the other way round."""
+    from lora_kernels.kernels.lora_backward import lora_grad_input_kernel
+    for fmt, unit, runtime in ((aot_check.TRANSPOSED_W, "stride_wn", "stride_wk"), ("dense", "stride_wk", "stride_wn")):
+        sig = aot_check._signature(lora_grad_input_kernel, "bf16", "bf16", {}, fmt)
+        assert sig[unit] == "constexpr" and sig[runtime] == "i32", fmt
+        assert unit in aot_check.unit_stride_args(fmt) and runtime not in aot_check.unit_stride_args(fmt)
 
 
 def test_aot_toolchain_names_triton_and_its_ptxas():

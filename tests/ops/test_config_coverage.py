@@ -226,9 +226,11 @@ def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale
                     x, r, scale, fused)
 
 
-def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r, scale, launched):
-    """Runs lora_linear on x [M, K] (fresh W [24, K], rank r) with ``env`` = min_m, the GPU family
-    ``arch`` and the fp32 matmul ``precision``; checks whether ``kernel_name`` ran, and y."""
+def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r, scale, launched,
+                    transposed_weight=False):
+    """Runs lora_linear on x [M, K] (fresh W [24, K], rank r; ``transposed_weight``: W the transposed
+    view of a [K, 24] tensor) with ``env`` = min_m, the GPU family ``arch`` and the fp32 matmul
+    ``precision``; checks whether ``kernel_name`` ran, and y."""
     recorder = GridRecorder(getattr(triton_launch, kernel_name))
     monkeypatch.setattr(triton_launch, kernel_name, recorder)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
@@ -239,7 +241,7 @@ def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r,
     try:
         gen = torch.Generator().manual_seed(x.shape[0] + r)
         K = x.shape[1]
-        weight = torch.randn(24, K, generator=gen) / 7
+        weight = torch.randn(K, 24, generator=gen).t() / 7 if transposed_weight else torch.randn(24, K, generator=gen) / 7
         A, B = torch.randn(r, K, generator=gen) / 7, torch.randn(24, r, generator=gen)
         y = lora_kernels.lora_linear(x, weight, A, B, scale)
     finally:
@@ -247,6 +249,15 @@ def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r,
     assert bool(recorder.grids) == launched
     ref = lora_linear_reference(x.double(), weight.double(), A.double(), B.double(), scale)
     assert _rel(y, ref) < 1e-3
+
+
+def test_fused_forward_not_for_a_transposed_weight(monkeypatch):
+    # a Conv1D's weight as the PEFT patch passes it: the two-launch forward (configs.TRANSPOSED_WEIGHT_KERNELS)
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
+    _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
+                    x, 4, 0.5, False, transposed_weight=True)
+    _check_dispatch(monkeypatch, "lora_forward_gemm_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
+                    x, 4, 0.5, True, transposed_weight=True)
 
 
 def test_fused_forward_strided_and_3d_input(monkeypatch):
