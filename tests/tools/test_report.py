@@ -389,11 +389,22 @@ def test_aot_counts(tmp_path, wrapped):
                                                          "2 (1)", "1 of 2"]
     assert body[("**all**", "")][:3] == [str(len(rows) // 2), str(len(rows) // 2), "1"]
     assert body[("**all**", "")][5] == "2 (1)"
+    assert len(body) == 4  # every (kernel, weight) group and the total
     if wrapped:
         assert "targets sm_80, sm_90" in lines[0]
     else:
         assert "No device/date metadata in the file" in lines[0]
         assert "Files without device/date metadata: `aot/aot_sm80_sm90.json`." in md
+
+
+def test_aot_table_shows_every_kernel_and_format(tmp_path):
+    rows = [{"kernel": f"k{i}_kernel", "R": 16, "weight": w, "arch": a, "regs": 40 + i, "stack": 0, "local": 0,
+             "dynamic_shared": 0, "static_shared": 0, "wgmma": False, "error": None}
+            for i in range(report.MAX_TABLE_ROWS) for w in ("dense", "nf4") for a in ("sm_80", "sm_90")]
+    write(tmp_path, "aot/aot_sm80_sm90.json", {"meta": meta(device="AMD EPYC (cpu)"), "rows": rows})
+    body = table_bodies(section_of(report.generate(tmp_path), "aot_sm80_sm90.json"))
+    assert [c[:2] for c in body] == [[f"k{i}_kernel", w] for i in range(report.MAX_TABLE_ROWS)
+                                     for w in ("dense", "nf4")] + [["**all**", ""]]
 
 
 def test_csrc_counts(tmp_path):
