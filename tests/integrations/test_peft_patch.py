@@ -155,6 +155,24 @@ def test_gpt2_conv1d_layers_on_cuda_match_peft():
         assert_close(grads[name], ref_grads[name], 5e-2, name)
 
 
+def test_gpt2_conv1d_layer_compiles_without_graph_breaks():
+    # fullgraph on the layer: GPT-2's own forward breaks the graph in transformers' loss (a logger call)
+    reference = gpt2_peft_model(seed=4)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.transformer.h[0].attn.c_attn
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    with use_backend("torch") as record:
+        y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        y.sum().backward()
+    assert record.impls("fwd") and record.impls("bwd")
+    x_ref = x.detach().requires_grad_(True)
+    ref = reference.base_model.model.transformer.h[0].attn.c_attn(x_ref)
+    ref.sum().backward()
+    assert_close(y, ref, BOUND, "y")
+    assert_close(x.grad, x_ref.grad, BOUND, "dx")
+
+
 def test_gpt2_conv1d_adamw_steps_match():
     reference = gpt2_peft_model(seed=6)
     patched = copy.deepcopy(reference)
