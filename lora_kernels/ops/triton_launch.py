@@ -273,12 +273,14 @@ def small_m_max() -> int:
 FUSED_MIN_M_ENV = "LORA_KERNELS_FUSED_FORWARD_MIN_M"
 
 
-def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float, weight_k_contiguous: bool = True) -> bool:
+def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float, k_contiguous: bool = True) -> bool:
     """Whether a forward of M rows (above the small-M path), rank r, dot kind and GPU family takes the
-    one-launch kernel (its epilogue divides by the scale: never for scale 0; and only for a weight
-    with unit stride along K, ``configs.TRANSPOSED_WEIGHT_KERNELS``)."""
+    one-launch kernel (its epilogue divides by the scale: never for scale 0). ``k_contiguous``: x and a
+    dense W both have unit stride along K; with any other stride of either (a transposed view, a
+    slice with a step) the kernel spills on sm_90 (``configs.TRANSPOSED_WEIGHT_KERNELS``), so such
+    calls take the two-launch forward."""
     min_m = env_nonnegative_int(FUSED_MIN_M_ENV, 0)
-    return (0 < min_m <= M and scale != 0.0 and weight_k_contiguous
+    return (0 < min_m <= M and scale != 0.0 and k_contiguous
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
 
 
@@ -341,7 +343,8 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
 
     small_m = M <= small_m_max()
     cublas_base = use_cublas_base(M, wq)
-    if not small_m and not cublas_base and use_fused_forward(M, r, *key, scale, wq is not None or weight.stride(1) == 1):
+    k_contiguous = x2.stride(1) == 1 and (wq is not None or weight.stride(1) == 1)
+    if not small_m and not cublas_base and use_fused_forward(M, r, *key, scale, k_contiguous):
         cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = cdiv(M, cfg.blocks["BLOCK_M"])

@@ -251,30 +251,37 @@ def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r,
     assert _rel(y, ref) < 1e-3
 
 
-def test_fused_forward_not_for_a_transposed_weight(monkeypatch):
+def test_fused_forward_not_for_a_transposed_weight_or_input(monkeypatch):
     # a Conv1D's weight as the PEFT patch passes it: the two-launch forward (configs.TRANSPOSED_WEIGHT_KERNELS)
     x = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
     _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
                     x, 4, 0.5, False, transposed_weight=True)
     _check_dispatch(monkeypatch, "lora_forward_gemm_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
                     x, 4, 0.5, True, transposed_weight=True)
+    # ... nor for an x with its unit stride along M (a transposed view): it spills there too
+    x_t = torch.randn(48, 40, generator=torch.Generator().manual_seed(4)).t()
+    _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
+                    x_t, 4, 0.5, False)
 
 
-def test_fused_forward_strided_and_3d_input(monkeypatch):
-    # x with a non-unit column stride and leading dims: the kernel takes the strides as given
+@pytest.mark.parametrize("k_step", [1, 2])
+def test_fused_forward_strided_and_3d_input(monkeypatch, k_step):
+    # x with leading dims and a row stride of its own: the kernel takes the strides as given. Unit
+    # stride along K only (k_step 1): with a K stride of 2 the one-launch kernel spills on sm_90, so
+    # such an x takes the two-launch forward.
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, "1")
     recorder = GridRecorder(triton_launch.lora_forward_fused_kernel)
     monkeypatch.setattr(triton_launch, "lora_forward_fused_kernel", recorder)
     gen = torch.Generator().manual_seed(21)
     big = torch.randn(3, 11, 2 * 70, generator=gen, dtype=torch.float16)
-    x = big[..., ::2]  # [3, 11, 70], stride 2 along K
+    x = big[..., ::k_step][..., :70]  # [3, 11, 70], rows 140 apart, stride k_step along K
     weight = (torch.randn(90, 70, generator=gen) / 8).half()
     A = (torch.randn(6, 70, generator=gen) / 8).half().requires_grad_(True)
     B = torch.randn(90, 6, generator=gen).half().requires_grad_(True)
     y = lora_kernels.lora_linear(x, weight, A, B, 1.5)
     y.float().sum().backward()
-    assert recorder.grids and y.shape == (3, 11, 90)
+    assert bool(recorder.grids) == (k_step == 1) and y.shape == (3, 11, 90)
     Ar, Br = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
     ref = lora_linear_reference(x.double(), weight.double(), Ar, Br, 1.5)
     ref.sum().backward()
