@@ -276,9 +276,9 @@ FUSED_MIN_M_ENV = "LORA_KERNELS_FUSED_FORWARD_MIN_M"
 def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float, k_contiguous: bool = True) -> bool:
     """Whether a forward of M rows (above the small-M path), rank r, dot kind and GPU family takes the
     one-launch kernel (its epilogue divides by the scale: never for scale 0). ``k_contiguous``: x and a
-    dense W both have unit stride along K; with any other stride of either (a transposed view, a
-    slice with a step) the kernel spills on sm_90 (``configs.TRANSPOSED_WEIGHT_KERNELS``), so such
-    calls take the two-launch forward."""
+    dense W both have unit stride along K; with any other stride of W (a transposed view: a Conv1D's
+    weight) the kernel spills on sm_90 (``configs.TRANSPOSED_WEIGHT_KERNELS``), so such calls take
+    the two-launch forward (x is made so first: ``unit_inner_stride``)."""
     min_m = env_nonnegative_int(FUSED_MIN_M_ENV, 0)
     return (0 < min_m <= M and scale != 0.0 and k_contiguous
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
@@ -323,12 +323,22 @@ def split_ranges(length: int, block: int, other_programs: int, device: torch.dev
     return cdiv(length, per_split), per_split
 
 
+def unit_inner_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t [R, C] itself when its rows are contiguous (stride 1 along C, or C <= 1), else a contiguous
+    copy. Every kernel reads x and dY in tiles along their last dimension: with another stride there
+    (a transposed view, a slice with a step) the compiled kernels spill, up to ~570 bytes on sm_90
+    for the NF4 GEMMs (a one-off AOT compile of those specializations), and their loads are
+    uncoalesced, where one copy is a single coalesced pass."""
+    return t if t is None or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
 @_launches_on(lambda x2: x2.device)
 def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_p: float, seed,
                         wq: Optional[NF4Tensors] = None):
     """(y2 [M, N] x.dtype, h [M, r] lora_A.dtype) for x2 [M, K]; bias is the combined bias or None.
 
     weight: dense [N, K], or with ``wq`` the NF4 packed codes (wq.packed)."""
+    x2 = unit_inner_stride(x2)
     M, K = x2.shape
     N = lora_B.shape[0]
     if bias is not None and not bias.is_contiguous():
@@ -343,7 +353,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
 
     small_m = M <= small_m_max()
     cublas_base = use_cublas_base(M, wq)
-    k_contiguous = x2.stride(1) == 1 and (wq is not None or weight.stride(1) == 1)
+    k_contiguous = wq is not None or weight.stride(1) == 1  # x2's rows are (unit_inner_stride)
     if not small_m and not cublas_base and use_fused_forward(M, r, *key, scale, k_contiguous):
         cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
@@ -510,6 +520,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     """(dx2, dA, dB, dbias) with None for what is not needed; same contract as torch_lora_backward.
 
     weight: dense [N, K], or with ``wq`` the NF4 packed codes (wq.packed)."""
+    grad_y2, x2 = unit_inner_stride(grad_y2), unit_inner_stride(x2)
     M, N = grad_y2.shape
     K = lora_A.shape[1]
     r = lora_A.shape[0]

@@ -251,24 +251,24 @@ def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r,
     assert _rel(y, ref) < 1e-3
 
 
-def test_fused_forward_not_for_a_transposed_weight_or_input(monkeypatch):
+def test_fused_forward_not_for_a_transposed_weight(monkeypatch):
     # a Conv1D's weight as the PEFT patch passes it: the two-launch forward (configs.TRANSPOSED_WEIGHT_KERNELS)
     x = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
     _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
                     x, 4, 0.5, False, transposed_weight=True)
     _check_dispatch(monkeypatch, "lora_forward_gemm_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
                     x, 4, 0.5, True, transposed_weight=True)
-    # ... nor for an x with its unit stride along M (a transposed view): it spills there too
+    # a transposed x is copied to unit stride along K first (unit_inner_stride): the fused kernel runs
     x_t = torch.randn(48, 40, generator=torch.Generator().manual_seed(4)).t()
     _check_dispatch(monkeypatch, "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV, "17", 90, "high",
-                    x_t, 4, 0.5, False)
+                    x_t, 4, 0.5, True)
 
 
 @pytest.mark.parametrize("k_step", [1, 2])
 def test_fused_forward_strided_and_3d_input(monkeypatch, k_step):
-    # x with leading dims and a row stride of its own: the kernel takes the strides as given. Unit
-    # stride along K only (k_step 1): with a K stride of 2 the one-launch kernel spills on sm_90, so
-    # such an x takes the two-launch forward.
+    # x with leading dims and a row stride of its own: the kernel takes the strides as given; with a K
+    # stride of 2 (k_step) x is copied to unit stride first (unit_inner_stride: the kernels spill
+    # otherwise).
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     monkeypatch.setenv(triton_launch.FUSED_MIN_M_ENV, "1")
     recorder = GridRecorder(triton_launch.lora_forward_fused_kernel)
@@ -281,7 +281,7 @@ def test_fused_forward_strided_and_3d_input(monkeypatch, k_step):
     B = torch.randn(90, 6, generator=gen).half().requires_grad_(True)
     y = lora_kernels.lora_linear(x, weight, A, B, 1.5)
     y.float().sum().backward()
-    assert bool(recorder.grids) == (k_step == 1) and y.shape == (3, 11, 90)
+    assert recorder.grids and y.shape == (3, 11, 90)
     Ar, Br = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
     ref = lora_linear_reference(x.double(), weight.double(), Ar, Br, 1.5)
     ref.sum().backward()
@@ -324,9 +324,11 @@ def test_tma_gemms_match_reference(monkeypatch, kind, r):
         torch.set_float32_matmul_precision(old_precision)
 
 
-@pytest.mark.parametrize("N, strided_dy, tma", [(24, False, True), (21, False, False), (24, True, False)])
-def test_tma_grad_input_dispatch(monkeypatch, N, strided_dy, tma):
-    # dY [M, N] must be TMA-addressable too: rows of 84 B or a strided dY keep the pointer dX GEMM
+@pytest.mark.parametrize("N, dy_layout, tma", [(24, "contiguous", True), (21, "contiguous", False),
+                                                (24, "odd_row_stride", False), (24, "step_2", True)])
+def test_tma_grad_input_dispatch(monkeypatch, N, dy_layout, tma):
+    # dY [M, N] must be TMA-addressable too: rows of 84 B, or rows 50 B apart, keep the pointer dX GEMM;
+    # a dY with a step along N is copied to unit stride first (unit_inner_stride), then addressable
     recorder = GridRecorder(triton_launch.lora_grad_input_tma_kernel)
     monkeypatch.setattr(triton_launch, "lora_grad_input_tma_kernel", recorder)
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
@@ -338,7 +340,8 @@ def test_tma_grad_input_dispatch(monkeypatch, N, strided_dy, tma):
     A = (torch.randn(4, 48, generator=gen) / 7).half().requires_grad_(True)
     B = torch.randn(N, 4, generator=gen).half().requires_grad_(True)
     dy = torch.randn(40, 2 * N, generator=gen).half()
-    dy = dy[:, ::2] if strided_dy else dy[:, :N].contiguous()
+    dy = {"contiguous": dy[:, :N].contiguous(), "odd_row_stride": torch.randn(40, N + 1, generator=gen).half()[:, :N],
+          "step_2": dy[:, ::2]}[dy_layout]
     lora_kernels.lora_linear(x, weight, A, B, 0.5).backward(dy)
     assert bool(recorder.grids) == tma
     xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, A, B))
@@ -367,7 +370,7 @@ def _broadcast_x(M, K, gen):
     ("17", 40, 48, 80, "high", None, False),       # sm_80
     ("17", 40, 48, 90, "highest", None, False),    # exact fp32 dots
     ("17", 40, 50, 90, "high", None, False),       # rows of 200 B: not 16-byte aligned
-    ("17", 40, 48, 90, "high", _strided_x, False),  # x's inner stride 2
+    ("17", 40, 48, 90, "high", _strided_x, True),   # x's inner stride 2: copied to unit stride first
     ("17", 40, 48, 90, "high", _offset_x, False),   # x starts off a 16-byte boundary
     ("17", 40, 48, 90, "high", _broadcast_x, False),  # one row broadcast to all: stride 0
 ])

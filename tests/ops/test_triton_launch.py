@@ -120,3 +120,56 @@ def test_host_cdiv_is_ceiling_division():
     import math
     assert [triton_launch.cdiv(a, b) for a, b in ((0, 64), (1, 64), (64, 64), (65, 64), (8192, 128))] == [0, 1, 1, 2, 64]
     assert all(triton_launch.cdiv(a, b) == math.ceil(a / b) for a in range(0, 300, 7) for b in (1, 16, 33))
+
+
+# The kernels whose first argument is x or dY, read in tiles along its last dimension.
+ROW_INPUT_KERNELS = ("lora_shrink_kernel", "lora_forward_gemm_kernel", "lora_grad_out_pass_kernel",
+                     "lora_grad_input_kernel", "lora_grad_a_kernel")
+
+
+@pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("layout", ["transposed", "k_step"])
+def test_x_and_dy_reach_the_kernels_with_unit_inner_stride(monkeypatch, layout, qlora):
+    """x (forward, dA) and dY (dH/dB, dX) whose last dimension is not contiguous (a transposed view, a
+    slice with a step) are copied once before the kernels, which spill with such strides; results as
+    for contiguous inputs."""
+    launched = []
+    real_launch = triton_launch.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if kernel.__name__ in ROW_INPUT_KERNELS:
+            launched.append((kernel.__name__, args[0].stride(1), args[0].shape))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_launch, "launch", recording_launch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "0")  # the fused NF4 GEMMs, which spill most
+    gen = torch.Generator().manual_seed(6)
+    M, K, N, r = 33, 64, 40, 4
+
+    def strided(rows, cols):
+        if layout == "transposed":
+            return torch.randn(cols, rows, generator=gen).t()
+        return torch.randn(rows, 2 * cols, generator=gen)[:, ::2]
+
+    x = strided(M, K).requires_grad_(True)
+    dy = strided(M, N)
+    assert x.stride(1) != 1 and dy.stride(1) != 1
+    weight = torch.randn(N, K, generator=gen) / 8
+    A = (torch.randn(r, K, generator=gen) / 8).requires_grad_(True)
+    B = torch.randn(N, r, generator=gen).requires_grad_(True)
+    if qlora:
+        q = lora_kernels.NF4Weight.quantize(weight)
+        y = lora_kernels.nf4_lora_linear(x, q, A, B, 0.5)
+        weight = q.dequantize()
+    else:
+        y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
+    y.backward(dy)
+    assert {name for name, _, _ in launched} == set(ROW_INPUT_KERNELS)
+    assert all(stride == 1 for _, stride, _ in launched), launched
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
+    ref = lora_linear_reference(leaves[0], weight.double(), leaves[1], leaves[2], 0.5)
+    ref.backward(dy.double())
+    for out, expected in zip((y, x.grad, A.grad, B.grad), (ref, *(t.grad for t in leaves))):
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
