@@ -109,9 +109,10 @@ def _base_layer(layer) -> torch.nn.Module:
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
-    """(None, (adapter, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb Linear4bit),
-    its bias, A, B, whether the base is a bnb Linear4bit)) when this call can run on lora_kernels, else (reason, None): what the check resolves, the fast
-    forward reuses (a per-call cost of every LoRA layer)."""
+    """(None, (adapter, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb
+    Linear4bit), its bias, A, B, whether the base is a bnb Linear4bit)) when this call can run on
+    lora_kernels, else (reason, None): what the check resolves, the fast forward reuses (a per-call cost
+    of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments (adapter_names=, variant or base-layer arguments)", None
     if layer.disable_adapters:

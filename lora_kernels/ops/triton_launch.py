@@ -353,7 +353,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
 
     small_m = M <= small_m_max()
     cublas_base = use_cublas_base(M, wq)
-    k_contiguous = wq is not None or weight.stride(1) == 1  # x2's rows are (unit_inner_stride)
+    k_contiguous = wq is not None or weight.stride(1) == 1  # x2's rows are contiguous (unit_inner_stride)
     if not small_m and not cublas_base and use_fused_forward(M, r, *key, scale, k_contiguous):
         cfg = _gemm_config(configs.fused_forward_config, wq, R, *key)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])

@@ -192,6 +192,14 @@ def _read_tensors(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def adapter_config(adapter_dir: Union[str, Path]) -> dict:
+    """The adapter_config.json of a PEFT adapter folder, as a dict."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"adapter_dir must be a PEFT adapter folder with adapter_config.json, got {adapter_dir}")
+    return json.loads(config_path.read_text())
+
+
 def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
     """{layer name: (lora_A [r, K], lora_B [N, r], scale)} from a PEFT adapter folder
     (adapter_config.json + adapter_model.safetensors or .bin), float32 on CPU.
@@ -200,10 +208,7 @@ def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
     alpha_pattern per layer; AdaLoRA adapters fold lora_E into A (ΔW = B (A ⊙ E) α / r).
     """
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise ValueError(f"adapter_dir must be a PEFT adapter folder with adapter_config.json, got {adapter_dir}")
-    config = json.loads(config_path.read_text())
+    config = adapter_config(adapter_dir)
     weights = next((adapter_dir / f for f in ("adapter_model.safetensors", "adapter_model.bin")
                     if (adapter_dir / f).is_file()), None)
     if weights is None:
@@ -271,7 +276,7 @@ def analyze_adapter(adapter_dir, compare_dir=None, base=None, energy: float = 0.
     directions (W₀ [N, K] as ΔW: a fan_in_fan_out adapter's dense base weights, stored [K, N] by
     transformers' Conv1D, are transposed)."""
     layers = load_peft_adapter(adapter_dir)
-    fan_in_fan_out = bool(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("fan_in_fan_out"))
+    fan_in_fan_out = bool(adapter_config(adapter_dir).get("fan_in_fan_out"))
     other = load_peft_adapter(compare_dir) if compare_dir is not None else None
     base_sd = _load_base(base) if base is not None else None
     rows = []

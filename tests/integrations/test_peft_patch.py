@@ -109,8 +109,9 @@ def gpt2_peft_model(seed=0, **lora_kwargs):
     """A small GPT-2 (transformers' Conv1D projections: weight [in, out]) under PEFT LoRA, which wraps
     Conv1D with fan_in_fan_out=True."""
     torch.manual_seed(seed)
+    # no dropout in the model: PEFT's and the patched logits must agree
     cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=32, vocab_size=100, bos_token_id=0,
-                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: same logits
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg).float()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_TARGETS, fan_in_fan_out=True,
                            init_lora_weights=False, **lora_kwargs)

@@ -241,7 +241,7 @@ def _check_dispatch(monkeypatch, kernel_name, env, min_m, arch, precision, x, r,
     try:
         gen = torch.Generator().manual_seed(x.shape[0] + r)
         K = x.shape[1]
-        weight = torch.randn(K, 24, generator=gen).t() / 7 if transposed_weight else torch.randn(24, K, generator=gen) / 7
+        weight = (torch.randn(K, 24, generator=gen).t() if transposed_weight else torch.randn(24, K, generator=gen)) / 7
         A, B = torch.randn(r, K, generator=gen) / 7, torch.randn(24, r, generator=gen)
         y = lora_kernels.lora_linear(x, weight, A, B, scale)
     finally:
