@@ -116,7 +116,7 @@ for step in $STEPS; do
                       timeout $(cap 240) python -m lora_kernels bench --train --variants peft,lora_kernels,lora_kernels_cublas,peft_qlora,lora_kernels_qlora,lora_kernels_qlora_cuda_decode \
                           --out "$OUT/train_routes" 2>&1 | tee "$OUT/train.txt" ;;
         variants) timeout $(cap 240) python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
-                      --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,peft_dora,lora_kernels_dora,base --out "$OUT" 2>&1 \
+                      --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,peft_dora,lora_kernels_dora,lora_kernels_wt,base --out "$OUT" 2>&1 \
                       | tee "$OUT/variants.txt" ;;
         dora) # PEFT DoRA vs the patched DoRA layers: saved activations / peak, then training steps
               timeout $(cap 150) python -m lora_kernels memory --dora --out "$OUT" 2>&1 | tee "$OUT/memory_dora.txt"

@@ -24,7 +24,8 @@ dense (writes bench_<dtype>.{json,csv,png})
     base              ``F.linear(x, W)``: the floor (its backward computes dX only)
     opt-in variants (``VARIANT_PROVIDERS``; a sweep with them writes bench_variants_<dtype>.*):
     lora_kernels_dylora, lora_kernels_adalora, peft_dora (PEFT's DoRA layer), lora_kernels_dora
-    (that layer patched; compared with peft_dora)
+    (that layer patched; compared with peft_dora), lora_kernels_wt (the base weight stored [K, N], as
+    transformers' Conv1D holds GPT-2's, passed as its transposed view)
 nf4 (writes bench_qlora_<dtype>.*; see ``lora_kernels.tools.qlora_bench``)
     lora_kernels_nf4, lora_kernels_nf4_fa, lora_kernels_nf4_gemv / _gemv_mma (the CUDA C++ decode GEMV's
     SIMT / tensor-core kernel, M <= 64 in launches of 16 rows,
@@ -100,7 +101,9 @@ DENSE_PROVIDERS = ("lora_kernels", "lora_kernels_fa", "lora_kernels_fused", "lor
 # A[:r], B[:, :r]; adalora: AdaLoRA's SVD form, E [r, 1] folded into A (A ⊙ E) as the PEFT swap-in does;
 # peft_dora: PEFT's DoRA layer (magnitude = ||W + s B A||_row: the plain LoRA output), lora_kernels_dora:
 # that layer patched by patch_peft_model.
-VARIANT_PROVIDERS = ("lora_kernels_dylora", "lora_kernels_adalora", "peft_dora", "lora_kernels_dora")
+# lora_kernels_wt: the base weight stored [K, N] (transformers' Conv1D: GPT-2's projections, which the
+# PEFT patch passes as W.t(), never copied) instead of nn.Linear's [N, K].
+VARIANT_PROVIDERS = ("lora_kernels_dylora", "lora_kernels_adalora", "peft_dora", "lora_kernels_dora", "lora_kernels_wt")
 VARIANT_REF = "lora_kernels"
 # The PEFT row each provider is compared with: like for like in adapter trainability and variant.
 PEFT_REF = {"lora_kernels_fa": "peft_fa", "peft_fa": "peft_fa", "lora_kernels_dora": "peft_dora",
@@ -489,6 +492,11 @@ def build_impls(p: Problem, impls=ALL_IMPLS, dropout_p: float = 0.0) -> dict:
             out[name] = Impl(name, lambda: lora_linear(x, W, A_max[:r], B_max[:, :r], s, dropout_p=dropout_p),
                              [x, A_max, B_max], [W, A_max, B_max],
                              infer=lambda: lora_linear(x_infer, W, A_max[:r], B_max[:, :r], s))
+        elif name == "lora_kernels_wt":
+            W_kn = W.detach().t().contiguous()  # the [K, N] storage of a Conv1D; the kernels get its view
+            W_t = W_kn.t()
+            out[name] = Impl(name, lambda: lora_linear(x, W_t, A, B, s, dropout_p=dropout_p), [x, A, B],
+                             [W_kn, A, B], infer=lambda: lora_linear(x_infer, W_t, A, B, s))
         elif name == "lora_kernels_adalora":
             E = torch.ones(p.r, 1, device=A.device, dtype=A.dtype, requires_grad=True)  # A ⊙ 1 = A: same output
             out[name] = Impl(name, lambda: lora_linear(x, W, A * E, B, s, dropout_p=dropout_p), [x, A, B, E],

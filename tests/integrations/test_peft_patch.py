@@ -255,7 +255,11 @@ def test_gradient_checkpointing_recomputes_the_same_step(qlora, use_reentrant, d
         model = peft_model(qlora=qlora, dropout=0.1, seed=4, use_dora=dora)
         lora_kernels.patch_peft_model(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            # transformers 5.x renamed it (the old name warns, and goes in v6); older releases have the old only
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
             model.enable_input_require_grads()  # the reentrant variant needs an input that requires grad
         model.train()
         ids = _ids()

@@ -11,10 +11,12 @@ import os
 import re
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
 
+import lora_kernels
 from lora_kernels.ops import triton_launch
 from lora_kernels.tools import bench
 from tests.helpers import GridRecorder
@@ -395,6 +397,21 @@ def test_cuda_timer_plumbing_with_cpu_stand_ins(monkeypatch):
         assert {id(t) for impl in impls for t in impl.leaves} <= leaves
     for c in copies:  # no gradient left behind
         assert all(t.grad is None for impl in c.values() for t in impl.leaves)
+
+
+def test_transposed_weight_provider_holds_conv1d_layout():
+    """lora_kernels_wt stores the base weight [K, N] (as transformers' Conv1D does) and calls the
+    kernels with its transposed view, not a copy: the same function as lora_kernels."""
+    p = bench.make_problem(7, 24, 40, 4, "cpu", torch.float32, seed=3)
+    seen = []
+    real = lora_kernels.lora_linear
+    with mock.patch.object(lora_kernels, "lora_linear", lambda x, W, *a, **k: seen.append(W) or real(x, W, *a, **k)):
+        impls = bench.build_impls(p, ["lora_kernels", "lora_kernels_wt"])  # binds the recording function
+        y = impls["lora_kernels_wt"].forward()
+    W_kn = impls["lora_kernels_wt"].params[0]
+    assert W_kn.shape == (24, 40) and W_kn.is_contiguous() and torch.equal(W_kn.t(), p.weight)
+    assert seen[0].data_ptr() == W_kn.data_ptr() and seen[0].stride() == (1, 40)
+    torch.testing.assert_close(y, impls["lora_kernels"].forward(), rtol=1e-6, atol=1e-6)
 
 
 def test_lora_variant_providers(tmp_path):
