@@ -102,6 +102,27 @@ def test_patched_matches_peft(qlora, backend):
     assert len(record.impls("bwd")) == 14
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_lora_bias_runs_fused_and_matches_peft(qlora, backend):
+    """PEFT's lora_bias=True (a bias on lora_B, scaled with its product: s (B A x + b_B)) runs on the
+    fast path, b_B in the kernels' epilogue, with PEFT's outputs and gradients, b_B's included."""
+    reference = peft_model(qlora=qlora, lora_bias=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        biases = [m for n, m in reference.named_parameters() if "lora_B" in n and n.endswith(".bias")]
+        assert len(biases) == 14
+        for b in biases:  # PEFT starts b_B at zero: random values make it count
+            b.copy_(0.02 * torch.randn(b.shape, generator=gen))  # the scale of the model's own weights
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    with use_backend(backend) as record:
+        _compare_step(patched, reference, _ids(vocab=100))
+    assert _fast_calls(record) == 14
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in patched.named_parameters() if "lora_B" in n and n.endswith(".bias"))
+
+
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: Conv1D
 
 
