@@ -395,12 +395,14 @@ class GridRecorder:
 # The NF4 decode GEMV and slab decode ops (lora_kernels/ops/nf4_gemv.py): inputs and references,
 # shared by the op's tests (tests/ops/test_nf4_gemv.py) and the emulated kernels' (tests/csrc/).
 # ---------------------------------------------------------------------------------------------
-def nf4_gemv_inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0, weight_dtype=None):
+def nf4_gemv_inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, device="cpu", seed=0, weight_dtype=None,
+                    quant_type="nf4"):
     """(args of the op lora_kernels::nf4_gemv_lora without ``kernel``, the NF4Weight): random x [M, K],
-    weight [N, K] stored in ``weight_dtype`` (default x's) and quantized, adapters, fp32 bias or None."""
+    weight [N, K] stored in ``weight_dtype`` (default x's) and quantized (NF4 or FP4), adapters, fp32
+    bias or None."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype)  # the stored (decoded) dtype
-    q = lora_kernels.NF4Weight.quantize(w, double_quant=double_quant)
+    q = lora_kernels.NF4Weight.quantize(w, double_quant=double_quant, quant_type=quant_type)
     q = q.to(device)
     x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
     A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
@@ -474,9 +476,10 @@ def nf4_grad_input_reference(args, q):
     return dx + init.double() if init is not None else dx
 
 
-def nf4_weights_of_each_stored_dtype(N, K, double_quant, seed=5):
+def nf4_weights_of_each_stored_dtype(N, K, double_quant, seed=5, quant_type="nf4"):
     """(stored dtype, NF4Weight) for the same random [N, K] values stored in bf16, fp16 and fp32: the
     slab decodes' bit-exactness cases (each rounds to the stored dtype, then to the output's)."""
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
     for weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        yield weight_dtype, lora_kernels.NF4Weight.quantize(w.to(weight_dtype), double_quant=double_quant)
+        yield weight_dtype, lora_kernels.NF4Weight.quantize(w.to(weight_dtype), double_quant=double_quant,
+                                                            quant_type=quant_type)

@@ -22,8 +22,9 @@ def nf4_from_bnb(obj) -> NF4Weight:
     """An ``NF4Weight`` sharing storage with a quantized bnb weight.
 
     obj: a ``bnb.nn.Params4bit``, a ``bnb.nn.Linear4bit``, or a ``(packed, QuantState)`` pair as
-    returned by ``bitsandbytes.functional.quantize_4bit`` (packed in any quant_storage dtype).
-    Raises TypeError for other objects and ValueError for non-NF4 or not-yet-quantized weights.
+    returned by ``bitsandbytes.functional.quantize_4bit`` (packed in any quant_storage dtype); NF4 or
+    FP4 (the result's ``quant_type``). Raises TypeError for other objects and ValueError for other
+    quant types or not-yet-quantized weights.
     """
     if isinstance(obj, (tuple, list)):
         if len(obj) != 2 or not isinstance(obj[0], torch.Tensor):
@@ -45,8 +46,6 @@ def nf4_from_bnb(obj) -> NF4Weight:
     if quant_state is None:
         raise ValueError("the bitsandbytes weight is not quantized yet (quant_state is None); move it to a "
                          "device (e.g. .to('cuda')) first")
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"unsupported quant type {quant_state.quant_type!r}: only 'nf4' is supported")
     return NF4Weight.from_quant_state(param.data, quant_state)
 
 
@@ -65,10 +64,10 @@ def nf4_to_bnb(nf4: NF4Weight):
         state2 = QuantState(absmax=nf4.absmax_scale, code=nf4.absmax_code, blocksize=nf4.nested_blocksize,
                             dtype=torch.float32)
     quant_state = QuantState(absmax=nf4.absmax, shape=torch.Size(nf4.shape), code=nf4.code, blocksize=nf4.blocksize,
-                             quant_type="nf4", dtype=nf4.dtype, offset=nf4.absmax_offset, state2=state2)
+                             quant_type=nf4.quant_type, dtype=nf4.dtype, offset=nf4.absmax_offset, state2=state2)
     params = bnb.nn.Params4bit(nf4.packed, requires_grad=False, quant_state=quant_state, blocksize=nf4.blocksize,
-                               compress_statistics=nf4.double_quant, quant_type="nf4", quant_storage=torch.uint8,
-                               bnb_quantized=True)
+                               compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
+                               quant_storage=torch.uint8, bnb_quantized=True)
     return params, quant_state
 
 
@@ -93,7 +92,7 @@ def linear4bit_from_nf4(nf4: NF4Weight, bias: Optional[torch.Tensor] = None):
     bnb = _import_bnb()
     # Built on the meta device so that no [out, in] float weight is allocated, then given our tensors.
     module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compress_statistics=nf4.double_quant,
-                               quant_type="nf4", quant_storage=torch.uint8, device="meta")
+                               quant_type=nf4.quant_type, quant_storage=torch.uint8, device="meta")
     params, quant_state = nf4_to_bnb(nf4)
     params.module = module
     module.weight = params

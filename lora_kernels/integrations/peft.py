@@ -27,7 +27,7 @@ import torch
 
 from lora_kernels.autograd import dora_linear, lora_linear, nf4_lora_linear
 from lora_kernels.ops.lora_linear import autocast_enabled
-from lora_kernels.ops.nf4 import NF4Weight
+from lora_kernels.ops.nf4 import QUANT_TYPES, NF4Weight
 
 _ORIGINAL_CLASS = "_lora_kernels_original_class"
 _A_REQUIRES_GRAD = "_lora_kernels_lora_A_requires_grad"  # adapter -> requires_grad before lora_fa
@@ -201,7 +201,7 @@ def _linear4bit_reason(base, x, autocast: bool) -> Optional[str]:
     state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
     if state is None:
         return "bitsandbytes weight not quantized yet"
-    if state.quant_type != "nf4":
+    if state.quant_type not in QUANT_TYPES:
         return f"quant type {state.quant_type}"
     if getattr(state, "packing_format_for_cpu", False):
         return "bitsandbytes repacked the weight for its CPU kernel"

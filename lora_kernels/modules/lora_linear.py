@@ -331,7 +331,7 @@ def _copy_nf4(q: NF4Weight, device) -> NF4Weight:
         return None if t is None else t.to(device, copy=True)
     return NF4Weight(copy(q.packed), copy(q.absmax), q.shape, q.dtype, q.blocksize, code=copy(q.code),
                      absmax_code=copy(q.absmax_code), absmax_scale=copy(q.absmax_scale),
-                     absmax_offset=copy(q.absmax_offset), nested_blocksize=q.nested_blocksize)
+                     absmax_offset=copy(q.absmax_offset), nested_blocksize=q.nested_blocksize, quant_type=q.quant_type)
 
 
 class NF4LoRALinear(_LoRALinearBase):
@@ -383,14 +383,16 @@ class NF4LoRALinear(_LoRALinearBase):
     @classmethod
     def from_linear(cls, linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     freeze_A: bool = False, adapter_dtype: Optional[torch.dtype] = None,
-                    blocksize: Optional[int] = None, double_quant: Optional[bool] = None) -> "NF4LoRALinear":
-        """An NF4LoRALinear from an nn.Linear or a bitsandbytes ``Linear4bit`` (NF4).
+                    blocksize: Optional[int] = None, double_quant: Optional[bool] = None,
+                    quant_type: Optional[str] = None) -> "NF4LoRALinear":
+        """An NF4LoRALinear from an nn.Linear or a bitsandbytes ``Linear4bit`` (NF4 or FP4).
 
         - nn.Linear [out, in]: its weight is quantized (NF4Weight.quantize with blocksize, default 64,
-          and double_quant, default True; bytes identical to bnb's); the bias [out] is shared.
-        - bnb Linear4bit (detected by duck typing; bitsandbytes is not imported): its NF4 tensors and
-          bias are shared, no copy; blocksize / double_quant come from its quant state and must not
-          be given. It must be quantized already (moved to a device), and not repacked by bnb's CPU
+          double_quant, default True, and quant_type, default "nf4"; bytes identical to bnb's); the
+          bias [out] is shared.
+        - bnb Linear4bit (detected by duck typing; bitsandbytes is not imported): its 4-bit tensors and
+          bias are shared, no copy; blocksize / double_quant / quant_type come from its quant state and
+          must not be given. It must be quantized already (moved to a device), and not repacked by bnb's CPU
           inference path (run it in eval mode on CPU only after building this layer).
         Bias and weight are frozen (new Parameters / buffers; the source's flags are untouched).
         Adapters are created on the weight's device, in the weight's dtype (bnb quant_state.dtype)
@@ -398,8 +400,8 @@ class NF4LoRALinear(_LoRALinearBase):
         """
         parts = _bnb_linear4bit_parts(linear)
         if parts is not None:
-            given = [name for name, value in (("blocksize", blocksize), ("double_quant", double_quant))
-                     if value is not None]
+            given = [name for name, value in (("blocksize", blocksize), ("double_quant", double_quant),
+                                              ("quant_type", quant_type)) if value is not None]
             if given:
                 raise ValueError(f"{' and '.join(given)} apply only when quantizing an nn.Linear; the bitsandbytes "
                                  "Linear4bit is already quantized")
@@ -410,7 +412,8 @@ class NF4LoRALinear(_LoRALinearBase):
             if linear.weight.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"linear.weight must be float32, float16 or bfloat16, got {linear.weight.dtype}")
             qweight = NF4Weight.quantize(linear.weight.detach(), blocksize=64 if blocksize is None else blocksize,
-                                         double_quant=True if double_quant is None else bool(double_quant))
+                                         double_quant=True if double_quant is None else bool(double_quant),
+                                         quant_type="nf4" if quant_type is None else quant_type)
         else:
             raise TypeError("linear must be a torch.nn.Linear or a bitsandbytes Linear4bit, got "
                             f"{type(linear).__name__}")
@@ -437,7 +440,8 @@ class NF4LoRALinear(_LoRALinearBase):
             q = NF4Weight(buffers["qweight_packed"], buffers["qweight_absmax"], q.shape, q.dtype, q.blocksize,
                           code=buffers["qweight_code"], absmax_code=buffers["qweight_absmax_code"],
                           absmax_scale=buffers["qweight_absmax_scale"],
-                          absmax_offset=buffers["qweight_absmax_offset"], nested_blocksize=q.nested_blocksize)
+                          absmax_offset=buffers["qweight_absmax_offset"], nested_blocksize=q.nested_blocksize,
+                          quant_type=q.quant_type)
             self._qweight = q
         return q
 
@@ -471,7 +475,8 @@ class NF4LoRALinear(_LoRALinearBase):
 
         self.qweight = NF4Weight(move(q.packed), move(q.absmax), q.shape, q.dtype, q.blocksize, code=move(q.code),
                                  absmax_code=move(q.absmax_code), absmax_scale=move(q.absmax_scale),
-                                 absmax_offset=move(q.absmax_offset), nested_blocksize=q.nested_blocksize)
+                                 absmax_offset=move(q.absmax_offset), nested_blocksize=q.nested_blocksize,
+                                 quant_type=q.quant_type)
         return self
 
     # ---- forward / merge --------------------------------------------------------------------------

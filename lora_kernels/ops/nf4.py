@@ -1,18 +1,20 @@
-"""The NF4 (QLoRA 4-bit NormalFloat) weight format, byte-compatible with bitsandbytes 0.50.
+"""The NF4 (QLoRA 4-bit NormalFloat) weight format, byte-compatible with bitsandbytes 0.50; also its
+FP4 format (``quant_type="fp4"``, the default of transformers' BitsAndBytesConfig), which differs only
+in the 16-entry code table.
 
 Pure PyTorch, no bitsandbytes import (bnb objects are converted in ``lora_kernels.integrations``).
 
 Layout of a weight of ``numel`` elements (any shape, flattened row-major):
   - blocks of ``blocksize`` consecutive elements (blocks span rows; the last one may be partial),
     each scaled by its fp32 absmax; ``n_blocks = ceil(numel / blocksize)``;
-  - a 4-bit index into the 16-entry NF4 table per element, two per byte, the first element of a
-    pair in the HIGH nibble: ``packed`` is uint8 [(numel + 1) // 2, 1]; for odd numel the last
-    low nibble holds the padding code (7, the code of 0.0, as bnb writes it);
+  - a 4-bit index into the 16-entry NF4 (or FP4) table per element, two per byte, the first element
+    of a pair in the HIGH nibble: ``packed`` is uint8 [(numel + 1) // 2, 1]; for odd numel the last
+    low nibble holds the padding code (the code bnb's quantizer gives 0.0: 7 in NF4, 0 in FP4);
   - double quantization (bnb ``compress_statistics``): ``offset = mean(absmax)``, and
     ``absmax - offset`` quantized to uint8 with bnb's signed dynamic 8-bit map in blocks of
     ``nested_blocksize`` (256), with one fp32 scale per nested block.
 
-Decoding: ``w = NF4[q] * absmax_f32`` in fp32, then one cast to ``dtype``; with double quant
+Decoding: ``w = NF4[q] * absmax_f32`` (FP4[q] for FP4) in fp32, then one cast to ``dtype``; with double quant
 ``absmax_f32 = fl(dynamic[qa] * scale[i // 256]) + offset`` (two fp32 roundings, no FMA).
 
 Quantization reproduces bitsandbytes' CPU path bit for bit (see ``NF4Weight.quantize``); on other
@@ -47,13 +49,40 @@ NF4_CODE = (
     1.0,
 )
 
+# bitsandbytes' FP4 (get_4bit_type("fp4"): sign bit, then 2 exponent and 1 mantissa bits; the values
+# {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 as fp32, exact literals as above). Code 8 is -0.0: bnb's CUDA
+# (dDequantizeFP4Tree) and native CPU dequantize kernels decode it so, although its quant_map tensor
+# holds +0.0 there.
+FP4_CODE = (
+    0.0,
+    0.0052083334885537624,
+    0.6666666865348816,
+    1.0,
+    0.3333333432674408,
+    0.5,
+    0.1666666716337204,
+    0.25,
+    -0.0,
+    -0.0052083334885537624,
+    -0.6666666865348816,
+    -1.0,
+    -0.3333333432674408,
+    -0.5,
+    -0.1666666716337204,
+    -0.25,
+)
+# bnb's CPU quantizer (backends/default/ops.py) sorts the table (torch.argsort: the zeros of codes 0
+# and 8 in that order), buckets each scaled value by the midpoints of neighbours, and maps the bucket
+# back to its code; so a value in (0, 0.0026] gets code 8. NF4's table is sorted already.
+_FP4_SORT_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bnb quantize_4bit / dequantize_4bit
 NESTED_BLOCKSIZE = 256  # bnb quantize_4bit always double-quantizes absmax in blocks of 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAMED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__"
-_PAD_CODE = 7  # index of 0.0 in NF4_CODE
+QUANT_TYPES = ("nf4", "fp4")
 # bnb's CPU 8-bit quantizer discretises [-1, 1] into this many points and maps each to a code.
 _LUT_SIZE = 65536
 
@@ -73,10 +102,20 @@ def _build_nf4(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-def _build_nf4_bounds(device: torch.device) -> torch.Tensor:
-    # Decision boundaries between neighbouring codes, rounded to fp32 like bnb's
-    # _get_4bit_quantize_bounds: (code[i] + code[i+1]) / 2 (the halving is exact).
-    code = _table("nf4", device)
+def _build_fp4(device: torch.device) -> torch.Tensor:
+    return torch.tensor(FP4_CODE, dtype=torch.float32, device=device)
+
+
+def _build_fp4_order(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_FP4_SORT_ORDER, dtype=torch.int32, device=device)
+
+
+def _bounds(quant_type: str, device: torch.device) -> torch.Tensor:
+    # Decision boundaries between neighbouring values of the sorted table, rounded to fp32 like bnb's
+    # _get_4bit_quantize_bounds: (sorted[i] + sorted[i+1]) / 2 (the halving is exact).
+    code = _table(quant_type, device)
+    if quant_type == "fp4":
+        code = code[_table("fp4_order", device).long()]
     return (code[:-1] + code[1:]) / 2
 
 
@@ -106,8 +145,10 @@ def _build_dynamic_lut(device: torch.device) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid).to(device=device, dtype=torch.uint8)
 
 
-_TABLE_BUILDERS = {"nf4": _build_nf4, "nf4_bounds": _build_nf4_bounds, "dynamic": _build_dynamic,
-                   "dynamic_lut": _build_dynamic_lut}
+_TABLE_BUILDERS = {"nf4": _build_nf4, "fp4": _build_fp4, "fp4_order": _build_fp4_order,
+                   "nf4_bounds": lambda device: _bounds("nf4", device),
+                   "fp4_bounds": lambda device: _bounds("fp4", device),
+                   "dynamic": _build_dynamic, "dynamic_lut": _build_dynamic_lut}
 
 
 def dynamic_map(device: Union[str, torch.device] = "cpu") -> torch.Tensor:
@@ -122,8 +163,9 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple:
     return blocks, blocks.abs().amax(dim=1)
 
 
-def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple:
-    """NF4 codes (int32 [n]) and fp32 absmax [n_blocks] of fp32 ``flat`` [n], as bnb's CPU path.
+def _quantize_4bit_codes(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple:
+    """4-bit codes (int32 [n + n % 2]: an odd n gets the code of 0.0 as padding) and fp32 absmax
+    [n_blocks] of fp32 ``flat`` [n], as bnb's CPU path.
 
     bnb 0.50 has no native CPU 4-bit quantizer: torch.ops.bitsandbytes.quantize_4bit runs its
     "default" torch kernel (backends/default/ops.py), whose arithmetic is reproduced here:
@@ -131,8 +173,8 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple:
         (its values scale to 0 -> code 7);
       - the partial last block: ``x / absmax`` (a true division, not the reciprocal product), and
         its STORED absmax is the clamped one (1e-38 when the block is all zeros);
-      - clamp to [-1, 1], then ``bucketize`` on the fp32 code midpoints (a value exactly on a
-        midpoint takes the lower code).
+      - clamp to [-1, 1], pad an odd count with 0.0, then ``bucketize`` on the fp32 midpoints of the
+        sorted table (a value exactly on a midpoint takes the lower one), mapped back to FP4's codes.
     """
     n = flat.numel()
     full = n - n % blocksize
@@ -151,14 +193,16 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple:
         return (torch.empty(0, dtype=torch.int32, device=flat.device),
                 torch.empty(0, dtype=torch.float32, device=flat.device))
     scaled = torch.cat(scaled_parts).clamp(-1, 1)
-    codes = torch.bucketize(scaled, _table("nf4_bounds", flat.device), out_int32=True)
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = torch.bucketize(scaled, _table(f"{quant_type}_bounds", flat.device), out_int32=True)
+    if quant_type == "fp4":
+        codes = _table("fp4_order", flat.device)[codes.long()]
     return codes, torch.cat(absmax_parts)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int codes [n] in [0, 16) -> uint8 [(n + 1) // 2, 1], first of each pair in the high nibble."""
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), _PAD_CODE)])
+    """int codes [n] in [0, 16), n even -> uint8 [n // 2, 1], first of each pair in the high nibble."""
     codes = codes.to(torch.uint8).view(-1, 2)
     return ((codes[:, 0] << 4) | codes[:, 1]).unsqueeze(1)
 
@@ -233,9 +277,21 @@ def _check_blocksize(name: str, value) -> int:
     return value
 
 
-def _check_quant_type(quant_type) -> None:
-    if quant_type != "nf4":
-        raise ValueError(f"unsupported quant type {quant_type!r}: only 'nf4' is supported")
+def _check_quant_type(quant_type) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unsupported quant type {quant_type!r}: 'nf4' or 'fp4' expected")
+    return quant_type
+
+
+def _code_quant_type(code: torch.Tensor, quant_type: Optional[str]) -> str:
+    """The quant type whose table ``code`` holds (``quant_type`` itself when given: then ``code`` must be
+    its table). Equality ignores the sign of zero (bnb's FP4 quant_map has +0.0 at code 8)."""
+    for name in (quant_type,) if quant_type else QUANT_TYPES:
+        if torch.equal(code, _table(name, code.device)):
+            return name
+    wanted = f"the {quant_type.upper()} table" if quant_type else "the NF4 or the FP4 table"
+    raise ValueError(f"code must be {wanted} (NF4_CODE / FP4_CODE); got different values "
+                     "(a quant_map of another 4-bit type?)")
 
 
 def _check_dtype(name: str, dtype) -> torch.dtype:
@@ -247,7 +303,8 @@ def _check_dtype(name: str, dtype) -> torch.dtype:
 
 
 class NF4Weight:
-    """An NF4-quantized weight; tensor fields as bitsandbytes stores them (see the module docstring).
+    """An NF4-quantized weight (or FP4: ``quant_type``); tensor fields as bitsandbytes stores them (see
+    the module docstring).
 
     Fields (read by the Triton kernels; treat as immutable):
         packed: uint8 [(numel + 1) // 2, 1], two codes per byte, first element in the high nibble.
@@ -255,18 +312,24 @@ class NF4Weight:
         absmax_code: fp32 [256] dynamic map (bnb nested quant_map), or None.
         absmax_scale: fp32 [ceil(n_blocks / nested_blocksize)] (bnb state2.absmax), or None.
         absmax_offset: fp32 0-d (bnb offset), or None.
-        code: fp32 [16], the NF4 table (bnb quant_map).
+        code: fp32 [16], the NF4 or FP4 table (bnb quant_map); for FP4 always ``FP4_CODE`` itself (code 8
+            decodes to -0.0, as in bnb's kernels): a given table equal to it but for that sign is replaced.
         shape: tuple of ints; dtype: dtype of the dequantized weight (bnb quant_state.dtype).
+        quant_type: "nf4" or "fp4"; when not given, the type whose table ``code`` is ("nf4" without a code,
+            and for a traced or meta weight, whose values cannot be read).
         blocksize: one of SUPPORTED_BLOCKSIZES; nested_blocksize: positive int (256 from quantize).
     """
 
     __slots__ = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset", "code", "shape", "dtype",
-                 "blocksize", "nested_blocksize")
+                 "blocksize", "nested_blocksize", "quant_type")
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
                  blocksize: int = 64, *, code: Optional[torch.Tensor] = None,
                  absmax_code: Optional[torch.Tensor] = None, absmax_scale: Optional[torch.Tensor] = None,
-                 absmax_offset: Optional[torch.Tensor] = None, nested_blocksize: int = NESTED_BLOCKSIZE):
+                 absmax_offset: Optional[torch.Tensor] = None, nested_blocksize: int = NESTED_BLOCKSIZE,
+                 quant_type: Optional[str] = None):
+        if quant_type is not None:
+            _check_quant_type(quant_type)
         shape = _check_shape(shape)
         dtype = _check_dtype("dtype", dtype)
         blocksize = _check_blocksize("blocksize", blocksize)
@@ -279,7 +342,7 @@ class NF4Weight:
         absmax = _check_tensor("absmax", absmax, (torch.float32, torch.uint8), (n_blocks,))
         device = packed.device
         if code is None:
-            code = _table("nf4", device).clone()
+            code = _table(quant_type or "nf4", device).clone()
         code = _check_tensor("code", code, (torch.float32,), (16,))
 
         nested = {"absmax_code": absmax_code, "absmax_scale": absmax_scale, "absmax_offset": absmax_offset}
@@ -314,11 +377,14 @@ class NF4Weight:
         # Traced (torch.export / torch.compile rebuild the layer's NF4Weight from fake buffers), the
         # values are unknown: the check ran when the weight was built eagerly.
         traced = torch.compiler.is_compiling()
-        if device.type != "meta" and not traced and not torch.equal(code, _table("nf4", device)):
-            raise ValueError("code must be the NF4 table (NF4_CODE); got different values "
-                             "(a quant_map of another 4-bit type?)")
+        if device.type != "meta" and not traced:
+            quant_type = _code_quant_type(code, quant_type)
+            fp4 = _table("fp4", device)
+            if quant_type == "fp4" and not torch.equal(code.view(torch.int32), fp4.view(torch.int32)):
+                code = fp4.clone()  # the sign of code 8's zero, as bnb's kernels decode it
+        quant_type = quant_type or "nf4"
 
-        self.packed, self.absmax, self.code = packed, absmax, code
+        self.packed, self.absmax, self.code, self.quant_type = packed, absmax, code, quant_type
         self.absmax_code, self.absmax_scale, self.absmax_offset = absmax_code, absmax_scale, absmax_offset
         self.shape, self.dtype, self.blocksize, self.nested_blocksize = shape, dtype, blocksize, nested_blocksize
 
@@ -365,13 +431,17 @@ class NF4Weight:
     # ---- quantize / dequantize ------------------------------------------------------------------
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
+    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 quant_type: str = "nf4") -> "NF4Weight":
         """Quantize ``weight`` (fp32/fp16/bf16, any shape with ndim >= 1) on its own device.
 
         Bytes and scales are identical to ``bitsandbytes.functional.quantize_4bit(weight,
-        blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)`` on CPU.
-        Raises ValueError for non-finite values (bnb would silently produce garbage scales).
+        blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)`` on CPU.
+        (bnb's CUDA quantizer rounds a few values differently, e.g. FP4 near its decision boundaries:
+        its thresholds are other fp32 constants.) Raises ValueError for non-finite values (bnb would
+        silently produce garbage scales).
         """
+        _check_quant_type(quant_type)
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         dtype = _check_dtype("weight.dtype", weight.dtype)
@@ -381,16 +451,16 @@ class NF4Weight:
         flat = weight.detach().reshape(-1).float()
         if flat.device.type != "meta" and not bool(torch.isfinite(flat).all()):
             raise ValueError("weight contains NaN or Inf; NF4 quantization needs finite values")
-        codes, absmax = _quantize_nf4_codes(flat, blocksize)
+        codes, absmax = _quantize_4bit_codes(flat, blocksize, quant_type)
         packed = _pack_nibbles(codes)
         if not double_quant:
-            return cls(packed, absmax, tuple(weight.shape), dtype, blocksize)
+            return cls(packed, absmax, tuple(weight.shape), dtype, blocksize, quant_type=quant_type)
         # bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256).
         offset = absmax.mean()
         qabsmax, scales = _quantize_absmax(absmax - offset, NESTED_BLOCKSIZE)
         return cls(packed, qabsmax, tuple(weight.shape), dtype, blocksize,
                    absmax_code=_table("dynamic", flat.device).clone(), absmax_scale=scales,
-                   absmax_offset=offset, nested_blocksize=NESTED_BLOCKSIZE)
+                   absmax_offset=offset, nested_blocksize=NESTED_BLOCKSIZE, quant_type=quant_type)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight [*shape] in ``self.dtype`` (then cast to ``dtype`` if given); see dequantize_nf4_reference.
@@ -411,18 +481,19 @@ class NF4Weight:
         """A copy on ``device`` (shares tensors when already there)."""
         move = {name: getattr(self, name) for name in ("absmax_code", "absmax_scale", "absmax_offset")}
         return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.blocksize,
-                         code=self.code.to(device), nested_blocksize=self.nested_blocksize,
+                         code=self.code.to(device), nested_blocksize=self.nested_blocksize, quant_type=self.quant_type,
                          **{name: None if t is None else t.to(device) for name, t in move.items()})
 
     def __repr__(self) -> str:
-        return (f"NF4Weight(shape={self.shape}, dtype={self.dtype}, blocksize={self.blocksize}, "
+        return (f"NF4Weight(quant_type={self.quant_type!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, device={self.device}, "
                 f"bits_per_parameter={self.bits_per_parameter:.3f})")
 
     def _quant_state_json(self) -> dict:
         # Same fields, order and value formats as bnb QuantState.as_dict(packed=True): the dtype
         # as its name without "torch.", the shape as a list, the offset as a Python float.
-        fields = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
+        fields = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
                   "shape": list(self.shape)}
         if self.double_quant:
             fields.update({"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32",
@@ -432,7 +503,7 @@ class NF4Weight:
     def state_dict(self, prefix: str = "weight") -> dict:
         """Tensors under bnb Linear4bit's state_dict keys (``prefix``, ``prefix.absmax``, ...).
 
-        ``prefix.quant_state.bitsandbytes__nf4`` is a CPU uint8 tensor of the UTF-8 JSON that bnb
+        ``prefix.quant_state.bitsandbytes__nf4`` (``__fp4``) is a CPU uint8 tensor of the UTF-8 JSON that bnb
         writes. The tensors are shared with this object, except ``nested_quant_map``, which bnb
         clones too (so safetensors does not see one storage under several names).
         """
@@ -441,7 +512,7 @@ class NF4Weight:
             out[f"{prefix}.nested_absmax"] = self.absmax_scale
             out[f"{prefix}.nested_quant_map"] = self.absmax_code.clone()
         blob = json.dumps(self._quant_state_json()).encode("utf-8")
-        out[f"{prefix}.{_QUANT_STATE_KEY}nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+        out[f"{prefix}.{_QUANT_STATE_KEY}{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
 
     @classmethod
@@ -453,12 +524,13 @@ class NF4Weight:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        blob_key = f"{prefix}.{_QUANT_STATE_KEY}nf4"
-        if blob_key not in state_dict:
-            others = [k for k in state_dict if k.startswith(f"{prefix}.{_QUANT_STATE_KEY}")]
-            if others:
-                _check_quant_type(others[0][len(f"{prefix}.{_QUANT_STATE_KEY}"):])
-            raise ValueError(f"state_dict is missing key {blob_key!r}")
+        blob_keys = [k for k in state_dict if isinstance(k, str) and k.startswith(f"{prefix}.{_QUANT_STATE_KEY}")]
+        if not blob_keys:
+            raise ValueError(f"state_dict is missing key {f'{prefix}.{_QUANT_STATE_KEY}nf4'!r} (or its __fp4 twin)")
+        if len(blob_keys) > 1:
+            raise ValueError(f"state_dict has several quant states for {prefix!r}: {blob_keys}")
+        blob_key = blob_keys[0]
+        key_type = _check_quant_type(blob_key[len(f"{prefix}.{_QUANT_STATE_KEY}"):])
 
         def get(key: str) -> torch.Tensor:
             if key not in state_dict:
@@ -481,7 +553,9 @@ class NF4Weight:
                 raise ValueError(f"state_dict[{blob_key!r}] is missing field {name!r}")
             return fields[name]
 
-        _check_quant_type(field("quant_type"))
+        if field("quant_type") != key_type:
+            raise ValueError(f"state_dict[{blob_key!r}] field 'quant_type' is {fields['quant_type']!r}, its key "
+                             f"says {key_type!r}")
         dtype_name = field("dtype")
         if dtype_name not in _NAMED_DTYPES:
             raise ValueError(f"state_dict[{blob_key!r}] field 'dtype' must be one of {sorted(_NAMED_DTYPES)}, "
@@ -504,14 +578,14 @@ class NF4Weight:
                       "absmax_offset": torch.tensor(float(offset), dtype=torch.float32, device=absmax.device),
                       "nested_blocksize": field("nested_blocksize")}
         return cls(packed, absmax, shape, _NAMED_DTYPES[dtype_name], field("blocksize"),
-                   code=get(f"{prefix}.quant_map"), **nested)
+                   code=get(f"{prefix}.quant_map"), quant_type=key_type, **nested)
 
     @classmethod
     def from_quant_state(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
         """Wrap bnb's packed weight and ``QuantState`` (read by duck typing) without copying.
 
         ``packed`` may be stored in another dtype (bnb quant_storage, e.g. bf16): it is viewed as
-        uint8. The NF4Weight shares every tensor with the QuantState.
+        uint8. The NF4Weight shares every tensor with the QuantState (but an FP4 quant_map: see ``code``).
         """
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
@@ -532,7 +606,7 @@ class NF4Weight:
             nested = {"absmax_code": state2.code, "absmax_scale": state2.absmax,
                       "absmax_offset": getattr(quant_state, "offset", None), "nested_blocksize": state2.blocksize}
         return cls(_as_uint8(packed, "packed"), quant_state.absmax, tuple(quant_state.shape), quant_state.dtype,
-                   quant_state.blocksize, code=quant_state.code, **nested)
+                   quant_state.blocksize, code=quant_state.code, quant_type=quant_state.quant_type, **nested)
 
 
 def _as_uint8(packed: torch.Tensor, name: str) -> torch.Tensor:
@@ -563,7 +637,7 @@ def decode_absmax(nf4: NF4Weight) -> torch.Tensor:
 def dequantize_nf4_reference(nf4: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The spec of NF4 decoding: [*nf4.shape] in ``nf4.dtype``, then cast to ``dtype`` (any float) if given.
 
-    ``NF4[q] * absmax_f32`` in fp32, one cast to ``nf4.dtype``; bit-identical to
+    ``code[q] * absmax_f32`` in fp32 (NF4 or FP4 table), one cast to ``nf4.dtype``; bit-identical to
     ``bitsandbytes.functional.dequantize_4bit`` (whose CPU and torch kernels do exactly this).
     """
     if dtype is not None:

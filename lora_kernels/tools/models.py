@@ -104,9 +104,11 @@ def build_base_model(preset: str = "tiny", device="cpu", dtype: torch.dtype = to
     return model.to(device=device, dtype=dtype)
 
 
-def quantize_projections(model, compute_dtype: torch.dtype, targets=TARGETS, quant_storage=torch.uint8):
-    """Replace the ``targets`` nn.Linear layers with bitsandbytes NF4 ``Linear4bit`` (block 64, double
-    quantization), quantized on the layer's device, as transformers' 4-bit loading does."""
+def quantize_projections(model, compute_dtype: torch.dtype, targets=TARGETS, quant_storage=torch.uint8,
+                         quant_type: str = "nf4"):
+    """Replace the ``targets`` nn.Linear layers with bitsandbytes 4-bit ``Linear4bit`` (``quant_type``
+    "nf4" or "fp4", block 64, double quantization), quantized on the layer's device, as transformers'
+    4-bit loading does."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
@@ -118,10 +120,11 @@ def quantize_projections(model, compute_dtype: torch.dtype, targets=TARGETS, qua
                 continue
             device = lin.weight.device
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                  compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=True,
                                   quant_storage=quant_storage, device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu", copy=True), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, quant_storage=quant_storage, module=q)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu", copy=True), requires_grad=False,
+                                         quant_type=quant_type, compress_statistics=True, quant_storage=quant_storage,
+                                         module=q)
             if lin.bias is not None:
                 q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
             setattr(module, name, q.to(device))  # .to quantizes

@@ -40,7 +40,7 @@ def nf4_problem_specs(draw):
         bias=draw(st.booleans()), lora_B_bias=draw(st.booleans()),
         layout=draw(st.sampled_from(LAYOUTS)),
         dropout_p=draw(st.sampled_from([0.0, 0.0, 0.2])),
-        nf4=dict(double_quant=draw(st.booleans()),
+        nf4=dict(double_quant=draw(st.booleans()), quant_type=draw(st.sampled_from(["nf4", "nf4", "fp4"])),
                  weight_dtype=draw(st.sampled_from([None, F32, BF16, F16]))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -62,6 +62,15 @@ def test_llama_like_block_layout(backend, double_quant, dtypes):
     # K a multiple of 64 (one block per row segment), several absmax blocks of 256 for double quant
     pb = make_problem((3, 11), 192, 96, 16, *dtypes, bias=True, seed=3, nf4=dict(double_quant=double_quant))
     assert pb.qweight.n_blocks == 96 * 3 and pb.qweight.double_quant == double_quant
+    _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("K", [192, 70])  # the aligned tile decode, and blocks spanning rows
+def test_fp4_weight(backend, K):
+    """bitsandbytes' FP4 (transformers' default 4-bit type): the same kernels, with FP4's table."""
+    pb = make_problem((3, 11), K, 96, 16, F16, F32, bias=True, lora_B_bias=True, seed=5,
+                      nf4=dict(double_quant=True, quant_type="fp4"))
+    assert pb.qweight.quant_type == "fp4"
     _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
 
 

@@ -81,13 +81,14 @@ def test_largest_call_sixteen_rows_rank_64(kernel):
     _check(kernel, args, q, "M=16 r=64")
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K", [1024 + 64, 200 + 3])  # two chunks of x (vector path); odd K (element path)
-def test_simt_kernel_decodes_bit_exactly(dtype, K):
+def test_simt_kernel_decodes_bit_exactly(dtype, K, quant_type):
     """Rows of x that are one-hot at column k make y[m, :] = W[:, k] exactly (every other product is an
     exact zero): the kernel's decode, not only its sums, against bitsandbytes' dequantize_4bit, at
-    columns around block and chunk boundaries."""
-    args, q = nf4_gemv_inputs(16, K, 45, 0, dtype, dtype, False, seed=K)
+    columns around block and chunk boundaries; NF4 and FP4 (the table is the op's argument)."""
+    args, q = nf4_gemv_inputs(16, K, 45, 0, dtype, dtype, False, seed=K, quant_type=quant_type)
     columns = [0, 1, 31, 32, 63, 64, 65, 127, K // 2, K - 65, K - 64, K - 33, K - 2, K - 1, 1023 % K, 1024 % K]
     x = torch.zeros(16, K, dtype=dtype)
     x[torch.arange(16), torch.tensor(columns)] = 1.0
@@ -122,6 +123,8 @@ def test_mma_kernel_matches_reference(dtype, M, N, K):
         args, q = nf4_gemv_inputs(M, K, N, 16, dtype, adapter_dtype, bias, dq, seed=N + K + M,
                                   weight_dtype=weight_dtype)
         _check("mma", args, q, f"{variant}")
+    args, q = nf4_gemv_inputs(M, K, N, 16, dtype, dtype, True, seed=N + K, quant_type="fp4")
+    _check("mma", args, q, "fp4")  # the table of code pairs is built from the op's table
 
 
 @pytest.mark.parametrize("shared_optin,stages", [(emulation.H100_SHARED_OPTIN, 3), (emulation.A100_SHARED_OPTIN, 2)])
@@ -163,9 +166,9 @@ def test_mma_kernel_deferred_lora_term_gives_the_same_bits(M):
 # ----------------------------------------------------------------------------- slab decode
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_slab_decode_is_bit_exact(out_dtype, double_quant):
-    for weight_dtype, q in nf4_weights_of_each_stored_dtype(37, 2112, double_quant):
+@pytest.mark.parametrize("double_quant,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_slab_decode_is_bit_exact(out_dtype, double_quant, quant_type):
+    for weight_dtype, q in nf4_weights_of_each_stored_dtype(37, 2112, double_quant, quant_type=quant_type):
         W = bnb_dequantized(q).to(out_dtype)
         # whole weight (more columns than a block of threads), row and column windows, one row
         for n0, n1, k0, k1 in ((0, 37, 0, 2112), (3, 29, 64, 1096), (0, 37, 2048 - 8, 2112), (36, 37, 8, 16)):

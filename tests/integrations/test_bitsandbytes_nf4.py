@@ -186,14 +186,36 @@ def test_nf4_from_bnb_errors():
     with pytest.raises(TypeError, match=r"expects a bitsandbytes Params4bit, Linear4bit or \(packed, QuantState\)"):
         nf4_from_bnb(torch.nn.Linear(4, 4))
 
-    fp4_module = bnb.nn.Linear4bit(64, 32, quant_type="fp4").to("cpu")
-    for obj in (fp4_module, fp4_module.weight, (fp4_module.weight.data, fp4_module.weight.quant_state)):
-        with pytest.raises(ValueError, match=r"unsupported quant type 'fp4'"):
+    other = bnb.nn.Linear4bit(64, 32, quant_type="fp4").to("cpu")
+    other.weight.quant_state.quant_type = "int4"  # a type bnb may add: named, not misread
+    for obj in (other, other.weight, (other.weight.data, other.weight.quant_state)):
+        with pytest.raises(ValueError, match=r"unsupported quant type 'int4'"):
             nf4_from_bnb(obj)
 
     not_quantized = bnb.nn.Linear4bit(64, 32, quant_type="nf4")
     with pytest.raises(ValueError, match=r"not quantized yet"):
         nf4_from_bnb(not_quantized)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fp4_linear4bit_round_trips_without_copies(double_quant):
+    """bnb's FP4 (transformers' default bnb_4bit_quant_type): read without copies (but the 16-value
+    table), decoded bit for bit as bnb's kernel decodes it, and handed back to bnb as FP4."""
+    module = bnb.nn.Linear4bit(128, 24, bias=False, compress_statistics=double_quant, quant_type="fp4")
+    module.weight = bnb.nn.Params4bit(torch.randn(24, 128), requires_grad=False, compress_statistics=double_quant,
+                                      quant_type="fp4", module=module)
+    module = module.to("cpu")
+    fp4 = nf4_from_bnb(module)
+    state = module.weight.quant_state
+    assert fp4.quant_type == "fp4" and fp4.packed.data_ptr() == module.weight.data.data_ptr()
+    assert fp4.absmax.data_ptr() == state.absmax.data_ptr()
+    theirs = bnb.functional.dequantize_4bit(module.weight.data, state)
+    assert torch.equal(fp4.dequantize().view(torch.int32), theirs.view(torch.int32))
+    params, back_state = nf4_to_bnb(fp4)
+    assert back_state.quant_type == params.quant_type == "fp4"
+    assert torch.equal(bnb.functional.dequantize_4bit(params.data, back_state), theirs)
+    rebuilt = linear4bit_from_nf4(fp4)
+    assert rebuilt.weight.quant_type == "fp4" and torch.equal(nf4_from_bnb(rebuilt).dequantize(), fp4.dequantize())
 
 
 def test_module_quant_state_is_used_when_the_parameter_lost_it():

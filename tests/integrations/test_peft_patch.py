@@ -32,7 +32,7 @@ def tiny_llama(hidden=64, intermediate=128, layers=2, vocab=100, seed=0):
     return transformers.LlamaForCausalLM(cfg).float()
 
 
-def _to_qlora(model, quant_storage=torch.uint8):
+def _to_qlora(model, quant_storage=torch.uint8, quant_type="nf4"):
     """Replace the targeted nn.Linear layers with bitsandbytes NF4 Linear4bit (quantized on CPU), as
     transformers loads them (the parameter knows its module, which then keeps the quant_state:
     FSDP2 needs that, and a float quant_storage, to shard the packed weight)."""
@@ -44,20 +44,20 @@ def _to_qlora(model, quant_storage=torch.uint8):
                 if lin is None:
                     continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                                      compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=True,
                                       quant_storage=quant_storage)
-                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant_type,
                                              compress_statistics=True, quant_storage=quant_storage, module=q)
                 setattr(parent, name, q.to("cpu"))  # .to quantizes
     model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
     return model
 
 
-def peft_model(qlora=False, dropout=0.0, seed=0, quant_storage=torch.uint8, **lora_kwargs):
+def peft_model(qlora=False, dropout=0.0, seed=0, quant_storage=torch.uint8, quant_type="nf4", **lora_kwargs):
     # K a multiple of 64 for QLoRA: bnb 0.50.2's native CPU dequantize mis-scales rows otherwise.
     model = tiny_llama(hidden=128, intermediate=256, seed=seed) if qlora else tiny_llama(seed=seed)
     if qlora:
-        model = _to_qlora(model, quant_storage)
+        model = _to_qlora(model, quant_storage, quant_type)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
                           init_lora_weights=False, **lora_kwargs)  # B random: every gradient is non-trivial
     return peft.get_peft_model(model, cfg)
@@ -121,6 +121,22 @@ def test_lora_bias_runs_fused_and_matches_peft(qlora, backend):
     assert _fast_calls(record) == 14
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in patched.named_parameters() if "lora_B" in n and n.endswith(".bias"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_fp4_qlora_runs_fused_and_matches_peft(dora, backend):
+    """QLoRA on bitsandbytes' FP4 weights (transformers' default bnb_4bit_quant_type) takes the fast
+    path: the same kernels with FP4's table, PEFT's outputs and gradients."""
+    reference = peft_model(qlora=True, quant_type="fp4", use_dora=dora)
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.swapped == {"lora.bnb.Linear4bit": 14} and not report.left_on_peft
+    with use_backend(backend) as record:
+        _compare_step(patched, reference, _ids(vocab=100))
+    assert _fast_calls(record) == 14 * (2 if dora else 1)  # QLoRA DoRA: W A^T for the norm on the 4-bit GEMM too
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_kernels.integrations.peft.fallback_reason(layer, torch.randn(2, 128)) is None
 
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: Conv1D
@@ -813,8 +829,8 @@ HALF_MODEL_BOUNDS = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 1e-2)}
 
 
 def _check_half_model_against_peft(backend: str, qlora: bool, dora: bool, dtype=torch.bfloat16,
-                                   compute_dtype=None):
-    """A 16-bit Llama (QLoRA: NF4 projections quantized from ``dtype`` weights, bnb compute dtype
+                                   compute_dtype=None, quant_type="nf4"):
+    """A 16-bit Llama (QLoRA: NF4 (``quant_type``) projections quantized from ``dtype`` weights, bnb compute dtype
     ``compute_dtype``, default ``dtype``) with PEFT's fp32 adapters (get_peft_model's
     autocast_adapter_dtype=True: PEFT casts x to fp32 for the LoRA branch, lora_kernels takes the fp32
     adapters as they are), on ``backend``'s device: every layer on the fast path of that backend,
@@ -825,7 +841,8 @@ def _check_half_model_against_peft(backend: str, qlora: bool, dora: bool, dtype=
     model = tiny_llama(hidden=128, intermediate=256, seed=9).to(device, dtype)
     if qlora:
         pytest.importorskip("bitsandbytes")
-        model = quantize_projections(model, compute_dtype=compute_dtype or dtype, targets=TARGETS)
+        model = quantize_projections(model, compute_dtype=compute_dtype or dtype, targets=TARGETS,
+                                     quant_type=quant_type)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, use_dora=dora)
     reference = peft.get_peft_model(model, cfg)
     assert reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
@@ -887,6 +904,15 @@ def test_qlora_compute_dtype_mixes_that_change_the_product_fall_back():
 def test_bf16_model_on_cuda_matches_peft(qlora, dora):
     # the patched model end to end on the GPU: the Triton kernels (and bnb's CUDA NF4 in PEFT's model)
     _check_half_model_against_peft("cuda", qlora, dora)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_bf16_fp4_qlora_model_matches_peft(backend, dora):
+    """bitsandbytes' FP4 weights (on a GPU quantized and decoded by bnb's CUDA kernels) on the fast path."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    _check_half_model_against_peft(backend, qlora=True, dora=dora, quant_type="fp4")
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])

@@ -69,12 +69,12 @@ def eager_bnb():
         yield
 
 
-def _bnb_linear4bit(dense_weight, bias=None):
+def _bnb_linear4bit(dense_weight, bias=None, quant_type="nf4"):
     bnb = _bnb()
     out_features, in_features = dense_weight.shape
-    module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, quant_type="nf4",
+    module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, quant_type=quant_type,
                                compress_statistics=True)
-    module.weight = bnb.nn.Params4bit(dense_weight.clone(), requires_grad=False, quant_type="nf4",
+    module.weight = bnb.nn.Params4bit(dense_weight.clone(), requires_grad=False, quant_type=quant_type,
                                       compress_statistics=True)
     if bias is not None:
         module.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
@@ -443,11 +443,13 @@ def test_nf4_to_dtype_keeps_the_format_and_to_device_moves_it(torch_backend):
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes Linear4bit
 # ---------------------------------------------------------------------------------------------
-def test_nf4_from_bnb_linear4bit_shares_and_matches_bnb(backend, eager_bnb):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_from_bnb_linear4bit_shares_and_matches_bnb(backend, eager_bnb, quant_type):
     torch.manual_seed(0)
     dense, bias = torch.randn(N, K) / 8, torch.randn(N) / 8
-    module = _bnb_linear4bit(dense, bias)
+    module = _bnb_linear4bit(dense, bias, quant_type)
     q = NF4LoRALinear.from_linear(module, R, ALPHA)
+    assert q.qweight.quant_type == quant_type
     assert q.qweight.packed.data_ptr() == module.weight.data.data_ptr()
     assert q.qweight.absmax.data_ptr() == module.weight.quant_state.absmax.data_ptr()
     assert q.bias.data_ptr() == module.bias.data_ptr()
@@ -508,6 +510,5 @@ def test_bnb_layers_are_routed_to_the_nf4_class(eager_bnb):
     not_quantized = bnb.nn.Linear4bit(K, N, quant_type="nf4")
     with pytest.raises(ValueError, match=r"not quantized yet"):
         NF4LoRALinear.from_linear(not_quantized, R, ALPHA)
-    fp4 = bnb.nn.Linear4bit(K, N, quant_type="fp4").to("cpu")
-    with pytest.raises(ValueError, match=r"unsupported quant type 'fp4'"):
-        NF4LoRALinear.from_linear(fp4, R, ALPHA)
+    with pytest.raises(ValueError, match=r"quant_type apply only when quantizing an nn.Linear"):
+        NF4LoRALinear.from_linear(module, R, ALPHA, quant_type="fp4")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lora_kernels.ops.nf4 import (NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_BLOCKSIZES, NF4Weight, _quantize_absmax,
-                                  decode_absmax, dequantize_nf4_reference, dynamic_map)
+from lora_kernels.ops.nf4 import (FP4_CODE, NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_BLOCKSIZES, NF4Weight,
+                                  _quantize_absmax, decode_absmax, dequantize_nf4_reference, dynamic_map)
 from tests.helpers import bnb_dequantize
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,8 +20,8 @@ def bnb_functional():
     return pytest.importorskip("bitsandbytes.functional")
 
 
-def bnb_quantize(weight, blocksize, double_quant):
-    return bnb_functional().quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+def bnb_quantize(weight, blocksize, double_quant, quant_type="nf4"):
+    return bnb_functional().quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
                                           compress_statistics=double_quant)
 
 
@@ -336,13 +336,13 @@ def test_constructor_accepts_flat_packed_and_one_element_offset():
 # ---------------------------------------------------------------------------------------------
 # state_dict: bnb Linear4bit keys and values
 # ---------------------------------------------------------------------------------------------
-def bnb_linear4bit_state_dict(weight, blocksize, double_quant):
+def bnb_linear4bit_state_dict(weight, blocksize, double_quant, quant_type="nf4"):
     bnb = pytest.importorskip("bitsandbytes")
     out_features, in_features = weight.shape
     module = bnb.nn.Linear4bit(in_features, out_features, bias=False, compress_statistics=double_quant,
-                               quant_type="nf4")
+                               quant_type=quant_type)
     module.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
-                                      compress_statistics=double_quant, quant_type="nf4", module=module)
+                                      compress_statistics=double_quant, quant_type=quant_type, module=module)
     return module.to("cpu").state_dict()
 
 
@@ -450,7 +450,9 @@ CONSTRUCTOR_ERRORS = {
         r"float32 \(not double-quantized\) but absmax_code, absmax_scale, absmax_offset were given"),
     "nested_blocksize": (lambda p: dict(nested_blocksize=0), ValueError, r"nested_blocksize must be positive"),
     "code_length": (lambda p: dict(code=torch.zeros(15)), ValueError, r"code must have shape \[16\]"),
-    "code_values": (lambda p: dict(code=p["code"].flip(0)), ValueError, r"code must be the NF4 table"),
+    "code_values": (lambda p: dict(code=p["code"].flip(0)), ValueError, r"code must be the NF4 or the FP4 table"),
+    "code_of_other_type": (lambda p: dict(quant_type="fp4"), ValueError, r"code must be the FP4 table"),
+    "quant_type": (lambda p: dict(quant_type="int4"), ValueError, r"unsupported quant type 'int4'"),
     "dtype_int": (lambda p: dict(dtype=torch.int8), ValueError, r"dtype must be one of"),
     "dtype_str": (lambda p: dict(dtype="float32"), TypeError, r"dtype must be a torch.dtype"),
     "shape_negative": (lambda p: dict(shape=(-5, -100)), ValueError, r"shape entries must be >= 0"),
@@ -479,6 +481,8 @@ QUANTIZE_ERRORS = {
     "nan": (lambda: NF4Weight.quantize(torch.tensor([1.0, math.nan])), ValueError, r"NaN or Inf"),
     "inf": (lambda: NF4Weight.quantize(torch.tensor([1.0, -math.inf])), ValueError, r"NaN or Inf"),
     "blocksize": (lambda: NF4Weight.quantize(torch.ones(8), blocksize=100), ValueError, r"blocksize must be one of"),
+    "quant_type": (lambda: NF4Weight.quantize(torch.ones(8), quant_type="int4"), ValueError,
+                   r"unsupported quant type 'int4': 'nf4' or 'fp4' expected"),
     "dequantize_dtype": (lambda: NF4Weight.quantize(torch.ones(8)).dequantize(torch.int32), ValueError,
                          r"dtype must be a floating-point dtype, got torch.int32"),
 }
@@ -517,10 +521,15 @@ STATE_DICT_ERRORS = {
                                  r"missing key 'weight.nested_quant_map'"),
     "missing_blob": (lambda sd: _drop(sd, "weight.quant_state.bitsandbytes__nf4"), ValueError,
                      r"missing key 'weight.quant_state.bitsandbytes__nf4'"),
-    "fp4_blob": (lambda sd: {**_drop(sd, "weight.quant_state.bitsandbytes__nf4"),
-                             "weight.quant_state.bitsandbytes__fp4": sd["weight.quant_state.bitsandbytes__nf4"]},
-                 ValueError, r"unsupported quant type 'fp4'"),
-    "fp4_field": (lambda sd: _edit_json(sd, quant_type="fp4"), ValueError, r"unsupported quant type 'fp4'"),
+    "int4_blob": (lambda sd: {**_drop(sd, "weight.quant_state.bitsandbytes__nf4"),
+                              "weight.quant_state.bitsandbytes__int4": sd["weight.quant_state.bitsandbytes__nf4"]},
+                  ValueError, r"unsupported quant type 'int4'"),
+    "fp4_key_nf4_json": (lambda sd: {**_drop(sd, "weight.quant_state.bitsandbytes__nf4"),
+                                     "weight.quant_state.bitsandbytes__fp4": sd["weight.quant_state.bitsandbytes__nf4"]},
+                         ValueError, r"field 'quant_type' is 'nf4', its key says 'fp4'"),
+    "fp4_field": (lambda sd: _edit_json(sd, quant_type="fp4"), ValueError, r"field 'quant_type' is 'fp4', its key says"),
+    "two_blobs": (lambda sd: {**sd, "weight.quant_state.bitsandbytes__fp4": sd["weight.quant_state.bitsandbytes__nf4"]},
+                  ValueError, r"several quant states"),
     "bad_dtype": (lambda sd: _edit_json(sd, dtype="int8"), ValueError, r"field 'dtype' must be one of"),
     "missing_shape": (lambda sd: _edit_json(sd, shape=None), ValueError, r"missing field 'shape'"),
     "missing_offset": (lambda sd: _edit_json(sd, nested_offset=None), ValueError, r"missing field 'nested_offset'"),
@@ -553,8 +562,11 @@ def test_from_quant_state_errors():
     nf4 = NF4Weight.quantize(torch.randn(4, 64))
     state = _as_quant_state_like(nf4)
     assert torch.equal(NF4Weight.from_quant_state(nf4.packed, state).dequantize(), nf4.dequantize())
-    state.quant_type = "fp4"
-    with pytest.raises(ValueError, match=r"unsupported quant type 'fp4'"):
+    state.quant_type = "fp4"  # with NF4's table
+    with pytest.raises(ValueError, match=r"code must be the FP4 table"):
+        NF4Weight.from_quant_state(nf4.packed, state)
+    state.quant_type = "int4"
+    with pytest.raises(ValueError, match=r"unsupported quant type 'int4'"):
         NF4Weight.from_quant_state(nf4.packed, state)
     with pytest.raises(TypeError, match=r"attribute 'absmax' missing"):
         NF4Weight.from_quant_state(nf4.packed, object())
@@ -570,3 +582,91 @@ def test_nested_blocksize_default_and_module_constant():
     nf4 = NF4Weight.quantize(torch.randn(3, 300))
     assert nf4.nested_blocksize == NESTED_BLOCKSIZE == 256
     assert NF4Weight.quantize(torch.randn(3, 300), double_quant=False).nested_blocksize == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# FP4 (bitsandbytes' other 4-bit type, transformers' default bnb_4bit_quant_type): the same format
+# with another table
+# ---------------------------------------------------------------------------------------------
+def _bits(t):
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+def test_fp4_code_is_bnb_s_table_with_the_zero_its_kernels_decode():
+    """FP4_CODE holds get_4bit_type("fp4")'s values (the literals are its exact fp32 values), and code 8 is
+    -0.0, as bnb's native dequantize decodes it (its quant_map says +0.0)."""
+    F = bnb_functional()
+    bnb_fp4 = F.get_4bit_type("fp4", device="cpu")
+    ours = torch.tensor(FP4_CODE, dtype=torch.float32)
+    assert [abs(float(v)) for v in bnb_fp4] == [abs(v) for v in FP4_CODE] and torch.equal(ours, bnb_fp4)
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4)  # every code, 64 values: one block
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
+    _, state = bnb_quantize(torch.ones(1, 64), 64, False, "fp4")
+    decoded = F.dequantize_4bit(packed, state).reshape(-1)[:16]  # absmax 1: the table itself
+    assert torch.equal(_bits(decoded), _bits(ours)) and torch.signbit(ours[8]) and not torch.signbit(bnb_fp4[8])
+    weight = NF4Weight(packed, state.absmax, (1, 64), torch.float32, code=state.code)
+    assert weight.quant_type == "fp4" and torch.equal(_bits(weight.code), _bits(ours))  # the zero's sign fixed
+    assert torch.equal(_bits(weight.dequantize().reshape(-1)[:16]), _bits(ours))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes(), dtype=st.sampled_from(DTYPES), double_quant=st.booleans(),
+       blocksize=st.sampled_from((64, 64) + SUPPORTED_BLOCKSIZES), seed=st.integers(0, 2**31),
+       zero_block=st.integers(0, 60))
+def test_fp4_quantize_and_dequantize_match_bnb(shape, dtype, double_quant, blocksize, seed, zero_block):
+    """Bytes and scales as bnb's CPU quantize_4bit(quant_type="fp4"), its tiny values included (|x| up to
+    0.0026 absmax: codes 0 and 8); decoded bit for bit as bnb's native kernel does. bnb decodes a
+    weight whose last dimension is odd with its torch fallback, which reads code 8 from the quant_map
+    as +0.0: the same values, a zero's sign apart."""
+    weight = make_weight(shape, dtype, seed, blocksize, zero_blocks=(zero_block,))
+    weight.view(-1)[::5] *= 1e-4
+    packed, quant_state = bnb_quantize(weight, blocksize, double_quant, "fp4")
+    fp4 = NF4Weight.quantize(weight, blocksize=blocksize, double_quant=double_quant, quant_type="fp4")
+    assert fp4.quant_type == "fp4"
+    assert_same_as_bnb(fp4, packed, quant_state)
+    out, theirs = fp4.dequantize(), bnb_dequantize(packed, quant_state)
+    assert out.dtype == dtype and out.shape == weight.shape and torch.equal(out, theirs)
+    assert torch.equal(_bits(dequantize_nf4_reference(fp4)), _bits(out))
+    if weight.numel() and weight.shape[-1] % 2 == 0 and len(shape) <= 2:
+        assert torch.equal(_bits(out), _bits(theirs))
+    else:
+        assert bool((theirs[_bits(out) != _bits(theirs)] == 0).all())
+
+
+def test_fp4_ties_and_tiny_values_take_bnb_s_codes():
+    """Values exactly on a midpoint of the sorted FP4 values go to the lower value, one ulp above to the
+    upper; bnb sorts the two zeros as codes 0, 8: (0, 0.0026] takes code 8, [-0.0026, 0] code 0."""
+    values = torch.tensor(sorted(FP4_CODE))
+    bounds = (values[:-1] + values[1:]) / 2
+    ties = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0)),
+                      torch.tensor([1e-6, -1e-6, 0.0])])
+    block = torch.cat([torch.tensor([-1.0]), ties, torch.zeros(64 - 1 - ties.numel())])
+    weight = torch.cat([block, block[:50]])  # a whole block and a partial one (a true division)
+    for double_quant in (False, True):
+        packed, quant_state = bnb_quantize(weight, 64, double_quant, "fp4")
+        fp4 = NF4Weight.quantize(weight, double_quant=double_quant, quant_type="fp4")
+        assert_same_as_bnb(fp4, packed, quant_state)
+    codes = codes_of(NF4Weight.quantize(weight, double_quant=False, quant_type="fp4"))
+    assert codes[1 + 45:1 + 48].tolist() == [8, 0, 0]  # +1e-6, -1e-6, 0.0
+
+
+def test_fp4_odd_numel_pads_with_code_0():
+    weight = torch.tensor([1.0, -1.0, 0.5, 0.25, -0.75])
+    packed, _ = bnb_quantize(weight, 64, False, "fp4")
+    fp4 = NF4Weight.quantize(weight, double_quant=False, quant_type="fp4")
+    assert torch.equal(fp4.packed, packed) and (fp4.packed[-1, 0] & 15).item() == 0
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fp4_state_dict_matches_bnb_linear4bit(double_quant):
+    weight = make_weight((24, 130), torch.bfloat16, 7)
+    expected = bnb_linear4bit_state_dict(weight, 64, double_quant, "fp4")
+    fp4 = NF4Weight.quantize(weight, double_quant=double_quant, quant_type="fp4")
+    ours = fp4.state_dict()
+    assert list(ours) == [k for k in expected if k != "bias"] and "weight.quant_state.bitsandbytes__fp4" in ours
+    for key, value in ours.items():
+        assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
+    for state_dict in (ours, expected):
+        back = NF4Weight.from_state_dict(state_dict)
+        assert back.quant_type == "fp4" and torch.equal(_bits(back.dequantize()), _bits(fp4.dequantize()))
+    assert "fp4" in repr(fp4) and fp4.to("cpu").quant_type == "fp4"

@@ -297,6 +297,9 @@ def test_cuda_kernel_matchesnf4_gemv_reference(kernel, dtype, M, K, r):
         args, q = nf4_gemv_inputs(M, K, 333, r, dtype, adapter_dtype, bias, dq, device="cuda", seed=M * K + r,
                           weight_dtype=weight_dtype)
         _check_cuda_kernel(kernel, args, q, 333, f"bias={bias} dq={dq} A={adapter_dtype} stored={weight_dtype}")
+    if r == 16:  # bitsandbytes' FP4: the same kernel with FP4's table (one rank: this test's time is the GPU run's)
+        args, q = nf4_gemv_inputs(M, K, 333, r, dtype, dtype, True, device="cuda", seed=M * K, quant_type="fp4")
+        _check_cuda_kernel(kernel, args, q, 333, "fp4")
 
 
 @needs_gpu_ext
@@ -333,9 +336,9 @@ def test_cuda_gemv_forward_aligns_x_for_the_tensor_core_kernel():
 
 @needs_gpu_ext
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_cuda_slab_decode_is_bit_exact(out_dtype, double_quant):
-    for weight_dtype, q in nf4_weights_of_each_stored_dtype(300, 1024, double_quant):
+@pytest.mark.parametrize("double_quant,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_cuda_slab_decode_is_bit_exact(out_dtype, double_quant, quant_type):
+    for weight_dtype, q in nf4_weights_of_each_stored_dtype(300, 1024, double_quant, quant_type=quant_type):
         W = bnb_dequantized(q).to(out_dtype)
         qc = q.to("cuda")
         for n0, n1, k0, k1 in ((0, 300, 0, 1024), (17, 250, 0, 1024), (0, 300, 256, 512), (299, 300, 1016, 1024)):
