@@ -379,9 +379,8 @@ class NF4Weight:
         traced = torch.compiler.is_compiling()
         if device.type != "meta" and not traced:
             quant_type = _code_quant_type(code, quant_type)
-            fp4 = _table("fp4", device)
-            if quant_type == "fp4" and not torch.equal(code.view(torch.int32), fp4.view(torch.int32)):
-                code = fp4.clone()  # the sign of code 8's zero, as bnb's kernels decode it
+            if quant_type == "fp4" and not torch.equal(code.view(torch.int32), _table("fp4", device).view(torch.int32)):
+                code = _table("fp4", device).clone()  # the sign of code 8's zero, as bnb's kernels decode it
         quant_type = quant_type or "nf4"
 
         self.packed, self.absmax, self.code, self.quant_type = packed, absmax, code, quant_type
