@@ -70,6 +70,12 @@ def problem_specs(draw):
 @settings(deadline=None, max_examples=45, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=problem_specs())
 def test_matches_float64_reference(backend, spec):
+    run_drawn_spec(backend, spec)
+
+
+def run_drawn_spec(backend, spec):
+    """Builds the problem a drawn ``spec`` describes (``make_problem``'s arguments plus dropout_p and
+    seed) and checks forward and gradients against float64."""
     spec = dict(spec)
     p, seed = spec.pop("dropout_p"), spec.pop("seed")
     lead, K, N, r = spec.pop("lead"), spec.pop("K"), spec.pop("N"), spec.pop("r")

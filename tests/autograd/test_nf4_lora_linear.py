@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
-from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check
+from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check, run_drawn_spec
 from lora_kernels.kernels import configs
 from lora_kernels.ops import triton_launch
 from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, GridRecorder, assert_close,
@@ -49,11 +49,7 @@ def nf4_problem_specs(draw):
 @settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=nf4_problem_specs())
 def test_matches_float64_reference(backend, spec):
-    spec = dict(spec)
-    p, seed = spec.pop("dropout_p"), spec.pop("seed")
-    lead, K, N, r = spec.pop("lead"), spec.pop("K"), spec.pop("N"), spec.pop("r")
-    pb = make_problem(lead, K, N, r, spec.pop("x_dtype"), spec.pop("adapter_dtype"), seed=seed, **spec)
-    _run_and_check(backend, pb, make_grad_y(pb, seed + 1), dropout_p=p, rng_seed=seed)
+    run_drawn_spec(backend, spec)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
