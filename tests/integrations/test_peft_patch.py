@@ -32,7 +32,7 @@ def tiny_llama(hidden=64, intermediate=128, layers=2, vocab=100, seed=0):
     return transformers.LlamaForCausalLM(cfg).float()
 
 
-def _to_qlora(model, quant_storage=torch.uint8, quant_type="nf4"):
+def _to_qlora(model, quant_storage=torch.uint8, quant_type="nf4", double_quant=True):
     """Replace the targeted nn.Linear layers with bitsandbytes NF4 Linear4bit (quantized on CPU), as
     transformers loads them (the parameter knows its module, which then keeps the quant_state:
     FSDP2 needs that, and a float quant_storage, to shard the packed weight)."""
@@ -44,20 +44,21 @@ def _to_qlora(model, quant_storage=torch.uint8, quant_type="nf4"):
                 if lin is None:
                     continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=True,
-                                      quant_storage=quant_storage)
+                                      compute_dtype=torch.float32, quant_type=quant_type,
+                                      compress_statistics=double_quant, quant_storage=quant_storage)
                 q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant_type,
-                                             compress_statistics=True, quant_storage=quant_storage, module=q)
+                                             compress_statistics=double_quant, quant_storage=quant_storage, module=q)
                 setattr(parent, name, q.to("cpu"))  # .to quantizes
     model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps in lora.bnb.Linear4bit
     return model
 
 
-def peft_model(qlora=False, dropout=0.0, seed=0, quant_storage=torch.uint8, quant_type="nf4", **lora_kwargs):
+def peft_model(qlora=False, dropout=0.0, seed=0, quant_storage=torch.uint8, quant_type="nf4", double_quant=True,
+               **lora_kwargs):
     # K a multiple of 64 for QLoRA: bnb 0.50.2's native CPU dequantize mis-scales rows otherwise.
     model = tiny_llama(hidden=128, intermediate=256, seed=seed) if qlora else tiny_llama(seed=seed)
     if qlora:
-        model = _to_qlora(model, quant_storage, quant_type)
+        model = _to_qlora(model, quant_storage, quant_type, double_quant)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
                           init_lora_weights=False, **lora_kwargs)  # B random: every gradient is non-trivial
     return peft.get_peft_model(model, cfg)
@@ -124,11 +125,12 @@ def test_lora_bias_runs_fused_and_matches_peft(qlora, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_fp4_qlora_runs_fused_and_matches_peft(dora, backend):
-    """QLoRA on bitsandbytes' FP4 weights (transformers' default bnb_4bit_quant_type) takes the fast
-    path: the same kernels with FP4's table, PEFT's outputs and gradients."""
-    reference = peft_model(qlora=True, quant_type="fp4", use_dora=dora)
+@pytest.mark.parametrize("dora,double_quant", [(False, False), (True, True)], ids=["lora", "dora-double_quant"])
+def test_fp4_qlora_runs_fused_and_matches_peft(dora, double_quant, backend):
+    """QLoRA on bitsandbytes' FP4 weights takes the fast path: the same kernels with FP4's table, PEFT's
+    outputs and gradients. The LoRA case has the rest of transformers' 4-bit defaults: no double
+    quantization, an fp32 compute dtype."""
+    reference = peft_model(qlora=True, quant_type="fp4", double_quant=double_quant, use_dora=dora)
     patched = copy.deepcopy(reference)
     report = lora_kernels.patch_peft_model(patched)
     assert report.swapped == {"lora.bnb.Linear4bit": 14} and not report.left_on_peft
