@@ -735,12 +735,12 @@ def test_saved_activation_memory_against_peft():
 # ---------------------------------------------------------------------------------------------
 # torch.compile and distributed training
 # ---------------------------------------------------------------------------------------------
-def test_torch_compile_fullgraph_training_step():
+def _check_compiled_step_matches_eager(eager):
+    """A fullgraph compile (any graph break raises) of the patched model ``eager``: every layer on the
+    fast path, eager's loss and LoRA gradients."""
     ids = _ids()
-    eager = peft_model(seed=4)
-    lora_kernels.patch_peft_model(eager)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)  # any graph break raises
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
     with use_backend("torch") as record:
         out = compiled(input_ids=ids, labels=ids)
         out.loss.backward()
@@ -749,14 +749,31 @@ def test_torch_compile_fullgraph_training_step():
     ref.loss.backward()
     assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=BOUND)
     grads, ref_grads = _lora_grads(compiled_model), _lora_grads(eager)
+    assert grads.keys() == ref_grads.keys() and grads
     for name in ref_grads:
         assert_close(grads[name], ref_grads[name], BOUND, name)
+
+
+def test_torch_compile_fullgraph_training_step():
+    ids = _ids()
+    eager = peft_model(seed=4)
+    lora_kernels.patch_peft_model(eager)
+    _check_compiled_step_matches_eager(eager)
     # with dropout: the seed is drawn inside the graph, training still runs end to end
     dropped = peft_model(dropout=0.1, seed=4)
     lora_kernels.patch_peft_model(dropped)
     loss = torch.compile(dropped, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(g.abs().sum() > 0 for g in _lora_grads(dropped).values())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_torch_compile_fullgraph_qlora_training_step(quant_type):
+    """A patched QLoRA model (bnb Linear4bit, NF4 or FP4) compiles without graph breaks and gives
+    eager's loss and gradients."""
+    eager = peft_model(qlora=True, quant_type=quant_type, seed=4)
+    lora_kernels.patch_peft_model(eager)
+    _check_compiled_step_matches_eager(eager)
 
 
 def _train(model, ids_per_step, lr=0.05):
