@@ -327,11 +327,7 @@ _QUANT_STATE_KEY = ".quant_state."
 
 def _copy_nf4(q: NF4Weight, device) -> NF4Weight:
     """``q`` with every tensor copied to ``device`` (load_state_dict copies, it does not alias)."""
-    def copy(t):
-        return None if t is None else t.to(device, copy=True)
-    return NF4Weight(copy(q.packed), copy(q.absmax), q.shape, q.dtype, q.blocksize, code=copy(q.code),
-                     absmax_code=copy(q.absmax_code), absmax_scale=copy(q.absmax_scale),
-                     absmax_offset=copy(q.absmax_offset), nested_blocksize=q.nested_blocksize, quant_type=q.quant_type)
+    return q.map_tensors(lambda name, t: t.to(device, copy=True))
 
 
 class NF4LoRALinear(_LoRALinearBase):
@@ -437,11 +433,7 @@ class NF4LoRALinear(_LoRALinearBase):
         buffers = self._buffers
         if any(getattr(q, field) is not buffers[name] for field, name in _NF4_BUFFERS.items()):
             # A buffer was replaced directly (module.qweight_absmax = ...): rebuild (and re-validate).
-            q = NF4Weight(buffers["qweight_packed"], buffers["qweight_absmax"], q.shape, q.dtype, q.blocksize,
-                          code=buffers["qweight_code"], absmax_code=buffers["qweight_absmax_code"],
-                          absmax_scale=buffers["qweight_absmax_scale"],
-                          absmax_offset=buffers["qweight_absmax_offset"], nested_blocksize=q.nested_blocksize,
-                          quant_type=q.quant_type)
+            q = q.replace_tensors(**{field: buffers[name] for field, name in _NF4_BUFFERS.items()})
             self._qweight = q
         return q
 
@@ -467,16 +459,11 @@ class NF4LoRALinear(_LoRALinearBase):
             self._buffers.update(saved)
         q = self._qweight
 
-        def move(t):
-            if t is None:
-                return None
+        def move(name, t):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
 
-        self.qweight = NF4Weight(move(q.packed), move(q.absmax), q.shape, q.dtype, q.blocksize, code=move(q.code),
-                                 absmax_code=move(q.absmax_code), absmax_scale=move(q.absmax_scale),
-                                 absmax_offset=move(q.absmax_offset), nested_blocksize=q.nested_blocksize,
-                                 quant_type=q.quant_type)
+        self.qweight = q.map_tensors(move)
         return self
 
     # ---- forward / merge --------------------------------------------------------------------------

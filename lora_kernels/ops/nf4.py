@@ -414,8 +414,7 @@ class NF4Weight:
                 self.absmax_offset if dq else None, self.code)
 
     def _tensors(self) -> list:
-        return [t for t in (self.packed, self.absmax, self.code, self.absmax_code, self.absmax_scale,
-                            self.absmax_offset) if t is not None]
+        return [t for t in (getattr(self, name) for name in self.TENSOR_FIELDS) if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -476,12 +475,27 @@ class NF4Weight:
 
     # ---- conversions ------------------------------------------------------------------------------
 
+    TENSOR_FIELDS = ("packed", "absmax", "code", "absmax_code", "absmax_scale", "absmax_offset")
+
+    def replace_tensors(self, **tensors) -> "NF4Weight":
+        """A weight of the same format (shape, dtype, block sizes, quant type) with the given tensor
+        fields (names from ``TENSOR_FIELDS``; e.g. a module's buffers) and this one's other tensors;
+        validated like any new NF4Weight."""
+        fields = {name: getattr(self, name) for name in self.TENSOR_FIELDS}
+        fields.update(tensors)
+        packed, absmax = fields.pop("packed"), fields.pop("absmax")
+        return NF4Weight(packed, absmax, self.shape, self.dtype, self.blocksize, nested_blocksize=self.nested_blocksize,
+                         quant_type=self.quant_type, **fields)
+
+    def map_tensors(self, fn) -> "NF4Weight":
+        """``replace_tensors`` with ``fn(name, tensor)`` for each tensor field that is not None (moved,
+        copied)."""
+        return self.replace_tensors(**{name: fn(name, getattr(self, name)) for name in self.TENSOR_FIELDS
+                                       if getattr(self, name) is not None})
+
     def to(self, device: Union[str, torch.device]) -> "NF4Weight":
         """A copy on ``device`` (shares tensors when already there)."""
-        move = {name: getattr(self, name) for name in ("absmax_code", "absmax_scale", "absmax_offset")}
-        return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.blocksize,
-                         code=self.code.to(device), nested_blocksize=self.nested_blocksize, quant_type=self.quant_type,
-                         **{name: None if t is None else t.to(device) for name, t in move.items()})
+        return self.map_tensors(lambda name, t: t.to(device))
 
     def __repr__(self) -> str:
         return (f"NF4Weight(quant_type={self.quant_type!r}, shape={self.shape}, dtype={self.dtype}, "

@@ -461,6 +461,9 @@ def test_nf4_from_bnb_linear4bit_shares_and_matches_bnb(backend, eager_bnb, quan
     _randomize_B(q)  # and a trained adapter adds its term on top of bnb's output
     lora = q.scale * (x.double() @ q.lora_A.detach().double().t() @ q.lora_B.detach().double().t())
     assert rel_err(q(x), expected.double() + lora) < FP32
+    fresh = NF4LoRALinear.from_linear(torch.nn.Linear(K, N), R, ALPHA)  # an NF4 layer takes the checkpoint's type
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.qweight.quant_type == quant_type and torch.equal(fresh(x), q(x))
 
 
 # ---------------------------------------------------------------------------------------------
