@@ -10,7 +10,8 @@ subclass adds no parameters or buffers, so state_dicts and adapter files are unc
 
 Every call re-checks the layer's state and takes PEFT's own forward for whatever the fast path does
 not implement (disabled or merged adapters, ``adapter_names=`` mixed batches, several active
-adapters, LoRA variants other than DoRA, extra arguments...): never a wrong answer. DoRA runs as
+adapters with dropout in training or DoRA, LoRA variants other than DoRA, extra arguments...): never a
+wrong answer. Several active adapters otherwise run as one call, stacked along the rank. DoRA runs as
 ``lora_kernels.dora_linear``: g * (the fused LoRA output) + bias, the row norms computed without
 forming W + s B A. Under autocast the fast path runs in its dtype, as PEFT's matmuls do. Scaling is
 read on every call (alpha/r, rsLoRA, ``set_scale``). Dropout draws its mask from torch's RNG like
@@ -56,16 +57,14 @@ class PatchReport:
 
 # ----------------------------------------------------------------------------- call-time rule
 
-def _active_adapter(layer) -> tuple:
-    """(adapter name, None) for the single active adapter with LoRA weights, else (None, reason)."""
+def _active_adapters(layer) -> tuple:
+    """(the active adapters with LoRA weights, in PEFT's order, None), or (None, reason) if none is."""
     lora_A = _child(layer, "lora_A")
     active = layer.active_adapters
     if len(active) == 1 and active[0] in lora_A:  # the common case, without building a list
-        return active[0], None
+        return active, None
     active = [a for a in active if a in lora_A]
-    if len(active) != 1:
-        return None, f"{len(active)} active adapters"
-    return active[0], None
+    return (active, None) if active else (None, "no active adapter")
 
 
 # The per-call reads below go to the modules' own dicts: an attribute that nn.Module.__getattr__
@@ -109,8 +108,9 @@ def _base_layer(layer) -> torch.nn.Module:
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
-    """(None, (adapter, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb
-    Linear4bit), its bias, A, B, whether the base is a bnb Linear4bit)) when this call can run on
+    """(None, (active adapters, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb
+    Linear4bit), its bias, A, B of a single adapter (None for several), whether the base is a bnb
+    Linear4bit)) when this call can run on
     lora_kernels, else (reason, None): what the check resolves, the fast forward reuses (a per-call cost
     of every LoRA layer)."""
     if args or any(v is not None for v in kwargs.values()):
@@ -119,24 +119,32 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         return "adapters disabled", None
     if layer.merged:
         return "adapters merged", None
-    adapter, why = _active_adapter(layer)
+    adapters, why = _active_adapters(layer)
     if why:
         return why, None
     base = _base_layer(layer)
-    static = _static_reason(layer, adapter, base)
-    if static:
-        return static, None
+    for adapter in adapters:
+        static = _static_reason(layer, adapter, base)
+        if static:
+            return static, None
+    if len(adapters) > 1:
+        why = _several_adapters_reason(layer, adapters)
+        if why:
+            return why, None
     if not isinstance(x, torch.Tensor) or x.dtype not in _SUPPORTED_DTYPES:
         return f"input dtype {getattr(x, 'dtype', type(x).__name__)}", None
     # Under autocast PEFT's matmuls (base, lora_A, lora_B) all run in its dtype, and lora_kernels'
     # functions cast their inputs to it as well: the dtype checks below then do not apply.
     autocast = autocast_enabled(x.device.type)
-    A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
-    if (not autocast and A.dtype != x.dtype
-            and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True))):
-        return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
-    if A.device != x.device or B.device != x.device:
-        return "adapters on another device than the input", None
+    for adapter in adapters:
+        A, B = _lora_A_weight(layer, adapter), _lora_B_weight(layer, adapter)
+        if (not autocast and A.dtype != x.dtype
+                and (A.dtype != torch.float32 or not getattr(layer, "cast_input_dtype_enabled", True))):
+            return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
+        if A.device != x.device or B.device != x.device:
+            return "adapters on another device than the input", None
+    if len(adapters) > 1:
+        A = B = None  # _fast_forward stacks the adapters' tensors
     bias = _child(base, "bias")
     linear4bit = _is_linear4bit(base)
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
@@ -149,7 +157,7 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         why = "the base weight is trainable"
     elif not autocast and weight.dtype != x.dtype:
         why = f"base weight dtype {weight.dtype} with input dtype {x.dtype}"
-    return (why, None) if why else (None, (adapter, base, weight, bias, A, B, linear4bit))
+    return (why, None) if why else (None, (adapters, base, weight, bias, A, B, linear4bit))
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
@@ -258,12 +266,58 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
     return A, B, _child(_adapter_entry(layer, "lora_B", adapter), "bias"), layer.scaling[adapter]
 
 
+def _dropout_p(layer, adapter: str) -> float:
+    """The dropout probability this call applies to ``adapter``'s input: 0 for nn.Identity or in eval mode."""
+    dropout = _adapter_entry(layer, "lora_dropout", adapter)
+    return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+
+
+def _several_adapters_reason(layer, adapters: list) -> Optional[str]:
+    """Why several active adapters of ``layer`` cannot run as one fused call (``_stacked_adapter_tensors``),
+    or None."""
+    if any(_is_dora(layer, a) for a in adapters):
+        return "several active adapters, one with DoRA"
+    if any(_dropout_p(layer, a) for a in adapters):
+        # PEFT draws an independent mask per adapter; one stacked A would share a single mask
+        return "several active adapters with dropout in training"
+    if (len({_lora_A_weight(layer, a).dtype for a in adapters}) > 1
+            or len({_lora_B_weight(layer, a).dtype for a in adapters}) > 1):
+        return "several active adapters of different dtypes"
+    return None
+
+
+def _stacked_adapter_tensors(layer, adapters: list) -> tuple:
+    """(A [R, K], B [N, R], lora_B bias or None, scale) of the active ``adapters`` stacked along the
+    rank (R = sum of their ranks), so that one fused call gives PEFT's sum over adapters
+
+        sum_i s_i (B_i A_i x + b_i) = s_1 (B_R A_R x + sum_i (s_i / s_1) b_i),  B_R = [(s_i / s_1) B_i]
+
+    without dropout (``_several_adapters_reason``). The stacking is differentiable (each adapter's
+    weights get their own gradients) and costs one copy of the adapters per call; a B_i is rescaled
+    only where its adapter's scale differs from the first one's."""
+    tensors = [_adapter_tensors(layer, a, _lora_A_weight(layer, a), _lora_B_weight(layer, a)) for a in adapters]
+    scale = tensors[0][3]
+    if scale == 0:  # set_scale(adapter, 0) on the first: stack with unit scale instead
+        scale = 1.0
+    ratios = [s / scale for _, _, _, s in tensors]
+    A = torch.cat([a for a, _, _, _ in tensors])
+    B = torch.cat([b if ratio == 1 else b * ratio for (_, b, _, _), ratio in zip(tensors, ratios)], dim=1)
+    biases = [b_bias if ratio == 1 else b_bias * ratio
+              for (_, _, b_bias, _), ratio in zip(tensors, ratios) if b_bias is not None]
+    lora_B_bias = None if not biases else biases[0] if len(biases) == 1 else torch.stack(biases).sum(0)
+    return A, B, lora_B_bias, scale
+
+
 def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     """The layer's forward on lora_kernels; ``plan`` from ``_fast_plan``."""
-    adapter, base, weight, bias, A, B, linear4bit = plan
-    A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
+    adapters, base, weight, bias, A, B, linear4bit = plan
+    adapter = adapters[0]
+    if len(adapters) > 1:
+        A, B, lora_B_bias, scale = _stacked_adapter_tensors(layer, adapters)
+    else:
+        A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
     dropout = _adapter_entry(layer, "lora_dropout", adapter)
-    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and len(adapters) == 1 else 0.0
     common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
     if _is_dora(layer, adapter):
         return _dora_forward(layer, adapter, base, weight, x, A, B, scale, linear4bit, common)

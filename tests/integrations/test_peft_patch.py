@@ -354,15 +354,58 @@ def test_disabled_merged_and_mixed_batches_fall_back():
     assert both(disabled) == 0
     assert both(lambda m: m(input_ids=ids, adapter_names=["default", "other"]).logits) == 0
     for m in (patched, reference):
-        m.base_model.set_adapter(["default", "other"])
-    assert both(lambda m: m(input_ids=ids).logits) == 0  # two active adapters
-    for m in (patched, reference):
         m.base_model.set_adapter("other")
         m.merge_adapter()
     assert both(lambda m: m(input_ids=ids).logits) == 0  # merged
     for m in (patched, reference):
         m.unmerge_adapter()
     assert both(lambda m: m(input_ids=ids).logits) == 14  # back on the fast path, adapter "other"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_several_active_adapters_run_as_one_fused_call(qlora, backend):
+    """Two active adapters (PEFT's set_adapter([...]): the sum of their terms), of other ranks and
+    scales, one with a lora_B bias: one fused call per layer with the adapters stacked along the rank,
+    PEFT's logits and both adapters' gradients."""
+    reference = peft_model(qlora=qlora)
+    reference.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS, lora_bias=True,
+                                                   init_lora_weights=False))
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if "lora_B.other" in n and n.endswith(".bias"):  # PEFT starts b_B at zero
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    reference.base_model.set_adapter(["default", "other"])  # both active and trainable
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.active_adapters == ["default", "other"] and layer.scaling == {"default": 2.0, "other": 5 / 3}
+    with use_backend(backend) as record:
+        _compare_step(patched, reference, _ids())
+    assert _fast_calls(record) == 14
+    grads = _lora_grads(patched)
+    assert len(grads) == 14 * 5  # A and B of each adapter, and the other's lora_B bias
+
+
+def test_several_active_adapters_fall_back_where_one_call_would_differ():
+    """Dropout in training (PEFT draws a mask per adapter) and DoRA among the adapters keep PEFT's path."""
+    model = peft_model(dropout=0.1)
+    model.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model.add_adapter("dora", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                              init_lora_weights=False))
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    layer.set_adapter(["default", "other"])
+    model.train()
+    assert lk_peft.fallback_reason(layer, x) == "several active adapters with dropout in training"
+    model.eval()  # dropout off: fast
+    assert lk_peft.fallback_reason(layer, x) is None
+    layer.set_adapter(["other", "dora"])
+    assert lk_peft.fallback_reason(layer, x) == "several active adapters, one with DoRA"
+    layer.set_adapter(["dora"])
+    assert lk_peft.fallback_reason(layer, x) is None
 
 
 def test_fallback_reason_names_the_cause():
