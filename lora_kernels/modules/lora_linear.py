@@ -341,7 +341,8 @@ class NF4LoRALinear(_LoRALinearBase):
     ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``; ``bias`` [out]) plus
     ``lora_A`` [r, in] and ``lora_B`` [out, r]. ``load_state_dict`` accepts those (from this class or
     from a Linear4bit) and also a dense float ``weight`` [out, in] (e.g. a LoRALinear's), which it
-    quantizes with this layer's blocksize and double_quant.
+    quantizes with this layer's blocksize, double_quant and quant_type, in this layer's dtype (the
+    checkpoint's with ``assign=True``).
 
     The NF4 tensors are non-persistent buffers ``qweight_*``: ``.to(device)`` moves them, but
     ``.to(dtype)`` / ``.half()`` leave them (and qweight.dtype, the dtype the weight is decoded to) as
@@ -350,7 +351,7 @@ class NF4LoRALinear(_LoRALinearBase):
     Args: as LoRALinear, plus
         dtype: the dequantized weight's dtype (bnb quant_state.dtype) and the bias' dtype.
         blocksize: NF4 block size (64, as bnb); double_quant: quantize the absmax too (bnb
-            compress_statistics). The constructor quantizes an nn.Linear-style random weight; use
+            compress_statistics); quant_type: "nf4" or "fp4" (bnb's two 4-bit tables). The constructor quantizes an nn.Linear-style random weight; use
             ``from_linear`` to wrap an nn.Linear or a bnb Linear4bit.
     Inputs x: [..., in] (float32, float16 or bfloat16; lora_A/lora_B must be x's dtype or float32).
     """
@@ -358,13 +359,14 @@ class NF4LoRALinear(_LoRALinearBase):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *, bias: bool = True,
                  dropout: float = 0.0, use_rslora: bool = False, freeze_A: bool = False, device=None,
                  dtype: Optional[torch.dtype] = None, adapter_dtype: Optional[torch.dtype] = None,
-                 blocksize: int = 64, double_quant: bool = True):
+                 blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4"):
         super().__init__()
         weight, b = _new_linear_params(in_features, out_features, bias, device, dtype)
         r, alpha, dropout = _check_lora_config(r, alpha, dropout)
         adapter_dtype = _resolve_adapter_dtype(adapter_dtype, weight.dtype)
         out_features, in_features = weight.shape
-        self._init_base(NF4Weight.quantize(weight, blocksize=blocksize, double_quant=bool(double_quant)), b)
+        self._init_base(NF4Weight.quantize(weight, blocksize=blocksize, double_quant=bool(double_quant),
+                                           quant_type=quant_type), b)
         self._init_lora(in_features, out_features, r, alpha, dropout, use_rslora, freeze_A, weight.device,
                         adapter_dtype)
 
@@ -481,7 +483,8 @@ class NF4LoRALinear(_LoRALinearBase):
         q = self.qweight
         merged = (q.dequantize(torch.float32) + delta).to(q.dtype)
         # New tensors, not written in place: a bnb Linear4bit this layer was built from keeps its weight.
-        self.qweight = NF4Weight.quantize(merged, blocksize=q.blocksize, double_quant=q.double_quant)
+        self.qweight = NF4Weight.quantize(merged, blocksize=q.blocksize, double_quant=q.double_quant,
+                                          quant_type=q.quant_type)
 
     def merge(self) -> None:
         """Fold the adapter into the NF4 weight: dequantize, add scale * B @ A in fp32, re-quantize.
@@ -540,11 +543,13 @@ class NF4LoRALinear(_LoRALinearBase):
         try:
             if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 2
                     and not any(k[len(base):].startswith(_QUANT_STATE_KEY) for k in ours)):
-                # A dense checkpoint (nn.Linear / LoRALinear): quantize it like this layer's weight.
+                # A dense checkpoint (nn.Linear / LoRALinear): quantize it like this layer's weight, in
+                # this layer's dtype unless assign=True (as nn.Module loads a parameter: copy_ converts).
                 if tuple(value.shape) != current.shape:
                     raise ValueError(f"the dense weight has shape {list(value.shape)}, expected {list(current.shape)}")
-                loaded = NF4Weight.quantize(value.detach().to(current.device), blocksize=current.blocksize,
-                                            double_quant=current.double_quant)
+                dtype = value.dtype if local_metadata.get("assign_to_params_buffers", False) else current.dtype
+                loaded = NF4Weight.quantize(value.detach().to(current.device, dtype), blocksize=current.blocksize,
+                                            double_quant=current.double_quant, quant_type=current.quant_type)
             else:
                 loaded = NF4Weight.from_state_dict({k: state_dict[k] for k in ours}, base)
                 if loaded.shape != current.shape:

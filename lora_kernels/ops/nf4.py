@@ -231,7 +231,10 @@ def _quantize_absmax(centered: torch.Tensor, blocksize: int) -> tuple:
     zero_block = scales == 0
     safe = torch.where(zero_block, torch.ones_like(scales), scales)
     inv = torch.ones_like(safe) / safe
-    t = ((blocks * inv[:, None]).clamp(-1, 1) + 1) * 0.5
+    # A subnormal scale has an infinite inverse: x * inf saturates to +-1 below, as in bnb, and 0 * inf
+    # (NaN, an index out of range in bnb's kernel too) is taken as 0.
+    scaled = (blocks * inv[:, None]).nan_to_num(nan=0.0)
+    t = (scaled.clamp(-1, 1) + 1) * 0.5
     lut_index = (t * (_LUT_SIZE - 1) + 0.5).long()  # truncation (the value is positive)
     codes = _table("dynamic_lut", centered.device)[lut_index]
     codes = codes.masked_fill(zero_block[:, None], 0)
@@ -455,6 +458,10 @@ class NF4Weight:
             return cls(packed, absmax, tuple(weight.shape), dtype, blocksize, quant_type=quant_type)
         # bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256).
         offset = absmax.mean()
+        if offset.device.type != "meta" and bool(torch.isinf(offset)):  # (NaN: no blocks at all)
+            # bnb goes on and stores NaN scales: every decoded value would be NaN
+            raise ValueError("weight is too large for double quantization: the mean of its block absmax values "
+                             f"overflows float32 ({float(offset)}); use double_quant=False")
         qabsmax, scales = _quantize_absmax(absmax - offset, NESTED_BLOCKSIZE)
         return cls(packed, qabsmax, tuple(weight.shape), dtype, blocksize,
                    absmax_code=_table("dynamic", flat.device).clone(), absmax_scale=scales,
@@ -510,7 +517,8 @@ class NF4Weight:
                   "shape": list(self.shape)}
         if self.double_quant:
             fields.update({"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32",
-                           "nested_offset": self.absmax_offset.item()})
+                           # a meta weight has no value: 0.0 stands in (state_dict puts the blob on meta)
+                           "nested_offset": 0.0 if self.absmax_offset.is_meta else self.absmax_offset.item()})
         return fields
 
     def state_dict(self, prefix: str = "weight") -> dict:
@@ -525,7 +533,8 @@ class NF4Weight:
             out[f"{prefix}.nested_absmax"] = self.absmax_scale
             out[f"{prefix}.nested_quant_map"] = self.absmax_code.clone()
         blob = json.dumps(self._quant_state_json()).encode("utf-8")
-        out[f"{prefix}.{_QUANT_STATE_KEY}{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        out[f"{prefix}.{_QUANT_STATE_KEY}{self.quant_type}"] = torch.tensor(
+            list(blob), dtype=torch.uint8, device="meta" if self.packed.is_meta else "cpu")
         return out
 
     @classmethod

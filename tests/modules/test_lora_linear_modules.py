@@ -397,14 +397,37 @@ def test_nf4_state_dict_keys_are_bnb_linear4bit_keys(eager_bnb):
     assert torch.equal(target.bias, lin.bias)
 
 
-def test_nf4_loads_a_dense_checkpoint_by_quantizing_it(torch_backend):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_loads_a_dense_checkpoint_by_quantizing_it(torch_backend, quant_type, dtype):
+    """A dense fp32 checkpoint is quantized with the layer's format, in the layer's dtype (as
+    nn.Module's copy_ converts a parameter), or in the checkpoint's with assign=True."""
     dense = LoRALinear.from_linear(_linear(), R, ALPHA)
     _randomize_B(dense)
-    q = NF4LoRALinear(K, N, R, ALPHA, blocksize=128, double_quant=False)
+    q = NF4LoRALinear(K, N, R, ALPHA, blocksize=128, double_quant=False, quant_type=quant_type, dtype=dtype)
+    assert q.qweight.quant_type == quant_type
     q.load_state_dict(dense.state_dict(), strict=True)
-    expected = NF4Weight.quantize(dense.weight.detach(), blocksize=128, double_quant=False)
+    expected = NF4Weight.quantize(dense.weight.detach().to(dtype), blocksize=128, double_quant=False,
+                                  quant_type=quant_type)
+    assert q.qweight.quant_type == quant_type and q.qweight.dtype == dtype
     assert torch.equal(q.qweight.packed, expected.packed) and torch.equal(q.qweight.absmax, expected.absmax)
-    assert torch.equal(q.lora_B, dense.lora_B)
+    assert torch.equal(q.lora_B, dense.lora_B.to(dtype))
+    q.load_state_dict(dense.state_dict(), strict=True, assign=True)
+    assert q.qweight.dtype == torch.float32 and q.qweight.quant_type == quant_type
+
+
+def test_fp4_merge_and_unmerge_stay_fp4(torch_backend):
+    q = NF4LoRALinear.from_linear(_linear(), R, ALPHA, quant_type="fp4")
+    _randomize_B(q)
+    before = q.qweight
+    delta = q.scale * (q.lora_B.detach() @ q.lora_A.detach())
+    with pytest.warns(UserWarning, match="re-quantiz"):
+        q.merge()
+    expected = NF4Weight.quantize(before.dequantize() + delta, quant_type="fp4")
+    assert q.qweight.quant_type == "fp4" and torch.equal(q.qweight.packed, expected.packed)
+    with pytest.warns(UserWarning, match="not exact"):
+        q.unmerge()
+    assert q.qweight.quant_type == "fp4"
 
 
 def test_nf4_load_errors_name_the_problem():

@@ -238,7 +238,7 @@ def lut_boundary_values():
     return torch.cat([torch.ones(blocks.shape[0], 1), blocks], 1).reshape(-1)
 
 
-@pytest.mark.parametrize("case", ["lut_boundaries", "zero_blocks", "partial_block", "tiny", "huge"])
+@pytest.mark.parametrize("case", ["lut_boundaries", "zero_blocks", "partial_block", "tiny", "huge", "subnormal"])
 def test_absmax_quantizer_matches_bnb_quantize_blockwise(case):
     """The double-quant quantizer alone against bnb's native CPU quantize_blockwise (blocksize 256,
     dynamic map): a LUT over [-1, 1], not the exact nearest code."""
@@ -248,7 +248,9 @@ def test_absmax_quantizer_matches_bnb_quantize_blockwise(case):
          "zero_blocks": torch.cat([torch.zeros(512), torch.randn(300, generator=g), torch.zeros(7)]),
          "partial_block": torch.randn(1000, generator=g) * 3,
          "tiny": torch.randn(700, generator=g) * 1e-30,
-         "huge": torch.randn(700, generator=g) * 1e30}[case]
+         "huge": torch.randn(700, generator=g) * 1e30,
+         # subnormal scales: their fp32 inverse is inf, and x * inf saturates
+         "subnormal": torch.randn(700, generator=g) * 1e-41}[case]
     expected_codes, state = F.quantize_blockwise(x, blocksize=256)
     codes, scales = _quantize_absmax(x, 256)
     assert torch.equal(scales, state.absmax)
@@ -321,6 +323,27 @@ def test_to_same_device_shares_and_meta_moves():
     meta = nf4.to("meta")
     assert meta.device.type == "meta" and meta.shape == nf4.shape and meta.double_quant
     assert meta.absmax_offset.device.type == "meta"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_subnormal_weights_match_bnb(quant_type):
+    """Block absmax values that are fp32 subnormals (their nested scale's inverse is inf)."""
+    F = bnb_functional()
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)) * 1e-40
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
+    nf4 = NF4Weight.quantize(w, quant_type=quant_type)
+    assert torch.equal(nf4.packed.view(-1), packed.view(-1)) and torch.equal(nf4.absmax, state.absmax)
+    assert torch.equal(nf4.absmax_scale, state.state2.absmax)
+    assert torch.equal(nf4.dequantize(), bnb_dequantize(packed, state))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_meta_weight_state_dict_has_the_keys(double_quant):
+    """A meta weight (a model built on meta before loading) lists the same keys, every tensor on meta."""
+    nf4 = NF4Weight.quantize(torch.randn(10, 70), double_quant=double_quant)
+    meta = nf4.to("meta").state_dict()
+    assert list(meta) == list(nf4.state_dict())
+    assert all(t.device.type == "meta" for t in meta.values())
 
 
 def test_constructor_accepts_flat_packed_and_one_element_offset():
@@ -483,6 +506,9 @@ QUANTIZE_ERRORS = {
     "blocksize": (lambda: NF4Weight.quantize(torch.ones(8), blocksize=100), ValueError, r"blocksize must be one of"),
     "quant_type": (lambda: NF4Weight.quantize(torch.ones(8), quant_type="int4"), ValueError,
                    r"unsupported quant type 'int4': 'nf4' or 'fp4' expected"),
+    # bnb goes on with an inf offset and NaN scales
+    "absmax_mean_overflows": (lambda: NF4Weight.quantize(torch.full((4, 64), 3e38)), ValueError,
+                              r"too large for double quantization.*double_quant=False"),
     "dequantize_dtype": (lambda: NF4Weight.quantize(torch.ones(8)).dequantize(torch.int32), ValueError,
                          r"dtype must be a floating-point dtype, got torch.int32"),
 }
