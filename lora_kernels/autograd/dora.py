@@ -13,6 +13,7 @@ The row norms never form the [N, K] matrix W + scale B A (PEFT builds it in ever
 ||W_n||^2 belongs to the frozen base weight (computed a row chunk at a time, cacheable); W A^T is one
 thin GEMM [N, r] per call (for an NF4 weight, the fused NF4 GEMM: nothing decodes the whole weight).
 """
+import weakref
 from typing import Optional
 
 import torch
@@ -40,9 +41,34 @@ def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def _weight_key(weight) -> tuple:
-    if isinstance(weight, NF4Weight):
-        return ("nf4", id(weight), weight.packed.data_ptr(), weight.packed._version)
-    return ("dense", weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.stride())
+    """What identifies a weight's values for the cache: its storage (a weak reference: a new tensor
+    allocated where a freed one was, as after model.half().float(), is another storage object), the
+    place in it, and the version counter (in-place writes through the tensor or its views)."""
+    tensor = weight.packed if isinstance(weight, NF4Weight) else weight
+    layout = (id(weight),) if isinstance(weight, NF4Weight) else (weight.dtype, tuple(weight.shape), weight.stride())
+    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), tensor._version, *layout)
+
+
+class _StorageRef(weakref.ref):
+    """A weak reference to a storage that compares equal to another only while both reach the same
+    live storage object (torch keeps one Python object per storage)."""
+
+    def __eq__(self, other):
+        if not isinstance(other, _StorageRef):
+            return NotImplemented
+        target = self()
+        return target is not None and target is other()
+
+    __hash__ = weakref.ref.__hash__
+
+    def __reduce__(self):
+        # A copied or pickled cache (deepcopy, torch.save of a model) belongs to other storages: its
+        # key must match none, as a reference to a storage that is gone.
+        return _dead_storage_ref, ()
+
+
+def _dead_storage_ref() -> _StorageRef:
+    return _StorageRef(torch.UntypedStorage(0))  # the storage dies with this call
 
 
 def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
@@ -50,8 +76,10 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
     rounded to its stored dtype), a row chunk at a time: no fp32 or decoded copy of the whole weight.
 
     cache: a dict kept by the caller (e.g. in the layer that owns W): the value is reused while the
-    weight's storage and version counter are the same (a frozen weight: computed once). Not used
-    while torch.compile traces (pointers and versions are not traceable: the graph computes it)."""
+    weight's storage object, offset and version counter are the same (a frozen weight: computed once).
+    A write through ``weight.data`` (a tensor with its own version counter) is not seen: clear the
+    dict after one. Not used while torch.compile traces (storages and versions are not traceable:
+    the graph computes it)."""
     if torch.compiler.is_compiling():
         cache = None
     key = _weight_key(weight) if cache is not None else None

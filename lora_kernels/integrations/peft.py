@@ -99,12 +99,11 @@ def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
 
 
 def _base_layer(layer) -> torch.nn.Module:
-    """``layer.get_base_layer()`` through the module dicts: PEFT's walk asks ``hasattr``, whose miss
-    goes through nn.Module.__getattr__ and an AttributeError (~2 us, several times per call)."""
-    base = layer
-    while "base_layer" in base._modules:
-        base = base._modules["base_layer"]
-    return base
+    """The module the PEFT layer wraps (its ``base_layer`` child), through the module dict: an
+    attribute read through nn.Module.__getattr__ costs ~1 us. Not PEFT's ``get_base_layer()``, which
+    walks down a chain of wrappers: a tuner layer in between (a PeftMixedModel's LoHa under a LoRA)
+    adds its own term, so the fast path must see that and step aside."""
+    return layer._modules["base_layer"]
 
 
 def _fast_plan(layer, x, args, kwargs) -> tuple:
@@ -143,6 +142,8 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
             return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
         if A.device != x.device or B.device != x.device:
             return "adapters on another device than the input", None
+        if _dropout_p(layer, adapter) >= 1:  # nn.Dropout(p=1) zeros its input; the kernels need p < 1
+            return "lora_dropout p = 1 in training", None
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
     bias = _child(base, "bias")
@@ -153,6 +154,8 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
     weight = None if linear4bit else _dense_weight(base)
     if linear4bit:
         why = _linear4bit_reason(base, x, autocast)
+    elif weight.device != x.device:
+        why = "base weight on another device than the input"
     elif weight.requires_grad:
         why = "the base weight is trainable"
     elif not autocast and weight.dtype != x.dtype:
@@ -177,9 +180,43 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
     dropout = _adapter_entry(layer, "lora_dropout", adapter)
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__}"
-    if not (isinstance(base, torch.nn.Linear) or _is_linear4bit(base) or _is_conv1d(base)):
-        return f"base layer {type(base).__name__}"
+    return _base_call_reason(base)
+
+
+_NN_MODULE = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global hook dicts
+
+
+def _base_call_reason(base) -> Optional[str]:
+    """Why calling ``base`` runs more than its weight's matmul (another layer type, a subclass's or an
+    instance's own forward, hooks: PEFT calls base_layer(x), the fast path only reads its tensors), or
+    None."""
+    if _is_linear4bit(base):  # before nn.Linear: Linear4bit subclasses it
+        stock = sys.modules["bitsandbytes"].nn.Linear4bit.forward
+    elif isinstance(base, torch.nn.Linear):
+        stock = torch.nn.Linear.forward
+    elif _is_conv1d(base):
+        stock = sys.modules["transformers.pytorch_utils"].Conv1D.forward
+    else:  # e.g. another tuner's layer (a PeftMixedModel): peft.tuners.loha.layer.Linear
+        return f"base layer {type(base).__module__}.{type(base).__qualname__}"
+    if type(base).forward is not stock or ("forward" in base.__dict__ and not _placement_hook_only(base, stock)):
+        return f"base layer {type(base).__name__} with its own forward"
+    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or getattr(_NN_MODULE, "_global_forward_hooks", None) or getattr(_NN_MODULE, "_global_forward_pre_hooks", None)
+            or getattr(_NN_MODULE, "_global_backward_hooks", None)
+            or getattr(_NN_MODULE, "_global_backward_pre_hooks", None)):
+        return "hooks on the base layer"
     return None
+
+
+def _placement_hook_only(base, stock) -> bool:
+    """Whether the instance forward of ``base`` is accelerate's wrapper (``add_hook_to_module``, as
+    ``device_map`` over several GPUs installs on every layer) around the stock forward with an
+    AlignDevicesHook that only moves the inputs to its execution device (no offloaded weights to load):
+    with x already on the device of the weights, which ``_fast_plan`` checks, that call is a no-op."""
+    hook = base.__dict__.get("_hf_hook")
+    old_forward = base.__dict__.get("_old_forward")
+    return (type(hook).__name__ == "AlignDevicesHook" and not getattr(hook, "offload", True)
+            and getattr(old_forward, "__func__", None) is stock)
 
 
 def _is_conv1d(module) -> bool:
@@ -211,6 +248,8 @@ def _linear4bit_reason(base, x, autocast: bool) -> Optional[str]:
         return "bitsandbytes weight not quantized yet"
     if state.quant_type not in QUANT_TYPES:
         return f"quant type {state.quant_type}"
+    if base.weight.device != x.device:
+        return "base weight on another device than the input"
     if getattr(state, "packing_format_for_cpu", False):
         return "bitsandbytes repacked the weight for its CPU kernel"
     if (not autocast and base.compute_dtype is not None and base.compute_dtype != x.dtype
@@ -316,9 +355,9 @@ def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
         A, B, lora_B_bias, scale = _stacked_adapter_tensors(layer, adapters)
     else:
         A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
-    dropout = _adapter_entry(layer, "lora_dropout", adapter)
-    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and len(adapters) == 1 else 0.0
-    common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout.training)
+    # dropout in training only (several adapters: none, _several_adapters_reason)
+    dropout_p = _dropout_p(layer, adapter) if len(adapters) == 1 else 0.0
+    common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout_p > 0)
     if _is_dora(layer, adapter):
         return _dora_forward(layer, adapter, base, weight, x, A, B, scale, linear4bit, common)
     if linear4bit:
@@ -389,6 +428,24 @@ def _cached_nf4(base) -> NF4Weight:
 class _FastLoRAForward:
     """Mixin placed before the PEFT layer class: fast forward when ``fallback_reason`` allows."""
 
+    def merge(self, *args, **kwargs):
+        # The merged weight replaces the base weight (bnb: new 4-bit tensors), and merge_and_unload
+        # then drops this layer: caches of the old weight on the base layer would keep it alive.
+        _drop_caches(self)
+        return super().merge(*args, **kwargs)
+
+    def unmerge(self, *args, **kwargs):
+        _drop_caches(self)
+        return super().unmerge(*args, **kwargs)
+
+    def set_adapter(self, *args, **kwargs):
+        # PEFT's set_adapter (also run by add_adapter) makes the active adapters' weights trainable:
+        # a layer patched with lora_fa=True keeps its lora_A frozen.
+        out = super().set_adapter(*args, **kwargs)
+        if _A_REQUIRES_GRAD in self.__dict__:
+            _freeze_lora_A(self)
+        return out
+
     def forward(self, x, *args, **kwargs):
         why, plan = _fast_plan(self, x, args, kwargs)
         if why is None:
@@ -443,6 +500,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _freeze_lora_A(layer) -> int:
+    """LoRA-FA on a layer patched with lora_fa=True: freeze every lora_A, recording the flags it had
+    before (first time per adapter) for unpatch_peft_model; returns how many were trainable."""
+    before = layer.__dict__[_A_REQUIRES_GRAD]
+    frozen = 0
+    for adapter in layer.lora_A:
+        weight = _lora_A_weight(layer, adapter)
+        before.setdefault(adapter, weight.requires_grad)
+        frozen += int(weight.requires_grad)
+        weight.requires_grad_(False)
+    return frozen
+
+
+def _drop_caches(layer) -> None:
+    """Forget what the fast path cached on a PEFT layer and its base layer (rebuilt when needed)."""
+    base = _base_layer(layer)
+    base.__dict__.pop(_NF4_CACHE, None)
+    base.__dict__.pop(_ROW_SQNORM_CACHE, None)
+    layer.__dict__.pop(_RANKNUM_CACHE, None)
+
+
 def is_patched(module) -> bool:
     return type(module) in _FAST_CLASSES.values()
 
@@ -495,11 +573,8 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         module.__class__ = _fast_class(type(module))
         report.swapped[kind] = report.swapped.get(kind, 0) + 1
         if lora_fa:
-            weights = {a: _lora_A_weight(module, a) for a in module.lora_A}
-            setattr(module, _A_REQUIRES_GRAD, {a: w.requires_grad for a, w in weights.items()})
-            for w in weights.values():
-                report.frozen_lora_A += int(w.requires_grad)
-                w.requires_grad_(False)
+            setattr(module, _A_REQUIRES_GRAD, {})
+            report.frozen_lora_A += _freeze_lora_A(module)
     return report
 
 
@@ -519,9 +594,7 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
                 _lora_A_weight(module, adapter).requires_grad_(flag)
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
-        module.get_base_layer().__dict__.pop(_NF4_CACHE, None)
-        module.get_base_layer().__dict__.pop(_ROW_SQNORM_CACHE, None)
-        module.__dict__.pop(_RANKNUM_CACHE, None)
+        _drop_caches(module)
         restored += 1
     if not restored:
         raise ValueError("model has no layers patched by lora_kernels.patch_peft_model")

@@ -230,6 +230,16 @@ def _loss_of(out) -> tuple:
     return loss, source
 
 
+def _hookable_modules(model: torch.nn.Module) -> list:
+    """The modules whose calls the profile follows: all but the base layers of layers patched by
+    patch_peft_model, since a hook on a base layer sends its LoRA layer to PEFT's path (hooks must run
+    there, and the fast path never calls the base layer): the profile would measure PEFT instead."""
+    from lora_kernels.integrations.peft import is_patched
+
+    skip = {id(m._modules["base_layer"]) for m in model.modules() if is_patched(m)}
+    return [m for m in model.modules() if id(m) not in skip]
+
+
 def profile_memory(model: torch.nn.Module, batch: Union[Mapping, torch.Tensor], *,
                    step: Optional[torch.optim.Optimizer] = None) -> MemoryProfile:
     """Runs one training forward + backward of ``model`` on ``batch`` and profiles its memory.
@@ -276,7 +286,7 @@ def profile_memory(model: torch.nn.Module, batch: Union[Mapping, torch.Tensor], 
     handles = []
     baseline = peak = None
     try:
-        for m in model.modules():
+        for m in _hookable_modules(model):
             handles.append(m.register_forward_pre_hook(push))
             handles.append(m.register_forward_hook(pop, always_call=True))
         if cuda:

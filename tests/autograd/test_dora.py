@@ -1,6 +1,9 @@
 """``lora_kernels.dora_linear`` (DoRA on the fused kernels) against a float64 reference of the DoRA
 formula, dense and NF4 base weights, every backend, with and without dropout (the reference applies
 the same seeded mask); the row norms without W + s B A; the norm cache; argument errors."""
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -101,7 +104,17 @@ def test_row_norm_cache_follows_the_weight(torch_backend_env):
     tripled = row_sqnorm(W, cache)
     assert_close(tripled, 9 * first, 1e-6, "recomputed")
     other = W.clone()  # another storage, same values: recomputed, and the cache now follows it
-    assert row_sqnorm(other, cache) is not tripled and cache["key"][1] == other.data_ptr()
+    assert row_sqnorm(other, cache) is not tripled and cache["key"][0]() is other.untyped_storage()
+    # Another storage at the same address, version and layout (as a new weight allocated where a
+    # freed one was, e.g. after model.half().float()): recomputed, not taken for the old one.
+    again = row_sqnorm(other, cache)
+    alias = torch.from_numpy(other.numpy())
+    assert alias.data_ptr() == other.data_ptr() and alias._version == other._version
+    assert row_sqnorm(alias, cache) is not again
+    # A copied cache (deepcopy / pickle of a model) matches no storage, the original's neither.
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        stale = copied["value"]
+        assert row_sqnorm(alias, copied) is not stale
     square = torch.randn(K, K, generator=torch.Generator().manual_seed(2))
     row_sqnorm(square, cache)  # a transposed view (a Conv1D's weight as [N, K]): same storage and shape
     assert_close(row_sqnorm(square.t(), cache), square.double().square().sum(0), 1e-6, "||W^T_n||^2")

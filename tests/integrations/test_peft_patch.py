@@ -408,6 +408,109 @@ def test_several_active_adapters_fall_back_where_one_call_would_differ():
     assert lk_peft.fallback_reason(layer, x) is None
 
 
+def test_base_layer_hooks_and_own_forward_keep_peft_s_path():
+    """PEFT calls base_layer(x): its hooks and a subclass's (or instance's) own forward run there,
+    which the fast path, reading only the base layer's tensors, would skip."""
+    reference = peft_model(seed=4)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+
+    def v_proj(m):
+        return m.base_model.model.model.layers[0].self_attn.v_proj
+
+    handles = [v_proj(m).base_layer.register_forward_hook(lambda mod, inp, out: 0.5 * out)
+               for m in (patched, reference)]  # e.g. activation steering
+    x = torch.randn(3, 64)
+    assert lk_peft.fallback_reason(v_proj(patched), x) == "hooks on the base layer"
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "hook")
+    assert _fast_calls(record) == 13
+    for h in handles:
+        h.remove()
+    assert lk_peft.fallback_reason(v_proj(patched), x) is None
+    global_hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, inp: None)
+    try:
+        assert lk_peft.fallback_reason(v_proj(patched), x) == "hooks on the base layer"
+    finally:
+        global_hook.remove()
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for m in (patched, reference):
+        layer = v_proj(m)
+        doubled = Doubled(64, 64, bias=False)
+        doubled.weight = layer.base_layer.weight
+        layer.base_layer = doubled
+    assert lk_peft.fallback_reason(v_proj(patched), x) == "base layer Doubled with its own forward"
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "subclass")
+    assert _fast_calls(record) == 13
+    plain = torch.nn.Linear(64, 64, bias=False)
+    plain.forward = lambda x: x  # an instance's own forward
+    v_proj(patched).base_layer = plain
+    assert lk_peft.fallback_reason(v_proj(patched), x) == "base layer Linear with its own forward"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_accelerate_device_hooks_keep_the_fast_path_unless_they_offload(offload):
+    """A device_map over several GPUs makes accelerate wrap every layer's forward with an
+    AlignDevicesHook that moves the inputs to the layer's device: a no-op for an input already there,
+    so the fast path stays. A hook that loads offloaded weights must run: PEFT's path."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    reference = peft_model(seed=4)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layers = [m for m in patched.modules() if lk_peft.is_patched(m)]
+    weights_map = None
+    for layer in layers:
+        if offload:  # the weights stay where they are; the hook "loads" them from this map
+            weights_map = {n: t.detach() for n, t in layer.base_layer.named_parameters()}
+        hooks.add_hook_to_module(layer.base_layer, hooks.AlignDevicesHook(
+            execution_device="cpu", offload=offload, weights_map=weights_map, io_same_device=True))
+    ids = _ids()
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "hooked")
+    assert _fast_calls(record) == (0 if offload else 14)
+
+
+def test_lora_over_another_tuner_layer_keeps_peft_s_path():
+    """A PeftMixedModel stacks a LoRA layer on a LoHa layer: the fast path would skip LoHa's term."""
+    base = tiny_llama(seed=5)
+    targets = ["q_proj", "v_proj"]
+    reference = peft.get_peft_model(base, peft.LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=False),
+                                    adapter_name="loha", mixed=True)
+    reference.add_adapter("lora", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    reference.set_adapter(["loha", "lora"])
+    patched = copy.deepcopy(reference)
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.num_swapped == 0 and len(report.left_on_peft) == 4
+    assert all(why == "base layer peft.tuners.loha.layer.Linear" for why in report.left_on_peft.values())
+    ids = _ids()
+    assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "LoHa + LoRA")
+
+
+def test_lora_dropout_one_runs_in_eval_and_falls_back_in_training():
+    """nn.Dropout(p=1) zeros the LoRA input: PEFT's path in training (the kernels take p < 1), the
+    fast path (no dropout) in eval."""
+    reference = peft_model(dropout=1.0)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    ids, x = _ids(), torch.randn(3, 64)
+    for m in (patched, reference):
+        m.train()
+    assert lk_peft.fallback_reason(layer, x) == "lora_dropout p = 1 in training"
+    assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "train")
+    for m in (patched, reference):
+        m.eval()
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "eval")
+    assert _fast_calls(record) == 14
+
+
 def test_fallback_reason_names_the_cause():
     model = peft_model()
     lora_kernels.patch_peft_model(model)
@@ -682,15 +785,23 @@ def test_per_sample_gradients_with_torch_func(qlora):
                 assert_close(got[name][i], p.grad, BOUND, name)
 
 
-def test_merge_and_unload():
-    reference = peft_model(seed=8)
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_merge_and_unload(qlora):
+    reference = peft_model(seed=8, qlora=qlora)
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
     ids = _ids()
     expected = reference(input_ids=ids).logits
+    assert_close(patched(input_ids=ids).logits, expected, BOUND, "patched")
+    assert sum(lk_peft._NF4_CACHE in m.__dict__ for m in patched.modules()) == 14 * qlora
     merged = patched.merge_and_unload()
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
-    assert_close(merged(input_ids=ids).logits, expected, BOUND, "merged")
+    # the cached NF4 view of the weight before the merge would keep that weight alive
+    assert not any(lk_peft._NF4_CACHE in m.__dict__ for m in merged.modules())
+    ref_merged = reference.merge_and_unload()
+    assert_close(merged(input_ids=ids).logits, ref_merged(input_ids=ids).logits, BOUND, "merged")
+    if not qlora:  # (QLoRA: the merged weight is re-quantized)
+        assert_close(merged(input_ids=ids).logits, expected, BOUND, "merged")
 
 
 def test_unpatch_restores_peft_exactly():
@@ -705,6 +816,26 @@ def test_unpatch_restores_peft_exactly():
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     assert not any(hasattr(m, lk_peft._ORIGINAL_CLASS) for m in model.modules())
     assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_lora_fa_survives_set_adapter_and_add_adapter():
+    """PEFT's set_adapter (add_adapter runs it too) makes the active adapters trainable: LoRA-FA's
+    lora_A stays frozen, for new adapters too, and unpatch restores PEFT's flags."""
+    model = peft_model()
+    lora_kernels.patch_peft_model(model, lora_fa=True)
+
+    def trainable(adapter):
+        return {n.rsplit(".", 2)[0].rsplit(".", 1)[-1]: p.requires_grad for n, p in model.named_parameters()
+                if f".{adapter}." in n and ("lora_A" in n or "lora_B" in n)}
+
+    model.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model.base_model.set_adapter("other")
+    assert trainable("other") == {"lora_A": False, "lora_B": True}
+    model.base_model.set_adapter("default")
+    assert trainable("default") == {"lora_A": False, "lora_B": True}
+    lora_kernels.unpatch_peft_model(model)
+    assert trainable("default") == {"lora_A": True, "lora_B": True}
+    assert trainable("other") == {"lora_A": False, "lora_B": False}  # PEFT's: an inactive adapter is frozen
 
 
 def test_bad_use_gives_clear_errors():

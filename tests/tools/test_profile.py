@@ -210,3 +210,19 @@ def test_lazy_export():
     assert lora_kernels.profile_memory is profile_memory
     with pytest.raises(AttributeError):
         lora_kernels.no_such_name  # noqa: B018
+
+
+def test_a_patched_peft_model_is_profiled_on_the_fast_path():
+    """The profile's module hooks skip the base layers of patched LoRA layers: a hook there would
+    (rightly) send the layer to PEFT's path, and the profile would measure PEFT instead."""
+    peft = pytest.importorskip("peft")
+    from tests.helpers import use_backend
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, H), nn.ReLU(), nn.Linear(H, K)),
+                                peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    lora_kernels.patch_peft_model(model)
+    with use_backend("torch") as record:
+        profile = profile_memory(model, torch.randn(B, K))
+    assert len(record.impls("fwd")) == 2 and profile.total_saved_bytes > 0
+    assert _no_hooks(model)
