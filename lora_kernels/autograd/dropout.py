@@ -8,6 +8,7 @@ so the same seed drops the same elements here and inside ``lora_linear``.
 import math
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from lora_kernels.ops import dropout_keep_mask, new_dropout_seed
 from lora_kernels.ops.checks import check_dropout_p
@@ -33,6 +34,17 @@ class _SeededDropout(torch.autograd.Function):
         return grad * _keep_scaled(seed, grad, ctx.p), None, None
 
 
+def composite_needed(*tensors) -> bool:
+    """Whether a call must run as plain differentiable PyTorch ops, which torch.func transforms and
+    forward-mode AD see through: under a transform, or with a forward-mode AD dual tensor among
+    ``tensors`` (the kernels and the autograd functions have no jvp and would drop its tangent)."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if _forward_ad._current_level < 0:  # no dual level: no dual tensors (the common case, one read)
+        return False
+    return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def seeded_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout of x [..., K]: x * keep / (1 - p), keep drawn from a seed taken from torch's
     RNG (reproducible under ``torch.manual_seed``); backward regenerates keep from the seed.
@@ -44,6 +56,6 @@ def seeded_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     if not training or p == 0.0:
         return x
     seed = new_dropout_seed(x.device)
-    if torch._C._are_functorch_transforms_active():
+    if composite_needed(x):
         return x * _keep_scaled(seed, x, p)
     return _SeededDropout.apply(x, seed, p)

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_composite,
                               lora_linear_forward, lora_linear_fwd, new_dropout_seed)
+from lora_kernels.autograd.dropout import composite_needed
 from lora_kernels.ops.lora_linear import autocast_enabled
 
 try:  # private to torch (in 2.11 and 2.13, the versions we run): without it only dispatch modes lose the op route
@@ -147,9 +148,12 @@ def forward_route(custom_op, function, implementation, composite, *tensors):
       grad: inference, decoding);
     - else ``function.apply``: the autograd function with the op's saving rules and backward.
 
+    Forward-mode AD (``torch.autograd.forward_ad`` dual tensors) also takes ``composite``: the kernels
+    and the autograd function have no jvp, and would drop the tangent.
+
     tensors: the call's tensors, the base weight's included (None allowed).
     """
-    if torch._C._are_functorch_transforms_active():
+    if composite_needed(*tensors):
         return composite
     if custom_op_needed(*tensors):
         return custom_op

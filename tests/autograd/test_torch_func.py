@@ -126,3 +126,29 @@ def test_second_derivatives_match_float64(nf4):
     hess64 = torch.func.hessian(loss(_reference(p)))(A64, x64[0, :1], B64, bias64, lora_B_bias64)
     assert hess.shape == (R, K, R, K) and hess64.abs().sum() > 0
     assert rel_err(hess, hess64) < FP32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_forward_mode_ad_dual_tensors_match_float64(nf4, requires_grad, backend, monkeypatch):
+    """torch.autograd.forward_ad outside torch.func: dual inputs take the composite route (the kernels
+    would drop the tangent; the autograd function has no jvp), with or without reverse-mode grads."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", backend)
+    p = _problem(nf4, "cpu")
+    args, args64 = _args(p), _args(p, torch.float64)
+    tangent = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(9))
+    A = args[1].clone().requires_grad_(requires_grad)
+    with fwAD.dual_level():
+        y = _ours(p, nf4, dropout_p=0.0)(fwAD.make_dual(args[0], tangent), A, *args[2:])
+        y, dy = fwAD.unpack_dual(y)
+    _, dy64 = jvp(_reference(p), args64, (tangent.double(),) + tuple(torch.zeros_like(a) for a in args64[1:]))
+    assert dy is not None and rel_err(dy, dy64) < FP32
+    assert rel_err(y, _reference(p)(*args64)) < FP32
+    with fwAD.dual_level():  # dropout: the tangent goes through the same mask
+        torch.manual_seed(3)
+        dual = lora_kernels.seeded_dropout(fwAD.make_dual(args[0], tangent), 0.5)
+        out, d_out = fwAD.unpack_dual(dual)
+    assert d_out is not None and torch.equal(d_out == 0, out == 0) and torch.equal(d_out, tangent * (out / args[0]))
