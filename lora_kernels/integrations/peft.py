@@ -144,6 +144,8 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
             return "adapters on another device than the input", None
         if _dropout_p(layer, adapter) >= 1:  # nn.Dropout(p=1) zeros its input; the kernels need p < 1
             return "lora_dropout p = 1 in training", None
+        if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0
+            return "adapter of rank 0", None
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
     bias = _child(base, "bias")
@@ -279,29 +281,19 @@ def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
     return b if isinstance(b, torch.Tensor) else _child(b, "weight")
 
 
-_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (id, _version, float value)
-
-
-def _adalora_rank_divisor(layer, adapter: str) -> float:
-    """AdaLoRA's ranknum + 1e-5 as a float. ranknum is a device tensor: reading it costs a device sync,
-    so the value is cached until the tensor object or its version counter (in-place writes) changes."""
-    ranknum = layer.ranknum[adapter]
-    cache = layer.__dict__.setdefault(_RANKNUM_CACHE, {})
-    key = (id(ranknum), ranknum._version)
-    if adapter not in cache or cache[adapter][0] != key:
-        cache[adapter] = (key, float(ranknum.detach().float().cpu()) + 1e-5)
-    return cache[adapter][1]
-
-
 def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> tuple:
     """(A [r, K], B [N, r], lora_B bias or None, scale) with PEFT's semantics of the layer class;
     A, B: the layer's lora_A / lora_B weights of ``adapter`` (``_lora_A_weight``, ``_lora_B_weight``).
 
     AdaLoRA's SVD form ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5), E [r, 1] the singular values with
-    pruned ranks zeroed by its rank allocator: E is folded into A (an r×K product, as PEFT computes it),
-    so the fused kernels run unchanged and autograd gives A and E their gradients."""
+    pruned ranks zeroed by its rank allocator: E, with the scale, is folded into A (an r×K product, as
+    PEFT computes A ⊙ E), so the fused kernels run unchanged with scale 1 and autograd gives A and E
+    their gradients. ranknum is a tensor on the adapters' device: used as one, it is read on every
+    call without a device sync."""
     if _is_adalora(layer, adapter):
-        return A * layer.lora_E[adapter], B, None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
+        E = layer.lora_E[adapter]
+        factor = layer.scaling[adapter] / (layer.ranknum[adapter] + 1e-5)  # [1], no gradient (ranknum is frozen)
+        return A * (E * factor.to(E.dtype)), B, None, 1.0
     return A, B, _child(_adapter_entry(layer, "lora_B", adapter), "bias"), layer.scaling[adapter]
 
 
@@ -518,7 +510,6 @@ def _drop_caches(layer) -> None:
     base = _base_layer(layer)
     base.__dict__.pop(_NF4_CACHE, None)
     base.__dict__.pop(_ROW_SQNORM_CACHE, None)
-    layer.__dict__.pop(_RANKNUM_CACHE, None)
 
 
 def is_patched(module) -> bool:

@@ -65,13 +65,17 @@ class _DyLoRAMixin:
 
     @rank.setter
     def rank(self, value: Optional[int]) -> None:
+        self._rank = self._checked_rank(value)
+
+    def _checked_rank(self, value: Optional[int]) -> Optional[int]:
+        """``value`` if this layer can take it as its rank, else ValueError / TypeError."""
         if value is not None:
             value = _check_int("rank", value, 1)
             if value > self.r:
                 raise ValueError(f"rank must be <= r_max = {self.r}, got {value}")
         if self._merged and value != self._rank:
             raise ValueError("cannot change the rank of a merged layer: call unmerge() first")
-        self._rank = value
+        return value
 
     def scale_for_rank(self, r: int) -> float:
         """alpha / r, or alpha / sqrt(r) with use_rslora."""
@@ -164,8 +168,9 @@ def _dylora_layers(model: nn.Module) -> list:
 def dylora_set_rank(model: nn.Module, rank: Optional[int]) -> int:
     """Fix the active rank of every DyLoRA layer in ``model`` (None: back to sampling); returns the count."""
     layers = _dylora_layers(model)
-    for layer in layers:
-        layer.rank = rank
+    ranks = [layer._checked_rank(rank) for layer in layers]  # every layer checked before any changes
+    for layer, value in zip(layers, ranks):
+        layer._rank = value
     return len(layers)
 
 

@@ -218,7 +218,7 @@ class _LoRALinearBase(nn.Module):
 
     def _lora_extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, scale={self._scale:.4g}, dropout={self.dropout_p:g}, "
+                f"alpha={self.alpha:g}, scale={self.scale:.4g}, dropout={self.dropout_p:g}, "
                 f"use_rslora={self.use_rslora}, bias={self.bias is not None}, merged={self._merged}")
 
 

@@ -44,6 +44,16 @@ class DeltaSVD:
         """‖ΔW‖_F."""
         return float(self.S.norm())
 
+    @property
+    def rank(self) -> int:
+        """The numerical rank of ΔW: singular values above S[0]·max(N, K)·eps (numpy's matrix_rank
+        rule). Singular vectors beyond it span no part of ΔW: any orthonormal completion is as good,
+        so subspace similarities and projections use the first ``rank`` only."""
+        if not self.S.numel():
+            return 0
+        tol = float(self.S[0]) * max(self.U.shape[0], self.V.shape[0]) * torch.finfo(torch.float64).eps
+        return int((self.S > tol).sum())
+
     def effective_rank(self, energy: float = 0.9) -> int:
         """Smallest k with sum(S[:k]²) ≥ energy · sum(S²) (0 for ΔW = 0)."""
         if not 0.0 < energy <= 1.0:
@@ -56,25 +66,30 @@ class DeltaSVD:
         return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
 
 
-def _check_matrix(name: str, value) -> Tensor:
+def _check_matrix(name: str, value, empty_dim: Optional[int] = None) -> Tensor:
+    """value as a 2-D floating-point tensor with no empty dimension but ``empty_dim`` (the rank)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != 2 or not value.is_floating_point():
         raise ValueError(f"{name} must be a 2-D floating-point tensor, got shape {tuple(value.shape)} {value.dtype}")
-    if value.numel() == 0:
+    if any(size == 0 and dim != empty_dim for dim, size in enumerate(value.shape)):
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
     return value
 
 
 def delta_svd(lora_A: Tensor, lora_B: Tensor, scale: float = 1.0) -> DeltaSVD:
-    """SVD of ΔW = scale · lora_B @ lora_A through thin QR of lora_B [N, r] and lora_Aᵀ [K, r]."""
-    A = _check_matrix("lora_A", lora_A).detach().double().cpu()
-    B = _check_matrix("lora_B", lora_B).detach().double().cpu()
+    """SVD of ΔW = scale · lora_B @ lora_A through thin QR of lora_B [N, r] and lora_Aᵀ [K, r].
+    r = 0 (an AdaLoRA layer its budget pruned whole) gives ΔW = 0: no singular values."""
+    A = _check_matrix("lora_A", lora_A, empty_dim=0).detach().double().cpu()
+    B = _check_matrix("lora_B", lora_B, empty_dim=1).detach().double().cpu()
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"lora_A [r, K] and lora_B [N, r] must share r, got lora_A {tuple(A.shape)} and "
                          f"lora_B {tuple(B.shape)}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if not A.shape[0]:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return DeltaSVD(U=B.new_zeros(B.shape[0], 0), S=empty, V=A.new_zeros(A.shape[1], 0))
     Qb, Rb = torch.linalg.qr(B)        # [N, qb], [qb, r]
     Qa, Ra = torch.linalg.qr(A.t())    # [K, qa], [qa, r]
     Uc, S, Vch = torch.linalg.svd(float(scale) * (Rb @ Ra.t()), full_matrices=False)  # [qb, qa] core
@@ -94,25 +109,32 @@ def _basis(svd: DeltaSVD, side: str) -> Tensor:
     return svd.U if side == "left" else svd.V
 
 
-def subspace_similarity(svd1: DeltaSVD, svd2: DeltaSVD, i: int, j: int, side: str = "left") -> float:
-    """‖X₁[:, :i]ᵀ X₂[:, :j]‖²_F / min(i, j) with X = U (side="left") or V (side="right"); in [0, 1]."""
-    X1, X2 = _basis(_check_svd("svd1", svd1), side), _basis(_check_svd("svd2", svd2), side)
+def _defined_bases(svd1, svd2, side: str) -> tuple:
+    """The singular vectors (side) of both adapters within their numerical ranks (``DeltaSVD.rank``)."""
+    svd1, svd2 = _check_svd("svd1", svd1), _check_svd("svd2", svd2)
+    X1, X2 = _basis(svd1, side), _basis(svd2, side)
     if X1.shape[0] != X2.shape[0]:
         raise ValueError(f"the adapters act on different spaces: {side} singular vectors of length {X1.shape[0]} "
                          f"and {X2.shape[0]}")
+    return X1[:, :svd1.rank], X2[:, :svd2.rank]
+
+
+def subspace_similarity(svd1: DeltaSVD, svd2: DeltaSVD, i: int, j: int, side: str = "left") -> float:
+    """‖X₁[:, :i]ᵀ X₂[:, :j]‖²_F / min(i, j) with X = U (side="left") or V (side="right"); in [0, 1].
+    i, j: from 1 to each ΔW's numerical rank (``DeltaSVD.rank``; none for ΔW = 0)."""
+    X1, X2 = _defined_bases(svd1, svd2, side)
     for name, value, limit in (("i", i, X1.shape[1]), ("j", j, X2.shape[1])):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise ValueError(f"{name} must be an int in [1, {limit}] (the adapter's rank), got {value!r}")
+            raise ValueError(f"{name} must be an int in [1, {limit}] (the numerical rank of the adapter's ΔW: "
+                             f"singular vectors beyond it are arbitrary), got {value!r}")
     overlap = X1[:, :i].t() @ X2[:, :j]
     return float(overlap.square().sum()) / min(i, j)
 
 
 def similarity_grid(svd1: DeltaSVD, svd2: DeltaSVD, side: str = "left") -> Tensor:
-    """[r1, r2] float64 grid of subspace_similarity(svd1, svd2, i, j) for i, j from 1 (one matmul)."""
-    X1, X2 = _basis(_check_svd("svd1", svd1), side), _basis(_check_svd("svd2", svd2), side)
-    if X1.shape[0] != X2.shape[0]:
-        raise ValueError(f"the adapters act on different spaces: {side} singular vectors of length {X1.shape[0]} "
-                         f"and {X2.shape[0]}")
+    """[rank1, rank2] float64 grid of subspace_similarity(svd1, svd2, i, j) for i, j from 1 (one matmul);
+    rank: each ΔW's numerical rank (an empty grid if one ΔW is 0)."""
+    X1, X2 = _defined_bases(svd1, svd2, side)
     # cumulative sums over both ranks of the squared overlaps give every ‖X1_iᵀ X2_j‖²_F at once
     power = (X1.t() @ X2).square().cumsum(0).cumsum(1)
     i = torch.arange(1, power.shape[0] + 1, dtype=power.dtype)[:, None]
@@ -149,10 +171,10 @@ def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional
     weight: [N, K] tensor or NF4Weight (never decoded whole: rows_per_chunk rows at a time).
     """
     svd = _check_svd("svd", svd)
-    q = svd.S.numel()
+    q = svd.rank  # directions beyond ΔW's numerical rank are arbitrary
     k = q if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= q:
-        raise ValueError(f"k must be an int in [1, {q}], got {k!r}")
+        raise ValueError(f"k must be an int in [1, {q}] (the numerical rank of ΔW), got {k!r}")
     if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
     if isinstance(weight, Tensor):
@@ -227,8 +249,11 @@ def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
         A, B = tensors[key].float(), tensors[b_key].float()
         if A.dim() != 2 or B.dim() != 2:
             continue  # conv adapters: not a linear ΔW
-        r = A.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
+        r = A.shape[0]  # the file's rank: rank_pattern's value for this layer, or r
+        # PEFT matches the patterns against the module name inside the model, without the PeftModel's
+        # "base_model.model." (an anchored pattern, "^model.layers.0...", would not match the key)
+        module_name = name.removeprefix("base_model.model.")
+        alpha = _pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", r))
         if adalora:
             e_key = key.replace(".lora_A", ".lora_E", 1)
             if e_key in tensors:
@@ -236,8 +261,7 @@ def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
             init_r = config.get("init_r", r)
             scale = (alpha if alpha > 0 else float(init_r)) / (init_r + 1e-5)
         else:
-            r_cfg = _pattern_value(config.get("rank_pattern"), name, config.get("r", r))
-            scale = alpha / (math.sqrt(r_cfg) if config.get("use_rslora") else r_cfg)
+            scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
         layers[name] = (A, B, float(scale))
     if not layers:
         raise ValueError(f"{weights} holds no linear LoRA adapters (no *.lora_A.weight keys)")
@@ -287,15 +311,15 @@ def analyze_adapter(adapter_dir, compare_dir=None, base=None, energy: float = 0.
                "delta_frobenius": svd.frobenius}
         if other is not None and name in other:
             svd2 = delta_svd(*other[name])
-            if svd2.U.shape[0] == svd.U.shape[0] and svd.S.numel() and svd2.S.numel():
-                q = min(svd.S.numel(), svd2.S.numel())
+            if svd2.U.shape[0] == svd.U.shape[0] and svd.rank and svd2.rank:  # (ΔW = 0: no subspace)
+                q = min(svd.rank, svd2.rank)
                 grid = similarity_grid(svd, svd2)
                 row.update(similarity_top1=float(grid[0, 0]), similarity_full=float(grid[q - 1, q - 1]),
                            similarity_grid_mean=float(grid.mean()))
-        if base_sd is not None:
+        if base_sd is not None and svd.rank:
             weight = _load_base_weight(base_sd, name, fan_in_fan_out)
             if weight is not None:
-                row.update({f"base_{k}": v for k, v in base_projection(weight, svd, min(top, svd.S.numel())).items()})
+                row.update({f"base_{k}": v for k, v in base_projection(weight, svd, min(top, svd.rank)).items()})
         rows.append(row)
     return {"adapter": str(adapter_dir), "compare": str(compare_dir) if compare_dir else None,
             "base": str(base) if base else None, "energy": energy, "rows": rows}
@@ -309,7 +333,7 @@ def format_table(result: dict) -> str:
     head += "".join(f" {k.replace('similarity_', 'κ_').replace('base_', ''):>13}" for k in extra)
     lines = [head]
     for r in rows:
-        s = r["singular_values"]
+        s = r["singular_values"] or [0.0]  # (r = 0: ΔW = 0)
         line = (f"{r['layer']:<{width}} {str(r['N']) + '×' + str(r['K']):>12} {r['r']:>4} {s[0]:>10.4g} "
                 f"{s[-1]:>10.4g} {r['effective_rank']:>5} {r['delta_frobenius']:>10.4g}")
         line += "".join(f" {r[k]:>13.4g}" if k in r else f" {'-':>13}" for k in extra)

@@ -111,6 +111,17 @@ def test_one_rank_per_step_for_the_whole_model(monkeypatch):
         dylora_sample_rank(torch.nn.Sequential(_layer(r_min=1), _layer(r_min=2)))
     with pytest.raises(ValueError, match="no DyLoRA"):
         dylora_set_rank(torch.nn.Linear(2, 2), 1)
+    # a rank one layer refuses changes no layer (all checked first)
+    model[0].rank = 3
+    small = DyLoRALinear(K, N, 2, ALPHA)
+    with pytest.raises(ValueError, match="r_max = 2"):
+        dylora_set_rank(torch.nn.Sequential(model, small), 4)
+    assert (model[0].rank, model[2].rank, small.rank) == (3, None, None)
+    model[2].rank = 3
+    model[2].merge()
+    with pytest.raises(ValueError, match="merged"):
+        dylora_sample_rank(model, torch.Generator().manual_seed(1))
+    assert (model[0].rank, model[2].rank) == (3, 3)
 
 
 def test_merge_uses_the_fixed_rank(monkeypatch):
@@ -123,6 +134,7 @@ def test_merge_uses_the_fixed_rank(monkeypatch):
     assert rel_err(layer(x), expect) < FP32
     with pytest.raises(ValueError, match="merged"):
         layer.rank = 2
+    assert "scale=4," in repr(layer)  # the active rank's: alpha / 4, not alpha / r_max
     layer.unmerge()
     layer.rank = 2
     assert rel_err(layer(x), _reference(layer, x, 2, ALPHA / 2)[0]) < FP32

@@ -6,9 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.__main__ import main as cli
 from lora_kernels.tools import rank_analysis as ra
+from tests.helpers import assert_close
 
 
 def _adapter(N, K, r, seed, dtype=torch.float32):
@@ -160,9 +162,12 @@ def _saved_adapter(tmp_path, name, seed, **lora_kwargs):
     return model, base
 
 
-def test_load_peft_adapter_matches_the_model(tmp_path):
-    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
-                  rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 5})
+@pytest.mark.parametrize("rslora", [True, False])
+def test_load_peft_adapter_matches_the_model(tmp_path, rslora):
+    # PEFT matches the patterns against the module name (an anchored one too), not the saved key
+    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+                  rank_pattern={"down_proj": 4, "^model.layers.0.self_attn.q_proj": 2},
+                  alpha_pattern={"v_proj": 5, "^model.layers.0.self_attn.q_proj": 3})
     model, _ = _saved_adapter(tmp_path, "a", 0, **kwargs)
     layers = ra.load_peft_adapter(tmp_path / "a")
     peft_layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
@@ -224,3 +229,68 @@ def test_analyze_gpt2_adapter_with_conv1d_base(tmp_path):
         W = base_sd[row["layer"].removeprefix("base_model.model.") + ".weight"].double()
         assert W.shape == (row["K"], row["N"])  # Conv1D layout
         assert row["base_projection"] == pytest.approx(float((U[:, :3].t() @ W.t() @ V[:, :3]).norm()), rel=1e-9)
+
+
+def test_adalora_adapter_with_a_layer_pruned_to_rank_0(tmp_path):
+    """AdaLoRA's budget can prune a layer whole (its saved lora_A is [0, K]): that layer has ΔW = 0 and
+    no singular values; the others match PEFT's ΔW, and a patched model runs the file like PEFT."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=50)
+    base_sd = transformers.LlamaForCausalLM(cfg).state_dict()
+
+    def base_model():
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        model.load_state_dict(base_sd)
+        return model
+
+    model = peft.get_peft_model(base_model(), peft.AdaLoraConfig(
+        init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n or "lora_B" in n:
+                p.normal_()
+    # what update_and_allocate stores at the end of its schedule: q_proj lost every triplet
+    model.peft_config["default"].rank_pattern = {"model.layers.0.self_attn.q_proj.lora_E": [False] * 4,
+                                                 "model.layers.0.self_attn.v_proj.lora_E": [True, False, True, True]}
+    model.save_pretrained(tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(base_model(), tmp_path / "a")
+    result = ra.analyze_adapter(tmp_path / "a", compare_dir=tmp_path / "a")
+    rows = {row["layer"].rsplit(".", 1)[-1]: row for row in result["rows"]}
+    assert rows["q_proj"]["r"] == 0 and rows["q_proj"]["singular_values"] == []
+    assert rows["q_proj"]["effective_rank"] == 0 and "similarity_top1" not in rows["q_proj"]
+    v_proj = loaded.base_model.model.model.layers[0].self_attn.v_proj
+    expected = torch.linalg.svdvals(v_proj.get_delta_weight("default").double())[:3]
+    assert rows["v_proj"]["r"] == 3
+    assert rows["v_proj"]["singular_values"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert rows["v_proj"]["similarity_full"] == pytest.approx(1.0, abs=1e-9)  # itself
+    assert "κ_top1" in ra.format_table(result)
+
+    patched = peft.PeftModel.from_pretrained(base_model(), tmp_path / "a")
+    report = lora_kernels.patch_peft_model(patched)
+    assert report.num_swapped == 2
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    q_proj = patched.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_kernels.integrations.peft.fallback_reason(q_proj, torch.randn(2, 32)) == "adapter of rank 0"
+    with torch.no_grad():
+        assert_close(patched(input_ids=ids).logits, loaded(input_ids=ids).logits, 1e-5, "logits")
+
+
+def test_similarity_and_projection_stop_at_the_numerical_rank():
+    """Singular vectors of zero singular values are an arbitrary completion: no similarity or
+    projection is reported from them (a fresh PEFT adapter has B = 0: ΔW = 0)."""
+    A, B = _adapter(30, 20, 6, seed=5)
+    zero = ra.delta_svd(A, torch.zeros_like(B))
+    assert zero.rank == 0 and zero.S.tolist() == [0.0] * 6
+    assert ra.similarity_grid(zero, zero).shape == (0, 0)
+    with pytest.raises(ValueError, match=r"i must be an int in \[1, 0\]"):
+        ra.subspace_similarity(zero, zero, 1, 1)
+    deficient_A = A.clone()
+    deficient_A[4:] = deficient_A[:2]  # ΔW of rank 4
+    deficient, full = ra.delta_svd(deficient_A, B), ra.delta_svd(A, B)
+    assert deficient.rank == 4 and full.rank == 6
+    assert ra.similarity_grid(deficient, full).shape == (4, 6)
+    with pytest.raises(ValueError, match="k must be an int in"):
+        ra.base_projection(torch.randn(30, 20), deficient, 5)
+    empty = ra.delta_svd(torch.zeros(0, 20), torch.zeros(30, 0))
+    assert empty.S.numel() == 0 and empty.rank == 0 and empty.U.shape == (30, 0) and empty.effective_rank() == 0
