@@ -61,7 +61,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: a path that cannot be written or read
         where = traceback.extract_tb(exc.__traceback__)[-1]
         print(f"{parser.prog} {args.command}: error: {exc} (raised at {os.path.basename(where.filename)}:"
               f"{where.lineno})", file=sys.stderr)

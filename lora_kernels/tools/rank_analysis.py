@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -208,21 +209,33 @@ def _pattern_value(patterns: dict, layer: str, default):
 
 
 def _read_tensors(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    """The tensors of a .safetensors file or a torch.save'd state dict (ValueError naming the file if
+    it is neither)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors' and pickle's own errors: a file that is not what it says
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # (torch.load's run on)
+        raise ValueError(f"{path} is not a readable {path.suffix or 'weights'} file: {first_line}") from exc
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors")
+    return tensors
 
 
-def adapter_config(adapter_dir: Union[str, Path]) -> dict:
-    """The adapter_config.json of a PEFT adapter folder, as a dict."""
+def adapter_config(adapter_dir: Union[str, Path], name: str = "adapter_dir") -> dict:
+    """The adapter_config.json of a PEFT adapter folder, as a dict (``name``: the argument, for errors)."""
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
-        raise ValueError(f"adapter_dir must be a PEFT adapter folder with adapter_config.json, got {adapter_dir}")
-    return json.loads(config_path.read_text())
+        raise ValueError(f"{name} must be a PEFT adapter folder with adapter_config.json, got {adapter_dir}")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
 
 
-def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
+def load_peft_adapter(adapter_dir: Union[str, Path], name: str = "adapter_dir") -> dict:
     """{layer name: (lora_A [r, K], lora_B [N, r], scale)} from a PEFT adapter folder
     (adapter_config.json + adapter_model.safetensors or .bin), float32 on CPU.
 
@@ -230,11 +243,11 @@ def load_peft_adapter(adapter_dir: Union[str, Path]) -> dict:
     alpha_pattern per layer; AdaLoRA adapters fold lora_E into A (ΔW = B (A ⊙ E) α / r).
     """
     adapter_dir = Path(adapter_dir)
-    config = adapter_config(adapter_dir)
+    config = adapter_config(adapter_dir, name)
     weights = next((adapter_dir / f for f in ("adapter_model.safetensors", "adapter_model.bin")
                     if (adapter_dir / f).is_file()), None)
     if weights is None:
-        raise ValueError(f"adapter_dir {adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
+        raise ValueError(f"{name} {adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
     tensors = _read_tensors(weights)
     adalora = config.get("peft_type") == "ADALORA"
     layers = {}
@@ -299,30 +312,40 @@ def analyze_adapter(adapter_dir, compare_dir=None, base=None, energy: float = 0.
     with ``base`` (state dict file/folder of the base model) the projection of W₀ onto ΔW's top-``top``
     directions (W₀ [N, K] as ΔW: a fan_in_fan_out adapter's dense base weights, stored [K, N] by
     transformers' Conv1D, are transposed)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int (directions for the base projection), got {top!r}")
     layers = load_peft_adapter(adapter_dir)
     fan_in_fan_out = bool(adapter_config(adapter_dir).get("fan_in_fan_out"))
-    other = load_peft_adapter(compare_dir) if compare_dir is not None else None
+    other = load_peft_adapter(compare_dir, "compare_dir") if compare_dir is not None else None
     base_sd = _load_base(base) if base is not None else None
-    rows = []
+    rows, notes = [], []
     for name, (A, B, scale) in layers.items():
         svd = delta_svd(A, B, scale)
         row = {"layer": name, "N": B.shape[0], "K": A.shape[1], "r": A.shape[0], "scale": scale,
                "singular_values": [float(v) for v in svd.S], "effective_rank": svd.effective_rank(energy),
                "delta_frobenius": svd.frobenius}
-        if other is not None and name in other:
+        if other is not None and name not in other:
+            notes.append(f"{name}: not in the compared adapter")
+        elif other is not None:
             svd2 = delta_svd(*other[name])
-            if svd2.U.shape[0] == svd.U.shape[0] and svd.rank and svd2.rank:  # (ΔW = 0: no subspace)
+            if svd2.U.shape[0] != svd.U.shape[0]:
+                notes.append(f"{name}: the compared adapter's ΔW has {svd2.U.shape[0]} rows, this one {svd.U.shape[0]}")
+            elif svd.rank and svd2.rank:  # (ΔW = 0: no subspace)
                 q = min(svd.rank, svd2.rank)
                 grid = similarity_grid(svd, svd2)
                 row.update(similarity_top1=float(grid[0, 0]), similarity_full=float(grid[q - 1, q - 1]),
                            similarity_grid_mean=float(grid.mean()))
         if base_sd is not None and svd.rank:
             weight = _load_base_weight(base_sd, name, fan_in_fan_out)
-            if weight is not None:
+            if weight is None:
+                notes.append(f"{name}: no base weight for it in {base}")
+            else:
                 row.update({f"base_{k}": v for k, v in base_projection(weight, svd, min(top, svd.rank)).items()})
+        if not svd.rank:
+            notes.append(f"{name}: ΔW = 0 (no singular directions to compare or project)")
         rows.append(row)
     return {"adapter": str(adapter_dir), "compare": str(compare_dir) if compare_dir else None,
-            "base": str(base) if base else None, "energy": energy, "rows": rows}
+            "base": str(base) if base else None, "energy": energy, "rows": rows, "notes": notes}
 
 
 def format_table(result: dict) -> str:
@@ -380,6 +403,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> dict:
     result = analyze_adapter(args.adapter_dir, args.compare, args.base, energy=args.energy, top=args.top)
     print(format_table(result))
+    for note in result["notes"]:  # what the table leaves blank, and why
+        print(f"note: {note}", file=sys.stderr)
     if args.out is not None:
         from lora_kernels.tools.bench import environment_metadata
         args.out.mkdir(parents=True, exist_ok=True)

@@ -294,3 +294,39 @@ def test_similarity_and_projection_stop_at_the_numerical_rank():
         ra.base_projection(torch.randn(30, 20), deficient, 5)
     empty = ra.delta_svd(torch.zeros(0, 20), torch.zeros(30, 0))
     assert empty.S.numel() == 0 and empty.rank == 0 and empty.U.shape == (30, 0) and empty.effective_rank() == 0
+
+
+def test_analyze_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    _saved_adapter(tmp_path, "a", 0, r=4, lora_alpha=8, target_modules=["q_proj"])
+    good = str(tmp_path / "a")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text("{oops")
+    (tmp_path / "file").write_text("x")
+    cases = {(str(corrupt),): "is not a readable .safetensors file",
+             (str(bad_json),): "adapter_config.json is not valid JSON",
+             (good, "--compare", str(tmp_path / "missing")): "compare_dir must be a PEFT adapter folder",
+             (good, "--base", str(tmp_path / "file")): "is not a readable weights file",
+             (good, "--out", str(tmp_path / "file")): "File exists",
+             (good, "--top", "0"): "top must be a positive int"}
+    for args, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["analyze", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_analyze_notes_what_it_cannot_compare(tmp_path, capsys):
+    _saved_adapter(tmp_path, "a", 0, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    _saved_adapter(tmp_path, "b", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    cli(["analyze", str(tmp_path / "a"), "--compare", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    result = ra.analyze_adapter(tmp_path / "a", compare_dir=tmp_path / "b")
+    assert "v_proj: not in the compared adapter" in err
+    rows = {row["layer"].rsplit(".", 1)[-1]: row for row in result["rows"]}
+    assert "similarity_top1" in rows["q_proj"] and "similarity_top1" not in rows["v_proj"]
+    assert result["notes"] == [line.removeprefix("note: ") for line in err.strip().splitlines()]
