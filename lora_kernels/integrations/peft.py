@@ -185,7 +185,11 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
     return _base_call_reason(base)
 
 
-_NN_MODULE = sys.modules[torch.nn.Module.__module__]  # torch.nn.modules.module: the global hook dicts
+# torch.nn.modules.module's global hook dicts (register_module_forward_hook, ...): torch adds to and
+# removes from these same objects, so holding them spares a module lookup per call
+_GLOBAL_HOOKS = tuple(getattr(sys.modules[torch.nn.Module.__module__], name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    if isinstance(getattr(sys.modules[torch.nn.Module.__module__], name, None), dict))
 
 
 def _base_call_reason(base) -> Optional[str]:
@@ -203,9 +207,7 @@ def _base_call_reason(base) -> Optional[str]:
     if type(base).forward is not stock or ("forward" in base.__dict__ and not _placement_hook_only(base, stock)):
         return f"base layer {type(base).__name__} with its own forward"
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-            or getattr(_NN_MODULE, "_global_forward_hooks", None) or getattr(_NN_MODULE, "_global_forward_pre_hooks", None)
-            or getattr(_NN_MODULE, "_global_backward_hooks", None)
-            or getattr(_NN_MODULE, "_global_backward_pre_hooks", None)):
+            or any(_GLOBAL_HOOKS)):
         return "hooks on the base layer"
     return None
 
