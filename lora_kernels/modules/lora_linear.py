@@ -459,10 +459,13 @@ class NF4LoRALinear(_LoRALinearBase):
             super()._apply(fn, recurse)
         finally:
             self._buffers.update(saved)
-        q = self._qweight
+        q = self.qweight  # the property: rebuilt from qweight_* buffers replaced directly
 
         def move(name, t):
             out = fn(t)
+            if t.is_meta and name in ("code", "absmax_code"):
+                # to_empty() from meta: fn gives uninitialised memory, but these tables have fixed values
+                return q.constant_table(name, out.device)
             return out if out.dtype == t.dtype else t.to(out.device)
 
         self.qweight = q.map_tensors(move)
@@ -472,7 +475,10 @@ class NF4LoRALinear(_LoRALinearBase):
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self._adapters()
-        return nf4_lora_linear(x, self.qweight, A, B, scale, bias=self.bias,
+        bias = self.bias
+        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+            bias = bias.to(x.dtype)  # x of another dtype than the weight's (and bias'): as the merged path
+        return nf4_lora_linear(x, self.qweight, A, B, scale, bias=bias,
                                dropout_p=self.dropout_p, training=self.training)
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -563,5 +569,5 @@ class NF4LoRALinear(_LoRALinearBase):
 
     def extra_repr(self) -> str:
         q = self.qweight
-        return (f"{self._lora_extra_repr()}, qweight_dtype={q.dtype}, blocksize={q.blocksize}, "
-                f"double_quant={q.double_quant}")
+        return (f"{self._lora_extra_repr()}, quant_type={q.quant_type}, qweight_dtype={q.dtype}, "
+                f"blocksize={q.blocksize}, double_quant={q.double_quant}")

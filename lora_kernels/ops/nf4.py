@@ -494,6 +494,14 @@ class NF4Weight:
         return NF4Weight(packed, absmax, self.shape, self.dtype, self.blocksize, nested_blocksize=self.nested_blocksize,
                          quant_type=self.quant_type, **fields)
 
+    def constant_table(self, name: str, device) -> torch.Tensor:
+        """A new copy, on ``device``, of the value a table field always holds: ``code`` the 4-bit
+        type's 16 values, ``absmax_code`` the dynamic map (e.g. to rebuild them after to_empty())."""
+        tables = {"code": self.quant_type, "absmax_code": "dynamic"}
+        if name not in tables:
+            raise ValueError(f"name must be one of {sorted(tables)}, got {name!r}")
+        return _table(tables[name], device).clone()
+
     def map_tensors(self, fn) -> "NF4Weight":
         """``replace_tensors`` with ``fn(name, tensor)`` for each tensor field that is not None (moved,
         copied)."""

@@ -463,6 +463,41 @@ def test_nf4_to_dtype_keeps_the_format_and_to_device_moves_it(torch_backend):
     assert q.qweight.packed.dtype == torch.uint8 and q.qweight.code.dtype == torch.float32
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_meta_layer_to_empty_then_load(torch_backend, quant_type):
+    """FSDP's pattern: build on meta, to_empty() on the device, then load a checkpoint."""
+    src = NF4LoRALinear.from_linear(_linear(), R, ALPHA, quant_type=quant_type)
+    _randomize_B(src)
+    m = NF4LoRALinear(K, N, R, ALPHA, device="meta", quant_type=quant_type)
+    m.to_empty(device="cpu")
+    assert m.qweight.device.type == "cpu" and m.qweight.quant_type == quant_type
+    m.load_state_dict(src.state_dict())
+    x = _x()
+    assert torch.equal(m(x), src(x))
+
+
+def test_nf4_buffers_replaced_directly_survive_to(torch_backend):
+    q = NF4LoRALinear.from_linear(_linear(), R, ALPHA)
+    other = NF4Weight.quantize(_linear(seed=5).weight.detach())
+    q.qweight_packed, q.qweight_absmax = other.packed, other.absmax  # nothing reads q.qweight before .to
+    q.qweight_absmax_scale, q.qweight_absmax_offset = other.absmax_scale, other.absmax_offset
+    q.to("cpu")
+    assert torch.equal(q.qweight.dequantize(), other.dequantize())
+    assert q.qweight_packed is other.packed
+
+
+def test_nf4_input_of_another_dtype_than_the_bias(torch_backend):
+    """A bf16 layer (bias bf16) with fp32 adapters takes fp32 inputs unmerged as merged (the bias cast to x's)."""
+    q = NF4LoRALinear(K, N, R, ALPHA, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    _randomize_B(q)
+    assert "quant_type=nf4" in repr(q)
+    for dtype in (torch.float32, torch.float16):
+        x = _x(dtype=dtype)
+        y = q(x)
+        ref, _ = _reference(x, q.qweight.dequantize(torch.float32), q)
+        assert y.dtype == dtype and rel_err(y, ref) < (3e-3 if dtype == torch.float16 else 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes Linear4bit
 # ---------------------------------------------------------------------------------------------
