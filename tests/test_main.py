@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lora_kernels.__main__ import main
 
@@ -12,6 +13,12 @@ from lora_kernels.__main__ import main
     (["bench", "--device", "cpu", "--providers", "nope"], "providers must be a non-empty list"),
     (["gemv", "--device", "cpu", "--m", "99"], "ms must be values in [1, 16]"),
     (["analyze", "/nonexistent/adapter"], "adapter_dir must be a PEFT adapter folder"),
+    (["bench", "--device", "foo"], "device must be a torch device"),
+    (["split-k", "--device", "cpu", "--reps", "0"], "reps must be >= 1"),
+    (["memory", "--device", "cpu", "--layer", "--dora", "--preset", "tiny"],
+     "--preset, --dora apply to the model profile, not to --layer"),
+    (["memory", "--device", "cpu", "--seq", "1", "--variants", "peft"], "seq must be an int >= 2"),
+    *([(["memory", "--device", "cuda"], "no CUDA GPU is available")] if not torch.cuda.is_available() else []),
 ])
 def test_rejected_option_values_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -272,9 +272,9 @@ def run_model(preset=None, device=None, dtype=None, batch=None, seq=None, dropou
     default_batch, default_seq = MODEL_BATCH.get(preset, (2, 128))
     batch = default_batch if batch is None else batch
     seq = default_seq if seq is None else seq
-    for arg, value in (("batch", batch), ("seq", seq), ("r", r)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    for arg, value, least in (("batch", batch, 1), ("seq", seq, 2), ("r", r, 1)):
+        if not isinstance(value, int) or value < least:  # seq 1: no next token to predict (the loss is NaN)
+            raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     variants = list(models.VARIANTS if variants is None else variants)
     unknown = [v for v in variants if v not in models.VARIANTS]
     if unknown or not variants:
@@ -441,8 +441,16 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT use_dora=True) instead of LoRA")
 
 
+# the model profile's options, which --layer does not take: (attribute, flag, its default)
+_MODEL_ONLY = (("preset", "--preset", None), ("batch", "--batch", None), ("seq", "--seq", None),
+               ("variants", "--variants", None), ("no_qlora", "--no-qlora", False), ("dora", "--dora", False))
+
+
 def run_from_args(args) -> dict:
     if args.layer:
+        given = [flag for attr, flag, default in _MODEL_ONLY if getattr(args, attr) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to the model profile, not to --layer")
         return run_layer(shapes=args.shapes, device=args.device, dtype=args.dtype, dropouts=args.dropout,
                          out=args.out, impls=args.impls)
     if args.shapes is not None:

@@ -235,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--calls", type=int, default=50, help="calls per timed batch")
-    parser.add_argument("--reps", type=int, default=7, help="timed batches (median)")
+    parser.add_argument("--reps", type=int, default=7, help="timed batches (the fastest is kept: host noise only adds time)")
     parser.add_argument("--out", default=None)
 
 

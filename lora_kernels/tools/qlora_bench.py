@@ -352,6 +352,20 @@ def suggest_threshold(rows, weight: str) -> int:
     return best
 
 
+def split_k_call(fn, split: bool):
+    """A callable running fn() on the Triton GEMM path with the small-M split-K forced on or off.
+    The routes that decide before split-K is considered are off: the PyTorch route of small dense
+    calls, the CUDA NF4 GEMV and the NF4 cuBLAS slabs (else both modes would time the same code)."""
+    from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
+    from lora_kernels.ops.nf4_gemv import NF4_GEMV_ENV
+    from lora_kernels.ops.triton_launch import NF4_CUBLAS_MIN_M_ENV, SMALL_M_ENV
+
+    call = with_env(SMALL_M_ENV, 1 << 30 if split else 0, fn)
+    for variable in (DENSE_TORCH_MAX_M_ENV, NF4_GEMV_ENV, NF4_CUBLAS_MIN_M_ENV):
+        call = with_env(variable, 0, call)
+    return call
+
+
 def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=None, warmup=None, out=None,
                   plot=True, verbose=True) -> dict:
     """Inference forward of ``lora_linear`` (dense W) and ``nf4_lora_linear`` with the small-M split-K
@@ -360,13 +374,12 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     Triton path (CUDA, or CPU with LORA_KERNELS_CPU_BACKEND=triton under the interpreter)."""
     from lora_kernels import lora_linear, nf4_lora_linear
     from lora_kernels.ops import select_backend
-    from lora_kernels.ops.triton_launch import SMALL_M_ENV
 
     device, dtype = resolve_device_dtype(device, dtype)
     cuda = device.type == "cuda"
     kns = kns or (CUDA_KN if cuda else ((128, 64),))
     # reps / warmup: CPU sample counts; CUDA times with do_bench's default budgets.
-    timing = default_timing(reps=reps or 3, warmup=warmup if warmup is not None else 1)
+    timing = default_timing(reps=3 if reps is None else reps, warmup=warmup if warmup is not None else 1)
     out = Path(out) if out is not None else default_out_dir(device)
     backends = {select_backend(device, M, N, K, r) for (K, N) in kns for M in ms}
     if backends != {"triton"}:
@@ -381,8 +394,8 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
                      "dense": lambda: lora_linear(x, W, A, B, s)}
             impls = {}
             for weight, fn in calls.items():
-                for mode, threshold in (("split", 1 << 30), ("no_split", 0)):
-                    call = with_env(SMALL_M_ENV, threshold, fn)
+                for mode, split in (("split", True), ("no_split", False)):
+                    call = split_k_call(fn, split)
                     impls[f"{weight}:{mode}"] = Impl(f"{weight}:{mode}", call, [], infer=call)
             dy = torch.empty(M, N, device=device, dtype=dtype)
             med = {n: t["infer"] for n, t in measure([impls], [dy], ("infer",), timing).items()}

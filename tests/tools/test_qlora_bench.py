@@ -110,6 +110,29 @@ def test_split_k_sweep_under_interpreter(tmp_path, monkeypatch):
     assert set(res["suggested_small_m_max"].values()) <= {0, 1, 17}
 
 
+def test_split_k_calls_switch_only_split_k():
+    """Each sweep call runs with the routes that decide before split-K off, so that "split" and
+    "no_split" time different code at every M: on a GPU, dense M <= 16 took the PyTorch route, NF4
+    M >= 64 the cuBLAS slabs and NF4 M <= 32 the CUDA GEMV, in both modes."""
+    import torch
+
+    from lora_kernels.kernels import configs
+    from lora_kernels.ops import select_backend
+    from lora_kernels.ops.nf4_gemv import cuda_gemv_max_m
+    from lora_kernels.ops.checks import env_nonnegative_int
+    from lora_kernels.ops.triton_launch import NF4_CUBLAS_MIN_M_ENV, SMALL_M_ENV
+
+    def routes():
+        cuda = torch.device("cuda")  # the dispatch rule only: nothing runs
+        return (select_backend(cuda, 1, 64, 64, 8, small_m_torch=True), cuda_gemv_max_m(),
+                env_nonnegative_int(NF4_CUBLAS_MIN_M_ENV, configs.NF4_CUBLAS_MIN_M),
+                env_nonnegative_int(SMALL_M_ENV, configs.SMALL_M_MAX))
+
+    assert routes()[0] == "torch"  # the default this test is about
+    assert qlora_bench.split_k_call(routes, True)() == ("triton", 0, 0, 1 << 30)
+    assert qlora_bench.split_k_call(routes, False)() == ("triton", 0, 0, 0)
+
+
 def test_split_k_sweep_refuses_the_torch_path(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
     with pytest.raises(RuntimeError, match="Triton path"):
