@@ -351,8 +351,9 @@ class NF4LoRALinear(_LoRALinearBase):
     Args: as LoRALinear, plus
         dtype: the dequantized weight's dtype (bnb quant_state.dtype) and the bias' dtype.
         blocksize: NF4 block size (64, as bnb); double_quant: quantize the absmax too (bnb
-            compress_statistics); quant_type: "nf4" or "fp4" (bnb's two 4-bit tables). The constructor quantizes an nn.Linear-style random weight; use
-            ``from_linear`` to wrap an nn.Linear or a bnb Linear4bit.
+            compress_statistics); quant_type: "nf4" or "fp4" (bnb's two 4-bit tables). The
+            constructor quantizes an nn.Linear-style random weight; use ``from_linear`` to wrap an
+            nn.Linear or a bnb Linear4bit.
     Inputs x: [..., in] (float32, float16 or bfloat16; lora_A/lora_B must be x's dtype or float32).
     """
 
