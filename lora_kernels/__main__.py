@@ -42,7 +42,8 @@ def main(argv=None):
     bench.add_arguments(p_bench)
     p_bench.add_argument("--train", action="store_true",
                          help="time full training steps of the built-in model instead (options below)")
-    train_bench.add_arguments(p_bench.add_argument_group("end-to-end training (--train)"))
+    train_group = p_bench.add_argument_group("end-to-end training (--train)")
+    train_bench.add_arguments(train_group)
     memory.add_arguments(sub.add_parser("memory", help="memory profile"))
     qlora_bench.add_arguments(sub.add_parser("qlora", help="QLoRA (NF4) layer benchmark and memory"))
     gemv_bench.add_arguments(sub.add_parser("gemv", help="CUDA NF4 decode GEMV benchmark (issue 5 goals)"))
@@ -60,12 +61,27 @@ def main(argv=None):
     p_all.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            _check_bench_options(args, p_bench, train_group)
         _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench)
     except (ValueError, TypeError, OSError) as exc:  # OSError: a path that cannot be written or read
         where = traceback.extract_tb(exc.__traceback__)[-1]
         print(f"{parser.prog} {args.command}: error: {exc} (raised at {os.path.basename(where.filename)}:"
               f"{where.lineno})", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _check_bench_options(args, p_bench, train_group) -> None:
+    """``bench`` and ``bench --train`` share one parser: options given to the one that does not take
+    them (the layer sweep's with --train, the training group's without) are errors, not ignored."""
+    shared = {"help", "train", "device", "dtype", "out", "no_plot"}
+    train_dests = {action.dest for action in train_group._group_actions}
+    unused = [action for action in p_bench._actions
+              if action.dest not in shared and (action.dest in train_dests) != args.train]
+    given = [action.option_strings[0] for action in unused if getattr(args, action.dest) != action.default]
+    if given:
+        where = "the layer benchmark, not to --train" if args.train else "--train only"
+        raise ValueError(f"{', '.join(given)} apply to {where}")
 
 
 def _run(args, bench, gemv_bench, memory, overhead, qlora_bench, rank_analysis, routes, train_bench):
