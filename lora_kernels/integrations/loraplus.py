@@ -90,8 +90,10 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, *, w
         if not param.requires_grad:
             continue
         # PEFT adapter weights sit in a ModuleDict/ParameterDict below the tuner layer
-        # (<layer>.lora_embedding_A.default): strip two name parts to find the layer.
-        owner = modules.get(".".join(name.split(".")[:-2]))
+        # (<layer>.lora_embedding_A.default): strip two name parts to find the layer. As PEFT, none for
+        # a parameter of the model itself (a bare tuner layer passed as the model)
+        owner_name = ".".join(name.split(".")[:-2])
+        owner = modules.get(owner_name) if owner_name else None
         if embedding_cls is not None and isinstance(owner, embedding_cls):
             groups["embedding"].append(param)
         elif "lora_B" in name or param.ndim == 1:

@@ -77,6 +77,15 @@ def test_groups_match_peft(name, patched):
         assert any("head.modules_to_save" in names[id(p)] for p in ours[0]["params"])
 
 
+def test_a_bare_peft_embedding_layer_groups_as_peft_s():
+    # PEFT looks for the tuner layer below the model only: a layer passed as the model is none
+    model = peft.get_peft_model(nn.Sequential(nn.Embedding(10, 8)), peft.LoraConfig(r=2, target_modules=["0"]))
+    for module in (model.base_model.model[0], model):
+        reference = create_loraplus_optimizer(module, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4.0)
+        ref_groups = [{k: g[k] for k in ("params", "lr", "weight_decay")} for g in reference.param_groups]
+        assert _summary(loraplus_param_groups(module, 1e-3, 4.0)) == _summary(ref_groups)
+
+
 def test_lora_kernels_modules_and_optimizer():
     model = nn.Sequential(lora_kernels.LoRALinear(16, 16, r=4, alpha=8),
                           lora_kernels.LoRALinear(16, 8, r=4, alpha=8))
