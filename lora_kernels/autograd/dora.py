@@ -40,13 +40,18 @@ def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
     return nf4_lora_linear(x, weight, zero_A, zero_B, 0.0, training=False)
 
 
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's values for a cache of something computed from them: its storage (a
+    weak reference: a new tensor allocated where a freed one was, as after model.half().float(), is
+    another storage object), the place in it, and the version counter (in-place writes through the
+    tensor or its views; not a write through ``tensor.data``, which has a counter of its own)."""
+    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), tensor._version)
+
+
 def _weight_key(weight) -> tuple:
-    """What identifies a weight's values for the cache: its storage (a weak reference: a new tensor
-    allocated where a freed one was, as after model.half().float(), is another storage object), the
-    place in it, and the version counter (in-place writes through the tensor or its views)."""
     tensor = weight.packed if isinstance(weight, NF4Weight) else weight
     layout = (id(weight),) if isinstance(weight, NF4Weight) else (weight.dtype, tuple(weight.shape), weight.stride())
-    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), tensor._version, *layout)
+    return (*tensor_identity(tensor), *layout)
 
 
 class _StorageRef(weakref.ref):

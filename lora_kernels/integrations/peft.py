@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from lora_kernels.autograd import dora_linear, lora_linear, nf4_lora_linear
+from lora_kernels.autograd.dora import tensor_identity
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import QUANT_TYPES, NF4Weight
 
@@ -109,9 +110,9 @@ def _base_layer(layer) -> torch.nn.Module:
 def _fast_plan(layer, x, args, kwargs) -> tuple:
     """(None, (active adapters, base layer, its dense weight [N, K] (``_dense_weight``; None for a bnb
     Linear4bit), its bias, A, B of a single adapter (None for several), whether the base is a bnb
-    Linear4bit)) when this call can run on
-    lora_kernels, else (reason, None): what the check resolves, the fast forward reuses (a per-call cost
-    of every LoRA layer)."""
+    Linear4bit, the dropout probability of this call)) when this call can run on lora_kernels, else
+    (reason, None): what the check resolves, the fast forward reuses (a per-call cost of every LoRA
+    layer)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments (adapter_names=, variant or base-layer arguments)", None
     if layer.disable_adapters:
@@ -122,10 +123,14 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
     if why:
         return why, None
     base = _base_layer(layer)
+    stock, linear4bit = _stock_forward(base)
+    why = _base_type_reason(base, stock) or _base_call_reason(base, stock)
+    if why:
+        return why, None
     for adapter in adapters:
-        static = _static_reason(layer, adapter, base)
-        if static:
-            return static, None
+        why = _adapter_reason(layer, adapter)
+        if why:
+            return why, None
     if len(adapters) > 1:
         why = _several_adapters_reason(layer, adapters)
         if why:
@@ -142,14 +147,16 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
             return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
         if A.device != x.device or B.device != x.device:
             return "adapters on another device than the input", None
-        if _dropout_p(layer, adapter) >= 1:  # nn.Dropout(p=1) zeros its input; the kernels need p < 1
-            return "lora_dropout p = 1 in training", None
         if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0
             return "adapter of rank 0", None
+    dropout_p = 0.0  # several adapters: none in training (_several_adapters_reason)
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
+    else:
+        dropout_p = _dropout_p(layer, adapters[0])
+        if dropout_p >= 1:  # nn.Dropout(p=1) zeros its input; the kernels need p < 1
+            return "lora_dropout p = 1 in training", None
     bias = _child(base, "bias")
-    linear4bit = _is_linear4bit(base)
     if not autocast and bias is not None and bias.dtype not in (x.dtype, torch.float32) and not linear4bit:
         return f"bias dtype {bias.dtype}", None
     why = None
@@ -162,17 +169,19 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         why = "the base weight is trainable"
     elif not autocast and weight.dtype != x.dtype:
         why = f"base weight dtype {weight.dtype} with input dtype {x.dtype}"
-    return (why, None) if why else (None, (adapters, base, weight, bias, A, B, linear4bit))
+    return (why, None) if why else (None, (adapters, base, weight, bias, A, B, linear4bit, dropout_p))
 
 
 def static_fallback_reason(layer, adapter: str) -> Optional[str]:
     """Why ``adapter`` of ``layer`` always needs PEFT's forward (a LoRA variant other than PEFT's
-    linear DoRA, dropout module, base layer type: nn.Linear, transformers' Conv1D or a bnb Linear4bit),
-    or None."""
-    return _static_reason(layer, adapter, _base_layer(layer))
+    linear DoRA, dropout module, base layer type: nn.Linear, transformers' Conv1D or a bnb Linear4bit,
+    whose class keeps the stock forward), or None. Hooks and an instance's own forward can come and
+    go: each call checks them."""
+    base = _base_layer(layer)
+    return _adapter_reason(layer, adapter) or _base_type_reason(base, _stock_forward(base)[0])
 
 
-def _static_reason(layer, adapter: str, base) -> Optional[str]:
+def _adapter_reason(layer, adapter: str) -> Optional[str]:
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if _is_dora(layer, adapter):
         if variant is not None and type(variant).__name__ != "DoraLinearVariant":
@@ -182,7 +191,28 @@ def _static_reason(layer, adapter: str, base) -> Optional[str]:
     dropout = _adapter_entry(layer, "lora_dropout", adapter)
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__}"
-    return _base_call_reason(base)
+    return None
+
+
+def _stock_forward(base) -> tuple:
+    """(the forward of the layer type ``base`` is, or None for a type the fast path does not take,
+    whether it is a bnb Linear4bit)."""
+    if _is_linear4bit(base):  # before nn.Linear: Linear4bit subclasses it
+        return sys.modules["bitsandbytes"].nn.Linear4bit.forward, True
+    if isinstance(base, torch.nn.Linear):
+        return torch.nn.Linear.forward, False
+    if _is_conv1d(base):
+        return sys.modules["transformers.pytorch_utils"].Conv1D.forward, False
+    return None, False
+
+
+def _base_type_reason(base, stock) -> Optional[str]:
+    """Why the class of ``base`` needs its own call (``stock``: ``_stock_forward``), or None."""
+    if stock is None:  # e.g. another tuner's layer (a PeftMixedModel): peft.tuners.loha.layer.Linear
+        return f"base layer {type(base).__module__}.{type(base).__qualname__}"
+    if type(base).forward is not stock:  # a subclass with its own forward (QAT fake-quant, ...)
+        return f"base layer {type(base).__name__} with its own forward"
+    return None
 
 
 # torch.nn.modules.module's global hook dicts (register_module_forward_hook, ...): torch adds to and
@@ -192,19 +222,11 @@ _GLOBAL_HOOKS = tuple(getattr(sys.modules[torch.nn.Module.__module__], name) for
     if isinstance(getattr(sys.modules[torch.nn.Module.__module__], name, None), dict))
 
 
-def _base_call_reason(base) -> Optional[str]:
-    """Why calling ``base`` runs more than its weight's matmul (another layer type, a subclass's or an
-    instance's own forward, hooks: PEFT calls base_layer(x), the fast path only reads its tensors), or
-    None."""
-    if _is_linear4bit(base):  # before nn.Linear: Linear4bit subclasses it
-        stock = sys.modules["bitsandbytes"].nn.Linear4bit.forward
-    elif isinstance(base, torch.nn.Linear):
-        stock = torch.nn.Linear.forward
-    elif _is_conv1d(base):
-        stock = sys.modules["transformers.pytorch_utils"].Conv1D.forward
-    else:  # e.g. another tuner's layer (a PeftMixedModel): peft.tuners.loha.layer.Linear
-        return f"base layer {type(base).__module__}.{type(base).__qualname__}"
-    if type(base).forward is not stock or ("forward" in base.__dict__ and not _placement_hook_only(base, stock)):
+def _base_call_reason(base, stock) -> Optional[str]:
+    """Why calling ``base`` (of a type ``_base_type_reason`` takes) now runs more than its weight's
+    matmul: an instance's own forward or hooks (PEFT calls base_layer(x); the fast path only reads its
+    tensors), or None."""
+    if "forward" in base.__dict__ and not _stock_instance_forward(base, stock):
         return f"base layer {type(base).__name__} with its own forward"
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or any(_GLOBAL_HOOKS)):
@@ -212,11 +234,15 @@ def _base_call_reason(base) -> Optional[str]:
     return None
 
 
-def _placement_hook_only(base, stock) -> bool:
-    """Whether the instance forward of ``base`` is accelerate's wrapper (``add_hook_to_module``, as
-    ``device_map`` over several GPUs installs on every layer) around the stock forward with an
-    AlignDevicesHook that only moves the inputs to its execution device (no offloaded weights to load):
-    with x already on the device of the weights, which ``_fast_plan`` checks, that call is a no-op."""
+def _stock_instance_forward(base, stock) -> bool:
+    """Whether the instance forward of ``base`` calls only ``stock``: the stock forward bound to it (what
+    accelerate's remove_hook_from_module leaves), or accelerate's wrapper (``add_hook_to_module``, as
+    ``device_map`` over several GPUs installs on every layer) with an AlignDevicesHook that only moves
+    the inputs to its execution device (no offloaded weights to load): with x already on the device of
+    the weights, which ``_fast_plan`` checks, that call is a no-op."""
+    forward = base.__dict__["forward"]
+    if getattr(forward, "__func__", None) is stock and getattr(forward, "__self__", None) is base:
+        return True
     hook = base.__dict__.get("_hf_hook")
     old_forward = base.__dict__.get("_old_forward")
     return (type(hook).__name__ == "AlignDevicesHook" and not getattr(hook, "offload", True)
@@ -283,19 +309,35 @@ def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
     return b if isinstance(b, torch.Tensor) else _child(b, "weight")
 
 
+_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (tensor_identity of ranknum, its value + 1e-5)
+
+
+def _adalora_rank_divisor(layer, adapter: str) -> float:
+    """AdaLoRA's ranknum + 1e-5 as a float. ranknum is a device tensor: reading it costs a device sync,
+    so the value is kept until ranknum's storage or version counter changes (PEFT creates a new one
+    whenever the rank changes; its one write through ``.data`` comes before any forward)."""
+    ranknum = _adapter_entry(layer, "ranknum", adapter)
+    key = tensor_identity(ranknum)
+    cache = layer.__dict__.setdefault(_RANKNUM_CACHE, {})
+    entry = cache.get(adapter)
+    if entry is None or entry[0] != key:
+        entry = cache[adapter] = (key, float(ranknum.detach().float().cpu()) + 1e-5)
+    return entry[1]
+
+
 def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> tuple:
     """(A [r, K], B [N, r], lora_B bias or None, scale) with PEFT's semantics of the layer class;
     A, B: the layer's lora_A / lora_B weights of ``adapter`` (``_lora_A_weight``, ``_lora_B_weight``).
 
     AdaLoRA's SVD form ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5), E [r, 1] the singular values with
-    pruned ranks zeroed by its rank allocator: E, with the scale, is folded into A (an r×K product, as
-    PEFT computes A ⊙ E), so the fused kernels run unchanged with scale 1 and autograd gives A and E
-    their gradients. ranknum is a tensor on the adapters' device: used as one, it is read on every
-    call without a device sync."""
+    pruned ranks zeroed by its rank allocator: E is folded into A (an r×K product, as PEFT computes it),
+    so the fused kernels run unchanged and autograd gives A and E their gradients."""
     if _is_adalora(layer, adapter):
-        E = layer.lora_E[adapter]
-        factor = layer.scaling[adapter] / (layer.ranknum[adapter] + 1e-5)  # [1], no gradient (ranknum is frozen)
-        return A * (E * factor.to(E.dtype)), B, None, 1.0
+        E = _adapter_entry(layer, "lora_E", adapter)
+        if torch.compiler.is_compiling():  # ranknum as a tensor in the graph (no value to read)
+            ranknum = _adapter_entry(layer, "ranknum", adapter)
+            return A * (E * (layer.scaling[adapter] / (ranknum + 1e-5)).to(E.dtype)), B, None, 1.0
+        return A * E, B, None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
     return A, B, _child(_adapter_entry(layer, "lora_B", adapter), "bias"), layer.scaling[adapter]
 
 
@@ -343,14 +385,12 @@ def _stacked_adapter_tensors(layer, adapters: list) -> tuple:
 
 def _fast_forward(layer, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     """The layer's forward on lora_kernels; ``plan`` from ``_fast_plan``."""
-    adapters, base, weight, bias, A, B, linear4bit = plan
+    adapters, base, weight, bias, A, B, linear4bit, dropout_p = plan
     adapter = adapters[0]
     if len(adapters) > 1:
         A, B, lora_B_bias, scale = _stacked_adapter_tensors(layer, adapters)
     else:
         A, B, lora_B_bias, scale = _adapter_tensors(layer, adapter, A, B)
-    # dropout in training only (several adapters: none, _several_adapters_reason)
-    dropout_p = _dropout_p(layer, adapter) if len(adapters) == 1 else 0.0
     common = dict(bias=bias, lora_B_bias=lora_B_bias, dropout_p=dropout_p, training=dropout_p > 0)
     if _is_dora(layer, adapter):
         return _dora_forward(layer, adapter, base, weight, x, A, B, scale, linear4bit, common)
@@ -512,6 +552,7 @@ def _drop_caches(layer) -> None:
     base = _base_layer(layer)
     base.__dict__.pop(_NF4_CACHE, None)
     base.__dict__.pop(_ROW_SQNORM_CACHE, None)
+    layer.__dict__.pop(_RANKNUM_CACHE, None)
 
 
 def is_patched(module) -> bool:

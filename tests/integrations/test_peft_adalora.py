@@ -81,13 +81,22 @@ def test_ranknum_is_read_again_after_an_in_place_change():
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
     ids = _ids(vocab=100)
-    patched(input_ids=ids)
-    for m in (patched, reference):
-        for n, p in m.named_parameters():
-            if "ranknum" in n:
-                p.data.fill_(3.0)  # as PEFT writes it: through .data, which no version counter sees
-    with torch.no_grad():
-        assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "logits")
+    patched(input_ids=ids)  # keeps ranknum's value
+
+    def set_ranknum(value, new_tensor):
+        for m in (patched, reference):
+            for module in m.modules():
+                if hasattr(module, "ranknum") and "default" in module.ranknum:
+                    if new_tensor:  # as PEFT's update_layer makes one (maybe at a freed one's address)
+                        module.ranknum["default"] = torch.nn.Parameter(torch.full((1,), value), requires_grad=False)
+                    else:
+                        with torch.no_grad():
+                            module.ranknum["default"].fill_(value)  # in place: the version counter moves
+        with torch.no_grad():
+            assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"ranknum {value}")
+
+    set_ranknum(3.0, new_tensor=False)
+    set_ranknum(5.0, new_tensor=True)
 
 
 def test_unpatch_restores_adalora():

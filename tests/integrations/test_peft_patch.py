@@ -474,6 +474,28 @@ def test_accelerate_device_hooks_keep_the_fast_path_unless_they_offload(offload)
     with use_backend("torch") as record:
         assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "hooked")
     assert _fast_calls(record) == (0 if offload else 14)
+    for layer in layers:  # leaves the stock forward bound to the layer in its __dict__
+        hooks.remove_hook_from_module(layer.base_layer)
+    assert all("forward" in layer.base_layer.__dict__ for layer in layers)
+    assert lk_peft.fallback_reason(layers[0], torch.randn(3, 64)) is None
+
+
+def test_hooks_present_while_patching_only_defer_the_fast_path():
+    """Hooks come and go: a layer whose base has one at patch time is still swapped (and LoRA-FA
+    frozen); its calls take PEFT's path while the hook is there."""
+    model = peft_model(seed=4)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    handle = q_proj.base_layer.register_forward_hook(lambda mod, inp, out: None)
+    global_hook = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: None)
+    try:
+        report = lora_kernels.patch_peft_model(model, lora_fa=True)
+        assert report.num_swapped == 14 and report.frozen_lora_A == 14 and not report.left_on_peft
+        assert lk_peft.fallback_reason(q_proj, torch.randn(3, 64)) == "hooks on the base layer"
+    finally:
+        global_hook.remove()
+    assert lk_peft.fallback_reason(q_proj, torch.randn(3, 64)) == "hooks on the base layer"
+    handle.remove()
+    assert lk_peft.fallback_reason(q_proj, torch.randn(3, 64)) is None
 
 
 def test_lora_over_another_tuner_layer_keeps_peft_s_path():
