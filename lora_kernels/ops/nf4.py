@@ -126,7 +126,7 @@ def _build_dynamic(device: torch.device) -> torch.Tensor:
     # "additional items" term is empty and the list has exactly 256 values.
     values = [0.0, 1.0]
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32, device="cpu")  # (not a default device's)
         means = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (i - 6)
         values += (scale * means).tolist() + (-scale * means).tolist()
@@ -141,7 +141,7 @@ def _build_dynamic_lut(device: torch.device) -> torch.Tensor:
     # Built on the CPU, whose division is IEEE, like bnb's, and then copied.
     code = _table("dynamic", torch.device("cpu"))
     midpoints = (code[:-1] + code[1:]) * 0.5
-    grid = torch.arange(_LUT_SIZE, dtype=torch.float32) * 2 / (_LUT_SIZE - 1) - 1
+    grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device="cpu") * 2 / (_LUT_SIZE - 1) - 1
     return torch.searchsorted(midpoints, grid).to(device=device, dtype=torch.uint8)
 
 

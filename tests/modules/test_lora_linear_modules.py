@@ -463,12 +463,21 @@ def test_nf4_to_dtype_keeps_the_format_and_to_device_moves_it(torch_backend):
     assert q.qweight.packed.dtype == torch.uint8 and q.qweight.code.dtype == torch.float32
 
 
+@pytest.mark.parametrize("context", [False, True], ids=["device_arg", "default_device"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_nf4_meta_layer_to_empty_then_load(torch_backend, quant_type):
-    """FSDP's pattern: build on meta, to_empty() on the device, then load a checkpoint."""
+def test_nf4_meta_layer_to_empty_then_load(torch_backend, quant_type, context, monkeypatch):
+    """FSDP's pattern: build on meta (device= or a `with torch.device("meta")` block, which every
+    factory call inside follows), to_empty() on the device, then load a checkpoint."""
     src = NF4LoRALinear.from_linear(_linear(), R, ALPHA, quant_type=quant_type)
     _randomize_B(src)
-    m = NF4LoRALinear(K, N, R, ALPHA, device="meta", quant_type=quant_type)
+    if context:
+        from lora_kernels.ops import nf4 as nf4_module
+        monkeypatch.setattr(nf4_module, "_device_tables", {})  # the constant tables built inside the block
+        with torch.device("meta"):
+            m = NF4LoRALinear(K, N, R, ALPHA, quant_type=quant_type)
+    else:
+        m = NF4LoRALinear(K, N, R, ALPHA, device="meta", quant_type=quant_type)
+    assert m.qweight.device.type == "meta"
     m.to_empty(device="cpu")
     assert m.qweight.device.type == "cpu" and m.qweight.quant_type == quant_type
     m.load_state_dict(src.state_dict())
