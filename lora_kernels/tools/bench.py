@@ -1432,21 +1432,38 @@ def fmt_num(v, spec):
     return format(v, spec)
 
 
+def absolute_times(meta: dict) -> bool:
+    """Whether a run's absolute times (and the rates made from them) are shown: only a GPU's. Without
+    one, tables show each time as a ratio to a reference timed in the same run; the JSON and CSV
+    files keep the raw times."""
+    return meta.get("device_type") == "cuda"
+
+
 def format_table(rows, meta, modes=MODES) -> str:
     """Fixed-width text table of sweep rows: ms per mode, then TFLOP/s, GB/s and the ratios of the
-    main mode (``main_mode``); saved / peak memory when the rows carry them."""
+    main mode (``main_mode``); saved / peak memory when the rows carry them. Without a GPU, each
+    mode's time ÷ the base-only matmul's instead of ms, and no rates."""
     main = main_mode(modes)
     mem = any("saved_bytes" in r for r in rows)
+    absolute = absolute_times(meta)
     head = (f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  triton {meta['triton']}  "
             f"peft {meta['peft']}  bitsandbytes {meta['bitsandbytes']}")
-    cols = f"{'shape M,K,N,r':<22}{'provider':<23}" + "".join(f"{m + ' ms':>11}" for m in modes)
-    cols += f"{main + ' TF/s':>13}{'GB/s':>8}{'x base':>8}{'x peft':>8}"
+    if not absolute:
+        head += "  (no GPU: times as ratios to the base-only matmul of the same run)"
+    cols = f"{'shape M,K,N,r':<22}{'provider':<23}" + "".join(
+        f"{m + (' ms' if absolute else ' x base'):>{11 if absolute else 15}}" for m in modes)
+    cols += f"{main + ' TF/s':>13}{'GB/s':>8}{'x base':>8}{'x peft':>8}" if absolute else f"{'x peft':>8}"
     cols += f"{'saved MiB':>10}{'peak MiB':>9}" if mem else ""
     lines = [head, cols]
     for r in rows:
-        line = f"{r['shape']:<22}{r['impl']:<23}" + "".join(fmt_num(r.get(f"{m}_ms"), "11.4f") for m in modes)
-        line += (f"{fmt_num(r.get(f'{main}_TFLOPs'), '13.3f')}{fmt_num(r.get(f'{main}_GBps'), '8.1f')}"
-                 f"{fmt_num(r.get(f'{main}_vs_base'), '8.3f')}{fmt_num(r.get(f'{main}_vs_peft'), '8.3f')}")
+        line = f"{r['shape']:<22}{r['impl']:<23}"
+        if absolute:
+            line += "".join(fmt_num(r.get(f"{m}_ms"), "11.4f") for m in modes)
+            line += (f"{fmt_num(r.get(f'{main}_TFLOPs'), '13.3f')}{fmt_num(r.get(f'{main}_GBps'), '8.1f')}"
+                     f"{fmt_num(r.get(f'{main}_vs_base'), '8.3f')}{fmt_num(r.get(f'{main}_vs_peft'), '8.3f')}")
+        else:
+            line += "".join(fmt_num(r.get(f"{m}_vs_base"), "15.3f") for m in modes)
+            line += fmt_num(r.get(f"{main}_vs_peft"), "8.3f")
         if mem:
             line += f"{fmt_num(mib(r.get('saved_bytes')), '10.2f')}{fmt_num(mib(r.get('peak_fwdbwd_bytes')), '9.1f')}"
         lines.append(line)

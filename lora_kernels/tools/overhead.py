@@ -202,20 +202,24 @@ def run(device=None, dtype=None, shapes=None, providers=PROVIDERS, modes=MODES, 
                                     "(tools.dry_run); one intra-op thread" if device.type == "cpu" else None},
               "rows": rows, "skipped": skipped}
     if not quiet:
-        print(format_table(rows))
+        print(format_table(rows, absolute=device.type == "cuda"))
     if out is not False:
         write_outputs(result, Path(out) if out else default_out_dir(device),
                       f"overhead_{str(dtype).replace('torch.', '')}", CSV_FIELDS)
     return result
 
 
-def format_table(rows) -> str:
-    lines = [f"{'shape':>16} {'provider':24} {'mode':7} {'host us':>9} {'wall us':>9} {'launches':>8} {'vs PEFT':>8}"]
+def format_table(rows, absolute: bool = True) -> str:
+    """Text table of the rows; ``absolute`` False (no GPU): host time ÷ PEFT's only, no µs."""
+    times = f" {'host us':>9} {'wall us':>9}" if absolute else ""
+    lines = [f"{'shape':>16} {'provider':24} {'mode':7}{times} {'launches':>8} {'host vs PEFT':>12}"]
     for row in rows:
         ratio = f"{row['host_vs_peft']:.2f}x" if row.get("host_vs_peft") else "-"
         shape = f"{row['M']}x{row['K']}x{row['N']}"
-        lines.append(f"{shape:>16} {row['provider']:24} {row['mode']:7} {row['host_us']:9.1f} {row['wall_us']:9.1f} "
-                     f"{row['launches']:8d} {ratio:>8}")
+        times = f" {row['host_us']:9.1f} {row['wall_us']:9.1f}" if absolute else ""
+        lines.append(f"{shape:>16} {row['provider']:24} {row['mode']:7}{times} {row['launches']:8d} {ratio:>12}")
+    if not absolute:
+        lines.append("(no GPU: host time as a ratio to PEFT's of the same run only)")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.tools import memory
-from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
+from lora_kernels.tools.bench import (Family, Impl, absolute_times, add_sweep_arguments, default_out_dir, default_timing,
                                       format_goals, fused_forward, fused_forward_not_applicable, goal_check,
                                       csv_fields, environment_metadata, measure, with_env,
                                       random_factory, resolve_cases,
@@ -413,10 +413,13 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     stem = f"split_k_{result['metadata']['dtype']}"
     write_outputs(result, out, stem, SPLIT_K_CSV_FIELDS, _plot_split_k if plot else None)
     if verbose:
-        print(f"{'shape M,K,N,r':<20}{'weight':<7}{'split ms':>10}{'no split':>10}{'ratio':>8}")
+        absolute = absolute_times(result["metadata"])  # else ratios only
+        print(f"{'shape M,K,N,r':<20}{'weight':<7}" + (f"{'split ms':>10}{'no split':>10}" if absolute else "")
+              + f"{'split ÷ no split':>17}")
         for row in rows:
-            print(f"{row['shape']:<20}{row['weight']:<7}{row['split_ms']:10.4f}{row['no_split_ms']:10.4f}"
-                  f"{row['split_vs_no_split']:8.3f}")
+            print(f"{row['shape']:<20}{row['weight']:<7}"
+                  + (f"{row['split_ms']:10.4f}{row['no_split_ms']:10.4f}" if absolute else "")
+                  + f"{row['split_vs_no_split']:17.3f}")
         print(f"suggested SMALL_M_MAX: {result['suggested_small_m_max']} (current {SMALL_M_MAX})")
         print(f"wrote {out}/{stem}.{{json,csv,png}}")
     return result

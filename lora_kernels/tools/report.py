@@ -70,6 +70,15 @@ IMPL_LABELS = {
 }
 # How the PEFT reference of a lora_kernels row is named in a ratio ("0.961× PEFT").
 PEFT_REF_LABELS = {"peft": "PEFT", "peft_fa": "PEFT A frozen"}
+# What a file measured on no GPU shows of its timings: ratios to a reference timed in the same run
+# only. Absolute times (and the rates made from them) come only from a GPU; a CPU's say nothing
+# about one. The files keep the raw times the ratios were made from.
+RATIOS_ONLY = "ratios only: times measured without a GPU are shown relative to a reference of the same run"
+
+
+def absolute_times(f) -> bool:
+    """Whether ``f``'s times (ms, µs, tokens/s, TFLOP/s, GB/s) are shown: only a GPU's."""
+    return (f.meta or {}).get("device_type") == "cuda"
 
 
 # ----------------------------------------------------------------------------- number formats
@@ -278,8 +287,11 @@ def _row_key(row, extra=("mode",)):
 def render_bench(f: ResultFile) -> list:
     """LoRA layer benchmark (lora_kernels.tools.bench): one row per shape (and mode), the median
     fwd+bwd ms of every implementation; lora_kernels cells add time ÷ base-only and ÷ PEFT (A
-    frozen vs PEFT A frozen), and the last column is lora_kernels' forward ÷ base-only forward."""
+    frozen vs PEFT A frozen), and the last column is lora_kernels' forward ÷ base-only forward.
+    Without a GPU every cell is a ratio: time ÷ base-only (lora_kernels cells also ÷ PEFT), and
+    the throughput columns are left out."""
     rows = [r for r in f.rows if r.get("impl") is not None]
+    absolute = absolute_times(f)
     impls = _unique([*((f.section("config") or {}).get("impls") or []), *(r["impl"] for r in rows)])
     impls = [i for i in impls if any(r["impl"] == i for r in rows)]
     has_mode = any(r.get("mode") is not None for r in rows)
@@ -294,36 +306,50 @@ def render_bench(f: ResultFile) -> list:
     lk_keys = _unique(k for r in rows if r["impl"] == "lora_kernels" for k in r)
     rate_keys = [k for k in (next((k for k in lk_keys if "tflop" in k.lower()), None),
                              next((k for k in lk_keys if "gbps" in k.lower().replace("_", "")), None)) if k]
+    if not absolute:
+        rate_keys = []
     header += [f"lora_kernels {k}" for k in rate_keys]
     body = []
     for key in keys:
         cells = [key[0]] + ([fmt_param(key[1])] if has_mode else [])
+        base = by.get((key, "base"))
         for impl in impls:
             r = by.get((key, impl))
             if r is None:
                 cells.append("–")
                 continue
-            cell = fmt_num(r.get("fwdbwd_ms"))
             if impl.startswith("lora_kernels"):
                 ref = PEFT_REF_LABELS.get(r.get("peft_ref") or "peft", r.get("peft_ref"))
-                cell += f" ({fmt_ratio(r.get('ratio_vs_base'))} base, {fmt_ratio(r.get('ratio_vs_peft'))} {ref})"
-            cells.append(cell)
+                ratios = f"{fmt_ratio(r.get('ratio_vs_base'))} base, {fmt_ratio(r.get('ratio_vs_peft'))} {ref}"
+                cells.append(f"{fmt_num(r.get('fwdbwd_ms'))} ({ratios})" if absolute else ratios)
+            else:
+                cells.append(fmt_num(r.get("fwdbwd_ms")) if absolute
+                             else fmt_ratio(_time_ratio(r, base, "fwdbwd_ms")))
         if fwd_col:
-            lk, base = by.get((key, "lora_kernels")), by.get((key, "base"))
-            ratio = (lk["fwd_ms"] / base["fwd_ms"]
-                     if lk and base and lk.get("fwd_ms") is not None and base.get("fwd_ms") else None)
-            cells.append(fmt_ratio(ratio))
+            cells.append(fmt_ratio(_time_ratio(by.get((key, "lora_kernels")), base, "fwd_ms")))
         cells += [fmt_num((by.get((key, "lora_kernels")) or {}).get(k)) for k in rate_keys]
         body.append(cells)
-    lines = ["fwd+bwd ms per implementation (in parentheses: time ÷ base-only, ÷ PEFT)."]
+    if absolute:
+        lines = ["fwd+bwd ms per implementation (in parentheses: time ÷ base-only, ÷ PEFT)."]
+    else:
+        lines = [f"fwd+bwd time ÷ base-only per implementation (lora_kernels cells: and ÷ PEFT); {RATIOS_ONLY}."]
     return lines + [""] + md_table(header, body) + _goal_line(f.section("goals"))
+
+
+def _time_ratio(row, ref, key):
+    """row[key] ÷ ref[key] (None when either is missing or the reference is 0)."""
+    if not row or not ref or row.get(key) is None or not ref.get(key):
+        return None
+    return row[key] / ref[key]
 
 
 def render_qlora_bench(f: ResultFile) -> list:
     """QLoRA layer benchmark (lora_kernels.tools.qlora_bench): rows are M, columns (K, N, r); each
     cell is lora_kernels NF4 ms vs PEFT + bitsandbytes ms and their ratio, for forward+backward and
-    for the inference forward; then the goal checks and the NF4 storage size."""
+    for the inference forward (without a GPU: the ratio only); then the goal checks and the NF4
+    storage size."""
     rows = [r for r in f.rows if r.get("impl") is not None]
+    absolute = absolute_times(f)
     lk = {(r["M"], r["K"], r["N"], r["r"]): r for r in rows if r["impl"] == "lora_kernels_nf4"}
     peft = {(r["M"], r["K"], r["N"], r["r"]): r for r in rows if r["impl"] == "peft_qlora"}
     ms = sorted({k[0] for k in lk})
@@ -339,11 +365,13 @@ def render_qlora_bench(f: ResultFile) -> list:
                 if a is None or b is None:
                     cells.append("–")
                     continue
-                cells.append(f"{fmt_num(a.get(phase + '_ms'))} vs {fmt_num(b.get(phase + '_ms'))} "
-                             f"({fmt_ratio(a.get(phase + '_vs_peft'))})")
+                ratio = fmt_ratio(a.get(phase + '_vs_peft'))
+                cells.append(f"{fmt_num(a.get(phase + '_ms'))} vs {fmt_num(b.get(phase + '_ms'))} ({ratio})"
+                             if absolute else ratio)
             body.append(cells)
         if any(c != "–" for row in body for c in row[1:]):
-            lines += [f"{title}: lora_kernels NF4 ms vs PEFT + bnb Linear4bit ms (ratio).", ""]
+            lines += [f"{title}: lora_kernels NF4 ms vs PEFT + bnb Linear4bit ms (ratio)." if absolute else
+                      f"{title}: lora_kernels NF4 time ÷ PEFT + bnb Linear4bit's; {RATIOS_ONLY}.", ""]
             lines += md_table(header, body)
     paragraphs = []
     saved = []
@@ -448,6 +476,8 @@ def render_train(f: ResultFile) -> list:
     difference from PEFT over the steps."""
     rows = f.rows
     cfg = f.section("config") or {}
+    if not absolute_times(f):
+        return _render_train_ratios(rows, cfg) + _goal_line(f.section("goals"))
     has_peak = any(r.get("peak_bytes") is not None for r in rows)
     has_busy = any(r.get("gpu_busy_fraction") is not None for r in rows)
     # The spread of the timed steps: a steady step is bound by the GPU, one that varies with the
@@ -471,14 +501,37 @@ def render_train(f: ResultFile) -> list:
             cells.append(fmt_num(r.get("gpu_busy_fraction")))
         cells += [fmt_num(r.get("final_loss")), fmt_num(r.get("max_loss_diff_vs_peft"))]
         body.append(cells)
+    return [_train_caption(cfg) + "; speed-up = PEFT step time ÷ this one (same family, dense or QLoRA)."] + [""] + \
+        md_table(header, body) + _goal_line(f.section("goals")) + _train_kernel_kinds(rows)
+
+
+def _train_caption(cfg: dict) -> str:
     caption = "AdamW training steps"
     if cfg.get("preset") is not None:
         caption += (f" of model `{cfg['preset']}`, batch {fmt_num(cfg.get('batch'))} × seq {fmt_num(cfg.get('seq'))}, "
                     f"{'DoRA' if cfg.get('dora') else 'LoRA'} r {fmt_num(cfg.get('r'))}, "
                     f"dropout {fmt_param(cfg.get('dropout'))}, "
                     f"{fmt_num(cfg.get('steps'))} timed steps after {fmt_num(cfg.get('warmup_steps'))} warm-up")
-    return [caption + "; speed-up = PEFT step time ÷ this one (same family, dense or QLoRA)."] + [""] + \
-        md_table(header, body) + _goal_line(f.section("goals")) + _train_kernel_kinds(rows)
+    return caption
+
+
+def _render_train_ratios(rows, cfg: dict) -> list:
+    """The training table of a run without a GPU: speed-up over PEFT and the spread of the timed steps
+    (slowest ÷ fastest) instead of times and tokens/s; peak memory and losses as on a GPU."""
+    has_peak = any(r.get("peak_bytes") is not None for r in rows)
+    header = (["variant", "speed-up vs PEFT", "slowest ÷ fastest step"] + (["peak", "peak ÷ PEFT"] if has_peak else [])
+              + ["final loss", "max loss diff vs PEFT"])
+    body = []
+    for r in rows:
+        steps = r.get("step_ms") or ()
+        cells = [r["variant"], fmt_ratio(r.get("speedup_vs_peft")),
+                 fmt_ratio(max(steps) / min(steps)) if steps and min(steps) > 0 else "–"]
+        if has_peak:
+            cells += [fmt_bytes(r.get("peak_bytes")), fmt_ratio(r.get("peak_ratio_vs_peft"))]
+        cells += [fmt_num(r.get("final_loss")), fmt_num(r.get("max_loss_diff_vs_peft"))]
+        body.append(cells)
+    return ([_train_caption(cfg) + f"; speed-up = PEFT step time ÷ this one (same family, dense or QLoRA); "
+             f"{RATIOS_ONLY}."] + [""] + md_table(header, body))
 
 
 def _train_kernel_kinds(rows) -> list:
@@ -498,9 +551,14 @@ def _train_kernel_kinds(rows) -> list:
 def render_split_k(f: ResultFile) -> list:
     """Small-M split-K sweep (qlora_bench.split_k_sweep): inference forward with split-K forced on
     and off, per shape and weight format, and the threshold the file suggests."""
-    body = [[r["shape"], r["weight"], fmt_num(r.get("split_ms")), fmt_num(r.get("no_split_ms")),
-             fmt_ratio(r.get("split_vs_no_split"))] for r in f.rows]
-    lines = md_table(["M,K,N,r", "weight", "split-K ms", "no split ms", "split ÷ no split"], body)
+    if absolute_times(f):
+        body = [[r["shape"], r["weight"], fmt_num(r.get("split_ms")), fmt_num(r.get("no_split_ms")),
+                 fmt_ratio(r.get("split_vs_no_split"))] for r in f.rows]
+        lines = md_table(["M,K,N,r", "weight", "split-K ms", "no split ms", "split ÷ no split"], body)
+    else:
+        body = [[r["shape"], r["weight"], fmt_ratio(r.get("split_vs_no_split"))] for r in f.rows]
+        lines = [f"Time with split-K ÷ without; {RATIOS_ONLY}.", ""] + md_table(
+            ["M,K,N,r", "weight", "split ÷ no split"], body)
     suggested = f.section("suggested_small_m_max")
     if isinstance(suggested, dict):
         current = (f.section("config") or {}).get("current_small_m_max")
@@ -597,24 +655,29 @@ def render_overhead(f: ResultFile) -> list:
         by_key.setdefault((r["M"], r["K"], r["N"], r["provider"]), {})[r["mode"]] = r
     modes = [m for m in ("infer", "fwd", "fwdbwd") if any(m in v for v in by_key.values())]
 
+    absolute = absolute_times(f)
+
     def host(row) -> str:
         if row is None:
             return "–"
         ratio = row.get("host_vs_peft")
+        if not absolute:
+            return fmt_ratio(ratio)
         return fmt_num(row.get("host_us")) + (f" ({fmt_ratio(ratio)})" if ratio is not None else "")
 
     body = []
     for (M, K, N, provider), rows in by_key.items():
         last = rows.get("fwdbwd") or rows[modes[-1]]
         body.append([f"{M}×{K}×{N}", provider] + [host(rows.get(m)) for m in modes]
-                    + [fmt_num(last.get("wall_us")), fmt_num(last.get("launches"))])
+                    + ([fmt_num(last.get("wall_us"))] if absolute else []) + [fmt_num(last.get("launches"))])
     last_mode = "fwd+bwd" if "fwdbwd" in modes else modes[-1]
-    header = (["M×K×N", "provider"] + [f"{m.replace('fwdbwd', 'fwd+bwd')} host µs (÷ PEFT)" for m in modes]
-              + [f"{last_mode} wall µs", f"{last_mode} Triton launches"])
-    lines = md_table(header, body)
+    header = (["M×K×N", "provider"]
+              + [f"{m.replace('fwdbwd', 'fwd+bwd')} host {'µs (÷ PEFT)' if absolute else 'time ÷ PEFT'}" for m in modes]
+              + ([f"{last_mode} wall µs"] if absolute else []) + [f"{last_mode} Triton launches"])
+    lines = ([] if absolute else [f"Host time per call ÷ PEFT's; {RATIOS_ONLY}.", ""]) + md_table(header, body)
     dry = (f.section("config") or {}).get("dry_run")
     if dry:
-        lines += ["", f"Without a GPU: {dry}; host-side costs compare, absolute times are this CPU's."]
+        lines += ["", f"Without a GPU: {dry}; host-side costs compare."]
     return lines
 
 
@@ -663,7 +726,7 @@ def heading(f: ResultFile, title: Optional[str]) -> str:
     if isinstance(config, dict) and config.get("statistic") and (config.get("reps") or config.get("steps")):
         parts.append(f"{config['statistic']} of {config.get('reps') or config.get('steps')}")
     ceilings = f.section("ceilings")
-    if isinstance(ceilings, dict) and ceilings.get("copy_GBps") is not None:
+    if isinstance(ceilings, dict) and ceilings.get("copy_GBps") is not None and absolute_times(f):
         parts.append(f"ceilings: copy {fmt_num(ceilings['copy_GBps'])} GB/s, {ceilings.get('matmul_n')}³ "
                      f"matmul {fmt_num(ceilings.get('matmul_TFLOPs'))} TFLOP/s")
     text = f"**[`{f.name}`]({f.shown})**" + (f": {title}." if title else ".")

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, format_goals,
+from lora_kernels.tools.bench import (DTYPES, absolute_times, default_out_dir, environment_metadata, fmt_num, format_goals,
                                       goal_check, mib, ratio, resolve_device_dtype, standalone_main, with_env,
                                       write_outputs)
 from lora_kernels.tools.models import bitsandbytes_importable, free_memory
@@ -441,19 +441,22 @@ def run(device=None, dtype=None, preset=None, steps=None, warmup_steps=None, bat
 # ----------------------------------------------------------------------------- output
 
 def format_table(rows, meta, config) -> str:
-    """Fixed-width text table of the rows (ms, tokens/s, MiB; ratios against the family's PEFT row)."""
+    """Fixed-width text table of the rows (ms, tokens/s, MiB; ratios against the family's PEFT row);
+    without a GPU, the speed-up over PEFT and no times."""
+    absolute = absolute_times(meta)
     lines = [f"{meta['device']}  {meta['dtype']}  torch {meta['torch']}  peft {meta['peft']}  "
-             f"bitsandbytes {meta['bitsandbytes']}",
+             f"bitsandbytes {meta['bitsandbytes']}" + ("" if absolute else "  (no GPU: speed as ratios only)"),
              f"preset {config['preset']}, batch {config['batch']} x seq {config['seq']}, {config['steps']} timed steps "
              f"after {config['warmup_steps']} warm-up, r={config['r']}{' DoRA' if config.get('dora') else ''}, "
              f"dropout {config['dropout']:g}, "
              f"lora_kernels backend {config['lora_kernels_backend']}",
-             f"{'variant':<23}{'step ms':>9}{'tokens/s':>11}{'x peft':>8}{'peak MiB':>10}{'x peft':>8}"
+             f"{'variant':<23}" + (f"{'step ms':>9}{'tokens/s':>11}" if absolute else "")
+             + f"{'x peft':>8}{'peak MiB':>10}{'x peft':>8}"
              f"{'max |dloss|':>13}{'1st |dloss|':>13}{'GPU busy':>9}  paths (step 1)"]
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in r["first_step_paths"].items()) or "-"
-        lines.append(f"{r['variant']:<23}{r['median_step_ms']:9.2f}{r['tokens_per_s']:11.1f}"
-                     f"{fmt_num(r['speedup_vs_peft'], '8.3f')}{fmt_num(mib(r['peak_bytes']), '10.1f')}"
+        lines.append(f"{r['variant']:<23}" + (f"{r['median_step_ms']:9.2f}{r['tokens_per_s']:11.1f}" if absolute else "")
+                     + f"{fmt_num(r['speedup_vs_peft'], '8.3f')}{fmt_num(mib(r['peak_bytes']), '10.1f')}"
                      f"{fmt_num(r['peak_ratio_vs_peft'], '8.3f')}{fmt_num(r['max_loss_diff_vs_peft'], '13.2e')}"
                      f"{fmt_num(r['first_loss_diff_vs_peft'], '13.2e')}{fmt_num(r.get('gpu_busy_fraction'), '9.2f')}"
                      f"  {paths}")
@@ -500,14 +503,17 @@ def _plot(result, path):
     fig, (ax_tok, ax_loss, ax_diff) = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {"dense": "tab:blue", "qlora": "tab:orange"}
     xs = range(len(rows))
-    bars = ax_tok.bar(xs, [r["tokens_per_s"] for r in rows], color=[colors[r["family"]] for r in rows])
+    absolute = absolute_times(meta)  # else speed-ups only: no absolute speed from a CPU
+    heights = [r["tokens_per_s"] if absolute else (r["speedup_vs_peft"] or 0.0) for r in rows]
+    bars = ax_tok.bar(xs, heights, color=[colors[r["family"]] for r in rows])
     for bar, r in zip(bars, rows):
         if r["speedup_vs_peft"] is not None:
             ax_tok.annotate(f"{r['speedup_vs_peft']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
     ax_tok.set_xticks(list(xs))
     ax_tok.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
-    ax_tok.set_ylabel("tokens/s (median step; label: x PEFT of its family)")
+    ax_tok.set_ylabel("tokens/s (median step; label: x PEFT of its family)" if absolute
+                      else "speed-up vs PEFT of its family (median step)")
     losses = {r["variant"]: r["losses"] for r in rows}
     for r in rows:
         steps = range(1, len(r["losses"]) + 1)

@@ -648,3 +648,17 @@ def test_source_hash_names_the_code_that_ran(tmp_path, monkeypatch):
     first = bench_module.source_hash()
     assert _re.fullmatch(r"[0-9a-f]{12}", first) and bench_module.source_hash() == first
     assert bench_module.environment_metadata()["source_hash"] == first
+
+
+def test_format_table_shows_times_only_from_a_gpu():
+    meta = {"device": "dev", "dtype": "float32", "torch": "t", "triton": "tr", "peft": "p", "bitsandbytes": "b"}
+    rows = [{"shape": "16,64,64,4", "impl": impl, "fwd_ms": fwd, "bwd_ms": 2 * fwd, "fwdbwd_ms": 3 * fwd,
+             "fwdbwd_TFLOPs": 12.5 / fwd, "fwdbwd_GBps": 321.5, "fwd_vs_base": fwd / 0.25, "bwd_vs_base": fwd / 0.25,
+             "fwdbwd_vs_base": fwd / 0.25, "fwdbwd_vs_peft": fwd / 0.375}
+            for impl, fwd in (("lora_kernels", 0.3125), ("peft", 0.375), ("base", 0.25))]
+    gpu = bench.format_table(rows, {**meta, "device_type": "cuda"}).splitlines()
+    cpu = bench.format_table(rows, {**meta, "device_type": "cpu"}).splitlines()
+    assert "fwd ms" in gpu[1] and "TF/s" in gpu[1] and "0.3125" in gpu[2] and "321.5" in gpu[2]
+    assert "ratios" in cpu[0] and " ms" not in cpu[1] and "TF/s" not in cpu[1] and "GB/s" not in cpu[1]
+    for row, line in zip(rows, cpu[2:]):
+        assert line.split()[2:] == [f"{row['fwd_vs_base']:.3f}"] * 3 + [f"{row['fwdbwd_vs_peft']:.3f}"]

@@ -156,3 +156,13 @@ def test_cpu_rows_are_timed_on_one_thread():
     assert torch.get_num_threads() == before
     with overhead._one_cpu_thread(torch.device("meta")):  # only a CPU's computing rows are pinned
         assert torch.get_num_threads() == before
+
+
+def test_table_shows_host_times_only_from_a_gpu():
+    rows = [{"provider": p, "M": 4, "K": 64, "N": 32, "mode": "fwd", "host_us": us, "wall_us": us + 1.25,
+             "launches": n, "host_vs_peft": us / 123.4} for p, us, n in (("peft", 123.4, 0), ("lora_kernels", 234.5, 2))]
+    gpu = overhead.format_table(rows).splitlines()
+    cpu = overhead.format_table(rows, absolute=False).splitlines()
+    assert "host us" in gpu[0] and "234.5" in gpu[2] and "235.8" in gpu[2]
+    assert "us" not in cpu[0].replace("host vs", "") and "234.5" not in cpu[2] and "235.8" not in cpu[2]
+    assert cpu[2].split()[-2:] == ["2", f"{234.5 / 123.4:.2f}x"] and "ratio" in cpu[-1]

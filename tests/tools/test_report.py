@@ -373,6 +373,85 @@ def test_split_k_sweep(tmp_path):
     assert any("dense 1, nf4 64" in line and "16" in line for line in lines)
 
 
+def cpu_meta():
+    return meta(device="AMD EPYC (cpu)", dtype="float32", device_type="cpu")
+
+
+def time_values(rows) -> set:
+    """Every absolute time or rate of ``rows`` as the renderer would format it."""
+    return {fmt_num(v) for r in rows for k, v in r.items()
+            if isinstance(v, float) and (k.endswith(("_ms", "_us", "TFLOPs", "GBps")) or k == "tokens_per_s")} | \
+        {fmt_num(v) for r in rows for v in r.get("step_ms") or ()}
+
+
+def assert_no_times(lines, rows):
+    """No time of ``rows`` in the lines, and no time column."""
+    times = time_values(rows)
+    assert times
+    for line in lines:
+        assert not {tok.rstrip("×") for tok in NUMBER.findall(line)} & times - {"1.000"}, line
+        assert not re.search(r"\b(ms|µs|tokens/s|TFLOP/s|GB/s)\b", line) or line.startswith("**["), line
+
+
+def test_cpu_bench_shows_ratios_only(tmp_path):
+    data = bench_file(random.Random(11))
+    data["metadata"] = cpu_meta()
+    for row in data["rows"]:
+        row["fwdbwd_TFLOPs"] = 0.25
+    write(tmp_path, "cpu/bench_float32.json", data)
+    lines = section_of(report.generate(tmp_path), "bench_float32.json")
+    assert "ceilings" not in lines[0] and "ratios only" in lines[2]
+    body = table_bodies(lines)
+    by = {(r["shape"], r["impl"]): r for r in data["rows"]}
+    for cells in body:
+        base = by[(cells[0], "base")]
+        for impl, cell in zip(data["config"]["impls"], cells[1:]):
+            row = by[(cells[0], impl)]
+            if impl.startswith("lora_kernels"):
+                ref = "PEFT A frozen" if impl.endswith("_fa") else "PEFT"
+                assert cell == f"{fmt_ratio(row['ratio_vs_base'])} base, {fmt_ratio(row['ratio_vs_peft'])} {ref}"
+            else:
+                assert cell == fmt_ratio(row["fwdbwd_ms"] / base["fwdbwd_ms"])
+        assert cells[-1] == fmt_ratio(by[(cells[0], "lora_kernels")]["fwd_ms"] / base["fwd_ms"])
+    assert_no_times(lines[1:], data["rows"])
+
+
+def test_cpu_qlora_train_overhead_split_k_show_ratios_only(tmp_path):
+    rng = random.Random(12)
+    qlora = qlora_file(rng)
+    train_rows = [{"variant": v, "peft_ref": "peft", "median_step_ms": ms, "tokens_per_s": 4096 / ms * 1e3,
+                   "speedup_vs_peft": 123.4 / ms, "peak_bytes": None, "final_loss": 6.5, "max_loss_diff_vs_peft": 2e-7,
+                   "losses": [1.0], "step_ms": [ms * 0.97, ms, ms * 1.21]}
+                  for v, ms in (("peft", 123.4), ("lora_kernels", 98.7))]
+    overhead_rows = [{"provider": p, "M": 64, "K": 64, "N": 64, "mode": m, "host_us": us, "wall_us": us + 0.5,
+                      "launches": 0 if p == "peft" else 5, "host_vs_peft": us / 211.1}
+                     for p, us in (("peft", 211.1), ("lora_kernels", 345.6)) for m in ("infer", "fwdbwd")]
+    split_rows = [{"shape": f"{M},128,64,16", "weight": "nf4", "M": M, "split_ms": 2.5 + M, "no_split_ms": 3.25 + M,
+                   "split_vs_no_split": (2.5 + M) / (3.25 + M)} for M in (1, 16)]
+    files = {"bench_qlora_float32.json": dict(qlora, metadata=cpu_meta()),
+             "train_float32.json": {"metadata": cpu_meta(), "config": {"statistic": "median"}, "rows": train_rows},
+             "overhead_float32.json": {"metadata": cpu_meta(), "config": {}, "rows": overhead_rows},
+             "split_k_float32.json": {"metadata": cpu_meta(), "config": {}, "rows": split_rows}}
+    for name, data in files.items():
+        write(tmp_path, f"cpu/{name}", data)
+    text = report.generate(tmp_path)
+    for name, data in files.items():
+        lines = section_of(text, name)
+        assert any("ratios only" in line for line in lines), name
+        assert_no_times(lines[1:], data["rows"])
+    by = {(r["M"], r["N"], r["impl"]): r for r in qlora["rows"]}
+    assert table_bodies(section_of(text, "bench_qlora_float32.json"))[0][1:] == \
+        [fmt_ratio(by[(1, N, "lora_kernels_nf4")]["fwdbwd_vs_peft"]) for N in (4096, 14336)]
+    assert table_bodies(section_of(text, "train_float32.json")) == [
+        [r["variant"], fmt_ratio(r["speedup_vs_peft"]), fmt_ratio(1.21 / 0.97), fmt_num(6.5), fmt_num(2e-7)]
+        for r in train_rows]
+    assert table_bodies(section_of(text, "overhead_float32.json")) == [
+        ["64×64×64", "peft", "1.000×", "1.000×", "0"],
+        ["64×64×64", "lora_kernels", fmt_ratio(345.6 / 211.1), fmt_ratio(345.6 / 211.1), "5"]]
+    assert table_bodies(section_of(text, "split_k_float32.json")) == [
+        [r["shape"], "nf4", fmt_ratio(r["split_vs_no_split"])] for r in split_rows]
+
+
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_aot_counts(tmp_path, wrapped):
     rows = aot_rows()

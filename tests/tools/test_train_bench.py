@@ -379,3 +379,15 @@ def test_format_table_shows_kernel_kinds_only_when_profiled(result):
         assert [float(c) for c in cells[1:]] == pytest.approx(
             [r[f"gpu_ms_{k}"] for k in train_bench.CATEGORY_NAMES] + [r["gpu_kernel_ms"]], abs=0.006)
     assert any(r["top_kernels"][0]["name"][:90] in line for r in rows for line in lines)
+
+
+def test_format_table_shows_times_only_from_a_gpu(result):
+    res, _ = result
+    rows = res["rows"]
+    cpu = train_bench.format_table(rows, res["metadata"], res["config"]).splitlines()
+    gpu = train_bench.format_table(rows, {**res["metadata"], "device_type": "cuda"}, res["config"]).splitlines()
+    assert "step ms" not in cpu[2] and "tokens/s" not in cpu[2] and "ratios only" in cpu[0]
+    assert "step ms" in gpu[2] and "tokens/s" in gpu[2]
+    for r, line_cpu, line_gpu in zip(rows, cpu[3:], gpu[3:]):
+        assert f"{r['tokens_per_s']:.1f}" in line_gpu and f"{r['tokens_per_s']:.1f}" not in line_cpu
+        assert line_cpu.split()[1] == line_gpu.split()[3] == f"{r['speedup_vs_peft']:.3f}"
