@@ -477,7 +477,7 @@ class _FastLoRAForward:
         # a layer patched with lora_fa=True keeps its lora_A frozen.
         out = super().set_adapter(*args, **kwargs)
         if _A_REQUIRES_GRAD in self.__dict__:
-            _freeze_lora_A(self)
+            _freeze_lora_A(self, record=True)
         return out
 
     def forward(self, x, *args, **kwargs):
@@ -534,14 +534,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _freeze_lora_A(layer) -> int:
-    """LoRA-FA on a layer patched with lora_fa=True: freeze every lora_A, recording the flags it had
-    before (first time per adapter) for unpatch_peft_model; returns how many were trainable."""
+def _freeze_lora_A(layer, record: bool = False) -> int:
+    """LoRA-FA on a layer patched with lora_fa=True: freeze every lora_A, recording for
+    unpatch_peft_model the flags they had (``record``: the flags PEFT's set_adapter has just set,
+    replacing older records; else only adapters not recorded yet); returns how many were trainable."""
     before = layer.__dict__[_A_REQUIRES_GRAD]
     frozen = 0
     for adapter in layer.lora_A:
         weight = _lora_A_weight(layer, adapter)
-        before.setdefault(adapter, weight.requires_grad)
+        if record or adapter not in before:
+            before[adapter] = weight.requires_grad
         frozen += int(weight.requires_grad)
         weight.requires_grad_(False)
     return frozen

@@ -273,14 +273,19 @@ def small_m_max() -> int:
 FUSED_MIN_M_ENV = "LORA_KERNELS_FUSED_FORWARD_MIN_M"
 
 
+FUSED_SCALE_MIN = 2.0 ** -60
+
+
 def use_fused_forward(M: int, r: int, kind: str, arch: int, scale: float, k_contiguous: bool = True) -> bool:
     """Whether a forward of M rows (above the small-M path), rank r, dot kind and GPU family takes the
-    one-launch kernel (its epilogue divides by the scale: never for scale 0). ``k_contiguous``: x and a
+    one-launch kernel (its epilogue divides the fp32 base product by the scale and multiplies it back:
+    only for 2^-60 <= |scale| <= 2^60, where neither step overflows nor loses precision to
+    subnormals for any finite product of 16-bit or TF32 operands). ``k_contiguous``: x and a
     dense W both have unit stride along K; with any other stride of W (a transposed view: a Conv1D's
     weight) the kernel spills on sm_90 (``configs.TRANSPOSED_WEIGHT_KERNELS``), so such calls take
     the two-launch forward (x is made so first: ``unit_inner_stride``)."""
     min_m = env_nonnegative_int(FUSED_MIN_M_ENV, 0)
-    return (0 < min_m <= M and scale != 0.0 and k_contiguous
+    return (0 < min_m <= M and FUSED_SCALE_MIN <= abs(scale) <= 1.0 / FUSED_SCALE_MIN and k_contiguous
             and configs.fused_forward_supported(configs.padded_rank(r), kind, arch))
 
 
@@ -530,7 +535,8 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
     flags = _dot_flags(grad_y2.dtype, lora_A.dtype)
     lora_flags = {k: v for k, v in flags.items() if k != "DOT_PRECISION"}
     has_dropout = seed is not None
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    # dA's kernel scales by keep_scale whatever HAS_DROPOUT says: without a seed no dropout ran
+    keep_scale = 1.0 / (1.0 - dropout_p) if has_dropout else 1.0
     need_dh = need_x or need_A
     f32 = {"dtype": torch.float32, "device": device}
 

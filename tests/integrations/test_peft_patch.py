@@ -860,6 +860,22 @@ def test_lora_fa_survives_set_adapter_and_add_adapter():
     assert trainable("other") == {"lora_A": False, "lora_B": False}  # PEFT's: an inactive adapter is frozen
 
 
+def test_unpatch_restores_the_flags_of_the_last_set_adapter():
+    """An adapter inactive while patching (frozen by PEFT) and activated later: after unpatch its
+    lora_A is trainable, as in a PEFT model that never was patched."""
+    model, twin = peft_model(), peft_model()
+    for m in (model, twin):
+        m.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    lora_kernels.patch_peft_model(model, lora_fa=True)
+    for m in (model, twin):
+        m.base_model.set_adapter(["default", "other"])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    lora_kernels.unpatch_peft_model(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {n: p.requires_grad for n, p in twin.named_parameters()}
+    assert all(flags[n] for n in flags if ".other." in n)
+
+
 def test_bad_use_gives_clear_errors():
     model = peft_model()
     lora_kernels.patch_peft_model(model)

@@ -219,6 +219,10 @@ def test_fused_column_groups():
     ("17", 40, 4, 80, "high", 0.5, False),    # sm_80
     ("17", 40, 4, 90, "highest", 0.5, False),  # exact fp32 dots
     ("17", 40, 4, 90, "high", 0.0, False),    # scale 0 (the epilogue divides by it)
+    ("17", 40, 4, 90, "high", 1e-38, False),  # 1 / scale overflows fp32: inf in the fused epilogue
+    ("17", 40, 4, 90, "high", 2.0 ** 61, False),  # the base product ÷ scale would lose precision
+    ("17", 40, 4, 90, "high", 2.0 ** -60, True),
+    ("17", 40, 4, 90, "high", -0.5, True),
 ])
 def test_fused_forward_dispatch(monkeypatch, min_m, M, r, arch, precision, scale, fused):
     x = torch.randn(M, 48, generator=torch.Generator().manual_seed(M + r))

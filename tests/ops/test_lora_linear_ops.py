@@ -206,6 +206,19 @@ def test_backward_op_accepts_unneeded_x_and_h(backend):
     assert d_a.shape == d_b.shape == d_bias.shape == (0,)
 
 
+def test_backward_op_without_seed_applies_no_dropout_scaling(backend):
+    # seed None means no dropout ran (the seed is present exactly when dropout is active), whatever
+    # dropout_p says: no 1/(1-p) on any gradient (the Triton dA kernel once applied it to dA alone)
+    t = op_inputs((13,), 20, 18, 5, torch.float32, torch.float32, device=backend.device, seed=4)
+    grad_y = torch.randn(13, 18, device=backend.device, generator=torch.Generator(backend.device).manual_seed(5))
+    _, h = _fwd(t)
+    got = lora_linear_bwd(grad_y, t["x"], t["weight"], t["lora_A"], t["lora_B"], h, None, t["scale"], 0.3,
+                          True, True, True, True)
+    refs = ref_backward(grad_y, t["x"], t["weight"], t["lora_A"], t["lora_B"], h, None, t["scale"], 0.0)
+    for name, g, ref in zip(("dx", "dA", "dB", "dbias"), got, refs):
+        assert_close(g, ref, bound_for(torch.float32), name)
+
+
 def test_backward_op_missing_inputs_raise(backend):
     t = op_inputs((5,), 8, 6, 2, torch.float32, torch.float32, device=backend.device)
     grad_y = torch.randn(5, 6, device=backend.device)
