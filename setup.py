@@ -118,7 +118,7 @@ def cuda_extension_kwargs() -> dict:
         sources=sources,
         depends=csrc_headers(),  # without ninja's dependency files, header edits rebuild through these
         extra_compile_args={
-            "cxx": BUILD_FLAGS.OPT_FLAGS + [f"-std={std}", abi],
+            "cxx": BUILD_FLAGS.OPT_FLAGS + [f"-std={std}", abi, BUILD_FLAGS.archs_define(archs)],
             "nvcc": BUILD_FLAGS.OPT_FLAGS + BUILD_FLAGS.NVCC_FLAGS + [f"-std={std}", abi]
             + BUILD_FLAGS.gencode_flags(archs),
         },

@@ -32,7 +32,15 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("nf4_grad_input", &lora_kernels::nf4_grad_input_cuda);
 }
 
-// An importable module (lora_kernels._C) whose import runs the registration above.
+#ifndef LORA_KERNELS_CUDA_ARCHS
+#error "build with -DLORA_KERNELS_CUDA_ARCHS=<architectures joined by _> (csrc/build_flags.py: archs_define)"
+#endif
+#define LORA_KERNELS_STRINGIFY_(x) #x
+#define LORA_KERNELS_STRINGIFY(x) LORA_KERNELS_STRINGIFY_(x)
+
+// An importable module (lora_kernels._C) whose import runs the registration above; cuda_archs: the
+// architectures the kernels were compiled for ("80_90"), read by lora_kernels/ops/nf4_gemv.py.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lora_kernels CUDA kernels (registered as torch.ops.lora_kernels.*)";
+  m.attr("cuda_archs") = LORA_KERNELS_STRINGIFY(LORA_KERNELS_CUDA_ARCHS);
 }

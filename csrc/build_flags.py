@@ -36,6 +36,14 @@ def gencode_flags(archs) -> list:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
+def archs_define(archs) -> str:
+    """The define that tells bindings.cpp which architectures the kernels were built for (exported as
+    ``lora_kernels._C.cuda_archs``, "80_90"): SASS runs only on its own major version, so the package
+    sends a GPU the kernels only when a build for it is there. One preprocessing-number token (digits,
+    letters, underscores): no quoting through the build tools' shells."""
+    return "-DLORA_KERNELS_CUDA_ARCHS=" + "_".join(str(a) for a in archs)
+
+
 def cxx_std(torch_version: str) -> str:
     """The C++ standard for torch's headers: torch >= 2.13 needs C++20 (2.14 #errors on C++17)."""
     m = re.match(r"(\d+)\.(\d+)", torch_version)

@@ -20,6 +20,15 @@ inline int device_attribute(cudaDeviceAttr attr) {
 NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_code,
                  const c10::optional<at::Tensor>& absmax_scale, const c10::optional<at::Tensor>& absmax_offset,
                  const at::Tensor& code, int64_t blocksize, int64_t nested_blocksize, at::ScalarType weight_dtype);
+// TORCH_CHECKs of an op's NF4 weight tensors against the weight [N, K] they describe, for direct
+// calls (the Python side builds them right; a wrong one would be read out of bounds): all on
+// ``device``; packed uint8 with ceil(N*K/2) codes; absmax fp32, or uint8 with its fp32 tables
+// (256 codes, one scale per nested block, an offset), one entry per block; the 16-entry fp32 code
+// table; a stored dtype of fp16, bf16 or fp32. blocksize: a power of two, checked by the caller.
+void check_nf4_weight(const char* op, const at::Device& device, const at::Tensor& packed, const at::Tensor& absmax,
+                      const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
+                      const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, int64_t N, int64_t K,
+                      int64_t blocksize, int64_t nested_blocksize, at::ScalarType weight_dtype);
 // The tensor-core decode GEMV (nf4_gemv_mma.cu), for the op's kernel = 1: y = x dequant(Q)^T +
 // scale * h B^T + bias with h [M, r] already computed (by the shrink kernel launched just before it
 // when after_shrink: on sm_90 the GEMV then starts while it runs, and waits for h in its epilogue).

@@ -162,6 +162,9 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
     h_s[m][j] = (m < M && j < r) ? to_float<TA>(h[m * r + j]) : 0.f;
   }
   const float offset = DQ ? *q.absmax_offset : 0.f;
+  // The tables and h_s are read by other threads; the chunk loop's barrier covers them only when it
+  // runs (K > 0), the epilogue reads h_s either way.
+  __syncthreads();
 
   float acc[R][M_TILE];
 #pragma unroll
@@ -172,7 +175,7 @@ nf4_gemv_lora_kernel(const T* __restrict__ x, NF4Args q, const TA* __restrict__ 
 
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t len = K - k0 < kChunk ? K - k0 : kChunk;
-    __syncthreads();  // previous chunk consumed (and, first time, the tables written)
+    __syncthreads();  // previous chunk consumed
     for (int64_t i = threadIdx.x; i < M_TILE * kChunk; i += kThreads) {
       const int64_t m = i / kChunk, k = i % kChunk;
       x_s[i] = (m < M && k < len) ? x[m * stride_xm + k0 + k] : from_float<T>(0.f);

@@ -55,6 +55,40 @@ NF4Args nf4_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::
   return q;
 }
 
+void check_nf4_weight(const char* op, const at::Device& device, const at::Tensor& packed, const at::Tensor& absmax,
+                      const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_scale,
+                      const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& code, int64_t N, int64_t K,
+                      int64_t blocksize, int64_t nested_blocksize, at::ScalarType weight_dtype) {
+  TORCH_CHECK(N >= 0 && K >= 0 && blocksize >= 1, op, ": bad weight shape [", N, ", ", K, "] or blocksize ", blocksize);
+  const int64_t numel = N * K, blocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK(packed.device() == device && absmax.device() == device && code.device() == device, op,
+              ": packed, absmax and code must be on ", device);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() >= (numel + 1) / 2, op, ": packed must be uint8 with ",
+              (numel + 1) / 2, " codes for a [", N, ", ", K, "] weight, got ", packed.scalar_type(), " with ",
+              packed.numel());
+  const bool dq = absmax.scalar_type() == at::kByte;
+  TORCH_CHECK((dq || absmax.scalar_type() == at::kFloat) && absmax.numel() >= blocks, op,
+              ": absmax must be float32 (or uint8, double-quantized) with ", blocks, " entries, got ",
+              absmax.scalar_type(), " with ", absmax.numel());
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() >= 16, op,
+              ": code must be a contiguous float32 table of 16 values");
+  if (dq) {
+    TORCH_CHECK(absmax_code && absmax_scale && absmax_offset && nested_blocksize >= 1 &&
+                    (nested_blocksize & (nested_blocksize - 1)) == 0,
+                op, ": double quantization needs its tables and a power-of-two nested_blocksize, got ",
+                nested_blocksize);
+    const int64_t nested = (blocks + nested_blocksize - 1) / nested_blocksize;
+    for (const at::Tensor* t : {&*absmax_code, &*absmax_scale, &*absmax_offset}) {
+      TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->is_contiguous(), op,
+                  ": absmax_code, absmax_scale and absmax_offset must be contiguous float32 tensors on ", device);
+    }
+    TORCH_CHECK(absmax_code->numel() >= 256 && absmax_scale->numel() >= nested && absmax_offset->numel() >= 1, op,
+                ": double quantization needs 256 absmax codes, ", nested, " scales and an offset");
+  }
+  TORCH_CHECK(weight_dtype == at::kHalf || weight_dtype == at::kBFloat16 || weight_dtype == at::kFloat, op,
+              ": weight_dtype must be float16, bfloat16 or float32, got ", weight_dtype);
+}
+
 // x [M, K] (unit stride along K), NF4 weight [N, K], lora_A [r, K], lora_B [N, r] contiguous;
 // bias: combined bias (bias + scale * lora_B_bias) as fp32 [N], or undefined.
 // Returns (y [M, N] in x's dtype, h [M, r] in the adapters' dtype). Checks are in Python
@@ -77,8 +111,21 @@ std::tuple<at::Tensor, at::Tensor> nf4_gemv_lora_cuda(
   TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset), "nf4_gemv_lora: double quantization needs its tables");
   TORCH_CHECK(lora_A.is_contiguous() && lora_B.is_contiguous() && packed.is_contiguous() && absmax.is_contiguous(),
               "nf4_gemv_lora: lora_A, lora_B, packed and absmax must be contiguous");
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), r = lora_B.size(1);
+  TORCH_CHECK(lora_A.dim() == 2 && lora_B.dim() == 2 && lora_A.size(0) == r && lora_A.size(1) == K,
+              "nf4_gemv_lora: lora_A must be [r, K] = [", r, ", ", K, "] and lora_B [N, r], got ", lora_A.sizes(),
+              " and ", lora_B.sizes());
+  TORCH_CHECK((lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat) &&
+                  lora_B.scalar_type() == lora_A.scalar_type(),
+              "nf4_gemv_lora: lora_A and lora_B must both be x's dtype or float32, got ", lora_A.scalar_type(), " and ",
+              lora_B.scalar_type(), " with x ", x.scalar_type());
+  TORCH_CHECK(lora_A.device() == x.device() && lora_B.device() == x.device(),
+              "nf4_gemv_lora: lora_A and lora_B must be on x's device ", x.device());
+  TORCH_CHECK(!(bias && bias->defined()) || (bias->device() == x.device() && bias->numel() == N),
+              "nf4_gemv_lora: bias must have N = ", N, " values on x's device ", x.device());
+  check_nf4_weight("nf4_gemv_lora", x.device(), packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K,
+                   blocksize, nested_blocksize, weight_dtype);
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor h = at::empty({M, r}, lora_A.options());
   if (M == 0 || N == 0) return {y, h};
@@ -139,9 +186,8 @@ at::Tensor nf4_dequantize_slab_cuda(const at::Tensor& packed, const at::Tensor& 
               "nf4_dequantize_slab: needs K, k0 and k1 - k0 multiples of 8, a power-of-two blocksize >= 8 and "
               "4-byte aligned codes, got K=", K, ", k0=", k0, ", k1=", k1, ", blocksize=", blocksize);
   const bool dq = absmax.scalar_type() == at::kByte;
-  TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset && nested_blocksize >= 1 &&
-                      (nested_blocksize & (nested_blocksize - 1)) == 0),
-              "nf4_dequantize_slab: double quantization needs its tables and a power-of-two nested_blocksize");
+  check_nf4_weight("nf4_dequantize_slab", packed.device(), packed, absmax, absmax_code, absmax_scale, absmax_offset,
+                   code, N, K, blocksize, nested_blocksize, weight_dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({n1 - n0, k1 - k0}, packed.options().dtype(out_dtype));
   if (out.numel() == 0) return out;

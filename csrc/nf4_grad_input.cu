@@ -26,13 +26,12 @@ at::Tensor nf4_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& packe
               "nf4_grad_input: needs K % 8 == 0, a power-of-two blocksize >= 8 and contiguous, 4-byte aligned codes, "
               "got K=", K, ", blocksize=", blocksize);
   const bool dq = absmax.scalar_type() == at::kByte;
-  TORCH_CHECK(!dq || (absmax_code && absmax_scale && absmax_offset && nested_blocksize >= 1 &&
-                      (nested_blocksize & (nested_blocksize - 1)) == 0),
-              "nf4_grad_input: double quantization needs its tables and a power-of-two nested_blocksize");
+  check_nf4_weight("nf4_grad_input", grad_y.device(), packed, absmax, absmax_code, absmax_scale, absmax_offset, code,
+                   N, K, blocksize, nested_blocksize, weight_dtype);
   const bool has_init = init && init->defined();
-  TORCH_CHECK(!has_init || (init->scalar_type() == at::kFloat && init->is_contiguous() && init->size(0) == M &&
-                            init->size(1) == K),
-              "nf4_grad_input: init must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(!has_init || (init->scalar_type() == at::kFloat && init->is_contiguous() && init->dim() == 2 &&
+                            init->size(0) == M && init->size(1) == K && init->device() == grad_y.device()),
+              "nf4_grad_input: init must be a contiguous float32 [M, K] tensor on grad_y's device");
   const c10::cuda::CUDAGuard guard(grad_y.device());
   at::Tensor dx = at::empty({M, K}, grad_y.options());
   if (M == 0 || K == 0) return dx;

@@ -437,10 +437,18 @@ _NF4_CACHE = "_lora_kernels_nf4"  # on the bnb module: (key, NF4Weight sharing i
 
 def _linear4bit_weight(base, x: torch.Tensor) -> NF4Weight:
     """The NF4Weight of a bnb Linear4bit for a call on ``x`` (``_cached_nf4``), after what bnb's own
-    first forward does: fixing its compute dtype from x."""
+    forward leaves behind: its compute dtype fixed from the first x, and its bias cast in place to the
+    dtype it computes in (the compute dtype, else x's). PEFT's model then saves, and its optimizer
+    updates, the bias in that dtype: a patched model must too. (Not while compiling: a graph cannot
+    replace a parameter's data; a compiled PEFT layer runs bnb's own forward.)"""
     if not base.compute_type_is_set:
         base.set_compute_type(x)
         base.compute_type_is_set = True
+    bias = base._parameters.get("bias")
+    if bias is not None and not torch.compiler.is_compiling():
+        dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
+        if bias.dtype != dtype:
+            bias.data = bias.data.to(dtype)
     return _cached_nf4(base)
 
 
@@ -473,11 +481,19 @@ class _FastLoRAForward:
         return super().unmerge(*args, **kwargs)
 
     def set_adapter(self, *args, **kwargs):
-        # PEFT's set_adapter (also run by add_adapter) makes the active adapters' weights trainable:
-        # a layer patched with lora_fa=True keeps its lora_A frozen.
+        # PEFT's set_adapter (also run by add_adapter) makes the active adapters' weights trainable
+        # and the others frozen: a layer patched with lora_fa=True keeps its lora_A frozen.
         out = super().set_adapter(*args, **kwargs)
         if _A_REQUIRES_GRAD in self.__dict__:
-            _freeze_lora_A(self, record=True)
+            _freeze_lora_A(self, record=tuple(self.lora_A))
+        return out
+
+    def set_requires_grad(self, adapter_names, *args, **kwargs):
+        # PEFT's set_requires_grad (run by load_adapter(is_trainable=True)) sets the flags of the
+        # named adapters' weights: lora_A stays frozen under lora_fa=True.
+        out = super().set_requires_grad(adapter_names, *args, **kwargs)
+        if _A_REQUIRES_GRAD in self.__dict__:
+            _freeze_lora_A(self, record=(adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names))
         return out
 
     def forward(self, x, *args, **kwargs):
@@ -534,15 +550,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _freeze_lora_A(layer, record: bool = False) -> int:
+def _freeze_lora_A(layer, record: tuple = ()) -> int:
     """LoRA-FA on a layer patched with lora_fa=True: freeze every lora_A, recording for
-    unpatch_peft_model the flags they had (``record``: the flags PEFT's set_adapter has just set,
-    replacing older records; else only adapters not recorded yet); returns how many were trainable."""
+    unpatch_peft_model the flags they had: for adapters not recorded yet, and for those in ``record``
+    (whose flags PEFT has just set: they replace older records); returns how many were trainable."""
     before = layer.__dict__[_A_REQUIRES_GRAD]
     frozen = 0
     for adapter in layer.lora_A:
         weight = _lora_A_weight(layer, adapter)
-        if record or adapter not in before:
+        if adapter in record or adapter not in before:
             before[adapter] = weight.requires_grad
         frozen += int(weight.requires_grad)
         weight.requires_grad_(False)
@@ -577,7 +593,12 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
     Returns:
         A ``PatchReport``: layers swapped per PEFT class, layers left on PEFT's path and why.
     Raises:
-        ValueError: the model has no PEFT LoRA layers, or is already patched.
+        ValueError: the model has no PEFT LoRA layers, or no layer left to patch, or was patched
+            with the other ``lora_fa``.
+
+    Layers PEFT creates after patching (``add_adapter`` / ``load_adapter`` of an adapter with other
+    target modules) are PEFT's own: calling ``patch_peft_model`` again, with the same ``lora_fa``,
+    swaps those and leaves the patched ones as they are.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -590,12 +611,16 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
     if not layers:
         raise ValueError("model has no PEFT LoRA layers to patch (expected peft.tuners.lora layers, e.g. "
                          "from peft.get_peft_model)")
-    patched = [name for name, m in layers if is_patched(m)]
-    if patched:
-        raise ValueError(f"model is already patched ({len(patched)} layers, e.g. {patched[0]!r}); "
-                         "call unpatch_peft_model first")
+    patched = [(name, m) for name, m in layers if is_patched(m)]
+    other_mode = [name for name, m in patched if (_A_REQUIRES_GRAD in m.__dict__) != lora_fa]
+    if other_mode:
+        raise ValueError(f"model was patched with lora_fa={not lora_fa} ({len(other_mode)} layers, e.g. "
+                         f"{other_mode[0]!r}): patch its new layers with the same lora_fa, or call "
+                         "unpatch_peft_model first")
     report = PatchReport(swapped={}, left_on_peft={})
     for name, module in layers:
+        if is_patched(module):
+            continue
         kind = classes.get(type(module))
         if kind is None:
             report.left_on_peft[name] = f"{type(module).__module__}.{type(module).__name__} is not supported " \
@@ -611,6 +636,9 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         if lora_fa:
             setattr(module, _A_REQUIRES_GRAD, {})
             report.frozen_lora_A += _freeze_lora_A(module)
+    if patched and not report.swapped:
+        raise ValueError(f"model is already patched ({len(patched)} layers, e.g. {patched[0][0]!r}) and has no "
+                         "new layer to patch; call unpatch_peft_model first to patch it anew")
     return report
 
 

@@ -124,7 +124,7 @@ def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
         raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
     if choice != "cuda" or wq.packed.device.type != "cuda" or k_start % 8 or (k_end - k_start) % 8:
         return False
-    return decodes_by_words(wq) and load_extension()
+    return decodes_by_words(wq) and extension_runs_on(wq.packed.device)
 
 
 def decodes_by_words(wq: NF4Tensors) -> bool:
@@ -186,7 +186,7 @@ def cuda_grad_input_max_m() -> int:
 def use_cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors) -> bool:
     """Whether the NF4 backward dX = grad_y2 @ W (+ the LoRA term) runs on the CUDA kernel: a CUDA call
     the kernel takes (``grad_input_eligible``), the extension loaded."""
-    return grad_y2.device.type == "cuda" and grad_input_eligible(grad_y2, wq) and load_extension()
+    return grad_y2.device.type == "cuda" and grad_input_eligible(grad_y2, wq) and extension_runs_on(grad_y2.device)
 
 
 def grad_input_eligible(grad_y2: Tensor, wq: NF4Tensors) -> bool:
@@ -219,6 +219,53 @@ def load_extension() -> bool:
     return True
 
 
+def parse_cuda_archs(text: str) -> tuple:
+    """``lora_kernels._C.cuda_archs`` ("80_90", "90a_100") as ((major, minor, suffix), ...)."""
+    archs = []
+    for item in text.split("_"):
+        digits = item.rstrip("af")
+        if len(digits) < 2 or not digits.isdigit():
+            raise ValueError(f"cuda_archs: cannot parse {item!r} in {text!r}")
+        archs.append((int(digits[:-1]), int(digits[-1]), item[len(digits):]))
+    return tuple(archs)
+
+
+def built_for(archs: tuple, capability: tuple) -> bool:
+    """Whether kernels built as SASS for ``archs`` (``parse_cuda_archs``) run on a GPU of compute
+    ``capability`` (major, minor): SASS runs on its own major version at the same or a higher minor;
+    an arch-specific target ("90a") only on exactly its GPU. No PTX is built, so never on another major."""
+    major, minor = capability
+    return any(a_major == major and (a_minor == minor if suffix == "a" else a_minor <= minor)
+               for a_major, a_minor, suffix in archs)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_runs_on(device_index: int) -> bool:
+    if not load_extension():
+        return False
+    import lora_kernels._C as ext
+
+    try:
+        archs = parse_cuda_archs(getattr(ext, "cuda_archs"))
+    except (AttributeError, ValueError) as exc:
+        warnings.warn(f"lora_kernels._C does not say which GPUs it was built for ({exc}); "
+                      "NF4 decoding stays on the Triton path")
+        return False
+    capability = torch.cuda.get_device_capability(device_index)
+    if not built_for(archs, capability):
+        warnings.warn(f"lora_kernels._C was built for sm_{', sm_'.join(ext.cuda_archs.split('_'))}, not for this "
+                      f"GPU (sm_{capability[0]}{capability[1]}): NF4 decoding stays on the Triton path (rebuild "
+                      f"with LORA_KERNELS_CUDA_ARCHS={capability[0]}{capability[1]})")
+        return False
+    return True
+
+
+def extension_runs_on(device: torch.device) -> bool:
+    """Whether the CUDA kernels of ``lora_kernels._C`` can run on ``device`` (a CUDA device): loaded,
+    and built for its architecture (else a warning, once per device, and the Triton path)."""
+    return _extension_runs_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def cuda_gemv_max_m() -> int:
     """Largest M sent to the CUDA GEMV (env override, else DEFAULT_GEMV_MAX_M; capped at
     GEMV_CHUNKED_MAX_M: above 16 rows, one launch per 16)."""
@@ -232,12 +279,14 @@ def _power_of_two(n: int) -> bool:
 def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
     """Whether this NF4 forward (x2 [M, K], weight ``wq``) runs on the CUDA GEMV instead of the Triton
     kernels: a CUDA call the GEMV takes (``gemv_eligible``), the extension loaded."""
-    return x2.device.type == "cuda" and gemv_eligible(x2, lora_A, dropout_p, seed, wq) and load_extension()
+    return (x2.device.type == "cuda" and gemv_eligible(x2, lora_A, dropout_p, seed, wq)
+            and extension_runs_on(x2.device))
 
 
 def gemv_eligible(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
     """1 <= M <= cuda_gemv_max_m(), fp16/bf16 x, no dropout, r <= GEMV_MAX_RANK, power-of-two block
-    sizes (the kernels index blocks by shifts; bitsandbytes' always are)."""
+    sizes (the kernels index blocks by shifts; bitsandbytes' always are), of at least 32 (a warp's
+    32 values per step lie in one block)."""
     M = x2.shape[0]
     if M == 0 or M > cuda_gemv_max_m():
         return False
@@ -245,7 +294,8 @@ def gemv_eligible(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[T
         return False
     if lora_A.shape[0] > GEMV_MAX_RANK:
         return False
-    return _power_of_two(wq.blocksize) and (wq.absmax_code is None or _power_of_two(wq.nested_blocksize))
+    return (wq.blocksize >= 32 and _power_of_two(wq.blocksize)
+            and (wq.absmax_code is None or _power_of_two(wq.nested_blocksize)))
 
 
 def requested_gemv_kernel() -> str:

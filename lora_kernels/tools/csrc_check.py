@@ -208,8 +208,8 @@ def build_tasks(sources, archs, flags, nvcc, cxx, cuda_include, out_dir) -> list
         else:
             out = os.path.join(out_dir, f"{stem}.o")
             cmd = [cxx, "-c", src, "-o", out, "-fPIC", *inc,
-                   *([f"-I{cuda_include}"] if cuda_include else []), *flags["defines"], flags["std"],
-                   *OPT_FLAGS]
+                   *([f"-I{cuda_include}"] if cuda_include else []), *flags["defines"],
+                   BUILD_FLAGS.archs_define(archs), flags["std"], *OPT_FLAGS]
             tasks.append({"file": stem, "arch": "host", "kind": "host", "cmd": cmd})
     return tasks
 

@@ -61,6 +61,28 @@ def test_results_do_not_depend_on_the_thread_schedule(kernel):
         assert torch.equal(emulation.nf4_dequantize_slab(*slab), bnb_dequantized(q).to(torch.bfloat16)[3:60, 64:1024])
 
 
+def test_simt_kernel_with_k_zero_reads_no_stale_shared_memory():
+    """K = 0 (a direct call of the op): no chunk loop, so no barrier inside it; the epilogue still
+    reads h from shared memory written by other threads. A call with K > 0 first leaves other values
+    in the emulated kernel's static shared memory: y must be the bias alone, whatever the schedule."""
+    g = torch.Generator().manual_seed(3)
+    N, r = 40, 8
+    bias = torch.randn(N, generator=g)
+
+    def call(K, order):
+        q = NF4Weight.quantize(torch.randn(N, K, generator=g).to(torch.bfloat16), double_quant=False)
+        x, A = (torch.randn(rows, K, generator=g).to(torch.bfloat16) for rows in (1, r))
+        B = torch.randn(N, r, generator=g).to(torch.bfloat16)
+        with emulation.schedule(order):
+            return emulation.nf4_gemv_lora(x, *q.op_tensors(), A, B, bias, 1.0, q.blocksize, q.nested_blocksize,
+                                           q.dtype, KERNELS["simt"])
+
+    for order in (0, 1, 2):
+        call(64, 0)
+        y, h = call(0, order)
+        assert torch.equal(h, torch.zeros_like(h)) and torch.equal(y, bias.to(torch.bfloat16)[None]), order
+
+
 # ----------------------------------------------------------------------------- SIMT GEMV
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -876,6 +876,70 @@ def test_unpatch_restores_the_flags_of_the_last_set_adapter():
     assert all(flags[n] for n in flags if ".other." in n)
 
 
+def test_lora_fa_survives_set_requires_grad_and_load_adapter(tmp_path):
+    """PEFT's set_requires_grad (load_adapter(is_trainable=True) runs it, not set_adapter) makes the
+    adapter's weights trainable: lora_A stays frozen, and unpatch restores what PEFT set."""
+    model, twin = peft_model(), peft_model()
+    model.save_pretrained(tmp_path / "saved")
+    lora_kernels.patch_peft_model(model, lora_fa=True)
+    for m in (model, twin):
+        m.load_adapter(tmp_path / "saved", adapter_name="loaded", is_trainable=True)
+        m.set_requires_grad("default")
+    assert [n for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad] == []
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B.loaded" in n)
+    lora_kernels.unpatch_peft_model(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+        {n: p.requires_grad for n, p in twin.named_parameters()}
+
+
+def test_patching_again_swaps_the_layers_peft_added():
+    """add_adapter on new target modules makes new PEFT layers: a second patch_peft_model call (same
+    lora_fa) swaps them and freezes their lora_A; another lora_fa, or nothing new, is an error."""
+    model = peft_model()
+    first = lora_kernels.patch_peft_model(model, lora_fa=True)
+    model.add_adapter("more", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    model.base_model.set_adapter("more")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert sum(lk_peft.is_patched(m) for m in layers.values()) == first.num_swapped == len(layers) - 1 == 14
+    with pytest.raises(ValueError, match="lora_fa=True"):
+        lora_kernels.patch_peft_model(model)
+    second = lora_kernels.patch_peft_model(model, lora_fa=True)
+    assert second.num_swapped == 1 and second.frozen_lora_A == 1  # lm_head's adapter "more"
+    assert all(lk_peft.is_patched(m) for m in layers.values())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    with pytest.raises(ValueError, match="no new layer"):
+        lora_kernels.patch_peft_model(model, lora_fa=True)
+
+
+def test_qlora_bias_cast_in_place_as_bitsandbytes_does():
+    """bnb's Linear4bit.forward casts its bias parameter, in place, to the dtype it computes in: PEFT's
+    model then saves and trains the bias in that dtype, and so must a patched one."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def model(compute_dtype, dtype):
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.q_proj = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
+        m.q_proj.weight = bnb.nn.Params4bit(torch.randn(32, 64, dtype=dtype), requires_grad=False,
+                                            quant_type="nf4", module=m.q_proj)
+        m.q_proj = m.q_proj.to(dtype=dtype).to("cpu")
+        m.q_proj.bias.data = torch.randn(32, dtype=torch.float16)
+        m.is_loaded_in_4bit = True
+        m.forward = lambda x: m.q_proj(x)
+        return peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))
+
+    # an fp16 model with bnb's default fp32 compute dtype; an fp32 one without (the first x sets it)
+    for compute_dtype, x_dtype in ((torch.float32, torch.float16), (None, torch.float32)):
+        ref, patched = model(compute_dtype, x_dtype), model(compute_dtype, x_dtype)
+        assert lora_kernels.patch_peft_model(patched).num_swapped == 1
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(x_dtype)
+        outs = [m(x) for m in (ref, patched)]
+        assert_close(outs[1], outs[0].double(), BOUND if x_dtype == torch.float32 else 2e-3, "y")
+        ref_bias, bias = (m.base_model.model.q_proj.base_layer.bias for m in (ref, patched))
+        assert ref_bias.dtype != torch.float16  # bnb changed it
+        assert bias.dtype == ref_bias.dtype and torch.equal(bias, ref_bias)
+
+
 def test_bad_use_gives_clear_errors():
     model = peft_model()
     lora_kernels.patch_peft_model(model)

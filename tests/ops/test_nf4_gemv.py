@@ -116,7 +116,7 @@ def test_dispatch_rule(monkeypatch):
 def test_eligibility_rule_with_cuda_stand_ins(monkeypatch):
     """The rule itself, with stand-ins for CUDA tensors and a loaded extension (no GPU here)."""
     from types import SimpleNamespace as NS
-    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    monkeypatch.setattr(nf4_gemv, "extension_runs_on", lambda device: True)
     monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "16")
     cuda = NS(type="cuda")
 
@@ -177,7 +177,7 @@ def test_slab_decode_spec_is_bit_exact(double_quant, out_dtype):
 
 def test_cuda_slab_decoder_rule_with_stand_ins(monkeypatch):
     from types import SimpleNamespace as NS
-    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    monkeypatch.setattr(nf4_gemv, "extension_runs_on", lambda device: True)
     q = NF4Weight.quantize(torch.randn(16, 256), double_quant=True)
 
     def wq(K=256, blocksize=64, nested=256, ptr=1024, device="cuda"):
@@ -215,7 +215,7 @@ def test_grad_input_spec_matches_reference(init, dtype):
 
 def test_cuda_grad_input_rule_with_stand_ins(monkeypatch):
     from types import SimpleNamespace as NS
-    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    monkeypatch.setattr(nf4_gemv, "extension_runs_on", lambda device: True)
     q = NF4Weight.quantize(torch.randn(16, 256), double_quant=True)
 
     def wq(K=256, blocksize=64, nested=256, ptr=1024):
@@ -240,6 +240,53 @@ def test_cuda_grad_input_rule_with_stand_ins(monkeypatch):
     assert nf4_gemv.cuda_grad_input_max_m() == nf4_gemv.GEMV_CHUNKED_MAX_M  # the kernel takes up to 64 rows
 
 
+def test_built_architectures_decide_which_gpus_run_the_extension():
+    archs = nf4_gemv.parse_cuda_archs("80_90")
+    assert archs == ((8, 0, ""), (9, 0, ""))
+    assert [nf4_gemv.built_for(archs, cc) for cc in ((8, 0), (8, 6), (8, 9), (9, 0))] == [True] * 4
+    # SASS never crosses a major version, and no PTX is built: V100/T4, B200, RTX 50xx stay on Triton
+    assert [nf4_gemv.built_for(archs, cc) for cc in ((7, 0), (7, 5), (10, 0), (12, 0))] == [False] * 4
+    assert not nf4_gemv.built_for(nf4_gemv.parse_cuda_archs("86"), (8, 0))  # a newer minor than the GPU
+    hopper_only = nf4_gemv.parse_cuda_archs("90a_100")
+    assert hopper_only == ((9, 0, "a"), (10, 0, ""))
+    assert nf4_gemv.built_for(hopper_only, (9, 0)) and nf4_gemv.built_for(hopper_only, (10, 3))
+    assert not nf4_gemv.built_for(nf4_gemv.parse_cuda_archs("90a"), (9, 1))  # arch-specific: its GPU only
+    for bad in ("", "9", "sm90", "80__90"):
+        with pytest.raises(ValueError, match="cuda_archs"):
+            nf4_gemv.parse_cuda_archs(bad)
+
+
+def test_extension_built_for_another_gpu_leaves_the_triton_path(monkeypatch):
+    """A loaded extension built for other GPUs (its cuda_archs) is never launched on this one: a
+    warning, once per device, and the Triton path; one built for it is."""
+    import sys
+    from types import SimpleNamespace as NS
+    monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
+    monkeypatch.setitem(sys.modules, "lora_kernels._C", NS(cuda_archs="80_90"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: {0: (9, 0), 1: (7, 5)}[index])
+    nf4_gemv._extension_runs_on.cache_clear()
+    try:
+        assert nf4_gemv.extension_runs_on(torch.device("cuda", 0))
+        with pytest.warns(UserWarning, match="built for sm_80, sm_90, not for this GPU .sm_75."):
+            assert not nf4_gemv.extension_runs_on(torch.device("cuda", 1))
+        assert not nf4_gemv.extension_runs_on(torch.device("cuda", 1))  # cached: no second warning
+        monkeypatch.setitem(sys.modules, "lora_kernels._C", NS())  # an old build that does not say
+        nf4_gemv._extension_runs_on.cache_clear()
+        with pytest.warns(UserWarning, match="does not say which GPUs"):
+            assert not nf4_gemv.extension_runs_on(torch.device("cuda", 0))
+    finally:
+        nf4_gemv._extension_runs_on.cache_clear()
+
+
+def test_gemv_rule_needs_blocks_of_at_least_32():
+    # the kernel steps a warp's 32 values through one block; the op rejects smaller ones
+    from types import SimpleNamespace as NS
+    x = NS(shape=(1, 4096), dtype=torch.bfloat16)
+    A = NS(shape=(8, 4096))
+    assert nf4_gemv.gemv_eligible(x, A, 0.0, None, NS(blocksize=32, nested_blocksize=256, absmax_code=None))
+    assert not nf4_gemv.gemv_eligible(x, A, 0.0, None, NS(blocksize=16, nested_blocksize=256, absmax_code=None))
+
+
 def test_missing_extension_is_silent(recwarn):
     nf4_gemv.load_extension.cache_clear()
     try:
@@ -259,6 +306,8 @@ def test_extension_registers_the_cuda_kernel_for_the_declared_schema():
     for qualname in ("lora_kernels::nf4_gemv_lora", "lora_kernels::nf4_dequantize_slab", "lora_kernels::nf4_grad_input"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
         assert "bindings.cpp" in torch._C._dispatch_dump(qualname).split("CUDA:")[1].splitlines()[0]
+    import lora_kernels._C as ext
+    assert nf4_gemv.parse_cuda_archs(ext.cuda_archs)  # what the build says it targets (build_flags.archs_define)
 
 
 needs_gpu_ext = pytest.mark.skipif(not torch.cuda.is_available() or not nf4_gemv.load_extension(),
