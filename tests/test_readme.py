@@ -52,7 +52,8 @@ def test_readme_example_runs(index, monkeypatch):
 
 def test_every_environment_variable_the_package_reads_is_documented():
     root = README.parent
-    sources = [*root.glob("lora_kernels/**/*.py"), root / "setup.py", root / "csrc" / "build_flags.py"]
+    sources = [*root.glob("lora_kernels/**/*.py"), *root.glob("benchmarks/*.py"), root / "setup.py",
+               root / "csrc" / "build_flags.py"]
     names = set()
     for path in sources:
         names |= set(re.findall(r'"(LORA_KERNELS_[A-Z0-9_]+)"', path.read_text()))

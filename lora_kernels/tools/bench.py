@@ -29,7 +29,8 @@ dense (writes bench_<dtype>.{json,csv,png})
 nf4 (writes bench_qlora_<dtype>.*; see ``lora_kernels.tools.qlora_bench``)
     lora_kernels_nf4, lora_kernels_nf4_fa, lora_kernels_nf4_gemv / _gemv_mma (the CUDA C++ decode GEMV's
     SIMT / tensor-core kernel, M <= 64 in launches of 16 rows,
-    CUDA with the built extension only), peft_qlora, bnb_matmul_4bit, base_dense (the floor)
+    CUDA with the built extension only), peft_qlora, peft_qlora_fa (lora_A frozen), bnb_matmul_4bit,
+    base_dense (the floor)
 x requires grad everywhere (a hidden layer); W never does. scale = lora_alpha / r = 2.
 
 Shapes: the projections of Llama-3-8B (hidden 4096, 8 kv heads of 128, intermediate 14336) and
@@ -61,7 +62,8 @@ Gradients are reset to None before every timed call so no provider pays for accu
 
 Metrics per row and mode: ms; TFLOP/s (``FLOP_RULE``); for M <= 16 GB/s of base-weight bytes
 (``WEIGHT_BYTES_RULE``); the ratio of the time to the base-only row's and to the like-for-like PEFT
-row's (LoRA-FA rows vs peft_fa, NF4 rows vs peft_qlora) in the same case: < 1 is faster.
+row's (LoRA-FA rows vs peft_fa, NF4 rows vs peft_qlora, NF4 LoRA-FA rows vs peft_qlora_fa) in the
+same case: < 1 is faster.
 Output: a table on stdout; on stderr one "[i/n] KxN M=.. r=.. <provider> <mode> <ms> ..." line per
 (case, provider) for sweeps of 5 or more; <stem>.json (metadata: device, torch / triton / peft /
 bitsandbytes versions, git commit, date; config; rows; skipped providers with their errors), .csv
@@ -671,12 +673,21 @@ def goal_check(goal: str, shape, value, *, max=None, min=None, strict: bool = Fa
     return check
 
 
+def goal_counts(checks) -> str:
+    """"k/n met" of goal checks, and how many of the n were not measured (met None: the row or its
+    ratio is missing), which count neither as met nor as missed."""
+    unmeasured = sum(c.get("met") is None for c in checks)
+    return (f"{sum(c.get('met') is True for c in checks)}/{len(checks)} met"
+            + (f", {unmeasured} not measured" if unmeasured else ""))
+
+
 def format_goals(title: str, goals: dict, limit: int = 20) -> str:
-    """"<title>: k/n met", a note when a CPU run checks GPU goals, then each check not met."""
+    """"<title>: k/n met[, u not measured]", a note when a CPU run checks GPU goals, then each check
+    not met or not measured."""
     checks = goals["checks"]
     if not checks:
         return f"{title}: none checked"
-    head = f"{title}: {sum(bool(c['met']) for c in checks)}/{len(checks)} met"
+    head = f"{title}: {goal_counts(checks)}"
     if goals["device_type"] != "cuda" and any(c.get("device", "cuda") == "cuda" for c in checks):
         head += " (CPU run: the goals are GPU goals, shown for completeness)"
     missed = []
@@ -685,8 +696,29 @@ def format_goals(title: str, goals: dict, limit: int = 20) -> str:
             continue
         op = ("<" if c.get("strict") else "<=") if "max" in c else (">" if c.get("strict") else ">=")
         missed.append(f"  {c['goal']} at {c.get('shape')}: {fmt_num(c['ratio'], '.3f')} "
-                      f"(goal {op} {c['max'] if 'max' in c else c['min']:.3f}) NOT met")
+                      f"(goal {op} {c['max'] if 'max' in c else c['min']:.3f}) "
+                      + ("not measured" if c["met"] is None else "NOT met"))
     return "\n".join([head] + missed[:limit] + (["  ..."] if len(missed) > limit else []))
+
+
+def unmeasured_rows(result: dict, provider: str) -> list:
+    """Stand-in rows (every ratio None) for the swept cases in which ``provider`` was asked for but has
+    no row (it failed: "skipped"; or "not_applicable"): goal checks then count those cases as not
+    measured instead of leaving them out, which would make "1 of 1 met" of a goal set at 3 shapes."""
+    if provider not in result["config"].get("impls", ()):
+        return []
+    have = {r["shape"] for r in result["rows"] if r["impl"] == provider}
+    shapes = dict.fromkeys([*(r["shape"] for r in result["rows"]), *result.get("skipped", {}),
+                            *result.get("not_applicable", {})])
+    modes = result["config"].get("modes", ())
+    rows = []
+    for shape in shapes:
+        if shape in have:
+            continue
+        M, K, N, r = (int(v) for v in shape.split(","))
+        rows.append({"impl": provider, "shape": shape, "M": M, "K": K, "N": N, "r": r,
+                     **{f"{mode}_vs_{ref}": None for mode in modes for ref in ("base", "peft")}})
+    return rows
 
 
 # Goals of the fused-LoRA issue; ratios of medians measured in the same run (lora_kernels / reference).
@@ -725,8 +757,9 @@ def check_dense_goals(rows, device_type: str, dtype: str) -> list:
 
 def _dense_finalize(result: dict):
     meta = result["metadata"]
+    rows = result["rows"] + unmeasured_rows(result, "lora_kernels")
     result["goals"] = {"bounds": DENSE_GOALS, "device_type": meta["device_type"],
-                       "checks": check_dense_goals(result["rows"], meta["device_type"], meta["dtype"])}
+                       "checks": check_dense_goals(rows, meta["device_type"], meta["dtype"])}
 
 
 def _dense_expected(p: Problem, provider: str) -> torch.Tensor:

@@ -22,12 +22,13 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
                            extension; "not_applicable" above 64 rows, where it would repeat lora_kernels_nf4)
     peft_qlora             PEFT ``lora.bnb.Linear4bit`` around a bitsandbytes ``Linear4bit`` holding
                            the same NF4 tensors (what transformers + PEFT build for QLoRA)
+    peft_qlora_fa          the same with lora_A frozen: lora_kernels_nf4_fa's reference
     bnb_matmul_4bit        ``bitsandbytes.matmul_4bit``: the NF4 base matmul alone, no LoRA
     base_dense             ``F.linear(x, W)`` with W = dequant(Q) in x's dtype: the dense (cuBLAS) floor
 x requires grad (a hidden layer). "infer" is the forward under ``torch.no_grad()`` with x not
 requiring grad: bitsandbytes then takes its 4-bit GEMV for one row. Ratios are times over the
-reference's time in the same case (< 1: faster): *_vs_peft against peft_qlora, *_vs_base against
-base_dense. Rows also carry the saved activations of one forward and, on CUDA, the peak memory of
+reference's time in the same case (< 1: faster): *_vs_peft against peft_qlora (the A-frozen rows
+against peft_qlora_fa), *_vs_base against base_dense. Rows also carry the saved activations of one forward and, on CUDA, the peak memory of
 one fwd+bwd.
 
 ``qlora`` default sweep: (K, N) in ``CUDA_KN`` x M in ``CUDA_M`` (decode to training sizes), r = 16,
@@ -49,6 +50,7 @@ from lora_kernels.tools.bench import (Family, Impl, absolute_times, add_sweep_ar
                                       csv_fields, environment_metadata, measure, with_env,
                                       random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
+                                      unmeasured_rows,
                                       write_outputs, check_names, ALL_MODES, standalone_main)
 
 GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
@@ -56,10 +58,12 @@ GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
 EXTENSION_IMPLS = GEMV_IMPLS + ("lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_cuda_dx")
 QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
                "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
-               "lora_kernels_nf4_cuda_dx", "peft_qlora", "bnb_matmul_4bit", "base_dense")
+               "lora_kernels_nf4_cuda_dx", "peft_qlora", "peft_qlora_fa", "bnb_matmul_4bit", "base_dense")
 LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
-              "lora_kernels_nf4_cuda_dx", "peft_qlora")  # base + LoRA
+              "lora_kernels_nf4_cuda_dx", "peft_qlora", "peft_qlora_fa")  # base + LoRA
+# The like-for-like PEFT reference of a row (others: peft_qlora): A frozen against A frozen.
+PEFT_REFS = {"lora_kernels_nf4_fa": "peft_qlora_fa", "peft_qlora_fa": "peft_qlora_fa"}
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
 PHASES = ("fwd", "bwd", "fwdbwd", "infer")
 RANK = 16
@@ -164,9 +168,10 @@ def build_qlora_impls(p: QLoRAProblem, impls=QLORA_IMPLS) -> dict:
             out[name] = Impl(name, lambda: nf4_lora_linear(x, q, A, B, s), [x, A, B], params,
                              infer=lambda: nf4_lora_linear(x_infer, q, A, B, s),
                              around=functools.partial(_with_path, name))
-        elif name == "peft_qlora":
-            layer, adapters = _peft_qlora_layer(p)
-            out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters, params + adapters,
+        elif name in ("peft_qlora", "peft_qlora_fa"):
+            frozen = name == "peft_qlora_fa"
+            layer, adapters = _peft_qlora_layer(p, freeze_A=frozen)
+            out[name] = Impl(name, lambda layer=layer: layer(x), [x] + adapters[frozen:], params + adapters,
                              infer=lambda layer=layer: layer(x_infer))
         elif name == "bnb_matmul_4bit":
             import bitsandbytes as bnb
@@ -213,7 +218,8 @@ def available_qlora_impls(impls) -> list:
     """``impls`` without the rows whose libraries cannot be imported (warns), and without the rows of
     the CUDA extension (``EXTENSION_IMPLS``) unless it is built and a GPU is present."""
     impls = list(impls)
-    for lib, rows in (("bitsandbytes", ("peft_qlora", "bnb_matmul_4bit")), ("peft", ("peft_qlora",))):
+    for lib, rows in (("bitsandbytes", ("peft_qlora", "peft_qlora_fa", "bnb_matmul_4bit")),
+                      ("peft", ("peft_qlora", "peft_qlora_fa"))):
         if any(i in rows for i in impls):
             try:
                 __import__(lib)
@@ -275,14 +281,14 @@ def _shape_info(p: QLoRAProblem) -> dict:
 
 def _finalize(result: dict):
     result["config"]["nf4"] = {"blocksize": 64, "double_quant": True}
-    result["goals"] = {"bounds": GOALS, "checks": check_goals(result["rows"]),
+    result["goals"] = {"bounds": GOALS, "checks": check_goals(result["rows"] + unmeasured_rows(result, "lora_kernels_nf4")),
                        "device_type": result["metadata"]["device_type"]}
 
 
 NF4 = Family(
     name="nf4", stem="bench_qlora", title="QLoRA linear (NF4 base)", providers=QLORA_IMPLS, base="base_dense",
-    default_peft="peft_qlora", peft_refs={}, no_lora=("bnb_matmul_4bit", "base_dense"),
-    frozen_A=("lora_kernels_nf4_fa",), quick_drop=(),
+    default_peft="peft_qlora", peft_refs=PEFT_REFS, no_lora=("bnb_matmul_4bit", "base_dense"),
+    frozen_A=("lora_kernels_nf4_fa", "peft_qlora_fa"), quick_drop=(),
     make_problem=lambda c, device, dtype, seed=0: QLoRAProblem(c.M, c.K, c.N, c.r, device, dtype, seed),
     build=build_qlora_impls,
     tensors=lambda p: [p.x, p.dense, p.lora_A, p.lora_B] + p.quant_tensors(),

@@ -258,14 +258,17 @@ def _goal_line(goals) -> list:
     if not isinstance(goals, dict) or not isinstance(goals.get("checks"), list) or not goals["checks"]:
         return []
     checks = goals["checks"]
-    per_goal = []
-    for goal in _unique(c.get("goal") for c in checks):
-        mine = [c for c in checks if c.get("goal") == goal]
-        per_goal.append(f"{goal} {sum(bool(c.get('met')) for c in mine)} of {len(mine)}")
-    met = sum(bool(c.get("met")) for c in checks)
+
+    def counts(mine, met_word="") -> str:  # a check without its ratio (met None) was not measured: not missed
+        unmeasured = sum(c.get("met") is None for c in mine)
+        return (f"{sum(c.get('met') is True for c in mine)} of {len(mine)}{met_word}"
+                + (f", {unmeasured} not measured" if unmeasured else ""))
+
+    per_goal = [f"{goal} {counts([c for c in checks if c.get('goal') == goal])}"
+                for goal in _unique(c.get("goal") for c in checks)]
     gpu_goals_on_cpu = goals.get("device_type") == "cpu" and any(c.get("device", "cuda") == "cuda" for c in checks)
     note = " (the goals are GPU goals)" if gpu_goals_on_cpu else ""
-    return [f"Goals checked in the file{note}: {met} of {len(checks)} met ({'; '.join(per_goal)})."]
+    return [f"Goals checked in the file{note}: {counts(checks, ' met')} ({'; '.join(per_goal)})."]
 
 
 def _not_measured_line(f: ResultFile) -> list:

@@ -486,6 +486,32 @@ def test_dense_goals_gpu_cases():
     assert [c["goal"] for c in bench.check_dense_goals(fwd_only, "cuda", "bfloat16")] == ["fwd_vs_base"]
 
 
+def test_goal_of_a_case_whose_row_failed_counts_as_not_measured():
+    """lora_kernels failed at 2 of the 3 GPU goal shapes: the goals stay 6 checks, 4 not measured, and
+    neither the summary nor the README line calls them met or missed."""
+    kns = bench.DENSE_GOALS["cuda"]["kn"]
+    shapes = [f"8192,{K},{N},16" for K, N in kns]
+    rows = [{**_goal_row(8192, *kns[0], 16, fwd_vs_base=1.04, fwdbwd_vs_peft=0.6)},
+            *({**_goal_row(8192, K, N, 16), "impl": "peft"} for K, N in kns[1:])]
+    result = {"metadata": {"device_type": "cuda", "dtype": "bfloat16"}, "rows": rows,
+              "config": {"impls": ["lora_kernels", "peft"], "modes": ["fwd", "fwdbwd"]},
+              "skipped": {shapes[1]: {"lora_kernels": "RuntimeError: x"}}, "not_applicable": {}}
+    bench._dense_finalize(result)
+    checks = result["goals"]["checks"]
+    assert [(c["shape"], c["met"]) for c in checks] == [(shapes[0], True), (shapes[0], True)] + [
+        (s, None) for s in shapes[1:] for _ in range(2)]
+    text = bench.format_goals("fused LoRA goals", result["goals"])
+    assert text.startswith("fused LoRA goals: 2/6 met, 4 not measured") and "NOT met" not in text
+    assert text.count("not measured") == 5
+    from lora_kernels.tools import report
+    assert report._goal_line(result["goals"]) == [
+        "Goals checked in the file: 2 of 6 met, 4 not measured (fwd_vs_base 1 of 3, 2 not measured; "
+        "fwdbwd_vs_peft 1 of 3, 2 not measured)."]
+    # a provider not asked for adds nothing
+    result["config"]["impls"] = ["peft"]
+    assert bench.unmeasured_rows(result, "lora_kernels") == []
+
+
 def test_default_cpu_sweep_adds_the_goal_case(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CPU_KN", ((32, 16),))
     monkeypatch.setattr(bench, "CPU_M", (3,))

@@ -51,7 +51,10 @@ def test_qlora_bench_writes_sane_results(tmp_path):
         weight = fmt["dense_bytes"] if r["impl"] == "base_dense" else fmt["nf4_bytes"]
         assert r["infer_GBps"] == pytest.approx(weight / (r["infer_ms"] * 1e6))
         assert r["infer_vs_base"] == pytest.approx(r["infer_ms"] / rows["base_dense"]["infer_ms"])
-        assert r["fwdbwd_vs_peft"] == pytest.approx(r["fwdbwd_ms"] / rows["peft_qlora"]["fwdbwd_ms"])
+        # like for like: the A-frozen rows against PEFT with A frozen
+        ref = "peft_qlora_fa" if r["impl"] in ("lora_kernels_nf4_fa", "peft_qlora_fa") else "peft_qlora"
+        assert r["peft_ref"] == ref
+        assert r["fwdbwd_vs_peft"] == pytest.approx(r["fwdbwd_ms"] / rows[ref]["fwdbwd_ms"])
     assert data["config"]["modes"] == list(qlora_bench.PHASES)
     assert rows["peft_qlora"]["fwd_vs_peft"] == pytest.approx(1.0)
     assert rows["base_dense"]["fwd_vs_base"] == pytest.approx(1.0)
@@ -60,6 +63,7 @@ def test_qlora_bench_writes_sane_results(tmp_path):
     assert rows["lora_kernels_nf4_fa"]["saved_bytes"] == M * R * F32
     assert rows["lora_kernels_nf4"]["saved_bytes"] == M * K * F32 + M * R * F32
     assert rows["peft_qlora"]["saved_bytes"] >= M * K * F32
+    assert rows["peft_qlora_fa"]["saved_bytes"] < rows["peft_qlora"]["saved_bytes"]  # no dA: x not kept for it
     assert rows["base_dense"]["saved_bytes"] == 0
     assert len(data["goals"]["checks"]) == 2  # M = 5: fwd and fwd+bwd vs PEFT
 

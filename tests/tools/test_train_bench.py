@@ -137,6 +137,9 @@ def test_check_goals_flags_misses():
     assert train_bench.check_goals(rows(1.6))[0]["met"] is True
     assert train_bench.check_goals(rows(1.4))[0]["met"] is False
     assert train_bench.check_goals(rows(1.6)[1:]) == []  # no PEFT QLoRA row: nothing to compare with
+    # both asked for, one failed: the goal is there, not measured (neither met nor missed)
+    (check,) = train_bench.check_goals(rows(1.6)[:1], requested=("peft_qlora", "lora_kernels_qlora"))
+    assert check["ratio"] is None and check["met"] is None
 
 
 def test_qlora_rows_skipped_without_bitsandbytes(monkeypatch, tmp_path):
