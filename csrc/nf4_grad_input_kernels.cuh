@@ -4,9 +4,9 @@
 // (csrc/emulation/) runs these kernels too.
 //
 // Why: at small M the product is bound by the weight's bytes, like the forward GEMV, but the Triton
-// dX kernel has one program per (row block of dY, 128 columns of W): 64 programs for K = 8192, each
-// walking all N rows of W, so most SMs idle (measured on an H200: ~3.8 ms at M = 1 on 8192 x 28672,
-// where bitsandbytes' decode + cuBLAS take about a millisecond).
+// dX kernel has one program per (row block of dY, 64 columns of W): 128 programs for K = 8192, each
+// walking all N rows of W, so most SMs idle (measured on an H200: the whole backward ~3.7 ms at M = 1
+// on 8192 x 28672, where bitsandbytes' decode + cuBLAS take about a millisecond).
 //
 // Decomposition: a block of 8 warps owns 256 columns of W (8 consecutive columns per lane: one
 // 32-bit word of codes, inside one quantization block) and a contiguous range of rows (a split);

@@ -593,8 +593,8 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
     Returns:
         A ``PatchReport``: layers swapped per PEFT class, layers left on PEFT's path and why.
     Raises:
-        ValueError: the model has no PEFT LoRA layers, or no layer left to patch, or was patched
-            with the other ``lora_fa``.
+        ValueError: the model has no PEFT LoRA layers, or every one is patched already, or it was
+            patched with the other ``lora_fa``.
 
     Layers PEFT creates after patching (``add_adapter`` / ``load_adapter`` of an adapter with other
     target modules) are PEFT's own: calling ``patch_peft_model`` again, with the same ``lora_fa``,
@@ -617,6 +617,9 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         raise ValueError(f"model was patched with lora_fa={not lora_fa} ({len(other_mode)} layers, e.g. "
                          f"{other_mode[0]!r}): patch its new layers with the same lora_fa, or call "
                          "unpatch_peft_model first")
+    if len(patched) == len(layers):
+        raise ValueError(f"model is already patched ({len(patched)} layers, e.g. {patched[0][0]!r}) and has no "
+                         "new layer to patch; call unpatch_peft_model first to patch it anew")
     report = PatchReport(swapped={}, left_on_peft={})
     for name, module in layers:
         if is_patched(module):
@@ -636,9 +639,6 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
         if lora_fa:
             setattr(module, _A_REQUIRES_GRAD, {})
             report.frozen_lora_A += _freeze_lora_A(module)
-    if patched and not report.swapped:
-        raise ValueError(f"model is already patched ({len(patched)} layers, e.g. {patched[0][0]!r}) and has no "
-                         "new layer to patch; call unpatch_peft_model first to patch it anew")
     return report
 
 

@@ -149,7 +149,7 @@ def cuda_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
 
 # The QLoRA backward's base product at small M on CUDA (csrc/nf4_grad_input_kernels.cuh): dx = grad_y @
 # W (W decoded bit-exactly, rounded to the stored dtype then grad_y's) + init (the LoRA term in fp32),
-# rounded once to grad_y's dtype. The Triton dX kernel has too few programs there (one per 128
+# rounded once to grad_y's dtype. The Triton dX kernel has too few programs there (one per 64
 # columns of W, each walking all N rows).
 torch.library.define(
     "lora_kernels::nf4_grad_input",

@@ -1157,10 +1157,12 @@ def rotation_copies(problem_bytes: int, device) -> int:
 # ----------------------------------------------------------------------------- sweep
 
 class Progress:
-    """"[i/n] KxN M=.. r=.. provider ..." lines on stderr, one per (case, provider), when enabled."""
+    """"[i/n] KxN M=.. r=.. provider ..." lines on stderr, one per (case, provider), when enabled;
+    with the provider's times only when ``absolute`` (a GPU's: elsewhere times are shown as ratios,
+    in the table, once the case's references are measured)."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.i, self.enabled = total, 0, enabled
+    def __init__(self, total: int, enabled: bool, absolute: bool = True):
+        self.total, self.i, self.enabled, self.absolute = total, 0, enabled, absolute
 
     def line(self, case: Case, provider: str, text: str):
         self.i += 1
@@ -1196,7 +1198,7 @@ def sweep(family: Family, cases, device, dtype, providers, modes, timing: Timing
                 names.append(n)
         plan.append((case, names))
     total = sum(len(n) for _, n in plan)
-    progress = Progress(total, verbose and total >= PROGRESS_MIN_ITEMS)
+    progress = Progress(total, verbose and total >= PROGRESS_MIN_ITEMS, absolute=device.type == "cuda")
     rows, skipped, copies_used, shape_info = [], {}, {}, {}
     last_kn = None
     for case, names in plan:
@@ -1243,7 +1245,7 @@ def sweep(family: Family, cases, device, dtype, providers, modes, timing: Timing
             dys.append(random_factory(device, dtype, 10 ** 6 + seed)(case.M, case.N).to(device))
         copies_used[case.shape] = n_copies
         med = measure(copies, dys, modes, timing,
-                      on_done=lambda n, t: progress.line(case, n, _fmt_times(t)))
+                      on_done=lambda n, t: progress.line(case, n, _fmt_times(t) if progress.absolute else "measured"))
         wbytes = {n: family.weight_bytes(problem, n) for n in built}
         for n in built:
             row = make_row(family, case, n, med, wbytes[n], modes)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
-from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata, fmt_num, goal_check,
+from lora_kernels.tools.bench import (Impl, absolute_times, default_out_dir, default_timing, environment_metadata,
+                                      fmt_num, goal_check, goal_counts,
                                       measure, measure_ceilings, resolve_device_dtype, standalone_main,
                                       write_outputs)
 
@@ -87,7 +88,7 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
     """Times the providers (module docstring) for every (K, N) in ``kns`` and M in ``ms``; writes
     gemv_<dtype>.{json,csv} under ``out`` and returns the result (metadata, ceilings, rows, goals)."""
     from lora_kernels import NF4Weight
-    from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS, load_extension
+    from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS, extension_runs_on, load_extension
 
     device, dtype = resolve_device_dtype(device, dtype)
     if dtype not in (torch.float16, torch.bfloat16) and device.type == "cuda":
@@ -104,6 +105,9 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
     if device.type == "cuda" and not load_extension():
         raise RuntimeError("the CUDA GEMV is not built: run `python setup.py build_ext --inplace` (or "
                            "`pip install --no-build-isolation -e .`) on this machine first")
+    if device.type == "cuda" and not extension_runs_on(device):
+        raise RuntimeError("the CUDA GEMV is not built for this GPU's architecture: rebuild with "
+                           "LORA_KERNELS_CUDA_ARCHS=<its compute capability, e.g. 90>")
     timing = default_timing(reps=reps, warmup=warmup)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -132,7 +136,7 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
                              "speedup_vs_bnb": t["bnb"] / t[lora] if "bnb" in t else None,
                              "speedup_vs_dense": t["dense"] / t[lora],
                              "lora_overhead": t[lora] / t[base] - 1.0})
-            if verbose:
+            if verbose and device.type == "cuda":  # absolute times only from a GPU
                 print(f"K={K} N={N} M={M}: " + ", ".join(f"{n} {fmt_num(v, '.4f')} ms" for n, v in t.items()),
                       flush=True)
         del W, q, Wd, A, B
@@ -150,7 +154,7 @@ def run(device=None, dtype=None, kns=None, ms=DEFAULT_M, r: int = 16, out=None, 
     stem = f"gemv_{result['metadata']['dtype']}"
     write_outputs(result, out, stem, CSV_FIELDS)
     if verbose:
-        print(format_table(rows, result["goals"]))
+        print(format_table(rows, result["goals"], absolute=absolute_times(result["metadata"])))
         print(f"wrote {out}/{stem}.{{json,csv}}")
     return result
 
@@ -170,20 +174,19 @@ def check_goals(rows, device_type: str) -> dict:
     return {"bounds": GOALS, "checks": checks, "device_type": device_type}
 
 
-def format_table(rows, goals) -> str:
-    lines = [f"{'K x N':<14}{'M':>3}{'kernel':>7}{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}"
-             f"{'x copy':>8}"
-             f"{'x bnb':>7}{'x dense':>8}{'lora':>7}"]
+def format_table(rows, goals, absolute: bool = True) -> str:
+    """Text table of the rows: ms, GB/s and the ratios; ``absolute`` False (no GPU): the ratios only."""
+    times = f"{'gemv+lora':>11}{'gemv':>9}{'bnb':>9}{'dense':>9}{'GB/s':>8}" if absolute else ""
+    lines = [f"{'K x N':<14}{'M':>3}{'kernel':>7}{times}{'x copy':>8}{'x bnb':>7}{'x dense':>8}{'lora':>7}"]
     for r in rows:
-        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{r['kernel']:>7}"
-                     f"{fmt_num(r['gemv_lora_ms'], '11.4f')}"
-                     f"{fmt_num(r['gemv_base_ms'], '9.4f')}{fmt_num(r['bnb_ms'], '9.4f')}"
-                     f"{fmt_num(r['dense_ms'], '9.4f')}{fmt_num(r['gemv_GBps'], '8.1f')}"
+        times = (f"{fmt_num(r['gemv_lora_ms'], '11.4f')}{fmt_num(r['gemv_base_ms'], '9.4f')}"
+                 f"{fmt_num(r['bnb_ms'], '9.4f')}{fmt_num(r['dense_ms'], '9.4f')}{fmt_num(r['gemv_GBps'], '8.1f')}"
+                 if absolute else "")
+        lines.append(f"{str(r['K']) + 'x' + str(r['N']):<14}{r['M']:>3}{r['kernel']:>7}{times}"
                      f"{fmt_num(r['copy_fraction'], '8.3f')}{fmt_num(r['speedup_vs_bnb'], '7.2f')}"
                      f"{fmt_num(r['speedup_vs_dense'], '8.2f')}{fmt_num(r['lora_overhead'], '7.3f')}")
     note = " (GPU goals: CPU values say nothing)" if goals["device_type"] != "cuda" else ""
-    met = sum(bool(c["met"]) for c in goals["checks"])
-    lines.append(f"goals at M=1{note}: {met} of {len(goals['checks'])} met")
+    lines.append(f"goals at M=1{note}: {goal_counts(goals['checks'])}")
     return "\n".join(lines)
 
 

@@ -253,22 +253,24 @@ def load_results(root, link_base=None) -> list:
 
 # ----------------------------------------------------------------------------- renderers
 
+def _goal_counts(checks, met_word: str = "") -> str:
+    """"k of n[ met], u not measured": a check without its ratio (met None) was not measured, which
+    is neither met nor missed."""
+    unmeasured = sum(c.get("met") is None for c in checks)
+    return (f"{sum(c.get('met') is True for c in checks)} of {len(checks)}{met_word}"
+            + (f", {unmeasured} not measured" if unmeasured else ""))
+
+
 def _goal_line(goals) -> list:
     """"Goals checked in the file: k of n met (per goal: ...)" from a {"checks": [...]} section."""
     if not isinstance(goals, dict) or not isinstance(goals.get("checks"), list) or not goals["checks"]:
         return []
     checks = goals["checks"]
-
-    def counts(mine, met_word="") -> str:  # a check without its ratio (met None) was not measured: not missed
-        unmeasured = sum(c.get("met") is None for c in mine)
-        return (f"{sum(c.get('met') is True for c in mine)} of {len(mine)}{met_word}"
-                + (f", {unmeasured} not measured" if unmeasured else ""))
-
-    per_goal = [f"{goal} {counts([c for c in checks if c.get('goal') == goal])}"
+    per_goal = [f"{goal} {_goal_counts([c for c in checks if c.get('goal') == goal])}"
                 for goal in _unique(c.get("goal") for c in checks)]
     gpu_goals_on_cpu = goals.get("device_type") == "cpu" and any(c.get("device", "cuda") == "cuda" for c in checks)
     note = " (the goals are GPU goals)" if gpu_goals_on_cpu else ""
-    return [f"Goals checked in the file{note}: {counts(checks, ' met')} ({'; '.join(per_goal)})."]
+    return [f"Goals checked in the file{note}: {_goal_counts(checks, ' met')} ({'; '.join(per_goal)})."]
 
 
 def _not_measured_line(f: ResultFile) -> list:
@@ -634,18 +636,19 @@ def render_csrc_check(f: ResultFile) -> list:
 def render_gemv(f: ResultFile) -> list:
     """Decode benchmark of the CUDA NF4 GEMV (lora_kernels.tools.gemv_bench): per weight, M and kernel
     (files from before the tensor-core kernel have only the SIMT one), ms of the GEMV with and without
-    the LoRA term, bitsandbytes and the dense matmul, and the goal ratios."""
-    body = [[f"{r['K']}×{r['N']}", str(r["M"]), r.get("kernel", "simt"), fmt_num(r.get("gemv_lora_ms")),
-             fmt_num(r.get("gemv_base_ms")), fmt_num(r.get("bnb_ms")), fmt_num(r.get("dense_ms")),
-             fmt_num(r.get("copy_fraction")),
-             fmt_num(r.get("speedup_vs_bnb")), fmt_num(r.get("speedup_vs_dense")), fmt_num(r.get("lora_overhead"))]
+    the LoRA term, bitsandbytes and the dense matmul, and the goal ratios (without a GPU: the ratios only)."""
+    absolute = absolute_times(f)
+    times = ("gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms") if absolute else ()
+    body = [[f"{r['K']}×{r['N']}", str(r["M"]), r.get("kernel", "simt")] + [fmt_num(r.get(k)) for k in times]
+            + [fmt_num(r.get(k)) for k in ("copy_fraction", "speedup_vs_bnb", "speedup_vs_dense", "lora_overhead")]
             for r in f.rows]
-    lines = md_table(["K×N", "M", "kernel", "GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms", "× copy bandwidth",
-                      "speed-up vs bnb", "speed-up vs dense", "LoRA overhead"], body)
+    lines = ([] if absolute else [f"{RATIOS_ONLY[0].upper()}{RATIOS_ONLY[1:]}.", ""]) + md_table(
+        ["K×N", "M", "kernel"] + (["GEMV+LoRA ms", "GEMV ms", "bnb ms", "dense ms"] if absolute else [])
+        + ["× copy bandwidth", "speed-up vs bnb", "speed-up vs dense", "LoRA overhead"], body)
     checks = f.data.get("goals", {}).get("checks", [])
     if checks:
         note = " (the goals are GPU goals)" if f.data["goals"].get("device_type") != "cuda" else ""
-        lines += ["", f"Goals at M = 1{note}: {sum(bool(c.get('met')) for c in checks)} of {len(checks)} met."]
+        lines += ["", f"Goals at M = 1{note}: {_goal_counts(checks, ' met')}."]
     return lines
 
 

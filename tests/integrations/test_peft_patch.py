@@ -909,6 +909,10 @@ def test_patching_again_swaps_the_layers_peft_added():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     with pytest.raises(ValueError, match="no new layer"):
         lora_kernels.patch_peft_model(model, lora_fa=True)
+    # a new layer the patch does not take (an embedding) is reported, not an error
+    model.add_adapter("emb", peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    third = lora_kernels.patch_peft_model(model, lora_fa=True)
+    assert third.num_swapped == 0 and list(third.left_on_peft) == ["base_model.model.model.embed_tokens"]
 
 
 def test_qlora_bias_cast_in_place_as_bitsandbytes_does():

@@ -195,8 +195,7 @@ def test_bench_both_families_quick_cpu_run(tmp_path, capsys):
         assert [int(m.group(1)) for m in lines] == list(range(1, n + 1)) and {int(m.group(2)) for m in lines} == {n}
         for m in lines:
             row = next(r for r in data["rows"] if (r["M"], r["impl"]) == (int(m.group(5)), m.group(7)))
-            assert m.group(8).startswith("fwd ") and m.group(8).endswith(" ms")
-            assert float(m.group(8).split()[1]) == pytest.approx(row["fwd_ms"], rel=1e-3)
+            assert m.group(8) == "measured" and row["fwd_ms"] > 0  # no absolute times without a GPU
         assert f"wrote {tmp_path}/{stem}" in captured.out
 
 

@@ -31,7 +31,22 @@ def test_cpu_run_writes_consistent_rows(tmp_path, capsys):
     assert sorted({c["shape"] for c in checks}) == ["128x96 mma", "128x96 simt"]  # M = 1 only, per kernel
     one, other = (r for r in res["rows"] if r["M"] == 1)
     assert one["bnb_ms"] == other["bnb_ms"] and one["dense_ms"] == other["dense_ms"]  # timed once per problem
-    assert "GPU goals" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GPU goals" in out
+    # no absolute CPU times printed: neither per case nor in the table
+    assert " ms" not in out and "gemv+lora" not in out
+    assert not any(f"{r['gemv_lora_ms']:.4f}" in out for r in res["rows"])
+
+
+def test_table_and_goal_counts():
+    rows = [{"K": 64, "N": 32, "M": 1, "kernel": "simt", "gemv_lora_ms": 0.1234, "gemv_base_ms": 0.1, "bnb_ms": None,
+             "dense_ms": 0.2, "gemv_GBps": 12.5, "copy_fraction": 0.5, "speedup_vs_bnb": None, "speedup_vs_dense": 1.6,
+             "lora_overhead": 0.234}]
+    goals = gemv_bench.check_goals(rows, "cuda")
+    gpu = gemv_bench.format_table(rows, goals)
+    assert "0.1234" in gpu and gpu.splitlines()[-1] == "goals at M=1: 0/4 met, 1 not measured"  # no bnb: not measured
+    cpu = gemv_bench.format_table(rows, goals, absolute=False)
+    assert "0.1234" not in cpu and "12.5" not in cpu and "1.60" in cpu
 
 
 def test_rank_zero_is_the_plain_decode(tmp_path):

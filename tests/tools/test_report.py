@@ -393,6 +393,25 @@ def assert_no_times(lines, rows):
         assert not re.search(r"\b(ms|µs|tokens/s|TFLOP/s|GB/s)\b", line) or line.startswith("**["), line
 
 
+def test_gemv_rows_times_only_from_a_gpu_and_unmeasured_goals(tmp_path):
+    rows = [{"K": 64, "N": 32, "M": 1, "kernel": "simt", "gemv_lora_ms": 0.1234, "gemv_base_ms": 0.1125,
+             "bnb_ms": None, "dense_ms": 0.2345, "copy_fraction": 0.5, "speedup_vs_bnb": None,
+             "speedup_vs_dense": 1.9, "lora_overhead": 0.0969}]
+    checks = [{"goal": "copy bandwidth", "met": False}, {"goal": "vs bitsandbytes", "met": None},
+              {"goal": "vs dense", "met": False}, {"goal": "LoRA overhead", "met": False}]
+    for folder, metadata in (("gpu", meta()), ("cpu", cpu_meta())):
+        write(tmp_path, f"{folder}/gemv_float32.json", {"metadata": metadata, "rows": rows,
+                                                         "goals": {"checks": checks, "device_type": metadata["device_type"]}})
+    text = report.generate(tmp_path)
+    gpu, cpu = (text.split("### ")[i] for i in (1, 2)) if "NVIDIA" in text.split("### ")[1] else \
+        (text.split("### ")[i] for i in (2, 1))
+    assert table_bodies(gpu.splitlines())[0][3:7] == ["0.1234", "0.1125", "–", "0.2345"]
+    assert table_bodies(cpu.splitlines())[0] == ["64×32", "1", "simt", "0.5000", "–", "1.900", "0.0969"]
+    assert "Ratios only" in cpu and "0.1234" not in cpu
+    for section in (gpu, cpu):
+        assert "0 of 4 met, 1 not measured" in section
+
+
 def test_cpu_bench_shows_ratios_only(tmp_path):
     data = bench_file(random.Random(11))
     data["metadata"] = cpu_meta()
