@@ -93,6 +93,9 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
+# Shown only from a GPU: absolute times (else ratios to a reference of the same run); goal counts
+# with the unmeasured apart. The README's renderer applies the same rules to the result files.
+from lora_kernels.tools.report import absolute_times, goal_counts
 
 # The eager dense providers (the memory profile uses these); ``DENSE_PROVIDERS`` adds torch.compile.
 ALL_IMPLS = ("lora_kernels", "lora_kernels_fa", "peft", "peft_fa", "torch_unfused", "base")
@@ -671,14 +674,6 @@ def goal_check(goal: str, shape, value, *, max=None, min=None, strict: bool = Fa
     if strict:
         check["strict"] = True
     return check
-
-
-def goal_counts(checks) -> str:
-    """"k/n met" of goal checks, and how many of the n were not measured (met None: the row or its
-    ratio is missing), which count neither as met nor as missed."""
-    unmeasured = sum(c.get("met") is None for c in checks)
-    return (f"{sum(c.get('met') is True for c in checks)}/{len(checks)} met"
-            + (f", {unmeasured} not measured" if unmeasured else ""))
 
 
 def format_goals(title: str, goals: dict, limit: int = 20) -> str:
@@ -1465,13 +1460,6 @@ def fmt_num(v, spec):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return format("-", ">" + re.match(r"\d*", spec).group())
     return format(v, spec)
-
-
-def absolute_times(meta: dict) -> bool:
-    """Whether a run's absolute times (and the rates made from them) are shown: only a GPU's. Without
-    one, tables show each time as a ratio to a reference timed in the same run; the JSON and CSV
-    files keep the raw times."""
-    return meta.get("device_type") == "cuda"
 
 
 def format_table(rows, meta, modes=MODES) -> str:

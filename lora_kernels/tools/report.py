@@ -76,9 +76,10 @@ PEFT_REF_LABELS = {"peft": "PEFT", "peft_fa": "PEFT A frozen"}
 RATIOS_ONLY = "ratios only: times measured without a GPU are shown relative to a reference of the same run"
 
 
-def absolute_times(f) -> bool:
-    """Whether ``f``'s times (ms, µs, tokens/s, TFLOP/s, GB/s) are shown: only a GPU's."""
-    return (f.meta or {}).get("device_type") == "cuda"
+def absolute_times(meta: Optional[dict]) -> bool:
+    """Whether the times of a run with metadata ``meta`` (ms, µs, tokens/s, TFLOP/s, GB/s) are shown:
+    only a GPU's. The benchmark tools' printed tables follow the same rule."""
+    return (meta or {}).get("device_type") == "cuda"
 
 
 # ----------------------------------------------------------------------------- number formats
@@ -253,9 +254,9 @@ def load_results(root, link_base=None) -> list:
 
 # ----------------------------------------------------------------------------- renderers
 
-def _goal_counts(checks, met_word: str = "") -> str:
-    """"k of n[ met], u not measured": a check without its ratio (met None) was not measured, which
-    is neither met nor missed."""
+def goal_counts(checks, met_word: str = " met") -> str:
+    """"k of n met, u not measured" of goal checks: a check without its ratio (met None) was not
+    measured, which is neither met nor missed. The benchmark tools' summaries use it too."""
     unmeasured = sum(c.get("met") is None for c in checks)
     return (f"{sum(c.get('met') is True for c in checks)} of {len(checks)}{met_word}"
             + (f", {unmeasured} not measured" if unmeasured else ""))
@@ -266,11 +267,11 @@ def _goal_line(goals) -> list:
     if not isinstance(goals, dict) or not isinstance(goals.get("checks"), list) or not goals["checks"]:
         return []
     checks = goals["checks"]
-    per_goal = [f"{goal} {_goal_counts([c for c in checks if c.get('goal') == goal])}"
+    per_goal = [f"{goal} {goal_counts([c for c in checks if c.get('goal') == goal], '')}"
                 for goal in _unique(c.get("goal") for c in checks)]
     gpu_goals_on_cpu = goals.get("device_type") == "cpu" and any(c.get("device", "cuda") == "cuda" for c in checks)
     note = " (the goals are GPU goals)" if gpu_goals_on_cpu else ""
-    return [f"Goals checked in the file{note}: {_goal_counts(checks, ' met')} ({'; '.join(per_goal)})."]
+    return [f"Goals checked in the file{note}: {goal_counts(checks)} ({'; '.join(per_goal)})."]
 
 
 def _not_measured_line(f: ResultFile) -> list:
@@ -296,7 +297,7 @@ def render_bench(f: ResultFile) -> list:
     Without a GPU every cell is a ratio: time ÷ base-only (lora_kernels cells also ÷ PEFT), and
     the throughput columns are left out."""
     rows = [r for r in f.rows if r.get("impl") is not None]
-    absolute = absolute_times(f)
+    absolute = absolute_times(f.meta)
     impls = _unique([*((f.section("config") or {}).get("impls") or []), *(r["impl"] for r in rows)])
     impls = [i for i in impls if any(r["impl"] == i for r in rows)]
     has_mode = any(r.get("mode") is not None for r in rows)
@@ -354,7 +355,7 @@ def render_qlora_bench(f: ResultFile) -> list:
     for the inference forward (without a GPU: the ratio only); then the goal checks and the NF4
     storage size."""
     rows = [r for r in f.rows if r.get("impl") is not None]
-    absolute = absolute_times(f)
+    absolute = absolute_times(f.meta)
     lk = {(r["M"], r["K"], r["N"], r["r"]): r for r in rows if r["impl"] == "lora_kernels_nf4"}
     peft = {(r["M"], r["K"], r["N"], r["r"]): r for r in rows if r["impl"] == "peft_qlora"}
     ms = sorted({k[0] for k in lk})
@@ -481,7 +482,7 @@ def render_train(f: ResultFile) -> list:
     difference from PEFT over the steps."""
     rows = f.rows
     cfg = f.section("config") or {}
-    if not absolute_times(f):
+    if not absolute_times(f.meta):
         return _render_train_ratios(rows, cfg) + _goal_line(f.section("goals"))
     has_peak = any(r.get("peak_bytes") is not None for r in rows)
     has_busy = any(r.get("gpu_busy_fraction") is not None for r in rows)
@@ -556,7 +557,7 @@ def _train_kernel_kinds(rows) -> list:
 def render_split_k(f: ResultFile) -> list:
     """Small-M split-K sweep (qlora_bench.split_k_sweep): inference forward with split-K forced on
     and off, per shape and weight format, and the threshold the file suggests."""
-    if absolute_times(f):
+    if absolute_times(f.meta):
         body = [[r["shape"], r["weight"], fmt_num(r.get("split_ms")), fmt_num(r.get("no_split_ms")),
                  fmt_ratio(r.get("split_vs_no_split"))] for r in f.rows]
         lines = md_table(["M,K,N,r", "weight", "split-K ms", "no split ms", "split ÷ no split"], body)
@@ -637,7 +638,7 @@ def render_gemv(f: ResultFile) -> list:
     """Decode benchmark of the CUDA NF4 GEMV (lora_kernels.tools.gemv_bench): per weight, M and kernel
     (files from before the tensor-core kernel have only the SIMT one), ms of the GEMV with and without
     the LoRA term, bitsandbytes and the dense matmul, and the goal ratios (without a GPU: the ratios only)."""
-    absolute = absolute_times(f)
+    absolute = absolute_times(f.meta)
     times = ("gemv_lora_ms", "gemv_base_ms", "bnb_ms", "dense_ms") if absolute else ()
     body = [[f"{r['K']}×{r['N']}", str(r["M"]), r.get("kernel", "simt")] + [fmt_num(r.get(k)) for k in times]
             + [fmt_num(r.get(k)) for k in ("copy_fraction", "speedup_vs_bnb", "speedup_vs_dense", "lora_overhead")]
@@ -648,7 +649,7 @@ def render_gemv(f: ResultFile) -> list:
     checks = f.data.get("goals", {}).get("checks", [])
     if checks:
         note = " (the goals are GPU goals)" if f.data["goals"].get("device_type") != "cuda" else ""
-        lines += ["", f"Goals at M = 1{note}: {_goal_counts(checks, ' met')}."]
+        lines += ["", f"Goals at M = 1{note}: {goal_counts(checks)}."]
     return lines
 
 
@@ -661,7 +662,7 @@ def render_overhead(f: ResultFile) -> list:
         by_key.setdefault((r["M"], r["K"], r["N"], r["provider"]), {})[r["mode"]] = r
     modes = [m for m in ("infer", "fwd", "fwdbwd") if any(m in v for v in by_key.values())]
 
-    absolute = absolute_times(f)
+    absolute = absolute_times(f.meta)
 
     def host(row) -> str:
         if row is None:
@@ -732,7 +733,7 @@ def heading(f: ResultFile, title: Optional[str]) -> str:
     if isinstance(config, dict) and config.get("statistic") and (config.get("reps") or config.get("steps")):
         parts.append(f"{config['statistic']} of {config.get('reps') or config.get('steps')}")
     ceilings = f.section("ceilings")
-    if isinstance(ceilings, dict) and ceilings.get("copy_GBps") is not None and absolute_times(f):
+    if isinstance(ceilings, dict) and ceilings.get("copy_GBps") is not None and absolute_times(f.meta):
         parts.append(f"ceilings: copy {fmt_num(ceilings['copy_GBps'])} GB/s, {ceilings.get('matmul_n')}³ "
                      f"matmul {fmt_num(ceilings.get('matmul_TFLOPs'))} TFLOP/s")
     text = f"**[`{f.name}`]({f.shown})**" + (f": {title}." if title else ".")

@@ -467,7 +467,7 @@ def test_dense_goals_cpu_case():
     assert [c["met"] for c in missed] == [False, False]  # "beat PEFT": a tie is a miss
     assert bench.check_dense_goals(rows, "cpu", "bfloat16") == []  # the CPU goal is an fp32 goal
     text = bench.format_goals("fused LoRA goals", {"checks": missed, "device_type": "cpu"})
-    assert text.startswith("fused LoRA goals: 0/2 met") and "GPU goals" not in text
+    assert text.startswith("fused LoRA goals: 0 of 2 met") and "GPU goals" not in text
     assert "fwdbwd_vs_peft" in text and "(goal < 1.000)" in text
 
 
@@ -500,7 +500,7 @@ def test_goal_of_a_case_whose_row_failed_counts_as_not_measured():
     assert [(c["shape"], c["met"]) for c in checks] == [(shapes[0], True), (shapes[0], True)] + [
         (s, None) for s in shapes[1:] for _ in range(2)]
     text = bench.format_goals("fused LoRA goals", result["goals"])
-    assert text.startswith("fused LoRA goals: 2/6 met, 4 not measured") and "NOT met" not in text
+    assert text.startswith("fused LoRA goals: 2 of 6 met, 4 not measured") and "NOT met" not in text
     assert text.count("not measured") == 5
     from lora_kernels.tools import report
     assert report._goal_line(result["goals"]) == [

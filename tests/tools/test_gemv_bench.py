@@ -44,7 +44,7 @@ def test_table_and_goal_counts():
              "lora_overhead": 0.234}]
     goals = gemv_bench.check_goals(rows, "cuda")
     gpu = gemv_bench.format_table(rows, goals)
-    assert "0.1234" in gpu and gpu.splitlines()[-1] == "goals at M=1: 0/4 met, 1 not measured"  # no bnb: not measured
+    assert "0.1234" in gpu and gpu.splitlines()[-1] == "goals at M=1: 0 of 4 met, 1 not measured"  # no bnb: not measured
     cpu = gemv_bench.format_table(rows, goals, absolute=False)
     assert "0.1234" not in cpu and "12.5" not in cpu and "1.60" in cpu
 
