@@ -117,7 +117,7 @@ SLAB_DECODERS = ("triton", "cuda")
 
 def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
     """Whether the slab W[:, k_start:k_end] of ``wq`` (on CUDA) is decoded by the CUDA kernel: asked for
-    (LORA_KERNELS_NF4_SLAB_DECODER=cuda, read per call), the extension loaded, and a slab it takes
+    (LORA_KERNELS_NF4_SLAB_DECODER=cuda, read per call), the extension built for its GPU, and a slab it takes
     (K, k_start and the width multiples of 8; power-of-two block sizes >= 8; 4-byte aligned codes)."""
     choice = env_text(NF4_SLAB_DECODER_ENV).strip() or SLAB_DECODERS[0]
     if choice not in SLAB_DECODERS:
@@ -185,7 +185,7 @@ def cuda_grad_input_max_m() -> int:
 
 def use_cuda_grad_input(grad_y2: Tensor, wq: NF4Tensors) -> bool:
     """Whether the NF4 backward dX = grad_y2 @ W (+ the LoRA term) runs on the CUDA kernel: a CUDA call
-    the kernel takes (``grad_input_eligible``), the extension loaded."""
+    the kernel takes (``grad_input_eligible``), the extension built for its GPU (``extension_runs_on``)."""
     return grad_y2.device.type == "cuda" and grad_input_eligible(grad_y2, wq) and extension_runs_on(grad_y2.device)
 
 
@@ -278,7 +278,8 @@ def _power_of_two(n: int) -> bool:
 
 def use_cuda_gemv(x2: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor], wq: NF4Tensors) -> bool:
     """Whether this NF4 forward (x2 [M, K], weight ``wq``) runs on the CUDA GEMV instead of the Triton
-    kernels: a CUDA call the GEMV takes (``gemv_eligible``), the extension loaded."""
+    kernels: a CUDA call the GEMV takes (``gemv_eligible``), the extension built for its GPU
+    (``extension_runs_on``)."""
     return (x2.device.type == "cuda" and gemv_eligible(x2, lora_A, dropout_p, seed, wq)
             and extension_runs_on(x2.device))
 

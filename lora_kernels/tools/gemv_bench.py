@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
-from lora_kernels.tools.bench import (Impl, absolute_times, default_out_dir, default_timing, environment_metadata,
-                                      fmt_num, goal_check, goal_counts,
+from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata,
+                                      fmt_num, goal_check,
                                       measure, measure_ceilings, resolve_device_dtype, standalone_main,
                                       write_outputs)
+from lora_kernels.tools.report import absolute_times, goal_counts
 
 DEFAULT_KN = ((8192, 28672), (4096, 14336))
 CPU_KN = ((512, 768),)

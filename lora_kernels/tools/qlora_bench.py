@@ -45,13 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.tools import memory
-from lora_kernels.tools.bench import (Family, Impl, absolute_times, add_sweep_arguments, default_out_dir, default_timing,
+from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
                                       format_goals, fused_forward, fused_forward_not_applicable, goal_check,
                                       csv_fields, environment_metadata, measure, with_env,
                                       random_factory, resolve_cases,
                                       resolve_device_dtype, resolve_providers, run_family, sweep_kwargs,
                                       unmeasured_rows,
                                       write_outputs, check_names, ALL_MODES, standalone_main)
+from lora_kernels.tools.report import absolute_times
 
 GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
 # CUDA with the built extension only

@@ -46,9 +46,10 @@ from pathlib import Path
 
 import torch
 
-from lora_kernels.tools.bench import (DTYPES, absolute_times, default_out_dir, environment_metadata, fmt_num, format_goals,
+from lora_kernels.tools.bench import (DTYPES, default_out_dir, environment_metadata, fmt_num, format_goals,
                                       goal_check, mib, ratio, resolve_device_dtype, standalone_main, with_env,
                                       write_outputs)
+from lora_kernels.tools.report import absolute_times
 from lora_kernels.tools.models import bitsandbytes_importable, free_memory
 
 # name -> (models.ModelSpec variant, qlora)
