@@ -40,8 +40,8 @@ def base_matmul(x: torch.Tensor, weight) -> torch.Tensor:
     return nf4_lora_linear(x, weight, zero_A, zero_B, 0.0, training=False)
 
 
-def tensor_identity(tensor: torch.Tensor) -> tuple:
-    """What identifies a tensor's values for a cache of something computed from them: its storage (a
+def tensor_cache_key(tensor: torch.Tensor) -> tuple:
+    """The key of a cache of something computed from a tensor's values: its storage (a
     weak reference: a new tensor allocated where a freed one was, as after model.half().float(), is
     another storage object), the place in it, and the version counter (in-place writes through the
     tensor or its views; not a write through ``tensor.data``, which has a counter of its own)."""
@@ -51,7 +51,7 @@ def tensor_identity(tensor: torch.Tensor) -> tuple:
 def _weight_key(weight) -> tuple:
     tensor = weight.packed if isinstance(weight, NF4Weight) else weight
     layout = (id(weight),) if isinstance(weight, NF4Weight) else (weight.dtype, tuple(weight.shape), weight.stride())
-    return (*tensor_identity(tensor), *layout)
+    return (*tensor_cache_key(tensor), *layout)
 
 
 class _StorageRef(weakref.ref):

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from lora_kernels.autograd import dora_linear, lora_linear, nf4_lora_linear
-from lora_kernels.autograd.dora import tensor_identity
+from lora_kernels.autograd.dora import tensor_cache_key
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import QUANT_TYPES, NF4Weight
 
@@ -309,7 +309,7 @@ def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
     return b if isinstance(b, torch.Tensor) else _child(b, "weight")
 
 
-_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (tensor_identity of ranknum, its value + 1e-5)
+_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (tensor_cache_key of ranknum, its value + 1e-5)
 
 
 def _adalora_rank_divisor(layer, adapter: str) -> float:
@@ -317,7 +317,7 @@ def _adalora_rank_divisor(layer, adapter: str) -> float:
     so the value is kept until ranknum's storage or version counter changes (PEFT creates a new one
     whenever the rank changes; its one write through ``.data`` comes before any forward)."""
     ranknum = _adapter_entry(layer, "ranknum", adapter)
-    key = tensor_identity(ranknum)
+    key = tensor_cache_key(ranknum)
     cache = layer.__dict__.setdefault(_RANKNUM_CACHE, {})
     entry = cache.get(adapter)
     if entry is None or entry[0] != key:

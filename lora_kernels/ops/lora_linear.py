@@ -133,6 +133,9 @@ def lora_linear_composite(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                     scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Custom op of ``lora_linear_forward``: x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r],
+    bias [N] or None, seed int64 [1] or None (no dropout) -> (y [..., N] in x's dtype, h =
+    dropout(x)·Aᵀ [M, r] in A's dtype, M the product of x's leading dims)."""
     return lora_linear_forward(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
 
 
@@ -179,7 +182,8 @@ def grads_asked_for(grad_y: Tensor, grads: tuple, needs: tuple) -> tuple:
 
 def op_outputs(grad_y: Tensor, grads: tuple) -> tuple:
     """Gradients as a backward custom op returns them: custom ops cannot return None and their
-    outputs may not alias each other, so a fresh empty tensor stands for each one not asked for."""
+    outputs may not alias each other, so a fresh empty [0] tensor (grad_y's dtype and device) stands
+    for each one not asked for."""
     return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
 
 
@@ -188,6 +192,9 @@ def lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_A:
                     h: Optional[Tensor], seed: Optional[Tensor], scale: float, dropout_p: float,
                     need_x: bool, need_A: bool, need_B: bool,
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Custom op of ``lora_linear_backward``: grad_y [..., N], x [..., K] (may be None unless need_A),
+    h [M, r] (None when dB is not needed) -> (dx [..., K], dA [r, K], dB [N, r], dbias [N]
+    fp32), an empty [0] tensor for each gradient whose ``need_*`` is False (``op_outputs``)."""
     return op_outputs(grad_y, lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, seed, scale, dropout_p,
                                                    need_x, need_A, need_B, need_bias))
 

@@ -37,6 +37,10 @@ def _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, b
 def nf4_dequantize(packed: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
                    absmax_scale: Optional[Tensor], absmax_offset: Optional[Tensor], code: Tensor,
                    numel: int, blocksize: int, nested_blocksize: int, weight_dtype: torch.dtype) -> Tensor:
+    """The flat [numel] weight in ``weight_dtype``, bit for bit bitsandbytes' ``dequantize_4bit``, from
+    an NF4 weight's tensors (``NF4Weight.op_tensors()``: packed uint8 [(numel + 1) // 2, 1], absmax
+    fp32 [n_blocks] or uint8 with absmax_code fp32 [256], absmax_scale fp32 [n_blocks / nested
+    blocksize, rounded up], absmax_offset fp32 0-d; code fp32 [16])."""
     wq = _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, 1, numel, blocksize,
               nested_blocksize, weight_dtype)
     if numel > 0 and (packed.device.type == "cuda" or (packed.device.type == "cpu" and is_interpreted())):
@@ -78,7 +82,7 @@ def nf4_lora_linear_composite(x: Tensor, packed: Tensor, absmax: Tensor, absmax_
                               lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
                               dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
                               weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``nf4_lora_linear_forward``'s semantics as differentiable PyTorch ops, for torch.func
+    """(y [..., N], h [M, r]): ``nf4_lora_linear_forward``'s semantics as differentiable PyTorch ops, for torch.func
     transforms (see ``lora_linear_composite``). The one path that decodes the whole weight at once
     (bit-exact, then cast to x's dtype as bitsandbytes does): the transforms differentiate through
     it, and chunked decoding writes into slices (``out=``), which autograd refuses."""
@@ -96,6 +100,9 @@ def nf4_lora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax_code: 
                         lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], scale: float,
                         dropout_p: float, seed: Optional[Tensor], blocksize: int, nested_blocksize: int,
                         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Custom op of ``nf4_lora_linear_forward``: x [..., K], the NF4 weight [N, K] as its tensors
+    (``nf4_dequantize``), lora_A [r, K], lora_B [N, r], bias [N] or None, seed int64 [1] or None ->
+    (y [..., N] in x's dtype, h [M, r] in A's dtype)."""
     return nf4_lora_linear_forward(x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A,
                                    lora_B, bias, scale, dropout_p, seed, blocksize, nested_blocksize,
                                    weight_dtype)
@@ -141,6 +148,9 @@ def nf4_lora_linear_bwd(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, abs
                         need_x: bool, need_A: bool, need_B: bool, need_bias: bool, blocksize: int,
                         nested_blocksize: int,
                         weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Custom op of ``nf4_lora_linear_backward``: as ``lora_linear_bwd`` with the NF4 weight's
+    tensors in place of the dense weight -> (dx [..., K], dA [r, K], dB [N, r], dbias [N] fp32),
+    an empty [0] tensor for each gradient not asked for."""
     return op_outputs(grad_y, nf4_lora_linear_backward(
         grad_y, x, packed, absmax, absmax_code, absmax_scale, absmax_offset, code, lora_A, lora_B, h, seed,
         scale, dropout_p, need_x, need_A, need_B, need_bias, blocksize, nested_blocksize, weight_dtype))

@@ -56,6 +56,8 @@ NF4_CHUNK_ELEMENTS = 1 << 20
 
 
 def nf4_row_chunks(wq):
+    """(n0, n1) row ranges of the NF4 weight wq [N, K], each of at most NF4_CHUNK_ELEMENTS values
+    (at least one row): what the CPU path decodes at a time."""
     rows = max(1, NF4_CHUNK_ELEMENTS // max(wq.K, 1))
     for n0 in range(0, wq.N, rows):
         yield n0, min(n0 + rows, wq.N)
@@ -191,7 +193,10 @@ def _grad_lora_B(h: torch.Tensor, dy: torch.Tensor, scale: float) -> torch.Tenso
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
                         dropout_p: float, need_x: bool, need_A: bool, need_B: bool, need_bias: bool,
                         wq=None):
-    """Returns (dx2, dA, dB, dbias) with None for what is not needed.
+    """Returns (dx2 [M, K], dA [r, K], dB [N, r], dbias [N] fp32) with None for what is not needed,
+    from grad_y2 [M, N], x2 [M, K] (or None without need_A), weight [N, K] (None when wq, the NF4
+    weight, is given), lora_A [r, K], lora_B [N, r], h [M, r] (or None without need_B) and the
+    dropout seed (int64 [1], or None).
 
     dH = scale * dY B;  dB = scale * dY^T h;  dX = dY W + mask * (dH A) / (1 - p);
     dA = dH^T dropout(x);  dbias = sum_m dY (fp32, the autograd layer casts it).

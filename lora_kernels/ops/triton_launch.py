@@ -21,6 +21,16 @@ from lora_kernels.ops.dropout_mask import drop_threshold
 from lora_kernels.ops.launch import launch
 
 
+def launch_with_fma_option(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``ops.launch.launch`` with FMA contraction stated, never left to Triton's default: on
+    (``enable_fp_fusion=True``) unless the caller passes it (the NF4 decode turns it off). Triton 3.9
+    warns when the option is left unset, and 3.10 turns its default off, which would change the
+    dense kernels' epilogue rounding and speed with the Triton version."""
+    if "enable_fp_fusion" not in kwargs:
+        kwargs["enable_fp_fusion"] = True
+    launch(kernel, grid, *args, **kwargs)
+
+
 class NF4Tensors(NamedTuple):
     """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (see ``ops.nf4``).
 
@@ -85,7 +95,7 @@ def _weight_args(wq: Optional[NF4Tensors], block_k: int = 0):
     tiles are block_k wide along K.
 
     NF4 decoding must not fuse multiply and add into an FMA (bit-exact absmax decode), hence
-    enable_fp_fusion=False; dense weights keep the default.
+    enable_fp_fusion=False; dense weights keep ``launch``'s (on).
     """
     if wq is None:
         return (None,) * 5, {"W_NF4": False, "QBLOCK": 64, "QBLOCK2": 256, "DOUBLE_QUANT": False,
@@ -132,7 +142,7 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
         return out
     ptrs, consts, opts = _weight_args(wq)
     cfg = configs.nf4_dequantize_config()
-    launch(nf4_dequantize_kernel, (cdiv(numel, cfg.blocks["BLOCK"]),),
+    launch_with_fma_option(nf4_dequantize_kernel, (cdiv(numel, cfg.blocks["BLOCK"]),),
         wq.packed, *ptrs, out, numel,
         QBLOCK=consts["QBLOCK"], QBLOCK2=consts["QBLOCK2"], DOUBLE_QUANT=consts["DOUBLE_QUANT"], **cfg.blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -156,7 +166,7 @@ def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     if out.numel() == 0:
         return out
     ptrs, consts, opts = _weight_args(wq)
-    launch(nf4_dequantize_tiles_kernel, (cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k),
+    launch_with_fma_option(nf4_dequantize_tiles_kernel, (cdiv(n_end - n_start, block_n), (k_end - k_start) // block_k),
         wq.packed, *ptrs, out, n_start, n_end, k_start, wq.K, out.stride(0),
         QBLOCK=wq.blocksize, QBLOCK2=wq.nested_blocksize, DOUBLE_QUANT=wq.double_quant,
         STORED_DTYPE=TL_DTYPES[wq.dtype], **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **opts)
@@ -364,7 +374,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
         m_blocks = cdiv(M, cfg.blocks["BLOCK_M"])
         groups = fused_column_groups(m_blocks, cdiv(N, cfg.blocks["BLOCK_N"]), x2.device)
-        launch(lora_forward_fused_kernel, (m_blocks, groups),
+        launch_with_fma_option(lora_forward_fused_kernel, (m_blocks, groups),
             x2, weight, lora_A, lora_B, bias if bias is not None else y2, y2, h, seed if has_dropout else h,
             *w_ptrs,
             M, N, K, r, groups,
@@ -376,7 +386,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
         return y2, h
 
     cfg = configs.shrink_config(R, *key)
-    launch(lora_shrink_kernel, (cdiv(M, cfg.blocks["BLOCK_M"]),),
+    launch_with_fma_option(lora_shrink_kernel, (cdiv(M, cfg.blocks["BLOCK_M"]),),
         x2, lora_A, h, seed if has_dropout else h,
         M, K, r,
         x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
@@ -392,7 +402,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     if not small_m and wq is None and use_tma(M, r, *key, x2, weight):
         cfg = configs.tma_forward_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        launch(lora_forward_gemm_tma_kernel, (cdiv(M, block_m) * cdiv(N, block_n),),
+        launch_with_fma_option(lora_forward_gemm_tma_kernel, (cdiv(M, block_m) * cdiv(N, block_n),),
             TensorDescriptor.from_tensor(x2, [block_m, block_k]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             h, lora_B, bias if bias is not None else y2, y2,
@@ -412,7 +422,7 @@ def triton_lora_forward(x2, weight, lora_A, lora_B, bias, scale: float, dropout_
     out = torch.empty((splits, M, N), dtype=torch.float32, device=x2.device) if small_m else y2
     out_2d = out[0] if small_m else out
     w_ptrs, w_consts, w_opts = _weight_args(wq, block_k)
-    launch(lora_forward_gemm_kernel, (tiles, splits),
+    launch_with_fma_option(lora_forward_gemm_kernel, (tiles, splits),
         x2, weight, h, lora_B, bias if bias is not None else out, out, *w_ptrs,
         M, N, K, r, k_per_split,
         x2.stride(0), x2.stride(1), *_weight_strides(weight, wq), h.stride(0), h.stride(1),
@@ -437,7 +447,7 @@ def _cublas_base_forward(x2, weight, wq: Optional[NF4Tensors], h, lora_B, bias, 
     cfg = configs.forward_gemm_config(R, *key, "dense")
     tiles = cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(N, cfg.blocks["BLOCK_N"])
     w_ptrs, w_consts, _ = _weight_args(None)
-    launch(lora_forward_gemm_kernel, (tiles, 1),
+    launch_with_fma_option(lora_forward_gemm_kernel, (tiles, 1),
         x2, x2, h, lora_B, bias if bias is not None else y2, y2, *w_ptrs,
         M, N, 0, h.shape[1], 0,
         x2.stride(0), x2.stride(1), 0, 0, h.stride(0), h.stride(1),
@@ -493,7 +503,7 @@ def _lora_grad_input_term(grad_y2, d_h, lora_A, seed, out, dropout_p: float, R: 
     cfg = configs.grad_input_config(R, *key, "dense")
     grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
     w_ptrs, w_consts, _ = _weight_args(None)
-    launch(lora_grad_input_kernel, grid,
+    launch_with_fma_option(lora_grad_input_kernel, grid,
         grad_y2, grad_y2, d_h, lora_A, seed if seed is not None else d_h, out, *w_ptrs,
         M, 0, K, lora_A.shape[0],
         grad_y2.stride(0), grad_y2.stride(1), 0, 0,
@@ -552,7 +562,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         # off): one of the others, fp32 and aligned like them, instead of one more allocation.
         dummy = next(t for t in (dh_ws, db_ws, colsum_ws) if t is not None)
         dh_ws, db_ws, colsum_ws = (t if t is not None else dummy for t in (dh_ws, db_ws, colsum_ws))
-        launch(lora_grad_out_pass_kernel, (n_tiles, splits),
+        launch_with_fma_option(lora_grad_out_pass_kernel, (n_tiles, splits),
             grad_y2, lora_B, h if need_B else dummy, dh_ws, db_ws, colsum_ws,
             M, N, r, rows_per_split,
             grad_y2.stride(0), grad_y2.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -578,7 +588,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         dx2 = torch.empty((M, K), dtype=grad_y2.dtype, device=device)
         cfg = configs.tma_grad_input_config(R, *key)
         block_m, block_n, block_k = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
-        launch(lora_grad_input_tma_kernel, (cdiv(M, block_m) * cdiv(K, block_k),),
+        launch_with_fma_option(lora_grad_input_tma_kernel, (cdiv(M, block_m) * cdiv(K, block_k),),
             TensorDescriptor.from_tensor(grad_y2, [block_m, block_n]),
             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
             d_h, lora_A, seed if has_dropout else d_h, dx2,
@@ -592,7 +602,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         cfg = _gemm_config(configs.grad_input_config, wq, R, *key)
         grid = (cdiv(M, cfg.blocks["BLOCK_M"]) * cdiv(K, cfg.blocks["BLOCK_K"]),)
         w_ptrs, w_consts, w_opts = _weight_args(wq, cfg.blocks["BLOCK_K"])
-        launch(lora_grad_input_kernel, grid,
+        launch_with_fma_option(lora_grad_input_kernel, grid,
             grad_y2, weight, d_h, lora_A, seed if has_dropout else d_h, dx2, *w_ptrs,
             M, N, K, r,
             grad_y2.stride(0), grad_y2.stride(1), *_weight_strides(weight, wq),
@@ -607,7 +617,7 @@ def triton_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: fl
         k_tiles = cdiv(K, cfg.blocks["BLOCK_K"])
         splits, rows_per_split = split_ranges(M, cfg.blocks["BLOCK_M"], k_tiles, device)
         da_ws = torch.empty((splits, r, K), **f32)
-        launch(lora_grad_a_kernel, (k_tiles, splits),
+        launch_with_fma_option(lora_grad_a_kernel, (k_tiles, splits),
             x2, d_h, seed if has_dropout else d_h, da_ws,
             M, K, r, rows_per_split,
             x2.stride(0), x2.stride(1), d_h.stride(0), d_h.stride(1),

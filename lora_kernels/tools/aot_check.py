@@ -179,10 +179,9 @@ def compile_one(variant, arch: int) -> dict:
     row = {"kernel": name, "R": R, "x": x_dtype, "adapter": adapter_dtype, "precision": precision,
            "weight": weight_format + ("/smallM" if small_m else ""), "arch": f"sm_{arch}", "warps": cfg.num_warps, "stages": cfg.num_stages,
            "blocks": " ".join(f"{k}={v}" for k, v in cfg.blocks.items())}
-    # Kernels decoding NF4 are launched with enable_fp_fusion=False (bit-exact absmax decode).
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if weight_format.startswith("nf4"):
-        options["enable_fp_fusion"] = False
+    # As the launches: FMA contraction off for kernels decoding NF4 (bit-exact absmax decode), else on.
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+               "enable_fp_fusion": not weight_format.startswith("nf4")}
     try:
         sig = _signature(fn, x_dtype, adapter_dtype, constexprs, weight_format, small_m)
         src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()},

@@ -1,7 +1,8 @@
 """The public ``lora_kernels.nf4_lora_linear`` (QLoRA layer on a bitsandbytes NF4 weight): forward
 and every gradient against the float64 reference built on the dequantized weight (hypothesis over
 shapes, dtypes, layouts, biases, dropout, double quantization) on both CPU backends, LoRA-FA saving
-rules, PEFT ``lora.bnb.Linear4bit`` equality, torch.compile, opcheck and argument errors."""
+rules, PEFT ``lora.bnb.Linear4bit`` equality, torch.compile and argument errors (the ops themselves:
+tests/ops/test_nf4_lora_linear_ops.py)."""
 import math
 
 import pytest
@@ -10,7 +11,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels import NF4Weight
-from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
 from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check, run_drawn_spec
 from lora_kernels.kernels import configs
 from lora_kernels.ops import triton_launch
@@ -201,25 +201,8 @@ def test_need_flags_follow_requires_grad(backend, trainable):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dequantize op (both backends) and PEFT / bitsandbytes equality
+# PEFT / bitsandbytes equality
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(1, 1), (3, 67), (10, 64), (129,), (2, 3, 45)])
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_dequantize_op_is_bit_exact_with_bitsandbytes(backend, shape, dtype, double_quant):
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(dtype) * 3
-    # Both quantized on the CPU (where the bytes are known to agree), then decoded on the backend's
-    # device: bnb's kernel there against ours.
-    packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-    q = NF4Weight.quantize(w, double_quant=double_quant).to(backend.device)
-    packed = packed.to(backend.device)
-    state.to(backend.device)  # QuantState.to moves its tensors in place
-    expected = bnb_f.dequantize_4bit(packed, state)
-    out = nf4_dequantize(*q.op_tensors(), q.numel, q.blocksize, q.nested_blocksize, q.dtype)
-    assert torch.equal(out.view(shape), expected)
-
-
 def _peft_qlora(K, N, r, dtype, seed, device="cpu"):
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
@@ -267,7 +250,7 @@ def test_matches_peft_linear4bit(backend, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile, opcheck, errors
+# torch.compile, errors
 # ---------------------------------------------------------------------------------------------
 def test_torch_compile_fullgraph(backend):
     pb = make_problem((2, 5), 70, 16, 4, F32, bias=True, seed=15, nf4=DQ)
@@ -282,22 +265,6 @@ def test_torch_compile_fullgraph(backend):
     assert torch.equal(y, eager_y)
     for k, g in eager_grads.items():
         assert torch.equal(pb.params()[k].grad, g), k
-
-
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_opcheck(backend, double_quant):
-    pb = make_problem((6,), 70, 12, 3, F32, bias=True, seed=16, nf4=dict(double_quant=double_quant))
-    q = pb.qweight
-    wt = q.op_tensors()
-    meta = (q.blocksize, q.nested_blocksize, q.dtype)
-    x = pb.x.detach().requires_grad_(True)
-    A, B = pb.lora_A.detach().requires_grad_(True), pb.lora_B.detach().requires_grad_(True)
-    torch.library.opcheck(nf4_lora_linear_fwd, (x, *wt, A, B, pb.bias.detach(), 1.5, 0.0, None, *meta))
-    y, h = nf4_lora_linear_fwd(x.detach(), *wt, A.detach(), B.detach(), None, 1.5, 0.0, None, *meta)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(nf4_lora_linear_bwd, (dy, x.detach(), *wt, A.detach(), B.detach(), h, None, 1.5, 0.0,
-                                                True, True, True, True, *meta))
-    torch.library.opcheck(nf4_dequantize, (*wt, q.numel, *meta))
 
 
 def _bad_cases():

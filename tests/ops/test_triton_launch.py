@@ -173,3 +173,36 @@ def test_x_and_dy_reach_the_kernels_with_unit_inner_stride(monkeypatch, layout, 
     ref.backward(dy.double())
     for out, expected in zip((y, x.grad, A.grad, B.grad), (ref, *(t.grad for t in leaves))):
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
+def test_every_launch_states_fma_contraction(monkeypatch):
+    # Left unset, Triton's default decides (3.9 warns, 3.10 turns it off): dense kernels ask for it on,
+    # every kernel decoding NF4 for it off (bit-exact scale decode).
+    from triton.runtime.interpreter import InterpretedFunction  # every launch under the interpreter
+    launched = []
+    run = InterpretedFunction.run
+
+    def recording_run(kernel, *args, **kwargs):
+        launched.append((kernel.__name__, kwargs.get("W_NF4", "nf4" in kernel.__name__), kwargs.get("enable_fp_fusion")))
+        return run(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 64, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 64, generator=gen) / 8
+    A = (torch.randn(4, 64, generator=gen) / 8).requires_grad_(True)
+    B = torch.randn(32, 4, generator=gen).requires_grad_(True)
+    lora_kernels.lora_linear(x, weight, A, B, 0.5, dropout_p=0.25).sum().backward()
+    q = lora_kernels.NF4Weight.quantize(weight)
+    lora_kernels.nf4_lora_linear(x, q, A, B, 0.5).sum().backward()
+    for w in (weight, weight[:5, :39]):  # numel % 64 == 0: the tile decode; else per element
+        q = lora_kernels.NF4Weight.quantize(w.contiguous())
+        nf4_dequantize(*q.op_tensors(), q.numel, q.blocksize, q.nested_blocksize, q.dtype)
+    kernels = {name for name, _, _ in launched}
+    assert {"lora_shrink_kernel", "lora_forward_gemm_kernel", "lora_grad_out_pass_kernel", "lora_grad_input_kernel",
+            "lora_grad_a_kernel", "nf4_dequantize_kernel", "nf4_dequantize_tiles_kernel"} <= kernels
+    assert {nf4 for _, nf4, _ in launched} == {True, False}
+    for name, nf4, fusion in launched:
+        assert fusion is (not nf4), (name, nf4, fusion)
