@@ -243,9 +243,11 @@ def test_matches_peft_linear4bit(backend, dtype):
     assert y.dtype == y_ref.dtype == dtype
     assert_close(y, y_ref, bound, "y vs PEFT")
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(14)).to(backend.device, dtype)
-    ref_grads = torch.autograd.grad(y_ref, (x_ref, A, B), grad_y)
-    grads = torch.autograd.grad(y, (xk, A, B), grad_y)
-    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, ref_grads):
+    bias = layer.base_layer.bias  # bias="all": trainable, so dbias is computed and checked too
+    assert bias.requires_grad
+    ref_grads = torch.autograd.grad(y_ref, (x_ref, A, B, bias), grad_y)
+    grads = torch.autograd.grad(y, (xk, A, B, bias), grad_y)
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, ref_grads):
         assert_close(g, g_ref, bound, f"{name} vs PEFT")
 
 
@@ -265,6 +267,8 @@ def test_torch_compile_fullgraph(backend):
     assert torch.equal(y, eager_y)
     for k, g in eager_grads.items():
         assert torch.equal(pb.params()[k].grad, g), k
+    ref_y, ref_grads = reference(pb, grad_y)  # and both against float64
+    check_against_reference(pb, y, {k: pb.params()[k].grad for k in eager_grads}, ref_y, ref_grads, BOUNDS[F32])
 
 
 def _bad_cases():

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import lora_kernels
 from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
-from tests.helpers import rel_err
+from tests.helpers import keep_mask_for, rel_err
 
 BOUNDS = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
@@ -141,6 +141,12 @@ def test_torch_compile_fullgraph(cpu_backend, p):
     step(x, A, B).backward()
     for got, t in zip(grads, (x, A, B)):
         assert torch.allclose(got, t.grad, rtol=1e-6, atol=1e-6)
+    # and both against float64, with the mask of the seed drawn after manual_seed(1)
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    x_drop = x64 * keep_mask_for(1, 10, 24, p, "cpu").view(2, 5, 24) / (1 - p) if p else x64
+    (x64 @ W.double().t() + 0.5 * (x_drop @ A64.t()) @ B64.t()).square().sum().backward()
+    for got, t in zip(grads, (x64, A64, B64)):
+        assert rel_err(got, t.grad) < 1e-5
 
 
 def test_bad_inputs_name_the_argument():

@@ -930,7 +930,9 @@ def test_qlora_bias_cast_in_place_as_bitsandbytes_does():
         m.q_proj.bias.data = torch.randn(32, dtype=torch.float16)
         m.is_loaded_in_4bit = True
         m.forward = lambda x: m.q_proj(x)
-        return peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))
+        # init_lora_weights=False: a random lora_B, so y carries the LoRA term (PEFT's zero B would hide it)
+        return peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only",
+                                                      init_lora_weights=False))
 
     # an fp16 model with bnb's default fp32 compute dtype; an fp32 one without (the first x sets it)
     for compute_dtype, x_dtype in ((torch.float32, torch.float16), (None, torch.float32)):
