@@ -138,9 +138,17 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scale, *, bias=None, dropo
     Returns:
         y [..., N].
     """
+    if not isinstance(weight, (torch.Tensor, NF4Weight)):
+        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight [N, K], got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must have shape [N, K], got {list(weight.shape)}")
     if not isinstance(magnitude, torch.Tensor) or not magnitude.is_floating_point():
         raise TypeError(f"magnitude must be a floating-point torch.Tensor, got "
                         f"{getattr(magnitude, 'dtype', type(magnitude).__name__)}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
+    if norm_cache is not None and not isinstance(norm_cache, dict):
+        raise TypeError(f"norm_cache must be None or a dict, got {type(norm_cache).__name__}")
     N = weight.shape[0]
     if tuple(magnitude.shape) != (N,):
         raise ValueError(f"magnitude must have shape [{N}] (one value per output row), got {list(magnitude.shape)}")

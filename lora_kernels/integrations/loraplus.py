@@ -80,6 +80,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, *, w
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     lr = _check_positive("lr", lr)
     ratio = _check_positive("ratio", ratio)
+    if not 0.0 < lr * ratio < math.inf:
+        raise ValueError(f"lr * ratio (lora_B's learning rate) must be > 0 and finite, got {lr} * {ratio} = {lr * ratio}")
     weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
     lr_embedding = lr if lr_embedding is None else _check_positive("lr_embedding", lr_embedding)
     decay = _decay_parameter_names(model)

@@ -78,13 +78,19 @@ class _DyLoRAMixin:
         return value
 
     def scale_for_rank(self, r: int) -> float:
-        """alpha / r, or alpha / sqrt(r) with use_rslora."""
+        """alpha / r, or alpha / sqrt(r) with use_rslora, for a rank 1 <= r <= r_max."""
+        r = _check_int("r", r, 1)
+        if r > self.r:
+            raise ValueError(f"r must be <= r_max = {self.r}, got {r}")
+        return self._scale_at(r)
+
+    def _scale_at(self, r: int) -> float:  # r already checked (each call's rank: no checks on that path)
         return self.alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def scale(self) -> float:
         """The scale at the fixed rank, or at r_max when the rank is sampled (read only)."""
-        return self.scale_for_rank(self._rank or self.r)
+        return self._scale_at(self._rank or self.r)
 
     @scale.setter
     def scale(self, value) -> None:
@@ -98,7 +104,7 @@ class _DyLoRAMixin:
         return self.r
 
     def _views(self, r: int) -> tuple:
-        return self.lora_A[:r], self.lora_B[:, :r], self.scale_for_rank(r)
+        return self.lora_A[:r], self.lora_B[:, :r], self._scale_at(r)
 
     def _adapters(self) -> tuple:
         r = self._call_rank()
@@ -183,6 +189,8 @@ def dylora_sample_rank(model: nn.Module, generator: Optional[torch.Generator] = 
         raise ValueError(f"the DyLoRA layers of model have different (r_min, r_max): {sorted(bounds)}; "
                          "set ranks per layer with layer.rank instead")
     r_min, r_max = bounds.pop()
+    if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        raise TypeError(f"generator must be None or a CPU torch.Generator, got {generator!r}")
     rank = int(torch.randint(r_min, r_max + 1, (1,), generator=generator).item())
     dylora_set_rank(model, rank)
     return rank

@@ -213,7 +213,7 @@ def _loss_of(out) -> tuple:
             loss, source = out, "sum of the output"
         elif isinstance(out, Mapping) and out.get("logits") is not None:
             loss, source = out["logits"], "sum of out.logits"
-        elif isinstance(out, Mapping) and len(out):
+        elif isinstance(out, Mapping) and any(v is not None for v in out.values()):
             key = next(k for k, v in out.items() if v is not None)
             loss, source = out[key], f"sum of out[{key!r}]"
         elif isinstance(out, (tuple, list)) and len(out):

@@ -390,7 +390,7 @@ def split_k_sweep(device=None, dtype=None, ms=SWEEP_M, kns=None, r=RANK, reps=No
     out = Path(out) if out is not None else default_out_dir(device)
     backends = {select_backend(device, M, N, K, r) for (K, N) in kns for M in ms}
     if backends != {"triton"}:
-        raise RuntimeError(f"the split-K sweep needs the Triton path, but {device} takes {sorted(backends)} "
+        raise ValueError(f"the split-K sweep needs the Triton path, but {device} takes {sorted(backends)} "
                            "(use a GPU, or LORA_KERNELS_CPU_BACKEND=triton with TRITON_INTERPRET=1)")
     rows = []
     for (K, N) in kns:

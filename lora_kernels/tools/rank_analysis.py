@@ -21,6 +21,7 @@ CLI: ``python -m lora_kernels analyze ADAPTER_DIR [--compare OTHER_DIR] [--base 
 import argparse
 import json
 import math
+import numbers
 import re
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class DeltaSVD:
 
     def effective_rank(self, energy: float = 0.9) -> int:
         """Smallest k with sum(S[:k]²) ≥ energy · sum(S²) (0 for ΔW = 0)."""
+        if isinstance(energy, bool) or not isinstance(energy, numbers.Real):
+            raise TypeError(f"energy must be a real number in (0, 1], got {type(energy).__name__}")
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         power = self.S.square()
@@ -67,14 +70,17 @@ class DeltaSVD:
         return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
 
 
-def _check_matrix(name: str, value, empty_dim: Optional[int] = None) -> Tensor:
-    """value as a 2-D floating-point tensor with no empty dimension but ``empty_dim`` (the rank)."""
+def _check_matrix(name: str, value, empty_dim: Optional[int] = None, finite: bool = True) -> Tensor:
+    """value as a 2-D floating-point tensor with no empty dimension but ``empty_dim`` (the rank), and
+    (``finite``) no NaN or infinite entry."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != 2 or not value.is_floating_point():
         raise ValueError(f"{name} must be a 2-D floating-point tensor, got shape {tuple(value.shape)} {value.dtype}")
     if any(size == 0 and dim != empty_dim for dim, size in enumerate(value.shape)):
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if finite and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite, got NaN or infinite entries")
     return value
 
 
@@ -86,6 +92,8 @@ def delta_svd(lora_A: Tensor, lora_B: Tensor, scale: float = 1.0) -> DeltaSVD:
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"lora_A [r, K] and lora_B [N, r] must share r, got lora_A {tuple(A.shape)} and "
                          f"lora_B {tuple(B.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if not A.shape[0]:
@@ -120,14 +128,22 @@ def _defined_bases(svd1, svd2, side: str) -> tuple:
     return X1[:, :svd1.rank], X2[:, :svd2.rank]
 
 
+def _check_rank_index(name: str, value, limit: int) -> int:
+    """value as an int in [1, limit], limit a ΔW's numerical rank (TypeError / ValueError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be an int in [1, {limit}] (the numerical rank of the adapter's ΔW: "
+                         f"singular vectors beyond it are arbitrary), got {value!r}")
+    return int(value)
+
+
 def subspace_similarity(svd1: DeltaSVD, svd2: DeltaSVD, i: int, j: int, side: str = "left") -> float:
     """‖X₁[:, :i]ᵀ X₂[:, :j]‖²_F / min(i, j) with X = U (side="left") or V (side="right"); in [0, 1].
     i, j: from 1 to each ΔW's numerical rank (``DeltaSVD.rank``; none for ΔW = 0)."""
     X1, X2 = _defined_bases(svd1, svd2, side)
-    for name, value, limit in (("i", i, X1.shape[1]), ("j", j, X2.shape[1])):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise ValueError(f"{name} must be an int in [1, {limit}] (the numerical rank of the adapter's ΔW: "
-                             f"singular vectors beyond it are arbitrary), got {value!r}")
+    i, j = (_check_rank_index(name, value, limit) for name, value, limit in (("i", i, X1.shape[1]),
+                                                                             ("j", j, X2.shape[1])))
     overlap = X1[:, :i].t() @ X2[:, :j]
     return float(overlap.square().sum()) / min(i, j)
 
@@ -173,13 +189,11 @@ def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional
     """
     svd = _check_svd("svd", svd)
     q = svd.rank  # directions beyond ΔW's numerical rank are arbitrary
-    k = q if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= q:
-        raise ValueError(f"k must be an int in [1, {q}] (the numerical rank of ΔW), got {k!r}")
+    k = q if k is None else _check_rank_index("k", k, q)
     if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
     if isinstance(weight, Tensor):
-        _check_matrix("weight", weight)
+        _check_matrix("weight", weight, finite=False)  # checked a block of rows at a time below
     elif not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
     if tuple(weight.shape) != (svd.U.shape[0], svd.V.shape[0]):
@@ -189,6 +203,8 @@ def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional
     projected = torch.zeros(k, k, dtype=torch.float64)
     weight_power, r0 = 0.0, 0
     for rows in _row_chunks(weight, rows_per_chunk):  # Uᵀ W₀ V = Σ over row blocks of U[rows]ᵀ (W₀[rows] V)
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"weight must be finite, got NaN or infinite entries in rows {r0}..{r0 + rows.shape[0] - 1}")
         projected += U[r0:r0 + rows.shape[0]].t() @ (rows @ V)
         weight_power += float(rows.square().sum())
         r0 += rows.shape[0]
@@ -203,7 +219,11 @@ def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional
 def _pattern_value(patterns: dict, layer: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the layer name."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", layer):
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", layer)
+        except re.error as exc:
+            raise ValueError(f"pattern {pattern!r} of the adapter config is not a valid regular expression: {exc}") from exc
+        if matched:
             return value
     return default
 
@@ -230,9 +250,15 @@ def adapter_config(adapter_dir: Union[str, Path], name: str = "adapter_dir") -> 
     if not config_path.is_file():
         raise ValueError(f"{name} must be a PEFT adapter folder with adapter_config.json, got {adapter_dir}")
     try:
-        return json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object (PEFT's config), got a {type(config).__name__}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"{config_path}: {key} must be an object {{pattern: value}}, got {config[key]!r}")
+    return config
 
 
 def load_peft_adapter(adapter_dir: Union[str, Path], name: str = "adapter_dir") -> dict:
@@ -267,6 +293,11 @@ def load_peft_adapter(adapter_dir: Union[str, Path], name: str = "adapter_dir") 
         # "base_model.model." (an anchored pattern, "^model.layers.0...", would not match the key)
         module_name = name.removeprefix("base_model.model.")
         alpha = _pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", r))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{adapter_dir}: lora_alpha (or its alpha_pattern entry) of {module_name} must be a "
+                             f"finite number, got {alpha!r}")
+        if not adalora and r == 0:
+            raise ValueError(f"{weights}: {key} has rank 0 (a LoRA adapter's rank is >= 1)")
         if adalora:
             e_key = key.replace(".lora_A", ".lora_E", 1)
             if e_key in tensors:

@@ -133,3 +133,12 @@ def test_bad_arguments(torch_backend_env):
         lora_kernels.dora_linear(x, weight, A, B, m, SCALE, dropout_p=1.0)
     with pytest.raises(ValueError, match="lora_A"):
         lora_kernels.dora_linear(x, weight, A[:, :-1], B, m, SCALE)
+    with pytest.raises(TypeError, match="weight"):
+        lora_kernels.dora_linear(x, None, A, B, m, SCALE)
+    with pytest.raises(ValueError, match="weight"):
+        lora_kernels.dora_linear(x, weight[0], A, B, m, SCALE)
+    for out_dtype in (torch.bool, torch.int32, "float16"):
+        with pytest.raises(TypeError, match="out_dtype"):
+            lora_kernels.dora_linear(x, weight, A, B, m, SCALE, out_dtype=out_dtype)
+    with pytest.raises(TypeError, match="norm_cache"):
+        lora_kernels.dora_linear(x, weight, A, B, m, SCALE, norm_cache=[])

@@ -66,6 +66,7 @@ def test_identity_when_not_training_or_p_zero():
     (torch.ones(2, 3), True, TypeError, "p must"),
     (torch.ones(2, 3, dtype=torch.int64), 0.5, TypeError, "x must"),
     ([1.0, 2.0], 0.5, TypeError, "x must"),
+    (torch.tensor(1.5), 0.5, ValueError, "x must have shape"),
 ])
 def test_bad_arguments(x, p, exc, match):
     with pytest.raises(exc, match=match):

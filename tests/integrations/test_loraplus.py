@@ -103,7 +103,8 @@ def test_bad_arguments():
         loraplus_param_groups(object(), 1e-3)
     for kwargs, word in ((dict(lr=0.0), "lr"), (dict(lr=1e-3, ratio=-1.0), "ratio"),
                          (dict(lr=1e-3, weight_decay=-0.1), "weight_decay"),
-                         (dict(lr=1e-3, lr_embedding=0.0), "lr_embedding"), (dict(lr=float("nan")), "lr")):
+                         (dict(lr=1e-3, lr_embedding=0.0), "lr_embedding"), (dict(lr=float("nan")), "lr"),
+                         (dict(lr=1e200, ratio=1e200), r"lr \* ratio"), (dict(lr=1e-200, ratio=1e-200), r"lr \* ratio")):
         with pytest.raises(ValueError, match=word):
             loraplus_param_groups(model, **kwargs)
     with pytest.raises(TypeError, match="ratio"):

@@ -166,6 +166,12 @@ def test_bad_arguments():
         layer.scale = 3.0
     with pytest.raises(TypeError, match="model"):
         dylora_set_rank("model", 2)
+    for r, exc in ((0, ValueError), (R_MAX + 1, ValueError), (2.0, TypeError)):
+        with pytest.raises(exc, match="r must"):
+            layer.scale_for_rank(r)
+    assert layer.scale_for_rank(2) == ALPHA / 2
+    with pytest.raises(TypeError, match="generator"):
+        dylora_sample_rank(layer, generator="seed")
 
 
 def test_from_linear_shares_the_base_weight(monkeypatch):

@@ -5,6 +5,7 @@ for bitsandbytes interop, against bnb's own output). Tiny shapes; both CPU backe
 (LORA_KERNELS_CPU_BACKEND=torch: the lean PyTorch path; =triton: the kernels under the interpreter).
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -567,6 +568,30 @@ def test_bad_inputs_name_the_argument(cls):
         m.scale = math.nan
     with pytest.raises(TypeError, match=r"linear.weight must be float32, float16 or bfloat16"):
         cls.from_linear(_linear().double(), R, ALPHA)
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, NF4LoRALinear])
+def test_merged_layer_rejects_bad_input_as_the_unmerged_one(torch_backend, cls):
+    layer = cls(K, N, R, ALPHA)
+    bad = [torch.randn(2, K + 1), torch.tensor(1.0), torch.randn(2, K, dtype=torch.float64),
+           torch.ones(2, K, dtype=torch.int64)]
+    if cls is LoRALinear:
+        bad.append(torch.randn(2, K, dtype=torch.float16))  # the dense weight is fp32
+    errors = []
+    for merged in (False, True):
+        if merged:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NF4: the merge re-quantizes
+                layer.merge()
+        for x in bad:
+            with pytest.raises((ValueError, TypeError), match="x must|weight must") as info:
+                layer(x)
+            errors.append((info.type, str(info.value)))
+    assert errors[:len(bad)] == errors[len(bad):]
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts x and W for the merged F.linear
+        for x_in in (x, x.bfloat16()):
+            assert layer(x_in).dtype == torch.bfloat16
 
 
 def test_bnb_layers_are_routed_to_the_nf4_class(eager_bnb):

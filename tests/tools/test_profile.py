@@ -184,6 +184,14 @@ def test_hooks_removed_after_an_exception():
     assert y.grad_fn is not None
 
 
+class _DictOutput(nn.Linear):
+    def __init__(self):
+        super().__init__(K, H)
+
+    def forward(self, x):
+        return {"loss": None, "logits": None}
+
+
 def test_bad_arguments():
     model = nn.Linear(K, H)
     x = torch.randn(B, K)
@@ -201,6 +209,8 @@ def test_bad_arguments():
     assert _no_hooks(frozen)
     with pytest.raises(TypeError, match="loss"):
         profile_memory(nn.Identity(), x.long())
+    with pytest.raises(TypeError, match="no floating-point loss"):  # a dict output holding no tensor
+        profile_memory(_DictOutput(), x)
     with pytest.raises(ValueError, match="top"):
         profile_memory(model, x).table(top=-1)
 

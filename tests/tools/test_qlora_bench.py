@@ -139,7 +139,7 @@ def test_split_k_calls_switch_only_split_k():
 
 def test_split_k_sweep_refuses_the_torch_path(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
-    with pytest.raises(RuntimeError, match="Triton path"):
+    with pytest.raises(ValueError, match="Triton path"):
         qlora_bench.split_k_sweep(device="cpu", dtype="fp32", ms=(1,), kns=((64, 16),), r=2, reps=1,
                                   out=tmp_path, verbose=False)
 

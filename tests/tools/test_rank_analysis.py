@@ -2,7 +2,9 @@
 import json
 import math
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -145,6 +147,18 @@ def test_bad_arguments():
         ra.base_projection(torch.randn(10, 12), s, k=5)
     with pytest.raises(ValueError, match="energy"):
         s.effective_rank(0.0)
+    with pytest.raises(TypeError, match="energy"):
+        s.effective_rank("0.9")
+    with pytest.raises(TypeError, match="i must be an int"):
+        ra.subspace_similarity(s, s, 1.0, 1)
+    assert ra.subspace_similarity(s, s, np.int64(1), 1) == pytest.approx(1.0)  # numpy ints are ints
+    with pytest.raises(TypeError, match="scale"):
+        ra.delta_svd(A, B, None)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lora_A must be finite"):
+            ra.delta_svd(torch.where(A > 0, A, bad), B)
+        with pytest.raises(ValueError, match="weight must be finite"):
+            ra.base_projection(torch.randn(10, 12).index_fill_(0, torch.tensor([7]), bad), s)
 
 
 # --------------------------------------------------------------------------------------------- PEFT adapters
@@ -307,12 +321,25 @@ def test_analyze_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     bad_json.mkdir()
     (bad_json / "adapter_config.json").write_text("{oops")
     (tmp_path / "file").write_text("x")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    configs = {"config_list": [config], "bad_regex": {**config, "alpha_pattern": {"q_proj(": 2}},
+               "alpha_null": {**config, "lora_alpha": None}, "rank0": config}
+    for name, cfg in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(cfg))
+        safetensors.torch.save_file({k: (t[:0] if ".lora_A" in k else t[:, :0]) if name == "rank0" else t
+                                     for k, t in tensors.items()}, str(tmp_path / name / "adapter_model.safetensors"))
     cases = {(str(corrupt),): "is not a readable .safetensors file",
              (str(bad_json),): "adapter_config.json is not valid JSON",
              (good, "--compare", str(tmp_path / "missing")): "compare_dir must be a PEFT adapter folder",
              (good, "--base", str(tmp_path / "file")): "is not a readable weights file",
              (good, "--out", str(tmp_path / "file")): "File exists",
-             (good, "--top", "0"): "top must be a positive int"}
+             (good, "--top", "0"): "top must be a positive int",
+             (str(tmp_path / "config_list"),): "must hold a JSON object",
+             (str(tmp_path / "bad_regex"),): "is not a valid regular expression",
+             (str(tmp_path / "alpha_null"),): "lora_alpha (or its alpha_pattern entry)",
+             (str(tmp_path / "rank0"),): "has rank 0"}
     for args, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
             cli(["analyze", *args])
