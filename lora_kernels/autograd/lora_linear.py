@@ -23,8 +23,10 @@ except ImportError:  # pragma: no cover
 
 def save_for_lora_backward(ctx, x, weights: tuple, lora_A, lora_B, h, seed, bias, scale, dropout_p,
                            need_x, need_A, need_B, need_bias):
-    """The saving rules above, shared by the dense and the NF4 layer. ``weights``: the base
-    weight's tensors (parameters or buffers: saved by reference, no new memory)."""
+    """The saving rules above, shared by the dense and the NF4 layer: x [..., K] only when dA is needed,
+    h [M, r] only when dB is, the dropout seed (int64 [1]) only when dX or dA is; lora_A [r, K],
+    lora_B [N, r] always. ``weights``: the base weight's tensors (dense [N, K], or the NF4 ones;
+    parameters or buffers: saved by reference, no new memory)."""
     ctx.mark_non_differentiable(h)
     ctx.num_weights = len(weights)
     ctx.save_for_backward(
@@ -50,7 +52,8 @@ def saved_for_lora_backward(ctx):
 
 
 def lora_grads_to_inputs(ctx, dx, d_a, d_b, d_bias):
-    """(dx, dA, dB, dbias) with None where no gradient was asked for; dbias in the bias' dtype."""
+    """(dx [..., K], dA [r, K], dB [N, r], dbias [N]) with None where no gradient was asked for; dbias
+    (fp32 from the implementations) cast to the bias' dtype."""
     need_x, need_A, need_B, need_bias = ctx.needs
     return (dx if need_x else None, d_a if need_A else None, d_b if need_B else None,
             d_bias.to(ctx.bias_dtype) if need_bias else None)
