@@ -17,6 +17,16 @@ def test_on_device_selects_the_tensors_cuda_device():
     assert isinstance(triton_launch.on_device(torch.device("cpu")), contextlib.nullcontext)
 
 
+def _small_problem(M: int, K: int, N: int, seed: int) -> tuple:
+    """x [M, K], weight [N, K], lora_A [4, K], lora_B [N, 4]: random, x and the adapters requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen, requires_grad=True)
+    weight = torch.randn(N, K, generator=gen) / K ** 0.5
+    A = (torch.randn(4, K, generator=gen) / K ** 0.5).requires_grad_(True)
+    B = torch.randn(N, 4, generator=gen).requires_grad_(True)
+    return x, weight, A, B
+
+
 @pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
 def test_every_launcher_runs_on_its_tensors_device(monkeypatch):
     entered = []
@@ -27,11 +37,7 @@ def test_every_launcher_runs_on_its_tensors_device(monkeypatch):
 
     monkeypatch.setattr(triton_launch, "on_device", recording_on_device)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 40, generator=gen, requires_grad=True)
-    weight = torch.randn(24, 40, generator=gen) / 7
-    A = (torch.randn(4, 40, generator=gen) / 7).requires_grad_(True)
-    B = torch.randn(24, 4, generator=gen).requires_grad_(True)
+    x, weight, A, B = _small_problem(5, 40, 24, seed=3)
     y = lora_kernels.lora_linear(x, weight, A, B, 0.5)
     y.backward(torch.ones_like(y))
     assert entered == [x.device, x.device]  # forward launcher, backward launcher
@@ -189,11 +195,7 @@ def test_every_launch_states_fma_contraction(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 64, generator=gen, requires_grad=True)
-    weight = torch.randn(32, 64, generator=gen) / 8
-    A = (torch.randn(4, 64, generator=gen) / 8).requires_grad_(True)
-    B = torch.randn(32, 4, generator=gen).requires_grad_(True)
+    x, weight, A, B = _small_problem(6, 64, 32, seed=4)
     lora_kernels.lora_linear(x, weight, A, B, 0.5, dropout_p=0.25).sum().backward()
     q = lora_kernels.NF4Weight.quantize(weight)
     lora_kernels.nf4_lora_linear(x, q, A, B, 0.5).sum().backward()
