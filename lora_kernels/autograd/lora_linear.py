@@ -6,8 +6,9 @@ Saving rules (what backward needs, nothing else):
     seed   int64 [1] only if dropout is active and dX or dA is needed; the mask is regenerated.
     weight, lora_A, lora_B by reference (parameters, no new memory).
 """
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from lora_kernels.ops import (check_lora_linear_args, lora_linear_backward, lora_linear_bwd, lora_linear_composite,
                               lora_linear_forward, lora_linear_fwd, new_dropout_seed)
@@ -91,7 +92,22 @@ def eager_autograd_function(name: str, implementation, setup_context, backward) 
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"Eager autograd of ``{implementation.__name__}`` (``eager_autograd_function``).",
-        "forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))})
+        "forward": staticmethod(forward), "backward": staticmethod(first_derivative_only(backward))})
+
+
+def first_derivative_only(backward):
+    """``backward`` that raises a RuntimeError when autograd asks for its graph (create_graph=True: a
+    second derivative to follow). ``torch.autograd.function.once_differentiable`` raises only when
+    that second backward reaches its outputs, which it misses when the loss is linear in y or the
+    second derivative is taken with respect to the adapters: the result was then silently wrong."""
+    @functools.wraps(backward)
+    def checked_backward(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine runs a backward in grad mode only for create_graph=True
+            raise RuntimeError("lora_kernels: a second derivative through the fused LoRA layer is not supported "
+                               "(backward with create_graph=True); torch.func transforms (e.g. "
+                               "torch.func.grad of torch.func.grad) run it as differentiable PyTorch ops")
+        return backward(ctx, *grads)
+    return checked_backward
 
 
 LoRALinearFunction = eager_autograd_function("LoRALinearFunction", lora_linear_forward, _setup_context, _backward)

@@ -155,7 +155,7 @@ def dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, 
                    R, R_CHUNK, BLOCK_M, BLOCK_K, LORA_PRECISION, UPCAST_DOT)
     if HAS_DROPOUT:
         keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
+        acc = acc * (keep.to(tl.float32) * keep_scale)  # NaN stays NaN where dropped, as in PyTorch's dropout
     return acc
 
 
@@ -218,7 +218,7 @@ def lora_grad_a_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-            x = tl.where(keep, x, 0.0)
+            x = x * keep.to(x.dtype)  # NaN stays NaN where dropped, as in PyTorch's dropout
         acc = mma(dh_t.to(lora_dtype), x.to(lora_dtype), acc, LORA_PRECISION, UPCAST_DOT)
     da_base = da_ws_ptr + pid_s.to(tl.int64) * r * K
     tl.store(da_base + offs_r[:, None] * K + ks[None, :], acc * keep_scale,

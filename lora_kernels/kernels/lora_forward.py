@@ -29,7 +29,7 @@ def h_step(acc_h, x, seed_ptr, offs_m, offs_k, k_mask, a_ptr, offs_r, r_mask, st
     1/(1-p) is applied once to the finished h), in the adapters' dtype."""
     if HAS_DROPOUT:
         keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-        x = tl.where(keep, x, 0.0)
+        x = x * keep.to(x.dtype)  # not tl.where: a NaN/inf in a dropped element stays NaN, as x * mask in PyTorch
     a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                   mask=r_mask[None, :] & k_mask[:, None], other=0.0)
     return mma(x.to(a_ptr.dtype.element_ty), a_t, acc_h, LORA_PRECISION, UPCAST_DOT)

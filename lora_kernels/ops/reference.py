@@ -183,11 +183,14 @@ GRAD_B_DIRECT_MAX_M = 256
 
 
 def _grad_lora_B(h: torch.Tensor, dy: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * dY^T h [N, r], contiguous (as the fake impl); h [M, r], dy [M, N]."""
+    """scale * dY^T h [N, r], contiguous (as the fake impl); h [M, r], dy [M, N]. The scale goes on h
+    before the product (an [M, r] multiply), as PEFT's backward scales dY first: in 16-bit, dY^T h
+    can overflow where scale * dY^T h does not (scale < 1, a loss scaler's large dY)."""
+    h = h * scale
     if h.shape[0] <= GRAD_B_DIRECT_MAX_M:
-        return torch.mm(dy.t(), h).mul_(scale)
+        return torch.mm(dy.t(), h)
     # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS at large M ([N, r] copy is tiny).
-    return _mm_tn(h, dy).mul_(scale).t().contiguous()
+    return _mm_tn(h, dy).t().contiguous()
 
 
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,
@@ -210,7 +213,7 @@ def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: flo
         merged = _merged_weight(weight, lora_A, lora_B, scale, seed, grad_y2.shape[0])
     # Order: every pass over dY runs back to back while dY is still in cache, the M x K dX last.
     if need_A or (need_x and merged is None):
-        d_h = torch.mm(dy_a, lora_B).mul_(scale)
+        d_h = torch.mm(dy_a, lora_B * scale)  # scaled first ([N, r]): dY B alone can overflow in 16-bit
     if need_B:
         d_b = _grad_lora_B(h, dy_a, scale)
     if need_bias:

@@ -119,12 +119,18 @@ def test_fake_tensors_take_the_custom_op_with_and_without_grad(backend):
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_autograd_function_is_differentiable_once(backend, nf4):
     """Its backward is not itself differentiable (the kernels have no double backward): asking for a
-    second derivative raises instead of returning a wrong one."""
+    second derivative raises instead of returning a wrong one, whatever the loss and whichever
+    inputs the second derivative is taken for (a loss linear in y gave an input gradient that did
+    not require grad, and a penalty on it then silently dropped its second-order term)."""
     p = _problem(nf4, device=backend.device)
-    y = _call(p, nf4)
-    (gx,) = torch.autograd.grad(y.square().sum(), p["x"], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    adapters = [p["A"], p["B"]]
+    for loss_of in (torch.sum, lambda y: y.square().sum()):
+        with pytest.raises(RuntimeError, match="second derivative"):
+            torch.autograd.grad(loss_of(_call(p, nf4)), p["x"], create_graph=True)
+        with pytest.raises(RuntimeError, match="second derivative"):
+            torch.autograd.grad(loss_of(_call(p, nf4)), adapters, create_graph=True)
+    y = _call(p, nf4)  # first derivatives as before
+    assert all(g is not None for g in torch.autograd.grad(y.square().sum(), [p["x"], *adapters]))
 
 
 def test_custom_op_needed():

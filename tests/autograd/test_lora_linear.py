@@ -290,6 +290,54 @@ def test_dropout_same_mask_forward_and_backward(backend, p, dtypes):
         assert rel_err(grads["x"], ref_grads["x"]) > 10 * bound
 
 
+def test_fp16_backward_scales_before_the_rank_products(backend):
+    # A loss scaler's large dY with scale < 1: dY B (and dY^T h) alone exceed fp16's 65504, scale * dY B
+    # does not, and PEFT's backward (which scales dY first) stays finite. Positive values: no cancelling.
+    M, K, N, r, scale = 8, 16, 8, 4, 0.25
+    gen = torch.Generator().manual_seed(5)
+
+    def around(value, *shape):
+        return value * (1 + 0.1 * torch.rand(*shape, generator=gen))
+
+    x, A, B = around(0.25, M, K), around(0.25, r, K), around(1.0, N, r)
+    weight, grad_y = torch.randn(N, K, generator=gen) / 100, around(9000.0, M, N)
+    assert float((grad_y @ B).max()) > 65504 > scale * float((grad_y @ B).max())
+    leaves = [t.to(backend.device, torch.float16).requires_grad_(True) for t in (x, A, B)]
+    y = lora_kernels.lora_linear(leaves[0], weight.to(backend.device, torch.float16), leaves[1], leaves[2], scale)
+    y.backward(grad_y.to(backend.device, torch.float16))
+    ref = [t.double().requires_grad_(True) for t in (x, A, B)]
+    (ref[0] @ weight.double().t() + scale * (ref[0] @ ref[1].t()) @ ref[2].t()).backward(grad_y.double())
+    for name, leaf, expected in zip(("dx", "dA", "dB"), leaves, ref):
+        assert float(expected.grad.abs().max()) < 65504, name
+        assert_close(leaf.grad, expected.grad, BOUNDS[F16], name)
+
+
+@pytest.mark.parametrize("nan_in", ["x_dropped", "x_kept", "lora_A", "lora_B"])
+def test_dropout_propagates_nan_as_pytorch_does(backend, nan_in):
+    # PyTorch's dropout is x * mask / (1 - p): a NaN in a dropped element still makes NaN (0 * NaN),
+    # in h and so in dB (and dA). A select (where(keep, x, 0)) would hide it.
+    M, K, N, r, p = 8, 32, 16, 4, 0.5
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(M, K, generator=gen)
+    weight = torch.randn(N, K, generator=gen) / math.sqrt(K)
+    A, B = torch.randn(r, K, generator=gen) / math.sqrt(K), torch.randn(N, r, generator=gen)
+    keep = keep_mask_for(31, M, K, p, "cpu")
+    where = {"x_dropped": (x, tuple((~keep).nonzero()[0].tolist())), "x_kept": (x, tuple(keep.nonzero()[0].tolist())),
+             "lora_A": (A, (1, 5)), "lora_B": (B, (3, 2))}[nan_in]
+    where[0][where[1]] = math.nan
+    leaves = [t.to(backend.device, copy=True).requires_grad_(True) for t in (x, A, B)]
+    torch.manual_seed(31)
+    y = lora_kernels.lora_linear(leaves[0], weight.to(backend.device), leaves[1], leaves[2], 0.5, dropout_p=p)
+    y.backward(torch.ones_like(y))
+    ref = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
+    y_ref = ref[0] @ weight.double().t() + 0.5 * ((ref[0] * keep / (1 - p)) @ ref[1].t()) @ ref[2].t()
+    y_ref.backward(torch.ones_like(y_ref))
+    for name, got, expected in zip(("y", "dx", "dA", "dB"), (y, *(t.grad for t in leaves)),
+                                   (y_ref, *(t.grad for t in ref))):
+        assert torch.equal(got.isnan().cpu(), expected.isnan()), name
+    assert backend.impls() == [backend.impl] * 2
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keep_rate(backend, p):
     # x = 1, A = B = I, scale = 1: y - x W^T = dropout(1) = keep / (1 - p) elementwise.
