@@ -7,13 +7,15 @@
 #   steps: build tests-launch tests-graphs tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build tests-launch gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead tests-graphs (one call that
-#   settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows, the
-#   CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
-#   replace, in layer benchmarks and in 1B training steps, after a check of the direct launches and the
-#   GPU tests of csrc/'s ops, then in the time left the host time per layer call beside PEFT's (what
-#   bounds small layers, and the 1B steps if the train table's GPU-busy fraction is low) and the CUDA
-#   graph tests; ~9-10 minutes on an H200: the rest of the GPU tests ("tests") in a second call)
+#   decide = build tests-launch gemv bench-quick qlora-quick train-routes qlora-small-m tests-gemv overhead tests-graphs (one call
+#   that settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows,
+#   the CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
+#   replace, in layer benchmarks and in 1B training steps (every benchmark row checked against a
+#   reference as it is timed), after a check of the direct launches; the short steps first, so that the
+#   deadline cuts the sweeps: the small-M QLoRA sweep, the GPU tests of csrc/'s ops, the host time per
+#   layer call beside PEFT's (what bounds small layers, and the 1B steps if the train table's GPU-busy
+#   fraction is low) and the CUDA graph tests; ~9-10 minutes on an H200: the rest of the GPU tests
+#   ("tests") in a second call)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -37,11 +39,12 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests-launch tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build tests-launch gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-launch tests-gemv gemv qlora-small-m bench-quick qlora-quick train-routes overhead tests-graphs}
+STEPS=${STEPS//decide/build tests-launch gemv bench-quick qlora-quick train-routes qlora-small-m tests-gemv overhead tests-graphs}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1  # the whole run's output archived too (versions, fallbacks, progress)
 if ls .whl/*.whl >/dev/null 2>&1; then
     python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -68,7 +71,8 @@ for step in $STEPS; do
                arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
                LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout $(cap 400) python setup.py build_ext --inplace \
                    > "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
-               python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" ;;
+               python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" \
+                   2>&1 | tee -a "$OUT/build.txt" ;;
         sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap 300) compute-sanitizer --tool memcheck --error-exitcode 1 \
                        python -m pytest -q -x -p no:cacheprovider tests/ops/test_nf4_gemv.py -k cuda \
                        > "$OUT/sanitizer.txt" 2>&1; tail -15 "$OUT/sanitizer.txt" ;;
@@ -135,7 +139,7 @@ for step in $STEPS; do
                        # (up to 64 rows in launches of 16) against the slab and fused paths and PEFT + bnb, and
                        # fwd+bwd with the CUDA dX kernel
                        timeout $(cap 200) python -m lora_kernels qlora --quick --model 8b --proj q,gate,down \
-                           --m 1,2,4,8,16,32,64 --modes fwd,fwdbwd,infer --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,lora_kernels_nf4_cuda_dx,peft_qlora,bnb_matmul_4bit \
+                           --m 1,2,4,8,16,32,64 --modes fwd,fwdbwd --providers lora_kernels_nf4,lora_kernels_nf4_gemv,lora_kernels_nf4_gemv_mma,lora_kernels_nf4_cublas,lora_kernels_nf4_triton,lora_kernels_nf4_cuda_dx,peft_qlora,bnb_matmul_4bit \
                            --out "$OUT/qlora_small_m" 2>&1 | tee "$OUT/qlora_small_m.txt" ;;
         overhead) # host time per layer call (a decode step and a 1B-model projection), PEFT vs patched
                   timeout $(cap 120) python -m lora_kernels overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.txt" ;;

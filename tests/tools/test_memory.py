@@ -173,3 +173,35 @@ def test_model_profile_with_dora(tmp_path, monkeypatch):
     assert not (tmp_path / "memory_model_float32.json").exists()
     with pytest.raises(TypeError, match="dora"):
         memory.run_model(device="cpu", out=tmp_path, dora="yes")
+
+
+def test_cuda_peak_runs_the_backward_inside_the_providers_setting(monkeypatch):
+    # A provider's route is an environment setting its forward and backward both run in (Impl.around);
+    # the peak measurement must not run the backward outside it. torch.cuda's counters stubbed: CPU.
+    import os
+
+    import torch
+
+    from lora_kernels.tools.bench import Impl
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+    seen = []
+
+    def around(fn):
+        def run():
+            monkeypatch.setenv("LORA_KERNELS_TEST_ROUTE", "on")
+            try:
+                return fn()
+            finally:
+                monkeypatch.delenv("LORA_KERNELS_TEST_ROUTE")
+        return run
+
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    w.register_hook(lambda g: seen.append(os.environ.get("LORA_KERNELS_TEST_ROUTE")))
+    impl = Impl("p", lambda: x @ w.t(), [w], around=around)
+    memory.cuda_peak(impl, torch.ones(2, 3))
+    assert seen == ["on"]
