@@ -1,6 +1,6 @@
-// Host-side code shared by the two translation units of the NF4 decode GEMV (compiled in parallel by
-// nvcc): nf4_gemv_lora.cu (the ops' entry points, the shrink / SIMT / slab launchers) and
-// nf4_gemv_mma.cu (the tensor-core GEMV's launcher). The kernels are in the *_kernel(s).cuh headers.
+// Host-side code shared by the translation units of csrc/: nf4_gemv_lora.cu (the ops' entry points,
+// the shrink / SIMT / slab launchers), nf4_gemv_mma.cu and nf4_gemv_mma_*.cu (the tensor-core GEMV's
+// launcher and its instances), nf4_grad_input.cu. The kernels are in the *_kernel(s).cuh headers.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,9 +1,11 @@
 // The ops lora_kernels::nf4_gemv_lora (NF4 decode GEMV with the LoRA term fused, M <= 16 rows) and
 // lora_kernels::nf4_dequantize_slab (bit-exact slab decode for the large-M route): entry points and
 // launchers. The kernels, and what they do, are in nf4_gemv_kernels.cuh (shrink, SIMT GEMV, slab
-// decode) and nf4_gemv_mma_kernel.cuh (tensor-core GEMV, launched from nf4_gemv_mma.cu).
+// decode) and nf4_gemv_mma_kernel.cuh (tensor-core GEMV, launched from nf4_gemv_mma.cu); the SIMT
+// GEMV's instances are compiled in nf4_gemv_simt_*.cu.
 #include "nf4_gemv.cuh"
 #include "nf4_gemv_kernels.cuh"
+#include "nf4_gemv_simt_instances.cuh"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +13,10 @@
 #include <tuple>
 
 namespace lora_kernels {
+
+// Compiled in nf4_gemv_simt_*.cu, in parallel with this file.
+LK_SIMT_GEMV_LAUNCHER(extern)
+
 namespace {
 
 // The shrink kernel (r > 0; rank 0 is the benchmark's baseline for the LoRA term's cost), then the

@@ -1,12 +1,15 @@
 // The op lora_kernels::nf4_grad_input: dX = dY dequant(Q) + init for M <= 64 rows of dY (the QLoRA
 // backward's base product at small M). The kernels and their design: nf4_grad_input_kernels.cuh.
 #include "nf4_gemv.cuh"
-#include "nf4_grad_input_kernels.cuh"
+#include "nf4_grad_input_instances.cuh"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 namespace lora_kernels {
+
+// Compiled in nf4_grad_input_*.cu, in parallel with this file.
+LK_GRAD_INPUT_LAUNCHER(extern)
 
 // grad_y [M, N] (unit stride along N; fp32, fp16 or bf16), the NF4 weight [N, K], init: fp32 [M, K]
 // contiguous or undefined. Returns dx [M, K] in grad_y's dtype. Checks are in Python

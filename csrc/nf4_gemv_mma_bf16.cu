@@ -1,0 +1,7 @@
+// The tensor-core decode GEMV launcher for x __nv_bfloat16 and adapters __nv_bfloat16, with its kernel instances
+// (nf4_gemv_mma_launch.cuh says why each pair has a file of its own).
+#include "nf4_gemv_mma_launch.cuh"
+
+namespace lora_kernels {
+LK_MMA_GEMV_INSTANCE(, __nv_bfloat16, __nv_bfloat16)
+}  // namespace lora_kernels

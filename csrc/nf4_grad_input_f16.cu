@@ -1,0 +1,7 @@
+// The small-M dX launcher for dY __half, with its kernel instances (nf4_grad_input_instances.cuh
+// says why each dtype has a file of its own).
+#include "nf4_grad_input_instances.cuh"
+
+namespace lora_kernels {
+LK_GRAD_INPUT_INSTANCE(, __half)
+}  // namespace lora_kernels
