@@ -7,15 +7,15 @@
 #   steps: build tests-launch tests-graphs tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build tests-launch gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
-#   decide = build tests-launch gemv bench-quick qlora-quick train-routes qlora-small-m tests-gemv overhead tests-graphs (one call
-#   that settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16 rows,
-#   the CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it would
-#   replace, in layer benchmarks and in 1B training steps (every benchmark row checked against a
-#   reference as it is timed), after a check of the direct launches; the short steps first, so that the
-#   deadline cuts the sweeps: the small-M QLoRA sweep, the GPU tests of csrc/'s ops, the host time per
-#   layer call beside PEFT's (what bounds small layers, and the 1B steps if the train table's GPU-busy
-#   fraction is low) and the CUDA graph tests; ~9-10 minutes on an H200: the rest of the GPU tests
-#   ("tests") in a second call)
+#   decide = build tests-launch tests-gemv gemv bench-quick qlora-quick train-routes qlora-small-m overhead tests-graphs (one
+#   call that settles the opt-in paths written without a GPU: the tensor-core GEMV and the GEMV above 16
+#   rows, the CUDA dX kernel, the CUDA slab decoder, the dense cuBLAS route, each beside the default it
+#   would replace, in layer benchmarks and in 1B training steps (every benchmark row checked against a
+#   reference as it is timed), after a check of the direct launches and the GPU tests of csrc/'s ops
+#   (never run on a GPU in their current build); the short steps first, so that the deadline cuts the
+#   sweeps: the small-M QLoRA sweep, the host time per layer call beside PEFT's (what bounds small
+#   layers, and the 1B steps if the train table's GPU-busy fraction is low) and the CUDA graph tests;
+#   ~9-10 minutes on an H200: the rest of the GPU tests ("tests") in a second call)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
 #   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
@@ -39,7 +39,7 @@ if [ -n "$ARCHIVE" ]; then OUT=/tmp/lk-device-run; else OUT=benchmarks/results/d
 archive() { [ -n "$ARCHIVE" ] && tar czf "$ARCHIVE/device-run.tar.gz" -C "$OUT" . 2>/dev/null; true; }
 STEPS=${*:-build tests-launch tests sanitizer gemv tests-property bench qlora memory train variants split-k dora}
 STEPS=${STEPS//first/build tests-launch gemv bench-quick qlora-quick tests}
-STEPS=${STEPS//decide/build tests-launch gemv bench-quick qlora-quick train-routes qlora-small-m tests-gemv overhead tests-graphs}
+STEPS=${STEPS//decide/build tests-launch tests-gemv gemv bench-quick qlora-quick train-routes qlora-small-m overhead tests-graphs}
 DEADLINE_S=${DEADLINE_S:-570}
 # cap N: seconds the next command may run: N, or what is left before the deadline minus 10 s
 cap() { local left=$((DEADLINE_S - SECONDS - 10)); echo $(( left < $1 ? left : $1 )); }
@@ -69,6 +69,9 @@ for step in $STEPS; do
     case $step in
         build) # SASS for this GPU only (setup.py's default builds sm_80 and sm_90: twice the nvcc time)
                arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+               # without ninja torch's BuildExtension compiles csrc/'s 15 files one after another
+               command -v ninja >/dev/null || python -c "import ninja" 2>/dev/null \
+                   || echo "WARNING: no ninja: csrc/ builds serially (several minutes)" | tee -a "$OUT/build.txt"
                LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout $(cap 400) python setup.py build_ext --inplace \
                    > "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
                python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" \
@@ -94,7 +97,7 @@ for step in $STEPS; do
                           --junitxml="$OUT/pytest_graphs.xml" > "$OUT/pytest_graphs.txt" 2>&1
                       tail -15 "$OUT/pytest_graphs.txt" ;;
         tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)
-                    $PYTEST_TIMEOUT $(cap 200) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
+                    $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
                         --maxfail=10 -k cuda --junitxml="$OUT/pytest_gemv.xml" > "$OUT/pytest_gemv.txt" 2>&1
                     tail -30 "$OUT/pytest_gemv.txt" ;;
         tests-nf4) # the GPU tests of the NF4 GEMMs and their decode only (after a change to them)

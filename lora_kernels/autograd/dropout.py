@@ -52,11 +52,11 @@ def seeded_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     differentiable ops (the transforms do not see through the autograd function)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() == 0:
-        raise ValueError("x must have shape [..., K] (at least 1 dimension), got a 0-d tensor")
     p = check_dropout_p("p", p)
     if not training or p == 0.0:
         return x
+    if x.dim() == 0:  # the mask is drawn over rows of K elements
+        raise ValueError("x must have shape [..., K] (at least 1 dimension), got a 0-d tensor")
     seed = new_dropout_seed(x.device)
     if composite_needed(x):
         return x * _keep_scaled(seed, x, p)

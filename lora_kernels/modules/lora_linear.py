@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.ops.checks import check_linear_input
 from lora_kernels.ops.lora_linear import autocast_enabled
-from lora_kernels.ops.checks import check_lora_linear_args, check_nf4_lora_linear_args
 from lora_kernels.ops.nf4 import NF4Weight
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -303,13 +303,12 @@ class LoRALinear(_LoRALinearBase):
                            dropout_p=self.dropout_p, training=self.training)
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, scale = self._adapters()  # the unmerged call's checks: same errors merged or not
-        x_checked = x
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and autocast_enabled(x.device.type):
-            # F.linear casts x and W to autocast's dtype: check x's K, dims and device, not its dtype
-            x_checked = x.new_empty((0, x.shape[-1]) if x.dim() else (), dtype=self.weight.dtype)
-        check_lora_linear_args(x_checked, self.weight, A, B, scale, self.bias, None, self.dropout_p)
-        return F.linear(x, self.weight, self._merged_bias(x))
+        # The unmerged call's errors for x (no adapter takes part: a trainable weight is fine here)
+        weight = self.weight
+        check_linear_input(x, weight.shape, weight.device)
+        if x.dtype != weight.dtype and not autocast_enabled(x.device.type):  # autocast casts both
+            raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+        return F.linear(x, weight, self._merged_bias(x))
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         # In place, in fp32, one rounding to the weight's dtype: storage shared with from_linear's
@@ -484,18 +483,14 @@ class NF4LoRALinear(_LoRALinearBase):
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self._adapters()
-        return nf4_lora_linear(x, self.qweight, A, B, scale, bias=self._bias_for(x),
+        bias = self.bias
+        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+            bias = bias.to(x.dtype)  # x of another dtype than the weight's (and bias'): as the merged path
+        return nf4_lora_linear(x, self.qweight, A, B, scale, bias=bias,
                                dropout_p=self.dropout_p, training=self.training)
 
-    def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        bias = self.bias
-        if bias is not None and isinstance(x, torch.Tensor) and bias.dtype not in (x.dtype, torch.float32):
-            bias = bias.to(x.dtype)  # x of another dtype than the weight's (and bias'): as the merged path
-        return bias
-
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, scale = self._adapters()  # the unmerged call's checks: same errors merged or not
-        check_nf4_lora_linear_args(x, self.qweight, A, B, scale, self._bias_for(x), None, self.dropout_p)
+        check_linear_input(x, self.qweight.shape, self.qweight.device, "qweight")  # the unmerged call's errors for x
         # No LoRA branch left: bnb's own unfused path (decode to the stored dtype, cast to x's).
         return F.linear(x, self.qweight.dequantize(x.dtype), self._merged_bias(x))
 

@@ -43,6 +43,25 @@ def check_dropout_p(name: str, value) -> float:
     return value
 
 
+def _check_x_shape(x: torch.Tensor, N: int, K: int, weight_name: str) -> None:
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
+    if x.shape[-1] != K:
+        raise ValueError(f"x must have last dimension K={K} ({weight_name} is [N, K] = {[N, K]}), "
+                         f"got x of shape {list(x.shape)}")
+
+
+def check_linear_input(x, weight_shape: tuple, weight_device: torch.device, weight_name: str = "weight") -> None:
+    """x [..., K] for a base weight [N, K] alone (a merged layer: no adapter in the call): a float32 /
+    float16 / bfloat16 tensor of at least one dimension, last dimension K, on the weight's device.
+    The same errors as ``check_lora_linear_args`` / ``check_nf4_lora_linear_args`` give for x."""
+    _require_tensor("x", x)
+    N, K = weight_shape
+    _check_x_shape(x, N, K, weight_name)
+    if weight_device != x.device:
+        raise ValueError(f"{weight_name} must be on x's device {x.device}, got {weight_device}")
+
+
 def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias, dropout_p, weight_device,
                      weight_name="weight"):
     """Checks shared by the dense and the NF4 layer, for a base weight of shape [N, K]. Messages are
@@ -54,11 +73,7 @@ def _check_lora_args(x, N: int, K: int, lora_A, lora_B, scale, bias, lora_B_bias
     scale = _require_real("scale", scale)
     dropout_p = check_dropout_p("dropout_p", dropout_p)
 
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
-    if x.shape[-1] != K:
-        raise ValueError(f"x must have last dimension K={K} ({weight_name} is [N, K] = {[N, K]}), "
-                         f"got x of shape {list(x.shape)}")
+    _check_x_shape(x, N, K, weight_name)
     if lora_A.dim() != 2 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must have shape [r, K] with K={K}, got {list(lora_A.shape)}")
     r = lora_A.shape[0]

@@ -73,6 +73,11 @@ def test_bad_arguments(x, p, exc, match):
         seeded_dropout(x, p)
 
 
+def test_0d_x_passes_through_when_nothing_is_dropped():
+    x = torch.tensor(1.5)  # as F.dropout: any shape when no mask is drawn
+    assert seeded_dropout(x, 0.5, training=False) is x and seeded_dropout(x, 0.0) is x
+
+
 def test_torch_func_and_compile():
     x = _x().detach()
     y = torch.func.vmap(lambda row: seeded_dropout(row, 0.5), randomness="different")(x)

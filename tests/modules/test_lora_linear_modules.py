@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from lora_kernels.modules import LoRALinear, NF4LoRALinear
+from lora_kernels.modules import DyLoRALinear, LoRALinear, NF4DyLoRALinear, NF4LoRALinear
 from lora_kernels.ops import lora_linear_reference
 from lora_kernels.ops.nf4 import NF4Weight
 from tests.helpers import keep_mask_for, rel_err
@@ -592,6 +592,34 @@ def test_merged_layer_rejects_bad_input_as_the_unmerged_one(torch_backend, cls):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts x and W for the merged F.linear
         for x_in in (x, x.bfloat16()):
             assert layer(x_in).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, NF4LoRALinear])
+def test_merged_layer_takes_what_its_linear_takes(torch_backend, cls):
+    # bf16 adapters and an fp32 x under autocast (the unmerged layer takes it too); a trainable
+    # weight after the merge (full fine-tuning of the merged model); a merged DyLoRA layer in training
+    # draws no rank (torch's RNG untouched: later dropout masks stay as they were)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3))
+    layer = cls(K, N, R, ALPHA, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NF4: the merge re-quantizes
+        layer.merge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    if cls is LoRALinear:
+        dense = cls(K, N, R, ALPHA)
+        dense.merge()
+        dense.weight.requires_grad_(True)
+        dense(x).sum().backward()
+        assert dense.weight.grad is not None
+    dylora = (DyLoRALinear if cls is LoRALinear else NF4DyLoRALinear)(K, N, R, ALPHA, frozen=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dylora.merge()
+    dylora.train()
+    state = torch.get_rng_state()
+    dylora(x)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_bnb_layers_are_routed_to_the_nf4_class(eager_bnb):
