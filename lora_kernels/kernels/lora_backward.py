@@ -155,7 +155,9 @@ def dx_lora_term(dh_ptr, a_ptr, seed_ptr, offs_m, offs_k, m_mask, k_mask, rows, 
                    R, R_CHUNK, BLOCK_M, BLOCK_K, LORA_PRECISION, UPCAST_DOT)
     if HAS_DROPOUT:
         keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-        acc = acc * (keep.to(tl.float32) * keep_scale)  # NaN stays NaN where dropped, as in PyTorch's dropout
+        # A select, so a NaN of dH·A where dropped becomes 0 (PyTorch's x * mask keeps it): the forms
+        # that keep it cost registers and spill in some configurations (aot_check).
+        acc = tl.where(keep, acc * keep_scale, 0.0)
     return acc
 
 
