@@ -220,7 +220,7 @@ def lora_grad_a_kernel(
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed_ptr, offs_m, offs_k, drop_threshold)
-            x = x * keep.to(x.dtype)  # NaN stays NaN where dropped, as in PyTorch's dropout
+            x = tl.where(keep, x, 0.0)  # a select (NaN where dropped becomes 0): the multiply spills (aot_check)
         acc = mma(dh_t.to(lora_dtype), x.to(lora_dtype), acc, LORA_PRECISION, UPCAST_DOT)
     da_base = da_ws_ptr + pid_s.to(tl.int64) * r * K
     tl.store(da_base + offs_r[:, None] * K + ks[None, :], acc * keep_scale,
