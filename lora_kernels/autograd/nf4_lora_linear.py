@@ -4,10 +4,15 @@ Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 te
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
 """
+import torch
+import torch.nn.functional as F
+
+from lora_kernels.autograd.dropout import composite_needed
 from lora_kernels.autograd.lora_linear import (autocast_inputs, bias_and_dropout, custom_op_needed,
                                                eager_autograd_function, forward_route, lora_grads_to_inputs,
                                                save_for_lora_backward, saved_for_lora_backward)
 from lora_kernels.ops.checks import check_nf4_lora_linear_args
+from lora_kernels.ops.lora_linear import autocast_off
 from lora_kernels.ops.nf4_lora_linear import (nf4_lora_linear_backward, nf4_lora_linear_bwd, nf4_lora_linear_composite,
                                               nf4_lora_linear_forward, nf4_lora_linear_fwd)
 
@@ -70,3 +75,47 @@ def nf4_lora_linear(x, qweight, lora_A, lora_B, scale, *, bias=None, lora_B_bias
     y, _ = forward(x, *q.op_tensors(), lora_A, lora_B, combined_bias, scale, dropout_p, seed, q.blocksize,
                    q.nested_blocksize, q.dtype)
     return y
+
+
+class _NF4BaseLinearFunction(torch.autograd.Function):
+    """y = x dequant(qweight)^T + bias as bitsandbytes' MatMul4Bit computes it: the decoded weight
+    [N, K] lives only during the forward's matmul, and backward decodes it again, so nothing N x K is
+    saved (plain ``F.linear`` would keep the decoded copy for dX). ctx holds the NF4Weight itself:
+    references to its tensors, as bnb's ctx holds its quant state."""
+
+    @staticmethod
+    def forward(ctx, x, bias, qweight):
+        ctx.qweight = qweight
+        return F.linear(x, qweight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        # Plain differentiable ops on grad_y: a second derivative (create_graph=True) is exact here.
+        need_x, need_bias, _ = ctx.needs_input_grad
+        dx = grad_y.matmul(ctx.qweight.dequantize(grad_y.dtype)) if need_x else None
+        dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_bias else None
+        return dx, dbias, None
+
+
+def nf4_base_linear(x, qweight, bias=None):
+    """The NF4 base layer alone (a merged QLoRA layer: no LoRA branch left), bitsandbytes'
+    ``Linear4bit`` semantics: the weight decoded to its stored dtype, then cast to x's.
+
+    Args:
+        x: [..., K] floating tensor on qweight's device (checked by the caller).
+        qweight: ``NF4Weight`` [N, K].
+        bias: [N] in x's dtype, or None.
+    Returns:
+        y: [..., N] in x's dtype (under torch.autocast: in the autocast dtype, x and bias cast to it).
+
+    Saved for backward: nothing but references to the NF4 tensors (the weight is decoded again).
+    Under torch.compile, dispatch modes, tensor subclasses and torch.func transforms, and when no
+    gradient can flow, it is the plain ``F.linear`` of the decoded weight.
+    """
+    x, bias = autocast_inputs(x, bias)
+    if (composite_needed(x, bias) or custom_op_needed(x, bias) or not torch.is_grad_enabled()
+            or not any(t is not None and t.requires_grad for t in (x, bias))):
+        with autocast_off(x.device):
+            return F.linear(x, qweight.dequantize(x.dtype), bias)
+    with autocast_off(x.device):
+        return _NF4BaseLinearFunction.apply(x, bias, qweight)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_kernels.autograd import lora_linear, nf4_lora_linear
+from lora_kernels.autograd.nf4_lora_linear import nf4_base_linear
 from lora_kernels.ops.checks import check_linear_input
 from lora_kernels.ops.lora_linear import autocast_enabled
 from lora_kernels.ops.nf4 import NF4Weight
@@ -491,8 +492,8 @@ class NF4LoRALinear(_LoRALinearBase):
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_linear_input(x, self.qweight.shape, self.qweight.device, "qweight")  # the unmerged call's errors for x
-        # No LoRA branch left: bnb's own unfused path (decode to the stored dtype, cast to x's).
-        return F.linear(x, self.qweight.dequantize(x.dtype), self._merged_bias(x))
+        # No LoRA branch left: bnb's own path (decode to the stored dtype, cast to x's), saving no decoded weight.
+        return nf4_base_linear(x, self.qweight, self._merged_bias(x))
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         q = self.qweight

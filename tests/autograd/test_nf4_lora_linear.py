@@ -14,7 +14,7 @@ from lora_kernels import NF4Weight
 from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_layout, _run_and_check, run_drawn_spec
 from lora_kernels.kernels import configs
 from lora_kernels.ops import triton_launch
-from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, GridRecorder, assert_close,
+from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, GridRecorder, assert_close, bnb_dequantized,
                            check_against_reference, keep_mask_for, make_grad_y, make_problem, reference, run_public)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -301,3 +301,44 @@ def test_bad_arguments_raise_naming_the_argument(case):
     with pytest.raises(exc, match=rf"^{name} "):
         lora_kernels.nf4_lora_linear(kwargs.pop("x"), kwargs.pop("qweight"), kwargs.pop("lora_A"),
                                      kwargs.pop("lora_B"), kwargs.pop("scale"), **kwargs)
+
+
+# ---- the NF4 base layer alone (merged QLoRA layers) --------------------------------------------
+@pytest.mark.parametrize("lead", [(0,), (1,), (3, 5)], ids=["M0", "M1", "3d"])
+@pytest.mark.parametrize("dtype, weight_dtype", [(F32, BF16), (F16, F16), (BF16, F32)],
+                         ids=["f32-wbf16", "f16", "bf16-wf32"])
+def test_nf4_base_linear_saves_no_decoded_weight(lead, dtype, weight_dtype):
+    """y, dx and dbias against float64 on bnb's decode, and nothing N x K saved for backward (plain
+    F.linear of the decoded weight keeps that copy for dx; bitsandbytes' Linear4bit does not)."""
+    from lora_kernels.autograd.nf4_lora_linear import nf4_base_linear
+    N, K = 48, 40  # N x K = 1920 elements, above every other tensor here
+    gen = torch.Generator().manual_seed(11)
+    q = NF4Weight.quantize(torch.randn(N, K, generator=gen).to(weight_dtype), **DQ)
+    x = torch.randn(*lead, K, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(N, generator=gen).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = nf4_base_linear(x, q, bias)
+    assert all(t.numel() < N * K for t in saved), [tuple(t.shape) for t in saved]
+    gy = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(gy)
+    W64 = bnb_dequantized(q).to(dtype).double()
+    bound = BOUNDS[dtype]
+    assert y.dtype == dtype
+    assert_close(y, x.detach().double() @ W64.T + bias.detach().double(), bound, "y")
+    assert_close(x.grad, gy.double() @ W64, bound, "dx")
+    assert_close(bias.grad, gy.double().reshape(-1, N).sum(0), bound, "dbias")
+
+
+def test_nf4_base_linear_second_derivative():
+    """Its backward is plain differentiable ops: a gradient penalty differentiates through it exactly
+    (float64 reference: d/dx of ||dy/dx . g||^2 with y linear in x is 0, d/dg is 2 W (W^T g))."""
+    from lora_kernels.autograd.nf4_lora_linear import nf4_base_linear
+    gen = torch.Generator().manual_seed(12)
+    q = NF4Weight.quantize(torch.randn(24, 20, generator=gen), **DQ)
+    x = torch.randn(5, 20, generator=gen, requires_grad=True)
+    g = torch.randn(5, 24, generator=gen, requires_grad=True)
+    (dx,) = torch.autograd.grad(nf4_base_linear(x, q), x, g, create_graph=True)
+    dx.pow(2).sum().backward()
+    W64 = bnb_dequantized(q).double()
+    assert_close(g.grad, 2 * (g.detach().double() @ W64) @ W64.T, BOUNDS[F32], "d/dg")

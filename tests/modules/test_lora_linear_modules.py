@@ -299,6 +299,26 @@ def test_nf4_merge_warns_and_requantizes(torch_backend):
         q.unmerge()
 
 
+@pytest.mark.parametrize("cls", [NF4LoRALinear, NF4DyLoRALinear])
+def test_nf4_merged_layer_saves_no_decoded_weight(torch_backend, cls):
+    """A merged QLoRA layer in training (x requires grad) keeps no [N, K] decoded weight for backward,
+    as bitsandbytes' Linear4bit keeps none; its dx is x's gradient through the merged weight."""
+    q = NF4LoRALinear.from_linear(_linear(), R, ALPHA) if cls is NF4LoRALinear else cls(K, N, R, ALPHA)
+    _randomize_B(q, std=0.3)
+    with pytest.warns(UserWarning, match="re-quantiz"):
+        q.merge()
+    q.train()
+    x = _x(requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert all(t.numel() < N * K for t in saved), [tuple(t.shape) for t in saved]
+    gy = torch.randn(y.shape, generator=_gen(3))
+    y.backward(gy)
+    W = q.qweight.dequantize().double()
+    assert rel_err(x.grad, gy.double() @ W) < FP32
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fresh_layer_starts_like_a_fresh_nn_linear(bias, dtype):
