@@ -179,19 +179,26 @@ def _row_chunks(weight: Union[Tensor, NF4Weight], rows_per_chunk: int):
             yield weight[r0:r0 + rows_per_chunk].detach().double().cpu()
 
 
+# Default block of W₀ rows for base_projection: ~1M elements (8 MiB in float64), whatever K is, so that
+# a row block is a small fraction of any LLM projection (4096 x 4096 included) decoded whole.
+CHUNK_ELEMENTS = 1 << 20
+
+
 def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional[int] = None,
-                    rows_per_chunk: int = 4096) -> dict:
+                    rows_per_chunk: Optional[int] = None) -> dict:
     """How much ΔW's top-k directions are already in W₀ (the LoRA paper's table 7 quantities).
 
     Returns {"k", "projection": ‖U_kᵀ W₀ V_k‖_F, "delta_frobenius": ‖ΔW_k‖_F (top k singular values),
     "weight_frobenius": ‖W₀‖_F, "amplification": ‖ΔW_k‖_F / ‖U_kᵀ W₀ V_k‖_F}.
-    weight: [N, K] tensor or NF4Weight (never decoded whole: rows_per_chunk rows at a time).
+    weight: [N, K] tensor or NF4Weight (never decoded whole: rows_per_chunk rows at a time, by
+        default as many as fit in CHUNK_ELEMENTS, at least one).
     """
     svd = _check_svd("svd", svd)
     q = svd.rank  # directions beyond ΔW's numerical rank are arbitrary
     k = q if k is None else _check_rank_index("k", k, q)
-    if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int) or rows_per_chunk < 1:
-        raise ValueError(f"rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
+    if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int)
+                                       or rows_per_chunk < 1):
+        raise ValueError(f"rows_per_chunk must be None or a positive int, got {rows_per_chunk!r}")
     if isinstance(weight, Tensor):
         _check_matrix("weight", weight, finite=False)  # checked a block of rows at a time below
     elif not isinstance(weight, NF4Weight):
@@ -199,6 +206,8 @@ def base_projection(weight: Union[Tensor, NF4Weight], svd: DeltaSVD, k: Optional
     if tuple(weight.shape) != (svd.U.shape[0], svd.V.shape[0]):
         raise ValueError(f"weight must be [N, K] = [{svd.U.shape[0]}, {svd.V.shape[0]}] like the adapter's ΔW, "
                          f"got {tuple(weight.shape)}")
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, CHUNK_ELEMENTS // weight.shape[1])
     U, V = svd.U[:, :k], svd.V[:, :k]
     projected = torch.zeros(k, k, dtype=torch.float64)
     weight_power, r0 = 0.0, 0

@@ -100,7 +100,7 @@ def test_subspace_similarity_limits():
     assert ra.subspace_similarity(o1, o2, 3, 3) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("rows_per_chunk", [1, 7, 4096])
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 4096, None])
 def test_base_projection_dense_and_nf4(rows_per_chunk):
     N, K, r = 24, 40, 4
     A, B = _adapter(N, K, r, seed=7)
@@ -120,6 +120,35 @@ def test_base_projection_dense_and_nf4(rows_per_chunk):
     Wq = q.dequantize().double()
     assert got["projection"] == pytest.approx(float((U[:, :3].t() @ Wq @ V[:, :3]).norm()), rel=1e-10)
     assert got["weight_frobenius"] == pytest.approx(float(Wq.norm()), rel=1e-12)
+
+
+def test_base_projection_default_blocks_fit_the_element_budget(monkeypatch):
+    """By default a block of W₀ rows holds at most CHUNK_ELEMENTS values (at least one row), whatever
+    N is: a fixed row count decoded a 4096 x 4096 weight whole, in float64."""
+    N, K = 24, 40
+    A, B = _adapter(N, K, 4, seed=7)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(8))
+    svd = ra.delta_svd(A, B, 0.25)
+    blocks, row_chunks = [], ra._row_chunks
+
+    def recording_row_chunks(weight, rows):
+        for chunk in row_chunks(weight, rows):
+            blocks.append(chunk.numel())
+            yield chunk
+
+    monkeypatch.setattr(ra, "_row_chunks", recording_row_chunks)
+    monkeypatch.setattr(ra, "CHUNK_ELEMENTS", 100)
+    expect = ra.base_projection(W, svd, 3, rows_per_chunk=N)["projection"]
+    for weight in (W, NF4Weight.quantize(W, double_quant=True)):
+        blocks.clear()
+        got = ra.base_projection(weight, svd, 3)["projection"]
+        assert blocks and max(blocks) <= 100 and sum(blocks) == N * K, blocks
+        if weight is W:
+            assert got == pytest.approx(expect, rel=1e-12)
+    monkeypatch.setattr(ra, "CHUNK_ELEMENTS", 10)  # below one row: one row at a time
+    blocks.clear()
+    ra.base_projection(W, svd, 3)
+    assert blocks == [K] * N
 
 
 def test_bad_arguments():
