@@ -424,9 +424,11 @@ def _dora_forward(layer, adapter, base, weight, x, A, B, scale: float, linear4bi
         out_dtype = None  # nn.Linear's (and Conv1D's) output dtype: the fused layer's
     # ||W_n||^2 of the frozen base weight, kept on the base layer (not while compiling: see row_sqnorm)
     cache = None if torch.compiler.is_compiling() else base.__dict__.setdefault(_ROW_SQNORM_CACHE, {})
-    return dora_linear(x, weight, A, B, layer.lora_magnitude_vector[adapter].weight, scale, bias=common["bias"],
-                       dropout_p=common["dropout_p"], training=common["training"], out_dtype=out_dtype,
-                       norm_cache=cache)
+    y = dora_linear(x, weight, A, B, layer.lora_magnitude_vector[adapter].weight, scale, bias=common["bias"],
+                    dropout_p=common["dropout_p"], training=common["training"], out_dtype=out_dtype,
+                    norm_cache=cache)
+    # PEFT's DoRA scales by a [1, N] row, which makes an unbatched x's [N] result [1, N]: give its shape
+    return y.unsqueeze(0) if x.dim() == 1 else y
 
 
 _ROW_SQNORM_CACHE = "_lora_kernels_row_sqnorm"  # on the base module: dora_linear's norm_cache

@@ -583,6 +583,27 @@ def test_dora_matches_peft_on_the_fast_path(qlora):
     assert all(g.abs().sum() > 0 for g in _magnitude_grads(patched).values())
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_unbatched_input_gives_peft_s_shape(qlora, dora):
+    """A 1-D x [K]: plain LoRA gives [N] as nn.Linear; PEFT's DoRA gives [1, N] (its magnitude scale
+    is a [1, N] row): the patched layer gives PEFT's shape and values, on the fast path."""
+    reference = peft_model(seed=3, qlora=qlora, use_dora=dora)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(4))  # PEFT's zero B hides the LoRA term
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    ref_layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(layer.in_features, generator=torch.Generator().manual_seed(5))
+    assert lk_peft.fallback_reason(layer, x) is None
+    y, ref_y = layer(x), ref_layer(x)
+    assert y.shape == ref_y.shape == ((1, layer.out_features) if dora else (layer.out_features,))
+    assert_close(y, ref_y, BOUND, "unbatched")
+
+
 def test_dora_row_norms_of_the_base_are_cached_until_it_changes():
     model = peft_model(seed=3, use_dora=True)
     lora_kernels.patch_peft_model(model)
