@@ -71,6 +71,35 @@ def test_every_config_matches_reference(monkeypatch, arch, kind, padded):
         torch.set_float32_matmul_precision(old_precision)
 
 
+@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("kind", configs.DOT_KINDS)
+@pytest.mark.parametrize("padded", [16, 256])  # R_CHUNK = R, and the most R_CHUNK steps
+@pytest.mark.parametrize("K", [192, 133], ids=["aligned", "per-element"])
+def test_every_nf4_config_matches_reference(monkeypatch, arch, kind, padded, K):
+    """The NF4 GEMMs' tiles (``configs._nf4_gemm_config``: forward and dX, per dot kind, GPU family,
+    rank, and tile decode vs per-element decode) on shapes spanning several tiles and partial ones,
+    forward and every gradient against float64 on the dequantized weight. M sits between the
+    split-K range and the slab route (switched off here), so both NF4 GEMMs run their K-loops."""
+    x_dtype, adapter_dtype, precision = KINDS[kind]
+    monkeypatch.setattr(triton_launch, "_device_arch", lambda device: arch)
+    monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "0")
+    recorders = {name: GridRecorder(getattr(triton_launch, name))
+                 for name in ("lora_forward_gemm_kernel", "lora_grad_input_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(triton_launch, name, recorder)
+    old_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        gen = torch.Generator().manual_seed(7 * padded + arch + K)
+        y, ref, leaves = _layer_and_reference(configs.SMALL_M_MAX + 21, K, 150, RANK_FOR_PADDED[padded], x_dtype,
+                                              adapter_dtype, "nf4", gen, grads=True)
+        assert all(len(recorder.grids) == 1 for recorder in recorders.values())
+        _assert_close_to_reference(y, ref, leaves, x_dtype)
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+
+
 def _layer_and_reference(M, K, N, r, x_dtype, adapter_dtype, weight_format, gen, grads=False):
     """Runs the layer (dense, or NF4 quantized from the same weight) on fresh inputs with a bias,
     lora_B_bias and dropout 0.25, and the float64 reference with the same mask. Returns (y, ref,
