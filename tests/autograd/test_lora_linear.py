@@ -13,7 +13,7 @@ import lora_kernels
 from lora_kernels.kernels.configs import MAX_RANK
 from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, SEED_HIGH, assert_close,
                            check_against_reference, keep_mask_for, make_grad_y, make_problem, reference,
-                           rel_err, rng_state, run_public)
+                           rel_err, rng_state, run_public, use_backend)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (x dtype, adapter dtype): adapters in x's dtype, or fp32 beside 16-bit x (PEFT's autocast_adapter_dtype)
@@ -203,6 +203,47 @@ def test_empty_features(backend, shape):
     ref_y, ref_grads = reference(pb, make_grad_y(pb))
     check_against_reference(pb, y, grads, ref_y, ref_grads, BOUNDS[F32])
     assert set(backend.impls()) == {"torch"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Large M on the lean PyTorch path: its backward forms dA and dB differently above some M
+# (reference._grad_lora_B: (h^T dY)^T above GRAD_B_DIRECT_MAX_M rows; reference._mm_tn: a batched
+# GEMM over 4 M-chunks plus a sum from M = 1024, M % 4 == 0, contiguous operands), shapes the other
+# tests never reach. Small K, N, r keep it cheap; 1030 is not a multiple of 4 (the plain product).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora_fa", [False, True], ids=["A_trained", "lora_fa"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, F32), (F16, F16)],
+                         ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+@pytest.mark.parametrize("lead", [(257,), (1024,), (4, 257), (1030,)], ids=lambda l: "x".join(map(str, l)))
+def test_large_m_torch_backward_matches_float64(monkeypatch, lead, dtypes, dropout_p, lora_fa):
+    from lora_kernels.ops import reference as torch_path
+
+    M = math.prod(lead)
+    products = []  # (function, rows, whether the M-split batched GEMM runs)
+
+    def spy(name, fn):
+        def wrapper(a, b, *args):
+            split = name == "_mm_tn" and a.shape[0] >= 1024 and a.shape[0] % 4 == 0 \
+                and a.is_contiguous() and b.is_contiguous()
+            products.append((name, a.shape[0], split))
+            return fn(a, b, *args)
+        return wrapper
+
+    for name in ("_mm_tn", "_grad_lora_B"):
+        monkeypatch.setattr(torch_path, name, spy(name, getattr(torch_path, name)))
+    rg = ("x", "lora_B", "bias", "lora_B_bias") if lora_fa else ("x", "lora_A", "lora_B", "bias", "lora_B_bias")
+    with use_backend("torch") as record:
+        pb = make_problem(lead, 24, 20, 6, *dtypes, bias=True, lora_B_bias=not lora_fa, seed=M + 7,
+                          requires_grad=rg)
+        _, grads = _run_and_check(record, pb, make_grad_y(pb, seed=M), dropout_p=dropout_p, rng_seed=M)
+    assert ("lora_A" in grads) != lora_fa
+    # the branches under test ran: dB from the large-M form, dA (trained A) from the split GEMM
+    assert ("_grad_lora_B", M, False) in products
+    split = M >= 1024 and M % 4 == 0
+    assert any(s for _, _, s in products) == split, products
+    if not lora_fa:
+        assert ("_mm_tn", M, split) in products
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,3 +139,75 @@ def test_svd_layer_against_float64(backend):
     for got, ref, name in ((x.grad, x64.grad, "dx"), (layer.lora_A["default"].grad, A.grad, "dA"),
                            (layer.lora_E["default"].grad, E.grad, "dE"), (layer.lora_B["default"].grad, B.grad, "dB")):
         assert_close(got, ref, BOUND, name)
+
+
+class _FixedMask(torch.nn.Module):
+    """Inverted dropout with a given keep mask [..., K]: in a PEFT layer in place of its nn.Dropout, so
+    PEFT's own forward applies the mask lora_kernels drew (its masks come from a seed, not from PEFT's
+    nn.Dropout and torch's RNG: the two cannot draw the same mask)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.view(x.shape).to(x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "fp16", "bf16", "bf16_fp32_adapters"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.usefixtures("poisoned")
+def test_svd_layer_with_dropout_in_16_bit_matches_peft_in_float64(backend, dtypes):
+    """lora_dropout > 0, in fp32 and 16-bit (adapters in the base's dtype, or fp32 as PEFT's
+    autocast_adapter_dtype keeps them): the patched SVDLinear against PEFT's own SVDLinear run in float64
+    with the same keep mask, for y and the gradients of x, A, E, B and the base bias."""
+    from peft.tuners.adalora.layer import SVDLinear
+    from tests.helpers import BOUNDS, keep_mask_for, rel_err
+    dtype, adapter_dtype = dtypes
+    p, (K, N), lead = 0.3, (48, 40), (3, 7)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(K, N).to(dtype)
+    cfg = peft.AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, total_step=10, target_modules=["x"], lora_dropout=p)
+    layer = SVDLinear(base, "default", cfg, r=5, lora_alpha=6, lora_dropout=p)
+    g = torch.Generator().manual_seed(1)
+    adapters = [layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]]
+    with torch.no_grad():  # random E (PEFT's zeros would hide A and B) and B; in the adapter dtype
+        for t in adapters:
+            t.data = torch.randn(t.shape, generator=g).to(adapter_dtype)
+    layer.train()
+    reference = copy.deepcopy(layer)
+    lora_kernels.patch_peft_model(torch.nn.Sequential(layer))
+    x = torch.randn(*lead, K, generator=g).to(dtype).requires_grad_(True)
+    with use_backend(backend) as record:
+        torch.manual_seed(123)
+        y = layer(x)
+        dy = torch.randn(y.shape, generator=g).to(dtype)
+        y.backward(dy)
+    assert record.impls() == [backend] * 2  # the fast path, with dropout, on this backend
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    keep = keep_mask_for(123, 21, K, p).view(*lead, K)
+    reference.lora_dropout["default"] = _FixedMask(keep, p)
+    reference = reference.double()
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference(x64)
+    y64.backward(dy.double())
+    # PEFT's float64 forward is the AdaLoRA formula with this mask
+    A, B, E = (reference.get_parameter(f"{n}.default").detach() for n in ("lora_A", "lora_B", "lora_E"))
+    formula = (x64.detach() @ reference.base_layer.weight.t() + reference.base_layer.bias
+               + ((x64.detach() * keep / (1 - p)) @ (A * E).t() @ B.t()) * 6 / (5 + 1e-5))
+    assert rel_err(formula, y64) < 1e-12
+    bound = BOUNDS[dtype]
+    assert_close(y, y64, bound, "y")
+    for name, got, ref in (("dx", x.grad, x64.grad), ("dbias", base.bias.grad, reference.base_layer.bias.grad),
+                           *((f"d{n}", a.grad, reference.get_parameter(f"{n}.default").grad)
+                             for n, a in zip(("lora_A", "lora_B", "lora_E"), adapters))):
+        assert got is not None and ref is not None, name
+        assert_close(got, ref, bound, name)
+    assert all(a.grad.dtype == adapter_dtype for a in adapters)
+    # the mask matters: without it (or with another seed's) the output is far off
+    for other in (torch.ones_like(keep), keep_mask_for(124, 21, K, p).view(*lead, K)):
+        reference.lora_dropout["default"] = _FixedMask(other, 0.0 if other.all() else p)
+        with torch.no_grad():
+            assert rel_err(y, reference(x64)) > 10 * bound

@@ -259,3 +259,43 @@ def test_compiled_training_with_one_rank_per_step(monkeypatch, cls):
         for name in ("lora_A", "lora_B"):
             torch.testing.assert_close(getattr(layer, name).grad, getattr(eager, name).grad, rtol=FP32, atol=FP32)
     assert len(set(ranks)) > 1, ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit layers on both backends (the Triton kernels reading the strided B[:, :r] view), NF4 too
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtypes", [(torch.float16, None), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float32)], ids=["fp16", "fp16_fp32_adapters", "bf16_fp32_adapters"])
+@pytest.mark.parametrize("cls", [DyLoRALinear, NF4DyLoRALinear])
+@pytest.mark.usefixtures("poisoned")
+def test_half_precision_truncated_rank_against_float64(backend, cls, dtypes):
+    from tests.helpers import BOUNDS, assert_close, use_backend
+    dtype, adapter_dtype = dtypes
+    k, n, r_max, rank, lead = 70, 45, 40, 17, (3, 7)  # M = 21: past the Triton GEMMs' small-M form
+    torch.manual_seed(0)
+    layer = cls(k, n, r_max, 2.0 * r_max, dtype=dtype, adapter_dtype=adapter_dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B random: PEFT's zero init would hide the LoRA term
+        layer.lora_B.copy_(torch.randn(n, r_max, generator=g))
+        layer.bias.copy_(torch.randn(n, generator=g))
+    layer.rank = rank
+    A_view, B_view, _ = layer._adapters()
+    assert B_view.stride() == (r_max, 1) and not B_view.is_contiguous()  # the strided view, not a copy
+    assert A_view.dtype == (adapter_dtype or dtype)
+    x = torch.randn(*lead, 2 * k, generator=g).to(dtype)[..., ::2].requires_grad_(True)  # non-contiguous
+    with use_backend(backend) as record:
+        y = layer(x)
+        dy = torch.randn(y.shape, generator=g).to(dtype)
+        y.backward(dy)
+    assert record.impls() == [backend] * 2  # the fused layer's forward and backward on this backend
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    scale = 2.0 * r_max / rank
+    y_ref, x64, A, B = _reference(layer, x, rank, scale)
+    y_ref.backward(dy.double())
+    bound = BOUNDS[dtype]
+    assert_close(y, y_ref, bound, "y")
+    assert_close(x.grad, x64.grad, bound, "dx")
+    assert_close(layer.lora_A.grad[:rank], A.grad[:rank], bound, "dA")
+    assert_close(layer.lora_B.grad[:, :rank], B.grad[:, :rank], bound, "dB")
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == A_view.dtype
+    assert not layer.lora_A.grad[rank:].any() and not layer.lora_B.grad[:, rank:].any()
