@@ -1,8 +1,11 @@
 """The backend plumbing of tests/helpers.py. On a GPU machine every test parametrized over BACKENDS
 also runs as "cuda": the helpers must then hand it CUDA tensors, or it silently runs the CPU path.
-CUDA is faked here (``torch.cuda.is_available``) and no CUDA tensor is made."""
+CUDA is faked here (``torch.cuda.is_available``) and no CUDA tensor is made. Then the NF4 helpers:
+references on bitsandbytes' decode, block sizes passed through."""
+import pytest
 import torch
 
+import lora_kernels
 from tests import helpers
 
 
@@ -36,3 +39,61 @@ def test_rng_state_reads_the_generator_of_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state)
     assert helpers.rng_state("cuda") is cuda_state
     assert torch.equal(helpers.rng_state("cpu"), torch.get_rng_state())
+
+
+def test_nf4_problem_reference_is_the_bitsandbytes_decode(monkeypatch):
+    """An NF4 problem's reference weight is bitsandbytes' decode of the quantized weight (rounded to its
+    stored dtype, then to x's), not NF4Weight.dequantize(): on CUDA that runs lora_kernels' own Triton
+    decode, which the tests must not check against itself. A wrong dequantize() here changes nothing."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from lora_kernels.integrations.bitsandbytes import nf4_to_bnb
+
+    monkeypatch.setattr(lora_kernels.NF4Weight, "dequantize",
+                        lambda self, dtype=None: torch.zeros(self.shape, dtype=dtype or self.dtype))
+    pb = helpers.make_problem((3,), 128, 24, 2, torch.bfloat16, seed=3,
+                              nf4=dict(weight_dtype=torch.float32, blocksize=32, nested_blocksize=4))
+    params, state = nf4_to_bnb(pb.qweight)
+    expected = bnb_f.dequantize_4bit(params.data, state).reshape(24, 128).to(torch.bfloat16)
+    assert pb.weight.dtype == torch.bfloat16 and torch.equal(pb.weight, expected)
+    assert pb.qweight.blocksize == 32 and pb.qweight.nested_blocksize == 4
+
+
+@pytest.mark.parametrize("nested_blocksize", [None, 4, 100])
+def test_nf4_quantize_matches_bitsandbytes(nested_blocksize):
+    """helpers.nf4_quantize: bitsandbytes' quantize_4bit, whose double quantization is quantize_blockwise
+    of absmax - mean(absmax) in blocks of 256, with the nested block size asked for instead."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
+    q = helpers.nf4_quantize(w, 32, nested_blocksize=nested_blocksize)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=32, quant_type="nf4", compress_statistics=False)
+    offset = state.absmax.mean()
+    codes, state2 = bnb_f.quantize_blockwise(state.absmax - offset, blocksize=nested_blocksize or 256)
+    assert q.blocksize == 32 and q.nested_blocksize == (nested_blocksize or 256)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, codes)
+    assert torch.equal(q.absmax_scale, state2.absmax) and torch.equal(q.absmax_offset, offset)
+    if nested_blocksize is None:
+        reference = lora_kernels.NF4Weight.quantize(w, 32)
+        assert all(torch.equal(a, b) for a, b in zip(q.op_tensors(), reference.op_tensors()))
+
+
+def test_nf4_op_inputs_take_block_sizes():
+    args, q = helpers.nf4_gemv_inputs(2, 256, 20, 4, torch.bfloat16, torch.bfloat16, False, blocksize=128,
+                                      nested_blocksize=4)
+    assert (q.blocksize, q.nested_blocksize) == (128, 4) and args[-3:-1] == (128, 4)
+    args, q = helpers.nf4_grad_input_args(2, 20, 256, torch.float32, False, blocksize=256, nested_blocksize=8)
+    assert (q.blocksize, q.nested_blocksize) == (256, 8) and args[-3:-1] == (256, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_poisoned_memory_fills_new_tensors(dtype):
+    """The poisoned tests rely on torch.empty handing out NaN (integers: their max) inside
+    ``poisoned_memory``: a kernel that leaves an element unwritten then fails the float64 checks. If
+    torch dropped that behaviour, every poisoned test would silently lose it. Outside, nothing is
+    filled (the previous settings come back)."""
+    fill = torch.iinfo(dtype).max if not dtype.is_floating_point else None
+    before = torch.are_deterministic_algorithms_enabled()
+    with helpers.poisoned_memory():
+        for t in (torch.empty(37, 5, dtype=dtype), torch.empty_like(torch.ones(3, dtype=dtype)),
+                  torch.ones(8, dtype=dtype).new_empty(11)):
+            assert (t.isnan().all() if fill is None else (t == fill).all()), t
+    assert torch.are_deterministic_algorithms_enabled() == before

@@ -1,7 +1,8 @@
 """The public ``lora_kernels.nf4_lora_linear`` (QLoRA layer on a bitsandbytes NF4 weight): forward
 and every gradient against the float64 reference built on the dequantized weight (hypothesis over
-shapes, dtypes, layouts, biases, dropout, double quantization) on both CPU backends, LoRA-FA saving
-rules, PEFT ``lora.bnb.Linear4bit`` equality, torch.compile and argument errors (the ops themselves:
+shapes, dtypes, layouts, biases, dropout, double quantization, block sizes) on both CPU backends,
+block and nested block sizes on every route, the PyTorch path's row chunks, LoRA-FA saving rules,
+PEFT ``lora.bnb.Linear4bit`` equality, torch.compile and argument errors (the ops themselves:
 tests/ops/test_nf4_lora_linear_ops.py)."""
 import math
 
@@ -15,7 +16,8 @@ from tests.autograd.test_lora_linear import DTYPE_PAIRS, PARAMETER_LAYOUTS, _in_
 from lora_kernels.kernels import configs
 from lora_kernels.ops import triton_launch
 from tests.helpers import (BOUNDS, BWD_NEED_FLAGS, DTYPE_IDS, LAYOUTS, GridRecorder, assert_close, bnb_dequantized,
-                           check_against_reference, keep_mask_for, make_grad_y, make_problem, reference, run_public)
+                           check_against_reference, keep_mask_for, make_grad_y, make_problem, reference, run_public,
+                           use_backend)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DQ = dict(double_quant=True)
@@ -35,13 +37,15 @@ def nf4_problem_specs(draw):
         # of 64 take the GEMMs' fast decode (kernels.nf4.nf4_tile_halves)
         K=draw(st.one_of(st.just(1), st.integers(1, 150), st.sampled_from([64, 128]))),
         N=draw(st.one_of(st.just(1), st.integers(1, 70))),
-        r=draw(st.one_of(st.integers(1, 16), st.integers(17, 64))),
+        r=draw(st.one_of(st.integers(1, 16), st.integers(17, 128))),
         x_dtype=x_dtype, adapter_dtype=adapter_dtype,
         bias=draw(st.booleans()), lora_B_bias=draw(st.booleans()),
         layout=draw(st.sampled_from(LAYOUTS)),
         dropout_p=draw(st.sampled_from([0.0, 0.0, 0.2])),
+        # bnb's default block size 64 most often; the others it quantizes with too
         nf4=dict(double_quant=draw(st.booleans()), quant_type=draw(st.sampled_from(["nf4", "nf4", "fp4"])),
-                 weight_dtype=draw(st.sampled_from([None, F32, BF16, F16]))),
+                 weight_dtype=draw(st.sampled_from([None, F32, BF16, F16])),
+                 blocksize=draw(st.sampled_from([64, 64, 32, 128, 256]))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -128,6 +132,85 @@ def test_slab_extent_fits_the_budget(monkeypatch):
 def test_ranks(backend, r):
     pb = make_problem((9,), 65, 20, r, F32, seed=5, nf4=DQ)
     _run_and_check(backend, pb, make_grad_y(pb))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes other than bnb's default 64 (quantize_4bit takes 32..4096), nested block sizes
+# other than 256, and the PyTorch path's row chunks
+# ---------------------------------------------------------------------------------------------
+# (blocksize, K, x and adapters' dtypes, double quant). Under the interpreter the NF4 GEMMs take
+# 32-wide K tiles for fp32 x and 64-wide ones for 16-bit x (the sm_90 configurations): a weight
+# with K % blocksize == 0 and blocksize % tile == 0 takes the tile decode (one scale per tile row),
+# any other the per-element decode.
+BLOCKSIZE_CASES = [
+    (32, 96, (F32, F32), True),  # tile decode of 32-blocks (also the large-M slabs)
+    (32, 96, (BF16, BF16), True),  # 64-wide tiles over 32-blocks: the per-element decode
+    (128, 256, (F16, F32), True),  # tile decode of 128-blocks (also the large-M slabs)
+    (256, 200, (F32, F32), False),  # blocks spanning rows: the per-element decode
+    (512, 96, (BF16, F32), True),  # each block spans 5 or 6 rows
+    (4096, 150, (F32, F32), True),  # one whole block and a partial one
+]
+
+
+@pytest.mark.parametrize("blocksize, K, dtypes, double_quant", BLOCKSIZE_CASES,
+                         ids=[f"bs{b}-K{k}-{DTYPE_IDS[d[0]]}{DTYPE_IDS[d[1]]}" for b, k, d, _ in BLOCKSIZE_CASES])
+def test_block_sizes(backend, monkeypatch, blocksize, K, dtypes, double_quant):
+    """Forward and every gradient with each route of the Triton backend: the small-M split-K forward
+    (5 rows), the GEMMs (21 rows) and, for weights aligned to its tiles, the large-M route whose
+    base products run over slabs of the decoded weight."""
+    slabs = GridRecorder(triton_launch.nf4_dequantize_tiles_kernel)
+    monkeypatch.setattr(triton_launch, "nf4_dequantize_tiles_kernel", slabs)
+    aligned = K % blocksize == 0  # (the slabs' tiles are min(64, blocksize) wide: inside one block)
+    for lead, min_m in (((5,), "0"), ((3, 7), "0"), ((3, 7), "1"))[:3 if aligned else 2]:
+        monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, min_m)
+        pb = make_problem(lead, K, 40, 8, *dtypes, bias=True, seed=blocksize + K + len(lead),
+                          nf4=dict(blocksize=blocksize, double_quant=double_quant))
+        assert pb.qweight.blocksize == blocksize and pb.qweight.double_quant == double_quant
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
+    assert bool(slabs.grids) == (aligned and backend.name != "torch")
+
+
+@pytest.mark.parametrize("nested_blocksize, K", [(16, 128), (100, 100)])
+def test_nested_block_sizes(backend, monkeypatch, nested_blocksize, K):
+    """Double quantization with second-level blocks of 16 and of 100 (not a power of two) absmax
+    values, several of them: a weight's nested block size is its own (a bnb QuantState or a state dict
+    holds it), not always quantize_4bit's 256. K = 128: the GEMMs' tile decode, then the large-M
+    route's slabs; K = 100: the per-element decode."""
+    for min_m in ("0", "1") if K == 128 else ("0",):
+        monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, min_m)
+        pb = make_problem((3, 7), K, 40, 8, F32, bias=True, seed=nested_blocksize,
+                          nf4=dict(blocksize=32, nested_blocksize=nested_blocksize))
+        q = pb.qweight
+        assert q.nested_blocksize == nested_blocksize
+        assert q.absmax_scale.numel() == math.ceil(q.n_blocks / nested_blocksize) > 1
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.1)
+
+
+@pytest.mark.parametrize("chunk_rows, blocksize", [(3, 64), (1, 128)])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, F32)], ids=lambda d: DTYPE_IDS[d[0]] + DTYPE_IDS[d[1]])
+def test_torch_path_row_chunks(monkeypatch, chunk_rows, blocksize, dtypes):
+    """The PyTorch path decodes an NF4 weight a chunk of rows at a time (ops.reference.nf4_row_chunks,
+    NF4_CHUNK_ELEMENTS values each: a whole 4096 x 4096 weight is 16 chunks). Small chunks here: the
+    forward writes each chunk's columns of y, dX adds each chunk's product with its columns of dY;
+    chunk starts inside quantization blocks (K = 70), a last partial chunk."""
+    from lora_kernels.ops import reference as torch_path
+    K, N = 70, 20
+    monkeypatch.setattr(torch_path, "NF4_CHUNK_ELEMENTS", chunk_rows * K + K // 2)  # whole rows: rounds down
+    decoded = []
+    nf4_rows = torch_path.nf4_rows
+
+    def recorded(wq, n0, n1, dtype):
+        decoded.append((n0, n1))
+        return nf4_rows(wq, n0, n1, dtype)
+
+    monkeypatch.setattr(torch_path, "nf4_rows", recorded)
+    with use_backend("torch") as backend:
+        pb = make_problem((3, 5), K, N, 8, *dtypes, bias=True, lora_B_bias=True, seed=24 + chunk_rows,
+                          nf4=dict(blocksize=blocksize))
+        _run_and_check(backend, pb, make_grad_y(pb), dropout_p=0.2)
+    chunks = [(n0, min(n0 + chunk_rows, N)) for n0 in range(0, N, chunk_rows)]
+    assert chunks[-1][1] - chunks[-1][0] == (N % chunk_rows or chunk_rows)
+    assert decoded == chunks * 2  # the forward's chunks, then dX's
 
 
 NF4_PARAMETER_LAYOUTS = [(n, lay) for n, lay in PARAMETER_LAYOUTS if n != "weight"]

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
+from lora_kernels.ops.triton_launch import NF4Tensors
 from lora_kernels.tools import csrc_emulation as emulation
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
-                           nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)
+                           nf4_grad_input_reference, nf4_quantize, nf4_slab_args, nf4_weights_of_each_stored_dtype)
 
 pytestmark = pytest.mark.skipif(emulation.available() is not None,
                                 reason=f"csrc emulation unavailable: {emulation.available()}")
@@ -241,6 +242,69 @@ def test_grad_input_kernel_on_drawn_shapes(M, N, K8, init, dtype, sms, seed):
     args, q = nf4_grad_input_args(M, N, 8 * K8, dtype, init, seed=seed)
     dx = emulation.nf4_grad_input(*args, sms=sms)
     assert_close(dx, nf4_grad_input_reference(args, q), BOUND[dtype], f"M={M} N={N} K={8 * K8} sms={sms}")
+
+
+# ----------------------------------------------------------------------------- block sizes
+
+# bitsandbytes quantizes in blocks of 32 to 4096 values (64 by default) and double-quantizes absmax
+# in blocks of 256; a weight may carry other nested blocks (a QuantState, a state dict). The SIMT
+# GEMV takes power-of-two blocks >= 32, the dX and slab kernels >= 8, both power-of-two nested blocks;
+# the tensor-core GEMV blocks of 64 with nested blocks >= 4. (blocksize, nested; None: 256.)
+BLOCK_SIZES = [(32, None), (128, 16), (256, 8), (1024, 4)]  # each weight: several nested blocks
+BLOCK_SIZE_IDS = [f"bs{b}-nested{n or 256}" for b, n in BLOCK_SIZES]
+
+
+@pytest.mark.parametrize("blocksize, nested_blocksize", BLOCK_SIZES, ids=BLOCK_SIZE_IDS)
+def test_simt_kernel_block_sizes(blocksize, nested_blocksize):
+    """y and h against float64 on the vector path (K = 512) and the element path (odd K), with and
+    without double quantization; then the decode bit-exact at block boundaries (one-hot rows of x)."""
+    for K, dq in ((512, True), (263, nested_blocksize is None)):
+        args, q = nf4_gemv_inputs(3, K, 37, 4, torch.float16, torch.float16, True, dq, seed=blocksize + K,
+                                  blocksize=blocksize, nested_blocksize=nested_blocksize)
+        assert q.blocksize == blocksize and (not dq or q.absmax_scale.numel() > 1)
+        _check("simt", args, q, f"K={K} dq={dq}")
+    K = 1024 + 64  # two chunks of x
+    args, q = nf4_gemv_inputs(16, K, 45, 0, torch.bfloat16, torch.bfloat16, False, seed=blocksize,
+                              blocksize=blocksize, nested_blocksize=nested_blocksize)
+    columns = [0, 31, 32, 63, 64, 127, 128, 255, 256, 511, 512, 1023, 1024, 1055, 1056, K - 1]
+    x = torch.zeros(16, K, dtype=torch.bfloat16)
+    x[torch.arange(16), torch.tensor(columns)] = 1.0
+    y, _ = emulation.nf4_gemv_lora(x, *args[1:], 0)
+    assert torch.equal(y, bnb_dequantized(q).to(torch.bfloat16)[:, columns].t())
+
+
+@pytest.mark.parametrize("blocksize, nested_blocksize", BLOCK_SIZES, ids=BLOCK_SIZE_IDS)
+def test_grad_input_kernel_block_sizes(blocksize, nested_blocksize):
+    """fp32 dX (the tightest bound) against float64, with several splits of N, with and without double
+    quantization."""
+    for init, dq in ((True, True), (False, False)):
+        args, q = nf4_grad_input_args(5, 300, 264, torch.float32, init, dq, seed=blocksize, blocksize=blocksize,
+                                      nested_blocksize=nested_blocksize)
+        assert q.blocksize == blocksize and (not dq or q.absmax_scale.numel() > 1)
+        dx = emulation.nf4_grad_input(*args, sms=4)
+        assert_close(dx, nf4_grad_input_reference(args, q), 1e-5, f"dx init={init} dq={dq}")
+
+
+@pytest.mark.parametrize("blocksize, nested_blocksize", BLOCK_SIZES, ids=BLOCK_SIZE_IDS)
+def test_slab_decode_block_sizes(blocksize, nested_blocksize):
+    """A window of rows and columns (starting and ending inside blocks) bit-exact with bitsandbytes."""
+    for double_quant in (True, False):
+        w = torch.randn(9, 2048, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
+        q = nf4_quantize(w, blocksize, double_quant, nested_blocksize=nested_blocksize)
+        assert not double_quant or q.absmax_scale.numel() > 1
+        out = emulation.nf4_dequantize_slab(*nf4_slab_args(q, 1, 8, 24, 2048 - 8, torch.bfloat16))
+        assert torch.equal(out, bnb_dequantized(q).to(torch.bfloat16)[1:8, 24:2048 - 8]), double_quant
+
+
+@pytest.mark.parametrize("nested_blocksize", [4, 16])
+def test_mma_kernel_nested_block_sizes(nested_blocksize):
+    """The tensor-core GEMV reads one second-level scale per pass of 4 blocks: nested blocks of 4 (one
+    per pass) and 16, against float64."""
+    args, q = nf4_gemv_inputs(3, 512, 20, 8, torch.bfloat16, torch.bfloat16, True, seed=nested_blocksize,
+                              nested_blocksize=nested_blocksize)
+    assert q.nested_blocksize == nested_blocksize and q.absmax_scale.numel() > 1
+    assert nf4_gemv.mma_weight_ok(NF4Tensors.of(q))
+    _check("mma", args, q, f"nested={nested_blocksize}")
 
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
