@@ -3,6 +3,7 @@
 Saving rules are those of ``lora_linear`` (``autograd.lora_linear``): the NF4 tensors are saved by
 reference (they are the frozen weight: no new memory), x only when lora_A needs a gradient, h only
 when lora_B does, the dropout seed instead of a mask. No gradient ever flows to the NF4 weight.
+``nf4_base_linear`` is the base layer alone (merged QLoRA layers), saving no decoded weight.
 """
 import torch
 import torch.nn.functional as F
@@ -81,28 +82,38 @@ class _NF4BaseLinearFunction(torch.autograd.Function):
     """y = x dequant(qweight)^T + bias as bitsandbytes' MatMul4Bit computes it: the decoded weight
     [N, K] lives only during the forward's matmul, and backward decodes it again, so nothing N x K is
     saved (plain ``F.linear`` would keep the decoded copy for dX). ctx holds the NF4Weight itself:
-    references to its tensors, as bnb's ctx holds its quant state."""
+    references to its tensors, as bnb's ctx holds its quant state. Not ``save_for_backward``, whose
+    version check would guard in-place writes: none happens, since merge / unmerge / load_state_dict
+    replace the NF4 tensors of a layer rather than write into them."""
 
     @staticmethod
-    def forward(ctx, x, bias, qweight):
-        ctx.qweight = qweight
-        return F.linear(x, qweight.dequantize(x.dtype), bias)
+    def forward(ctx, x, bias, qweight, decode_dtype):
+        ctx.qweight, ctx.decode_dtype = qweight, decode_dtype
+        return F.linear(x, _decoded(qweight, decode_dtype, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         # Plain differentiable ops on grad_y: a second derivative (create_graph=True) is exact here.
-        need_x, need_bias, _ = ctx.needs_input_grad
-        dx = grad_y.matmul(ctx.qweight.dequantize(grad_y.dtype)) if need_x else None
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        dx = grad_y.matmul(_decoded(ctx.qweight, ctx.decode_dtype, grad_y.dtype)) if need_x else None
         dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_bias else None
-        return dx, dbias, None
+        return dx, dbias, None, None
+
+
+def _decoded(qweight, decode_dtype, compute_dtype):
+    """bnb's chain: decoded to the stored dtype, cast to x's dtype (decode_dtype), then to the dtype
+    the matmul runs in (autocast's, when it differs)."""
+    weight = qweight.dequantize(decode_dtype)
+    return weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
 
 
 def nf4_base_linear(x, qweight, bias=None):
     """The NF4 base layer alone (a merged QLoRA layer: no LoRA branch left), bitsandbytes'
-    ``Linear4bit`` semantics: the weight decoded to its stored dtype, then cast to x's.
+    ``Linear4bit`` semantics: the weight decoded to its stored dtype, then cast to x's (then, under
+    torch.autocast, to the autocast dtype, as F.linear casts it there).
 
     Args:
-        x: [..., K] floating tensor on qweight's device (checked by the caller).
+        x: [..., K] floating tensor on qweight's device (checked by the caller, the merged module).
         qweight: ``NF4Weight`` [N, K].
         bias: [N] in x's dtype, or None.
     Returns:
@@ -112,10 +123,10 @@ def nf4_base_linear(x, qweight, bias=None):
     Under torch.compile, dispatch modes, tensor subclasses and torch.func transforms, and when no
     gradient can flow, it is the plain ``F.linear`` of the decoded weight.
     """
+    decode_dtype = x.dtype
     x, bias = autocast_inputs(x, bias)
-    if (composite_needed(x, bias) or custom_op_needed(x, bias) or not torch.is_grad_enabled()
-            or not any(t is not None and t.requires_grad for t in (x, bias))):
-        with autocast_off(x.device):
-            return F.linear(x, qweight.dequantize(x.dtype), bias)
     with autocast_off(x.device):
-        return _NF4BaseLinearFunction.apply(x, bias, qweight)
+        if (composite_needed(x, bias) or custom_op_needed(x, bias) or not torch.is_grad_enabled()
+                or not any(t is not None and t.requires_grad for t in (x, bias))):
+            return F.linear(x, _decoded(qweight, decode_dtype, x.dtype), bias)
+        return _NF4BaseLinearFunction.apply(x, bias, qweight, decode_dtype)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.autograd.dora import dora_weight_norm, row_sqnorm
-from tests.helpers import BOUNDS, FLOAT_DTYPES, LAYOUTS, assert_close, keep_mask_for, make_x
+from tests.helpers import BOUNDS, FLOAT_DTYPES, LAYOUTS, assert_close, bnb_dequantized, keep_mask_for, make_x
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
@@ -31,8 +31,10 @@ def _problem(device, dtype=torch.float32, nf4=False, lead=(3, 5), seed=0):
         return (torch.randn(*shape, generator=g) / div).to(device, dt)
 
     W = rand(N, K, div=8)
-    weight = NF4Weight.quantize(W.cpu()).to(device) if nf4 else W
-    dense = (weight.dequantize() if nf4 else W).to(dtype)  # the weight the layer computes with
+    q = NF4Weight.quantize(W.cpu()) if nf4 else None
+    weight = q.to(device) if nf4 else W
+    # the weight the layer computes with, as bitsandbytes decodes it (not the decode under test)
+    dense = (bnb_dequantized(q).to(device) if nf4 else W).to(dtype)
     leaves = dict(x=rand(*lead, K), lora_A=rand(R, K, div=8, dt=torch.float32),
                   lora_B=rand(N, R, dt=torch.float32), magnitude=rand(N, dt=torch.float32).abs() + 0.5,
                   bias=rand(N))
@@ -154,7 +156,7 @@ def _dora_reference(pb, grad_y, keep=None, p=0.0, absolute=False):
     """float64 (y, grads by name) of y = (x - d(x)) W^T + g (d(x) W^T + s d(x) A^T B^T) + b, g = m / ||W + s B A||
     (detached), from pb's leaves (``make_x``'s leaf and view) upcast. absolute: the same sums of |terms|
     (|inputs|, |grad_y|, |g|, |1 - keep / (1 - p)|): the magnitudes for the cancellation floor."""
-    t64 = {k: v.detach().double() for k, v in pb["leaves"].items()}
+    t64 = {k: v.detach().cpu().double() for k, v in pb["leaves"].items()}  # leaves on the backend's device
     W, scale = pb["dense"].double(), pb["scale"]
     norm = torch.linalg.norm(W + scale * t64["lora_B"] @ t64["lora_A"], dim=1)
     if absolute:

@@ -425,3 +425,26 @@ def test_nf4_base_linear_second_derivative():
     dx.pow(2).sum().backward()
     W64 = bnb_dequantized(q).double()
     assert_close(g.grad, 2 * (g.detach().double() @ W64) @ W64.T, BOUNDS[F32], "d/dg")
+
+
+@pytest.mark.parametrize("weight_dtype, x_dtype, autocast_dtype", [(F32, BF16, F16), (F32, F16, BF16), (F16, BF16, F16),
+                                                                   (BF16, F32, BF16)])
+def test_nf4_base_linear_under_autocast_follows_bitsandbytes_cast_chain(weight_dtype, x_dtype, autocast_dtype):
+    """Under torch.autocast, bitsandbytes' Linear4bit decodes to the stored dtype, casts to x's dtype,
+    and F.linear then casts both to the autocast dtype: y, dx and dbias equal that chain bit for bit
+    (decoding straight to the autocast dtype rounds differently when x's 16-bit dtype is the other one)."""
+    from lora_kernels.autograd.nf4_lora_linear import nf4_base_linear
+    gen = torch.Generator().manual_seed(13)
+    q = NF4Weight.quantize(torch.randn(40, 72, generator=gen).to(weight_dtype), **DQ)
+    x0 = torch.randn(6, 72, generator=gen).to(x_dtype)
+    b0 = torch.randn(40, generator=gen).to(x_dtype)
+    gy = torch.randn(6, 40, generator=gen).to(autocast_dtype)
+    results = []
+    for run in (nf4_base_linear, lambda x, q, b: torch.nn.functional.linear(x, bnb_dequantized(q).to(x.dtype), b)):
+        x, b = x0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            y = run(x, q, b)
+        y.backward(gy)
+        results.append((y, x.grad, b.grad))
+    for name, got, want in zip(("y", "dx", "dbias"), *results):
+        assert got.dtype == want.dtype and torch.equal(got, want), name

@@ -9,7 +9,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import lora_linear_reference
-from tests.helpers import BOUNDS, assert_close, keep_mask_for, rel_err
+from tests.helpers import BOUNDS, assert_close, bnb_dequantized, keep_mask_for, rel_err
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 B_SAMPLES, T, K, N, R, SCALE = 4, 3, 64, 24, 4, 0.5
@@ -27,8 +27,10 @@ def _problem(nf4: bool, device: str, seed=0):
     W = rand(N, K, div=8)
     p = dict(x=rand(B_SAMPLES, T, K), A=rand(R, K), B=rand(N, R), bias=rand(N), lora_B_bias=rand(N),
              cotangent=rand(T, N))
-    p["weight"] = NF4Weight.quantize(W.cpu()).to(device) if nf4 else W
-    p["dense"] = (p["weight"].dequantize() if nf4 else W).double()  # the weight the reference sees
+    q = NF4Weight.quantize(W.cpu()) if nf4 else None
+    p["weight"] = q.to(device) if nf4 else W
+    # the weight the reference sees, as bitsandbytes decodes it (not the decode under test)
+    p["dense"] = (bnb_dequantized(q).to(device) if nf4 else W).double()
     return p
 
 

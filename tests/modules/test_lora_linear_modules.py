@@ -609,7 +609,7 @@ def test_merged_layer_rejects_bad_input_as_the_unmerged_one(torch_backend, cls):
             errors.append((info.type, str(info.value)))
     assert errors[:len(bad)] == errors[len(bad):]
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(2))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts x and W for the merged F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts x and W for the merged matmul
         for x_in in (x, x.bfloat16()):
             assert layer(x_in).dtype == torch.bfloat16
 
