@@ -259,24 +259,6 @@ class Problem:
             t.grad = None
 
 
-def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
-                 nested_blocksize: Optional[int] = None):
-    """``NF4Weight.quantize(weight, blocksize, double_quant, quant_type)``; with ``nested_blocksize`` (and
-    double quantization) the absmax values quantized in second-level blocks of that size instead of
-    bitsandbytes' 256 (quantize_4bit's only choice; a QuantState or state dict can carry another:
-    nf4_from_bnb, NF4Weight.from_state_dict): the same arithmetic (bnb's quantize_blockwise of
-    absmax - mean(absmax)) with another block size."""
-    if nested_blocksize is None or not double_quant:
-        return lora_kernels.NF4Weight.quantize(weight, blocksize, double_quant, quant_type)
-    from lora_kernels.ops import nf4 as nf4_format
-    plain = lora_kernels.NF4Weight.quantize(weight, blocksize, False, quant_type)
-    offset = plain.absmax.mean()
-    codes, scales = nf4_format._quantize_absmax(plain.absmax - offset, nested_blocksize)
-    return lora_kernels.NF4Weight(plain.packed, codes, plain.shape, plain.dtype, blocksize,
-                                  absmax_code=nf4_format.dynamic_map(plain.device), absmax_scale=scales,
-                                  absmax_offset=offset, nested_blocksize=nested_blocksize, quant_type=quant_type)
-
-
 def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bias=False,
                  lora_B_bias=False, bias_dtype=None, layout="contiguous", seed=0, scale=None,
                  device=None, requires_grad=("x", "lora_A", "lora_B", "bias", "lora_B_bias"),
@@ -285,8 +267,7 @@ def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bi
     LoRA terms are of similar magnitude; on ``device`` (default: ``default_device()``), drawn on
     the CPU so every device gets the same values.
 
-    nf4: None for a dense weight, else ``nf4_quantize`` options (NF4Weight.quantize's, and
-    nested_blocksize) plus optional "weight_dtype" (the stored dtype, default x's): the problem then
+    nf4: None for a dense weight, else NF4Weight.quantize's options plus optional "weight_dtype" (the stored dtype, default x's): the problem then
     runs ``nf4_lora_linear``, and ``weight`` is the quantized weight as bitsandbytes decodes it."""
     device = default_device() if device is None else device
     adapter_dtype = adapter_dtype or x_dtype
@@ -308,9 +289,9 @@ def make_problem(lead, K, N, r, x_dtype=torch.float32, adapter_dtype=None, *, bi
     qweight = None
     if nf4 is not None:
         options = dict(nf4)
-        qweight = nf4_quantize(weight.to(options.pop("weight_dtype", x_dtype)), **options)
+        qweight = lora_kernels.NF4Weight.quantize(weight.to(options.pop("weight_dtype", x_dtype)), **options)
         # bitsandbytes' decode, not NF4Weight.dequantize(): on CUDA that is the Triton decode under test.
-        # Decoded on the CPU, whose bnb kernels take any nested block size (nf4_quantize makes some that
+        # Decoded on the CPU, whose bnb kernels take any nested block size (NF4Weight.quantize makes some that
         # quantize_4bit never does, and bnb's CUDA kernels are not tested with them).
         weight = bnb_dequantized(qweight.to("cpu")).to(device=device, dtype=x_dtype)
     return Problem(leaf, fn, weight, lora_A, lora_B, b, lbb, scale, qweight)
@@ -421,10 +402,10 @@ def nf4_gemv_inputs(M, K, N, r, dtype, adapter_dtype, bias, double_quant=True, d
                     quant_type="nf4", blocksize=64, nested_blocksize=None):
     """(args of the op lora_kernels::nf4_gemv_lora without ``kernel``, the NF4Weight): random x [M, K],
     weight [N, K] stored in ``weight_dtype`` (default x's) and quantized (NF4 or FP4; block sizes as
-    ``nf4_quantize``), adapters, fp32 bias or None."""
+    ``NF4Weight.quantize``), adapters, fp32 bias or None."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype)  # the stored (decoded) dtype
-    q = nf4_quantize(w, blocksize, double_quant, quant_type, nested_blocksize)
+    q = lora_kernels.NF4Weight.quantize(w, blocksize, double_quant, quant_type, nested_blocksize)
     q = q.to(device)
     x = torch.randn(M, K, generator=g).to(device=device, dtype=dtype)
     A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=adapter_dtype)
@@ -483,11 +464,11 @@ def nf4_slab_args(q, n0, n1, k0, k1, dtype):
 def nf4_grad_input_args(M, N, K, dtype, init, double_quant=True, weight_dtype=None, seed=0, blocksize=64,
                         nested_blocksize=None):
     """(args of the op lora_kernels::nf4_grad_input, the NF4Weight): random grad_y [M, N] in ``dtype``,
-    weight [N, K] stored in ``weight_dtype`` (default dtype; block sizes as ``nf4_quantize``), fp32 init
+    weight [N, K] stored in ``weight_dtype`` (default dtype; block sizes as ``NF4Weight.quantize``), fp32 init
     [M, K] when ``init``."""
     g = torch.Generator().manual_seed(seed)
-    q = nf4_quantize((torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype), blocksize,
-                     double_quant, nested_blocksize=nested_blocksize)
+    q = lora_kernels.NF4Weight.quantize((torch.randn(N, K, generator=g) / math.sqrt(K)).to(weight_dtype or dtype),
+                                        blocksize, double_quant, nested_blocksize=nested_blocksize)
     grad_y = torch.randn(M, N, generator=g).to(dtype)
     start = torch.randn(M, K, generator=g) if init else None
     return (grad_y, *q.op_tensors(), start, K, q.blocksize, q.nested_blocksize, q.dtype), q

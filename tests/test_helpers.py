@@ -58,24 +58,6 @@ def test_nf4_problem_reference_is_the_bitsandbytes_decode(monkeypatch):
     assert pb.qweight.blocksize == 32 and pb.qweight.nested_blocksize == 4
 
 
-@pytest.mark.parametrize("nested_blocksize", [None, 4, 100])
-def test_nf4_quantize_matches_bitsandbytes(nested_blocksize):
-    """helpers.nf4_quantize: bitsandbytes' quantize_4bit, whose double quantization is quantize_blockwise
-    of absmax - mean(absmax) in blocks of 256, with the nested block size asked for instead."""
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
-    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
-    q = helpers.nf4_quantize(w, 32, nested_blocksize=nested_blocksize)
-    packed, state = bnb_f.quantize_4bit(w, blocksize=32, quant_type="nf4", compress_statistics=False)
-    offset = state.absmax.mean()
-    codes, state2 = bnb_f.quantize_blockwise(state.absmax - offset, blocksize=nested_blocksize or 256)
-    assert q.blocksize == 32 and q.nested_blocksize == (nested_blocksize or 256)
-    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, codes)
-    assert torch.equal(q.absmax_scale, state2.absmax) and torch.equal(q.absmax_offset, offset)
-    if nested_blocksize is None:
-        reference = lora_kernels.NF4Weight.quantize(w, 32)
-        assert all(torch.equal(a, b) for a, b in zip(q.op_tensors(), reference.op_tensors()))
-
-
 def test_nf4_op_inputs_take_block_sizes():
     args, q = helpers.nf4_gemv_inputs(2, 256, 20, 4, torch.bfloat16, torch.bfloat16, False, blocksize=128,
                                       nested_blocksize=4)

@@ -433,11 +433,14 @@ class NF4Weight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 quant_type: str = "nf4") -> "NF4Weight":
+                 quant_type: str = "nf4", nested_blocksize: Optional[int] = None) -> "NF4Weight":
         """Quantize ``weight`` (fp32/fp16/bf16, any shape with ndim >= 1) on its own device.
 
         Bytes and scales are identical to ``bitsandbytes.functional.quantize_4bit(weight,
         blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)`` on CPU.
+        nested_blocksize: absmax values per second-level block when double-quantized; None is
+        quantize_4bit's 256 (its only choice; another is bnb's ``quantize_blockwise`` of
+        absmax - mean(absmax) at that block size, which a QuantState or state dict may carry).
         (bnb's CUDA quantizer rounds a few values differently, e.g. FP4 near its decision boundaries:
         its thresholds are other fp32 constants.) Raises ValueError for non-finite values (bnb would
         silently produce garbage scales).
@@ -447,6 +450,12 @@ class NF4Weight:
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         dtype = _check_dtype("weight.dtype", weight.dtype)
         blocksize = _check_blocksize("blocksize", blocksize)
+        if nested_blocksize is None:
+            nested_blocksize = NESTED_BLOCKSIZE
+        elif isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int):
+            raise TypeError(f"nested_blocksize must be None or an int, got {type(nested_blocksize).__name__}")
+        elif nested_blocksize <= 0:
+            raise ValueError(f"nested_blocksize must be positive, got {nested_blocksize}")
         if weight.dim() == 0:
             raise ValueError("weight must have at least one dimension, got a 0-d tensor")
         flat = weight.detach().reshape(-1).float()
@@ -456,16 +465,16 @@ class NF4Weight:
         packed = _pack_nibbles(codes)
         if not double_quant:
             return cls(packed, absmax, tuple(weight.shape), dtype, blocksize, quant_type=quant_type)
-        # bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256).
+        # bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256 or the one asked).
         offset = absmax.mean()
         if offset.device.type != "meta" and bool(torch.isinf(offset)):  # (NaN: no blocks at all)
             # bnb goes on and stores NaN scales: every decoded value would be NaN
             raise ValueError("weight is too large for double quantization: the mean of its block absmax values "
                              f"overflows float32 ({float(offset)}); use double_quant=False")
-        qabsmax, scales = _quantize_absmax(absmax - offset, NESTED_BLOCKSIZE)
+        qabsmax, scales = _quantize_absmax(absmax - offset, nested_blocksize)
         return cls(packed, qabsmax, tuple(weight.shape), dtype, blocksize,
                    absmax_code=_table("dynamic", flat.device).clone(), absmax_scale=scales,
-                   absmax_offset=offset, nested_blocksize=NESTED_BLOCKSIZE, quant_type=quant_type)
+                   absmax_offset=offset, nested_blocksize=nested_blocksize, quant_type=quant_type)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight [*shape] in ``self.dtype`` (then cast to ``dtype`` if given); see dequantize_nf4_reference.

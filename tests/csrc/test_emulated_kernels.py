@@ -14,7 +14,7 @@ from lora_kernels.ops import nf4_gemv
 from lora_kernels.ops.triton_launch import NF4Tensors
 from lora_kernels.tools import csrc_emulation as emulation
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
-                           nf4_grad_input_reference, nf4_quantize, nf4_slab_args, nf4_weights_of_each_stored_dtype)
+                           nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)
 
 pytestmark = pytest.mark.skipif(emulation.available() is not None,
                                 reason=f"csrc emulation unavailable: {emulation.available()}")
@@ -290,7 +290,7 @@ def test_slab_decode_block_sizes(blocksize, nested_blocksize):
     """A window of rows and columns (starting and ending inside blocks) bit-exact with bitsandbytes."""
     for double_quant in (True, False):
         w = torch.randn(9, 2048, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
-        q = nf4_quantize(w, blocksize, double_quant, nested_blocksize=nested_blocksize)
+        q = NF4Weight.quantize(w, blocksize, double_quant, nested_blocksize=nested_blocksize)
         assert not double_quant or q.absmax_scale.numel() > 1
         out = emulation.nf4_dequantize_slab(*nf4_slab_args(q, 1, 8, 24, 2048 - 8, torch.bfloat16))
         assert torch.equal(out, bnb_dequantized(q).to(torch.bfloat16)[1:8, 24:2048 - 8]), double_quant

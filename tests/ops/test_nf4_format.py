@@ -696,3 +696,23 @@ def test_fp4_state_dict_matches_bnb_linear4bit(double_quant):
         back = NF4Weight.from_state_dict(state_dict)
         assert back.quant_type == "fp4" and torch.equal(_bits(back.dequantize()), _bits(fp4.dequantize()))
     assert "fp4" in repr(fp4) and fp4.to("cpu").quant_type == "fp4"
+
+
+@pytest.mark.parametrize("nested_blocksize", [None, 4, 100])
+def test_quantize_with_nested_block_sizes_matches_bnb(nested_blocksize):
+    """NF4Weight.quantize(nested_blocksize=...): bitsandbytes' quantize_4bit, whose double quantization
+    is quantize_blockwise of absmax - mean(absmax) in blocks of 256, with the nested block size asked
+    for instead."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
+    q = NF4Weight.quantize(w, 32, nested_blocksize=nested_blocksize)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=32, quant_type="nf4", compress_statistics=False)
+    offset = state.absmax.mean()
+    codes, state2 = bnb_f.quantize_blockwise(state.absmax - offset, blocksize=nested_blocksize or 256)
+    assert q.blocksize == 32 and q.nested_blocksize == (nested_blocksize or 256)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, codes)
+    assert torch.equal(q.absmax_scale, state2.absmax) and torch.equal(q.absmax_offset, offset)
+    with pytest.raises(ValueError, match="nested_blocksize must be positive"):
+        NF4Weight.quantize(w, 32, nested_blocksize=0)
+    with pytest.raises(TypeError, match="nested_blocksize must be None or an int"):
+        NF4Weight.quantize(w, 32, nested_blocksize=4.0)

@@ -9,7 +9,7 @@ import torch
 from lora_kernels import NF4Weight
 from lora_kernels.ops.nf4 import SUPPORTED_BLOCKSIZES
 from lora_kernels.ops.nf4_lora_linear import nf4_dequantize, nf4_lora_linear_bwd, nf4_lora_linear_fwd
-from tests.helpers import bnb_dequantized, make_problem, nf4_quantize
+from tests.helpers import bnb_dequantized, make_problem
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -57,7 +57,7 @@ def test_dequantize_op_nested_block_sizes(backend, nested_blocksize):
     256, as a QuantState or a state dict may hold: bit-exact with bitsandbytes' decode of the same weight."""
     for shape, blocksize in (((16, 256), 32), ((7, 1001), 32)):  # the tile decode, the per-element decode
         w = torch.randn(shape, generator=torch.Generator().manual_seed(nested_blocksize))
-        q = nf4_quantize(w, blocksize, nested_blocksize=nested_blocksize)
+        q = NF4Weight.quantize(w, blocksize, nested_blocksize=nested_blocksize)
         assert q.nested_blocksize == nested_blocksize and q.absmax_scale.numel() > 1
         expected = bnb_dequantized(q)
         q = q.to(backend.device)
