@@ -43,16 +43,32 @@ def _problem(device, dtype=torch.float32, nf4=False, lead=(3, 5), seed=0):
     return weight, dense, leaves
 
 
-def _reference(dense, t, keep=None, p=0.0):
-    """float64 y = W x + b + (g - 1) W d(x) + g s B A d(x) (PEFT's form), g = m / ||W + s B A|| detached."""
-    t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
-    W = dense.double()
-    x = t64["x"]
-    d = x if keep is None else x * keep.view(x.shape) / (1 - p)
-    norm = torch.linalg.norm(W + SCALE * t64["lora_B"].detach() @ t64["lora_A"].detach(), dim=1)
+def _dora_reference(pb, grad_y=None, keep=None, p=0.0, absolute=False):
+    """float64 (y, grads by name) of y = (x - d(x)) W^T + g (d(x) W^T + s d(x) A^T B^T) + b, g = m / ||W + s B A||
+    (detached; PEFT's y = x W^T + b + (g - 1) d(x) W^T + g s d(x) A^T B^T), from pb's leaves (view:
+    ``make_x``'s, or None) upcast; grads None without grad_y. absolute: the same sums of |terms|
+    (|inputs|, |grad_y|, |g|, |1 - keep / (1 - p)|): the magnitudes for the cancellation floor."""
+    t64 = {k: v.detach().cpu().double() for k, v in pb["leaves"].items()}  # leaves on the backend's device
+    W, scale = pb["dense"].double(), pb["scale"]
+    norm = torch.linalg.norm(W + scale * t64["lora_B"] @ t64["lora_A"], dim=1)
+    if absolute:
+        t64, W = {k: v.abs() for k, v in t64.items()}, W.abs()
+    for v in t64.values():
+        v.requires_grad_(True)
+    x = pb["view"](t64["x"]) if pb.get("view") else t64["x"]
+    kept = torch.ones_like(x) if keep is None else keep.view(x.shape).double() / (1 - p)
+    rest = 1 - kept  # the base term of the dropped-out elements (0 without dropout)
     g = t64["magnitude"] / norm
-    y = x @ W.t() + t64["bias"] + (g - 1) * (d @ W.t()) + g * SCALE * (d @ t64["lora_A"].t() @ t64["lora_B"].t())
-    return y, t64
+    if absolute:
+        g, kept, rest = g.abs(), kept.abs(), rest.abs()
+    d = x * kept
+    y = (x * rest) @ W.t() + g * (d @ W.t() + scale * (d @ t64["lora_A"].t()) @ t64["lora_B"].t())
+    if "bias" in t64:
+        y = y + t64["bias"]
+    if grad_y is None:
+        return y.detach(), None
+    y.backward(grad_y.double().abs() if absolute else grad_y.double())
+    return y.detach(), {k: v.grad for k, v in t64.items()}
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -63,15 +79,14 @@ def test_matches_float64(backend, nf4, dropout_p):
     y = lora_kernels.dora_linear(t["x"], weight, t["lora_A"], t["lora_B"], t["magnitude"], SCALE, bias=t["bias"],
                                  dropout_p=dropout_p)
     keep = keep_mask_for(21, 15, K, dropout_p, device=backend.device).cpu() if dropout_p else None
-    y64, t64 = _reference(dense.cpu(), {k: v.cpu() for k, v in t.items()}, keep, dropout_p)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y64, grads64 = _dora_reference(dict(leaves=t, dense=dense.cpu(), scale=SCALE), grad_y, keep, dropout_p)
     assert y.shape == (3, 5, N) and y.dtype == torch.float32
     assert_close(y, y64, BOUNDS[torch.float32], "y")
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
     y.backward(grad_y.to(y.device))
-    y64.backward(grad_y.double())
     for name in t:
         assert t[name].grad.abs().sum() > 0, name
-        assert_close(t[name].grad, t64[name].grad, BOUNDS[torch.float32], f"d{name}")
+        assert_close(t[name].grad, grads64[name], BOUNDS[torch.float32], f"d{name}")
     assert backend.impls("fwd")  # the fused layer ran on this backend
 
 
@@ -81,7 +96,7 @@ def test_bf16_x_with_fp32_adapters_and_out_dtype(torch_backend_env):
     y = lora_kernels.dora_linear(*args, bias=t["bias"])
     y32 = lora_kernels.dora_linear(*args, bias=t["bias"], out_dtype=torch.float32)
     assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
-    y64, _ = _reference(dense, t)
+    y64, _ = _dora_reference(dict(leaves=t, dense=dense, scale=SCALE))
     assert_close(y, y64, BOUNDS[torch.bfloat16], "bf16")
     assert_close(y32, y64, BOUNDS[torch.bfloat16], "fp32 out")
 
@@ -152,31 +167,6 @@ def test_bad_arguments(torch_backend_env):
 # Shapes, ranks and dtypes: hypothesis over M = 0, 1, odd, 3-D and non-contiguous x, ranks up to 128,
 # fp32 / fp16 / bf16 x with adapters in x's dtype or fp32, dropout, on every backend
 # ---------------------------------------------------------------------------------------------
-def _dora_reference(pb, grad_y, keep=None, p=0.0, absolute=False):
-    """float64 (y, grads by name) of y = (x - d(x)) W^T + g (d(x) W^T + s d(x) A^T B^T) + b, g = m / ||W + s B A||
-    (detached), from pb's leaves (``make_x``'s leaf and view) upcast. absolute: the same sums of |terms|
-    (|inputs|, |grad_y|, |g|, |1 - keep / (1 - p)|): the magnitudes for the cancellation floor."""
-    t64 = {k: v.detach().cpu().double() for k, v in pb["leaves"].items()}  # leaves on the backend's device
-    W, scale = pb["dense"].double(), pb["scale"]
-    norm = torch.linalg.norm(W + scale * t64["lora_B"] @ t64["lora_A"], dim=1)
-    if absolute:
-        t64, W = {k: v.abs() for k, v in t64.items()}, W.abs()
-    for v in t64.values():
-        v.requires_grad_(True)
-    x = pb["view"](t64["x"])
-    kept = torch.ones_like(x) if keep is None else keep.view(x.shape).double() / (1 - p)
-    rest = 1 - kept  # the base term of the dropped-out elements (0 without dropout)
-    g = t64["magnitude"] / norm
-    if absolute:
-        g, kept, rest = g.abs(), kept.abs(), rest.abs()
-    d = x * kept
-    y = (x * rest) @ W.t() + g * (d @ W.t() + scale * (d @ t64["lora_A"].t()) @ t64["lora_B"].t())
-    if "bias" in t64:
-        y = y + t64["bias"]
-    y.backward(grad_y.double().abs() if absolute else grad_y.double())
-    return y.detach(), {k: v.grad for k, v in t64.items()}
-
-
 @st.composite
 def dora_specs(draw):
     lead = draw(st.one_of(st.sampled_from([(0,), (1,), (2, 0), (2, 3, 5)]), st.tuples(st.integers(2, 45)),
@@ -274,10 +264,9 @@ def test_nf4_dora_over_several_row_chunks_matches_float64(monkeypatch, dropout_p
     y = lora_kernels.dora_linear(t["x"], weight, t["lora_A"], t["lora_B"], t["magnitude"], SCALE, bias=t["bias"],
                                  dropout_p=dropout_p)
     keep = keep_mask_for(21, 15, K, dropout_p, device="cpu") if dropout_p else None
-    y64, t64 = _reference(dense, t, keep, dropout_p)
-    assert_close(y, y64, BOUNDS[torch.float32], "y")
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y64, grads64 = _dora_reference(dict(leaves=t, dense=dense, scale=SCALE), grad_y, keep, dropout_p)
+    assert_close(y, y64, BOUNDS[torch.float32], "y")
     y.backward(grad_y)
-    y64.backward(grad_y.double())
     for name in t:
-        assert_close(t[name].grad, t64[name].grad, BOUNDS[torch.float32], f"d{name}")
+        assert_close(t[name].grad, grads64[name], BOUNDS[torch.float32], f"d{name}")
