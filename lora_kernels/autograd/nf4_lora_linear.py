@@ -8,7 +8,6 @@ when lora_B does, the dropout seed instead of a mask. No gradient ever flows to 
 import torch
 import torch.nn.functional as F
 
-from lora_kernels.autograd.dropout import composite_needed
 from lora_kernels.autograd.lora_linear import (autocast_inputs, bias_and_dropout, custom_op_needed,
                                                eager_autograd_function, forward_route, lora_grads_to_inputs,
                                                save_for_lora_backward, saved_for_lora_backward)
@@ -126,7 +125,13 @@ def nf4_base_linear(x, qweight, bias=None):
     decode_dtype = x.dtype
     x, bias = autocast_inputs(x, bias)
     with autocast_off(x.device):
-        if (composite_needed(x, bias) or custom_op_needed(x, bias) or not torch.is_grad_enabled()
-                or not any(t is not None and t.requires_grad for t in (x, bias))):
-            return F.linear(x, _decoded(qweight, decode_dtype, x.dtype), bias)
-        return _NF4BaseLinearFunction.apply(x, bias, qweight, decode_dtype)
+        forward = forward_route(_plain_base_linear, _NF4BaseLinearFunction, _plain_base_linear, _plain_base_linear,
+                                x, bias)
+        return forward(x, bias, qweight, decode_dtype)
+
+
+def _plain_base_linear(x, bias, qweight, decode_dtype):
+    """``nf4_base_linear``'s every route but the autograd function's: differentiable PyTorch ops,
+    which torch.compile, dispatch modes and torch.func see through (the decoded weight is saved for
+    backward here, where a gradient flows at all)."""
+    return F.linear(x, _decoded(qweight, decode_dtype, x.dtype), bias)
