@@ -7,6 +7,7 @@ computed from the same inputs upcast to float64.
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -434,6 +435,36 @@ def bnb_dequantize(packed, quant_state):
     with torch.compiler.set_stance("force_eager"):
         out = pytest.importorskip("bitsandbytes.functional").dequantize_4bit(packed, quant_state)
     return out.reshape(shape)  # bnb returns 1-D and tiny weights transposed or as [1, n]
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (fp32 as int32, 16-bit floats as int16): bit-exact comparisons
+    that tell -0.0 from +0.0 and compare NaN payloads."""
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+@functools.lru_cache(maxsize=None)
+def bnb_cpu_decodes_fp4_negative_zero() -> bool:
+    """Whether bitsandbytes' CPU dequantize_4bit decodes FP4 code 8 (sign bit set, magnitude 0) as -0.0
+    on this machine, as its CUDA kernel does (sign * table[0]) and lora_kernels does everywhere. It
+    depends on the CPU: bnb 0.50.2's native code gives -0.0 on some (the CPU CI's until 2026-12-01) and
+    +0.0 on others (AMD EPYC with AVX512-BF16), as its torch fallback does, which reads its quant_map."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    _, state = F.quantize_4bit(torch.ones(1, 64), blocksize=64, quant_type="fp4", compress_statistics=False)
+    packed = torch.full((32, 1), 0x88, dtype=torch.uint8)  # 64 values of code 8
+    return bool(torch.signbit(F.dequantize_4bit(packed, state)).all())
+
+
+def assert_same_fp4_decode_as_bnb(ours: torch.Tensor, theirs: torch.Tensor, bnb_native: bool = True):
+    """``ours`` equals bitsandbytes' FP4 decode ``theirs`` bit for bit, but for the sign of zeros where
+    bnb's CPU decode gives +0.0 for code 8 (``bnb_cpu_decodes_fp4_negative_zero``; not ``bnb_native``: its
+    torch fallback, which always does): there the values differ only in zeros' signs."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    differ = float_bits(ours) != float_bits(theirs)
+    if bnb_native and bnb_cpu_decodes_fp4_negative_zero():
+        assert not bool(differ.any())
+    else:
+        assert bool((ours[differ] == 0).all()) and bool((theirs[differ] == 0).all())
 
 
 def bnb_dequantized(q):

@@ -51,8 +51,8 @@ NF4_CODE = (
 
 # bitsandbytes' FP4 (get_4bit_type("fp4"): sign bit, then 2 exponent and 1 mantissa bits; the values
 # {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 as fp32, exact literals as above). Code 8 is -0.0: bnb's CUDA
-# (dDequantizeFP4Tree) and native CPU dequantize kernels decode it so, although its quant_map tensor
-# holds +0.0 there.
+# dequantize kernel decodes it so (dDequantizeFP4Tree: sign * table), and its native CPU kernel on
+# some CPUs, although its quant_map tensor holds +0.0 there (as its CPU kernel on others decodes it).
 FP4_CODE = (
     0.0,
     0.0052083334885537624,

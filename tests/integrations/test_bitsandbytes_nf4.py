@@ -15,6 +15,7 @@ bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
 from lora_kernels.integrations.bitsandbytes import linear4bit_from_nf4, nf4_from_bnb, nf4_to_bnb  # noqa: E402
+from tests.helpers import assert_same_fp4_decode_as_bnb  # noqa: E402
 
 TENSOR_FIELDS = ("packed", "absmax", "code", "absmax_code", "absmax_scale", "absmax_offset")
 # (out_features, in_features): in_features % 16 != 0 or a multiple of 64, so that bnb's AVX512 CPU
@@ -210,7 +211,7 @@ def test_fp4_linear4bit_round_trips_without_copies(double_quant):
     assert fp4.quant_type == "fp4" and fp4.packed.data_ptr() == module.weight.data.data_ptr()
     assert fp4.absmax.data_ptr() == state.absmax.data_ptr()
     theirs = bnb.functional.dequantize_4bit(module.weight.data, state)
-    assert torch.equal(fp4.dequantize().view(torch.int32), theirs.view(torch.int32))
+    assert_same_fp4_decode_as_bnb(fp4.dequantize(), theirs)
     params, back_state = nf4_to_bnb(fp4)
     assert back_state.quant_type == params.quant_type == "fp4"
     assert torch.equal(bnb.functional.dequantize_4bit(params.data, back_state), theirs)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from lora_kernels.ops.nf4 import (FP4_CODE, NESTED_BLOCKSIZE, NF4_CODE, SUPPORTED_BLOCKSIZES, NF4Weight,
                                   _quantize_absmax, decode_absmax, dequantize_nf4_reference, dynamic_map)
-from tests.helpers import bnb_dequantize
+from tests.helpers import assert_same_fp4_decode_as_bnb, bnb_dequantize, float_bits
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -614,25 +614,26 @@ def test_nested_blocksize_default_and_module_constant():
 # FP4 (bitsandbytes' other 4-bit type, transformers' default bnb_4bit_quant_type): the same format
 # with another table
 # ---------------------------------------------------------------------------------------------
-def _bits(t):
-    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
-
-
 def test_fp4_code_is_bnb_s_table_with_the_zero_its_kernels_decode():
     """FP4_CODE holds get_4bit_type("fp4")'s values (the literals are its exact fp32 values), and code 8 is
-    -0.0, as bnb's native dequantize decodes it (its quant_map says +0.0)."""
+    -0.0, as bnb's CUDA kernel decodes it: sign * table[code & 7] (csrc/kernels.cu dDequantizeFP4Tree),
+    though its quant_map says +0.0. bnb's CPU decode gives the same table, the zero's sign as the CPU
+    has it (``bnb_cpu_decodes_fp4_negative_zero``)."""
     F = bnb_functional()
     bnb_fp4 = F.get_4bit_type("fp4", device="cpu")
     ours = torch.tensor(FP4_CODE, dtype=torch.float32)
     assert [abs(float(v)) for v in bnb_fp4] == [abs(v) for v in FP4_CODE] and torch.equal(ours, bnb_fp4)
+    cuda_kernel = torch.tensor([(1.0 - 2 * ((v & 8) >> 3)) * abs(float(bnb_fp4[v & 7])) for v in range(16)])
+    assert torch.equal(float_bits(ours), float_bits(cuda_kernel))
+    assert torch.signbit(ours[8]) and not torch.signbit(bnb_fp4[8])
     codes = torch.arange(16, dtype=torch.uint8).repeat(4)  # every code, 64 values: one block
     packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
     _, state = bnb_quantize(torch.ones(1, 64), 64, False, "fp4")
     decoded = F.dequantize_4bit(packed, state).reshape(-1)[:16]  # absmax 1: the table itself
-    assert torch.equal(_bits(decoded), _bits(ours)) and torch.signbit(ours[8]) and not torch.signbit(bnb_fp4[8])
+    assert_same_fp4_decode_as_bnb(ours, decoded)
     weight = NF4Weight(packed, state.absmax, (1, 64), torch.float32, code=state.code)
-    assert weight.quant_type == "fp4" and torch.equal(_bits(weight.code), _bits(ours))  # the zero's sign fixed
-    assert torch.equal(_bits(weight.dequantize().reshape(-1)[:16]), _bits(ours))
+    assert weight.quant_type == "fp4" and torch.equal(float_bits(weight.code), float_bits(ours))  # the zero's sign fixed
+    assert torch.equal(float_bits(weight.dequantize().reshape(-1)[:16]), float_bits(ours))
 
 
 @settings(max_examples=40, deadline=None)
@@ -652,11 +653,9 @@ def test_fp4_quantize_and_dequantize_match_bnb(shape, dtype, double_quant, block
     assert_same_as_bnb(fp4, packed, quant_state)
     out, theirs = fp4.dequantize(), bnb_dequantize(packed, quant_state)
     assert out.dtype == dtype and out.shape == weight.shape and torch.equal(out, theirs)
-    assert torch.equal(_bits(dequantize_nf4_reference(fp4)), _bits(out))
-    if weight.numel() and weight.shape[-1] % 2 == 0 and len(shape) <= 2:
-        assert torch.equal(_bits(out), _bits(theirs))
-    else:
-        assert bool((theirs[_bits(out) != _bits(theirs)] == 0).all())
+    assert torch.equal(float_bits(dequantize_nf4_reference(fp4)), float_bits(out))
+    assert_same_fp4_decode_as_bnb(out, theirs, bnb_native=weight.numel() and weight.shape[-1] % 2 == 0
+                                  and len(shape) <= 2)
 
 
 def test_fp4_ties_and_tiny_values_take_bnb_s_codes():
@@ -694,7 +693,7 @@ def test_fp4_state_dict_matches_bnb_linear4bit(double_quant):
         assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
     for state_dict in (ours, expected):
         back = NF4Weight.from_state_dict(state_dict)
-        assert back.quant_type == "fp4" and torch.equal(_bits(back.dequantize()), _bits(fp4.dequantize()))
+        assert back.quant_type == "fp4" and torch.equal(float_bits(back.dequantize()), float_bits(fp4.dequantize()))
     assert "fp4" in repr(fp4) and fp4.to("cpu").quant_type == "fp4"
 
 
