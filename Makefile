@@ -13,7 +13,7 @@ TORCH_CPU := torch==2.13.0
 VENV_FLAGS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --system-site-packages)
 PYTEST_ARGS ?= -n auto -q
 
-.PHONY: install test bench aot-check aot-check-old-triton csrc-check clean readme-results
+.PHONY: install test test-oldest bench aot-check aot-check-old-triton csrc-check clean readme-results
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,18 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The oldest PEFT and transformers that pyproject.toml accepts, in a venv of their own (.venv-oldest):
+# the tests that touch them (integrations, tools, the PEFT equality of the autograd tests). PEFT's
+# layers changed their constructor in 0.19 and transformers' Trainer its logging and environment in 5.0.
+OLDEST_PINS ?= peft==0.17.0 transformers==4.56.2
+OLDEST_VENV := .venv-oldest
+OLDEST_TESTS ?= tests/integrations tests/tools tests/autograd/test_lora_linear.py
+test-oldest:
+	$(PYTHON) -m venv $(VENV_FLAGS) $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/pip install -q $(TORCH_CPU)
+	$(OLDEST_VENV)/bin/pip install -q -e ".[test]" $(OLDEST_PINS)
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider $(OLDEST_TESTS)
 
 bench: install
 	$(BIN)/python -m lora_kernels all
@@ -49,7 +61,7 @@ csrc-check: install
 	$(BIN)/python -m lora_kernels.tools.csrc_check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis lora_kernels/_C*.so
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .hypothesis lora_kernels/_C*.so
 
 readme-results: install
 	$(BIN)/python -m lora_kernels.tools.report

@@ -3,7 +3,9 @@
 ``loraplus_param_groups`` returns torch optimizer parameter groups, usable with any optimizer class,
 grouped exactly as PEFT's ``peft.optimizers.create_loraplus_optimizer`` groups them (same four groups,
 same order, same learning rates and weight decays), for PEFT models (patched or not) and for models
-built from ``lora_kernels.LoRALinear`` / ``NF4LoRALinear``.
+built from ``lora_kernels.LoRALinear`` / ``NF4LoRALinear``. The groups are PEFT 0.21's: before it,
+PEFT's function never recognised a LoRA Embedding, so its lora_embedding_A/B went to the A/B groups
+and ``loraplus_lr_embedding`` was never used; here they get ``lr_embedding`` on every PEFT release.
 """
 import math
 import numbers

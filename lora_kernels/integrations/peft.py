@@ -21,6 +21,7 @@ peft and bitsandbytes are imported inside the functions only.
 """
 import dataclasses
 import importlib
+import inspect
 import sys
 from typing import Optional
 
@@ -525,6 +526,25 @@ def _peft_classes() -> dict:
         except (ImportError, AttributeError):
             pass
     return classes
+
+
+def build_peft_layer(layer_class, base_layer: torch.nn.Module, config, r: int, lora_alpha: float,
+                     adapter_name: str = "default"):
+    """A PEFT tuner layer of ``layer_class`` (``peft.tuners.lora.layer.Linear``, ``adalora.SVDLinear``...)
+    around ``base_layer`` (e.g. an ``nn.Linear`` [N, K]), with rank ``r``, ``lora_alpha`` and the other
+    settings of ``config`` (a ``LoraConfig`` / ``AdaLoraConfig``: dropout, rsLoRA, lora_bias, DoRA...),
+    on every PEFT release lora_kernels supports: what ``get_peft_model`` builds, for one layer.
+
+    Why: from PEFT 0.19 these layers take ``config=`` and read their settings from it; earlier ones take
+    each setting as its own keyword and silently drop a ``config=`` into ``**kwargs``, so a layer built
+    the new way on PEFT 0.17 or 0.18 has no dropout, rsLoRA, lora_bias or DoRA, without an error."""
+    params = inspect.signature(layer_class.__init__).parameters
+    if "config" in params:
+        return layer_class(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+    settings = {name: getattr(config, name) for name in params
+                if name not in ("self", "base_layer", "adapter_name", "r", "lora_alpha") and hasattr(config, name)
+                and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return layer_class(base_layer, adapter_name, r=r, lora_alpha=lora_alpha, **settings)
 
 
 def _fast_class(peft_class):

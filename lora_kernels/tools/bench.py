@@ -418,13 +418,15 @@ def _peft_linear(p: Problem, dropout_p: float, freeze_A: bool, dora: bool = Fals
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    from lora_kernels.integrations.peft import build_peft_layer
+
     N, K = p.weight.shape
     base = torch.nn.Linear(K, N, bias=False, device=p.weight.device, dtype=p.weight.dtype)
     # Share storage with the problem's weight so every provider reads the same bytes.
     base.weight = torch.nn.Parameter(p.weight, requires_grad=False)
     alpha = 2 * p.r
     cfg = LoraConfig(r=p.r, lora_alpha=alpha, lora_dropout=dropout_p, use_dora=dora)
-    layer = LoraLinear(base, adapter_name="default", config=cfg, r=p.r, lora_alpha=alpha, use_dora=dora)
+    layer = build_peft_layer(LoraLinear, base, cfg, r=p.r, lora_alpha=alpha)
     layer.to(device=p.weight.device, dtype=p.weight.dtype)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():

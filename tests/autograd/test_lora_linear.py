@@ -259,9 +259,11 @@ def test_large_m_torch_backward_matches_float64(monkeypatch, lead, dtypes, dropo
 def _peft_layer(K, N, r, alpha, dtype, lora_bias, use_rslora, gen):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from lora_kernels.integrations.peft import build_peft_layer
     base = torch.nn.Linear(K, N, bias=True).to(dtype)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, lora_bias=lora_bias, use_rslora=use_rslora)
-    layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=alpha)
+    layer = build_peft_layer(PeftLinear, base, config, r=r, lora_alpha=alpha)
     with torch.no_grad():  # fresh random tensors everywhere; lora_B random, not PEFT's zero init
         base.weight.copy_(torch.randn(N, K, generator=gen) / math.sqrt(K))
         base.bias.copy_(torch.randn(N, generator=gen))

@@ -6,6 +6,7 @@ A small Llama of lora_kernels.tools.models (random init, no download), LoRA on i
 initialised non-zero so every gradient counts."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -29,6 +30,16 @@ def _torch_cpu_path(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "torch")
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    # TrainingArguments(bf16=True) of transformers 4.5x exports ACCELERATE_MIXED_PRECISION=bf16 into the
+    # process environment, which every later Trainer reads: each test gets back the environment it had.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 PRESET = "tiny"  # hidden 256, intermediate 768, 2 layers, vocab 1000
 NUM_LORA_LAYERS = 2 * len(TARGETS)
 STEPS, BATCH, SEQ = 4, 2, 16
@@ -38,8 +49,11 @@ BOUND = 1e-5
 # Gradient norms and trained LoRA weights: AdamW's step m / (sqrt(v) + eps) divides each element by
 # its own gradient's magnitude, so an element whose gradient is small carries the rounding difference
 # of the layer's large terms (~1e-7 of them) into a step of full size lr, and every later forward
-# spreads it. Measured up to 4e-6 after 4 steps; a 0.1% error of the LoRA scale gives ~1e-3.
-TRAINED_BOUND = 1e-4
+# spreads it. Measured 4e-6 after 4 steps with these seeds, up to 2e-4 over 12 other seeds, 1.2e-4
+# with these seeds on peft 0.17 + transformers 4.56; a 0.1% error of the LoRA scale gives >= 1e-3.
+TRAINED_BOUND = 4e-4
+# transformers 4.x logs losses rounded to 4 decimals: two equal runs may log values one unit apart.
+LOGGED_LOSS_ROUNDING = 1e-4
 X_ARG, DROPOUT_P_ARG = 0, 6  # torch_lora_forward(x2, weight, lora_A, lora_B, bias, scale, dropout_p, seed)
 
 
@@ -173,7 +187,8 @@ def dataset_loss(model):
 def assert_same_training(logs, ref_logs, state, ref_state, loss_bound=BOUND, trained_bound=TRAINED_BOUND):
     assert len(logs) == len(ref_logs) == STEPS
     for got, want in zip(logs, ref_logs):
-        assert math.isfinite(got["loss"]) and math.isclose(got["loss"], want["loss"], rel_tol=loss_bound), (got, want)
+        assert math.isfinite(got["loss"]) and math.isclose(got["loss"], want["loss"], rel_tol=loss_bound,
+                                                           abs_tol=LOGGED_LOSS_ROUNDING * 1.01), (got, want)
         assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=trained_bound), (got, want)
         assert got["learning_rate"] == want["learning_rate"]
     assert state.keys() == ref_state.keys() and len(state) == 2 * NUM_LORA_LAYERS
@@ -222,10 +237,10 @@ def test_trainer_with_lora_dropout(tmp_path):
     logs = step_logs(trainer)
     assert len(logs) == STEPS and all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in logs)
     assert len(collator.batches) == STEPS
-    first = collator.batches[0]["input_ids"]  # the first batch's loss without dropout (initial weights)
-    no_dropout = lora_model(patched=True, dropout=0.1).eval()
-    with torch.no_grad():
-        loss_without_dropout = no_dropout(input_ids=first, labels=first).loss.item()
+    # The first step's loss without dropout (same weights, same batch), as the Trainer logs it: its loss
+    # is not the model's mean in every release (transformers 4.5x divides by the unshifted label count).
+    without, _ = train(lora_model(patched=True), training_args(tmp_path / "without", max_steps=1))
+    loss_without_dropout = without.state.log_history[0]["loss"]
     assert not math.isclose(logs[0]["loss"], loss_without_dropout, rel_tol=1e-6), "dropout did not act"
     # a perturbation, not another model: over masks the loss moves ~0.3-0.5% (sd) from its dropout-free value
     assert math.isclose(logs[0]["loss"], loss_without_dropout, rel_tol=5e-2)
@@ -335,6 +350,16 @@ def test_checkpoint_resume_and_adapter_files(tmp_path):
     assert_close(out.logits, ref.logits, BOUND, "logits of the checkpoint in plain PEFT")
 
 
+def for_checkpointing(model, use_reentrant: bool):
+    """The model as a user readies it for gradient checkpointing: a reentrant checkpoint gives its LoRA
+    layers no gradient unless its input requires grad (the frozen embeddings' output does not), so
+    ``enable_input_require_grads`` then, as PEFT's docs say; transformers 5 calls it itself, 4.x does
+    not for a PeftModel."""
+    if use_reentrant:
+        model.enable_input_require_grads()
+    return model
+
+
 def checkpointing_args(use_reentrant: bool) -> dict:
     """TrainingArguments' gradient_checkpointing=True with its kwargs. transformers 5.x renamed both
     to activation_checkpointing* (the old names warn, and go in v6); older releases have the old only."""
@@ -348,7 +373,7 @@ def test_gradient_checkpointing_matches_peft(tmp_path, use_reentrant):
     """TrainingArguments(gradient_checkpointing=True): every layer's forward runs again in backward (on
     lora_kernels), and losses, gradient norms and adapters equal PEFT's under the same arguments."""
     settings = checkpointing_args(use_reentrant)
-    patched, reference = lora_model(patched=True), lora_model(patched=False)
+    patched, reference = (for_checkpointing(lora_model(patched=p), use_reentrant) for p in (True, False))
     initial = lora_state(reference)
     trainer, record = train(patched, training_args(tmp_path / "patched", **settings))
     ref_trainer, _ = train(reference, training_args(tmp_path / "peft", **settings))
@@ -364,7 +389,8 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks(tmp_path,
     """lora_dropout=0.1 under gradient checkpointing: the recomputed forward draws the dropout seed again
     from torch's RNG, which checkpoint restores, so the masks of forward and backward agree and the run
     is the run without checkpointing (losses, gradient norms, adapters)."""
-    model, checkpointed = lora_model(patched=True, dropout=0.1), lora_model(patched=True, dropout=0.1)
+    model = lora_model(patched=True, dropout=0.1)
+    checkpointed = for_checkpointing(lora_model(patched=True, dropout=0.1), use_reentrant)
     trainer, _ = train(model, training_args(tmp_path / "plain"))
     settings = checkpointing_args(use_reentrant)
     ck_trainer, record = train(checkpointed, training_args(tmp_path / "checkpointed", **settings))
@@ -446,8 +472,9 @@ def test_qlora_trainer_matches_peft(tmp_path, saved_base, qlora):
     were and the model learned. Both ways of quantizing give the same bytes and the same run. Measured
     after 4 steps: losses 2e-7, gradient norms 7e-6, adapters 1.4e-5 (a 0.1% LoRA scale error: gradient
     norm 1e-3 at step 1). The AdamW amplification of TRAINED_BOUND is the same as dense: over 12 other
-    Trainer and data seeds the worst were 5e-7, 2e-4, 1e-4 (dense: 1.4e-6, 9e-5, 8e-5), so these seeds'
-    margin, not a property of QLoRA, is what the bound rests on, as for the dense tests."""
+    Trainer and data seeds the worst were 5e-7, 2e-4, 1e-4 (dense: 1.4e-6, 9e-5, 8e-5), and these seeds
+    on peft 0.17 + transformers 4.56 gave adapters 1.2e-4: TRAINED_BOUND (4e-4) keeps a 2x margin over
+    the worst and stays below what a 0.1% scale error gives, as for the dense tests."""
     patched = lora_model(True, qlora=qlora, saved=saved_base)
     reference = lora_model(False, qlora=qlora, saved=saved_base)
     quantized = nf4_bytes(patched)

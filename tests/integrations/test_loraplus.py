@@ -9,7 +9,14 @@ from lora_kernels.integrations.loraplus import loraplus_optimizer
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from packaging.version import Version  # noqa: E402
 from peft.optimizers import create_loraplus_optimizer  # noqa: E402
+
+# Before PEFT 0.21 create_loraplus_optimizer looked the tuner layer up by the parameter's own name, so it
+# never found an Embedding: an embedding's lora_embedding_A/B went to the A/B groups, lr_embedding unused.
+# loraplus_param_groups follows 0.21's groups, which the paper's rule gives.
+needs_peft_embedding_groups = pytest.mark.skipif(Version(peft.__version__) < Version("0.21"),
+                                                 reason="PEFT < 0.21 groups LoRA embeddings as A/B (fixed in 0.21)")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 
@@ -54,6 +61,7 @@ def _summary(groups):
     return [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in groups]
 
 
+@needs_peft_embedding_groups
 @pytest.mark.parametrize("name", ["llama", "norm_and_head"])
 @pytest.mark.parametrize("patched", [False, True])
 def test_groups_match_peft(name, patched):
@@ -77,6 +85,7 @@ def test_groups_match_peft(name, patched):
         assert any("head.modules_to_save" in names[id(p)] for p in ours[0]["params"])
 
 
+@needs_peft_embedding_groups
 def test_a_bare_peft_embedding_layer_groups_as_peft_s():
     # PEFT looks for the tuner layer below the model only: a layer passed as the model is none
     model = peft.get_peft_model(nn.Sequential(nn.Embedding(10, 8)), peft.LoraConfig(r=2, target_modules=["0"]))

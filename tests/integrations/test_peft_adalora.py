@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora_kernels
+from lora_kernels.integrations.peft import build_peft_layer
 from tests.helpers import assert_close, use_backend
 from tests.integrations.test_peft_patch import TARGETS, _ids, _to_qlora, tiny_llama, train_side_by_side
 
@@ -118,7 +119,7 @@ def test_svd_layer_against_float64(backend):
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 40)
     cfg = peft.AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, total_step=10, target_modules=["x"])
-    layer = SVDLinear(base, "default", cfg, r=5, lora_alpha=6)
+    layer = build_peft_layer(SVDLinear, base, cfg, r=5, lora_alpha=6)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]):
@@ -170,7 +171,7 @@ def test_svd_layer_with_dropout_in_16_bit_matches_peft_in_float64(backend, dtype
     torch.manual_seed(0)
     base = torch.nn.Linear(K, N).to(dtype)
     cfg = peft.AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, total_step=10, target_modules=["x"], lora_dropout=p)
-    layer = SVDLinear(base, "default", cfg, r=5, lora_alpha=6, lora_dropout=p)
+    layer = build_peft_layer(SVDLinear, base, cfg, r=5, lora_alpha=6)
     g = torch.Generator().manual_seed(1)
     adapters = [layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]]
     with torch.no_grad():  # random E (PEFT's zeros would hide A and B) and B; in the adapter dtype

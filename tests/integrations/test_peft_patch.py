@@ -1,6 +1,7 @@
 """patch_peft_model on a small Llama built from a transformers config (random init, no download):
 same logits, gradients and optimizer trajectory as PEFT, fallbacks to PEFT's own forward, adapter
 files, merge_and_unload, unpatch, LoRA-FA and saved-activation memory."""
+import collections
 import copy
 import math
 import os
@@ -551,6 +552,25 @@ def test_fallback_reason_names_the_cause():
     assert "trainable" in lk_peft.fallback_reason(layer, x)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_build_peft_layer_takes_every_setting_of_the_config(use_dora):
+    """lk_peft.build_peft_layer (the benchmarks' and tests' PEFT reference layer) builds what
+    get_peft_model builds for that config on the installed PEFT: the config's dropout, rsLoRA scale,
+    lora_bias and DoRA, none silently dropped (PEFT < 0.19 ignores a config= keyword)."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, use_rslora=True, lora_bias=not use_dora,
+                          use_dora=use_dora, target_modules=["lin"])
+    torch.manual_seed(0)
+    built = lk_peft.build_peft_layer(PeftLinear, torch.nn.Linear(12, 10), cfg, r=4, lora_alpha=8)
+    wrapped = peft.get_peft_model(torch.nn.Sequential(collections.OrderedDict(lin=torch.nn.Linear(12, 10))), cfg)
+    for layer in (built, wrapped.base_model.model.lin):
+        assert type(layer) is PeftLinear
+        assert layer.lora_dropout["default"].p == 0.25 and layer.scaling["default"] == 8 / math.sqrt(4)
+        assert (layer.lora_B["default"].bias is not None) == (not use_dora)
+        assert ("default" in layer.lora_magnitude_vector) == use_dora
+
+
+@pytest.mark.skipif(not hasattr(peft.LoraConfig(), "alora_invocation_tokens"), reason="aLoRA came in PEFT 0.18")
 def test_other_lora_variants_are_left_on_peft():
     reference = peft_model(alora_invocation_tokens=[3])  # activated LoRA (aLoRA)
     patched = copy.deepcopy(reference)
@@ -897,6 +917,7 @@ def test_unpatch_restores_the_flags_of_the_last_set_adapter():
     assert all(flags[n] for n in flags if ".other." in n)
 
 
+@pytest.mark.skipif(not hasattr(peft.PeftModel, "set_requires_grad"), reason="set_requires_grad came in PEFT 0.18")
 def test_lora_fa_survives_set_requires_grad_and_load_adapter(tmp_path):
     """PEFT's set_requires_grad (load_adapter(is_trainable=True) runs it, not set_adapter) makes the
     adapter's weights trainable: lora_A stays frozen, and unpatch restores what PEFT set."""
