@@ -255,6 +255,33 @@ def test_quant_state_copy_with_other_nested_blocksize_decodes_like_bnb():
     assert torch.equal(nf4.dequantize(), F.dequantize_4bit(packed, nested))
 
 
+def test_quant_state_with_another_nested_code_table_decodes_like_bnb(backend):
+    """Read from the QuantState, not assumed: a second-level code table other than today's (bitsandbytes
+    0.48's CPU quantizer wrote another one, and a checkpoint keeps the one it was written with) decodes
+    as bnb decodes it, in NF4Weight.dequantize and inside the fused layer's kernels, forward and dX."""
+    import lora_kernels
+    from tests.helpers import BOUNDS, rel_err
+    g = torch.Generator().manual_seed(3)
+    N, K, r, scale = 40, 128, 4, 0.5
+    packed, quant_state = F.quantize_4bit(torch.randn(N, K, generator=g), quant_type="nf4", compress_statistics=True)
+    other = copy.copy(quant_state)
+    other.state2 = copy.copy(quant_state.state2)
+    other.state2.code = quant_state.state2.code * 0.97 + 0.002
+    expected = F.dequantize_4bit(packed, other)
+    assert not torch.equal(expected, F.dequantize_4bit(packed, quant_state))  # the table changes the weight
+    nf4 = nf4_from_bnb((packed, other))
+    assert torch.equal(nf4.dequantize(), expected)
+    x = torch.randn(5, K, generator=g, requires_grad=True)
+    A, B, dy = torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(N, r, generator=g), torch.randn(5, N, generator=g)
+    y = lora_kernels.nf4_lora_linear(x, nf4, A, B, scale)
+    y.backward(dy)
+    assert backend.calls  # the backend under test ran
+    W, x64 = expected.double(), x.detach().double()
+    ref_y = x64 @ W.t() + scale * (x64 @ A.double().t()) @ B.double().t()
+    ref_dx = dy.double() @ W + scale * (dy.double() @ B.double()) @ A.double()
+    assert rel_err(y, ref_y) < BOUNDS[torch.float32] and rel_err(x.grad, ref_dx) < BOUNDS[torch.float32]
+
+
 def test_importing_lora_kernels_does_not_import_bitsandbytes():
     code = ("import sys, lora_kernels, lora_kernels.ops.nf4, lora_kernels.integrations.bitsandbytes; "
             "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes was imported'")
