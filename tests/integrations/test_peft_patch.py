@@ -1100,6 +1100,37 @@ def test_torch_compile_fullgraph_qlora_training_step(quant_type):
     _check_compiled_step_matches_eager(eager)
 
 
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+def test_torch_compile_dynamic_shapes_take_new_lengths_without_recompiling(qlora):
+    """Compiled with symbolic shapes (dynamic=True, what torch.compile switches to after a second
+    sequence length), a patched model runs batches of other sizes and lengths on the same graph: the
+    ops' fake implementations keep M symbolic (a recompile raises here), every layer stays on the fast
+    path, and each step gives eager's loss and LoRA gradients, dropout masks included (same seed)."""
+    dropout = 0.0 if qlora else 0.1
+    eager = peft_model(qlora=qlora, dropout=dropout, seed=4)
+    lora_kernels.patch_peft_model(eager)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=True)
+    # batch >= 2 throughout: dynamo specializes sizes 0 and 1 whatever the model does
+    for step, (batch, seq) in enumerate([(2, 9), (2, 5), (3, 12), (4, 7)]):
+        ids = _ids(seed=seq, batch=batch, seq=seq)
+        with torch._dynamo.config.patch(error_on_recompile=step > 0), use_backend("torch") as record:
+            torch.manual_seed(seq)
+            out = compiled(input_ids=ids, labels=ids)
+            out.loss.backward()
+        assert _fast_calls(record) == 14 and len(record.impls("bwd")) == 14
+        torch.manual_seed(seq)
+        ref = eager(input_ids=ids, labels=ids)
+        ref.loss.backward()
+        assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=BOUND)
+        grads, ref_grads = _lora_grads(compiled_model), _lora_grads(eager)
+        assert grads.keys() == ref_grads.keys() and len(grads) == 28
+        for name in ref_grads:
+            assert_close(grads[name], ref_grads[name], BOUND, f"{name} at batch {batch} x {seq}")
+        compiled_model.zero_grad()
+        eager.zero_grad()
+
 def _train(model, ids_per_step, lr=0.05):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     for ids in ids_per_step:
