@@ -13,7 +13,7 @@ TORCH_CPU := torch==2.13.0
 VENV_FLAGS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --system-site-packages)
 PYTEST_ARGS ?= -n auto -q
 
-.PHONY: install test test-oldest bench aot-check aot-check-old-triton csrc-check clean readme-results
+.PHONY: install test test-oldest bench aot-check aot-check-old-triton launch-check-floor-triton csrc-check clean readme-results
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,15 @@ aot-check-old-triton: install
 	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.aot_check && \
 	  PYTHONPATH=$(VENV)/triton-$(OLD_TRITON) $(BIN)/python -m lora_kernels.tools.launch_check; \
 	else echo "make: triton==$(OLD_TRITON) not installable here: AOT check with it SKIPPED"; fi
+
+# The fast launch path against the dispatch of the oldest triton pyproject.toml accepts (3.4: its
+# runtime differs most from the newest), a dry run as above; skipped with a message if that wheel
+# cannot be installed.
+FLOOR_TRITON ?= 3.4.0
+launch-check-floor-triton: install
+	@if $(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/triton-$(FLOOR_TRITON) triton==$(FLOOR_TRITON); then \
+	  PYTHONPATH=$(VENV)/triton-$(FLOOR_TRITON) $(BIN)/python -m lora_kernels.tools.launch_check; \
+	else echo "make: triton==$(FLOOR_TRITON) not installable here: launch check with it SKIPPED"; fi
 
 # Compile-only check of csrc/*.cu (sm_80, sm_90) and csrc/*.cpp with nvcc: registers, spills (no GPU needed)
 csrc-check: install

@@ -1131,6 +1131,7 @@ def test_torch_compile_dynamic_shapes_take_new_lengths_without_recompiling(qlora
         compiled_model.zero_grad()
         eager.zero_grad()
 
+
 def _train(model, ids_per_step, lr=0.05):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     for ids in ids_per_step:
