@@ -5,6 +5,7 @@ import collections
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -24,6 +25,17 @@ def _torch_cpu_path(monkeypatch):
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOUND = 1e-5  # fp32, relative error
+
+_TORCH_VERSION = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+_TRANSFORMERS_MAJOR = int(re.match(r"\d+", transformers.__version__).group())
+# Seen with torch 2.8 (the floor pyproject.toml accepts), not with 2.11 or 2.13; plain PEFT as well:
+# these are torch's and transformers' behaviour there, not lora_kernels'.
+needs_dynamo_through_transformers_5 = pytest.mark.skipif(
+    _TORCH_VERSION < (2, 9) and _TRANSFORMERS_MAJOR >= 5,
+    reason="torch < 2.9's dynamo graph-breaks inside transformers 5's config (plain PEFT too)")
+needs_fsdp2_matching_one_process = pytest.mark.skipif(
+    _TORCH_VERSION < (2, 9),
+    reason="torch < 2.9's FSDP2 on gloo trains plain PEFT to other values than one process does")
 
 
 def tiny_llama(hidden=64, intermediate=128, layers=2, vocab=100, seed=0):
@@ -728,6 +740,7 @@ def test_dora_autocast_training_step_matches_peft(qlora):
         assert_close(grads[name], ref_grads[name], 5e-2, name)
 
 
+@needs_dynamo_through_transformers_5
 def test_dora_torch_compile_fullgraph_training_step():
     ids = _ids()
     eager = peft_model(seed=4, use_dora=True)
@@ -1078,6 +1091,7 @@ def _check_compiled_step_matches_eager(eager):
         assert_close(grads[name], ref_grads[name], BOUND, name)
 
 
+@needs_dynamo_through_transformers_5
 def test_torch_compile_fullgraph_training_step():
     ids = _ids()
     eager = peft_model(seed=4)
@@ -1091,6 +1105,7 @@ def test_torch_compile_fullgraph_training_step():
     assert all(g.abs().sum() > 0 for g in _lora_grads(dropped).values())
 
 
+@needs_dynamo_through_transformers_5
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_torch_compile_fullgraph_qlora_training_step(quant_type):
     """A patched QLoRA model (bnb Linear4bit, NF4 or FP4) compiles without graph breaks and gives
@@ -1101,6 +1116,7 @@ def test_torch_compile_fullgraph_qlora_training_step(quant_type):
 
 
 
+@needs_dynamo_through_transformers_5
 @pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
 def test_torch_compile_dynamic_shapes_take_new_lengths_without_recompiling(qlora):
     """Compiled with symbolic shapes (dynamic=True, what torch.compile switches to after a second
@@ -1177,7 +1193,8 @@ _WRAPPER_MODELS = {"ddp": {}, "fsdp2": {}, "fsdp2_qlora": {"qlora": True, "quant
                    "fsdp2_dora": {"use_dora": True}}
 
 
-@pytest.mark.parametrize("wrapper", list(_WRAPPER_MODELS))
+@pytest.mark.parametrize("wrapper", [pytest.param(w, marks=needs_fsdp2_matching_one_process) if w.startswith("fsdp2")
+                                     else w for w in _WRAPPER_MODELS])
 def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     import torch.multiprocessing as mp
 

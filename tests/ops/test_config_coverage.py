@@ -10,7 +10,7 @@ import lora_kernels
 from lora_kernels.kernels import configs
 from lora_kernels.ops import dropout_keep_mask, lora_linear_reference
 from lora_kernels.ops import triton_launch
-from tests.helpers import GridRecorder, rel_err
+from tests.helpers import GridRecorder, needs_interpreter_with_tma, rel_err
 
 pytestmark = pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
 
@@ -325,6 +325,7 @@ def test_fused_forward_strided_and_3d_input(monkeypatch, k_step):
 TMA_KINDS = [k for k in configs.DOT_KINDS if configs.tma_supported(16, k, 90)]
 
 
+@needs_interpreter_with_tma
 @pytest.mark.parametrize("kind", TMA_KINDS)
 @pytest.mark.parametrize("r", [3, 40, 200])  # padded ranks 16, 64, 256 (the LoRA terms' R_CHUNK loops)
 def test_tma_gemms_match_reference(monkeypatch, kind, r):
@@ -357,8 +358,9 @@ def test_tma_gemms_match_reference(monkeypatch, kind, r):
         torch.set_float32_matmul_precision(old_precision)
 
 
-@pytest.mark.parametrize("N, dy_layout, tma", [(24, "contiguous", True), (21, "contiguous", False),
-                                                (24, "odd_row_stride", False), (24, "step_2", True)])
+@pytest.mark.parametrize("N, dy_layout, tma", [
+    pytest.param(24, "contiguous", True, marks=needs_interpreter_with_tma), (21, "contiguous", False),
+    (24, "odd_row_stride", False), pytest.param(24, "step_2", True, marks=needs_interpreter_with_tma)])
 def test_tma_grad_input_dispatch(monkeypatch, N, dy_layout, tma):
     # dY [M, N] must be TMA-addressable too: rows of 84 B, or rows 50 B apart, keep the pointer dX GEMM;
     # a dY with a step along N is copied to unit stride first (unit_inner_stride), then addressable

@@ -191,15 +191,18 @@ def test_x_and_dy_reach_the_kernels_with_unit_inner_stride(monkeypatch, layout, 
 def test_every_launch_states_fma_contraction(monkeypatch):
     # Left unset, Triton's default decides (3.9 warns, 3.10 turns it off): dense kernels ask for it on,
     # every kernel decoding NF4 for it off (bit-exact scale decode).
-    from triton.runtime.interpreter import InterpretedFunction  # every launch under the interpreter
+    # Every launch under the interpreter calls a GridExecutor (triton 3.4 to 3.9; 3.4's
+    # InterpretedFunction has no run method to spy on) with the launch's keyword arguments.
+    from triton.runtime.interpreter import GridExecutor
     launched = []
-    run = InterpretedFunction.run
+    call = GridExecutor.__call__
 
-    def recording_run(kernel, *args, **kwargs):
-        launched.append((kernel.__name__, kwargs.get("W_NF4", "nf4" in kernel.__name__), kwargs.get("enable_fp_fusion")))
-        return run(kernel, *args, **kwargs)
+    def recording_call(executor, *args, **kwargs):
+        name = executor.fn.__name__
+        launched.append((name, kwargs.get("W_NF4", "nf4" in name), kwargs.get("enable_fp_fusion")))
+        return call(executor, *args, **kwargs)
 
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    monkeypatch.setattr(GridExecutor, "__call__", recording_call)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
     x, weight, A, B = _small_problem(6, 64, 32, seed=4)
     lora_kernels.lora_linear(x, weight, A, B, 0.5, dropout_p=0.25).sum().backward()

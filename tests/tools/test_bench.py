@@ -19,7 +19,7 @@ import torch
 import lora_kernels
 from lora_kernels.ops import triton_launch
 from lora_kernels.tools import bench
-from tests.helpers import GridRecorder
+from tests.helpers import GridRecorder, needs_interpreter_with_tma
 
 # Tiny but not tile-aligned; K a multiple of 64 for the NF4 family (bitsandbytes' CPU path).
 SHAPES = [(5, 128, 40, 4), (17, 128, 40, 4)]
@@ -592,8 +592,10 @@ def test_triton_route_and_tma_rows_pin_the_triton_kernels():
 @pytest.mark.skipif(not triton_launch.is_interpreted(), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("provider, kernel_name, env", [
     ("lora_kernels_fused", "lora_forward_fused_kernel", triton_launch.FUSED_MIN_M_ENV),
-    ("lora_kernels_tma", "lora_forward_gemm_tma_kernel", triton_launch.TMA_MIN_M_ENV),
-    ("lora_kernels_tma", "lora_grad_input_tma_kernel", triton_launch.TMA_MIN_M_ENV),
+    pytest.param("lora_kernels_tma", "lora_forward_gemm_tma_kernel", triton_launch.TMA_MIN_M_ENV,
+                 marks=needs_interpreter_with_tma),
+    pytest.param("lora_kernels_tma", "lora_grad_input_tma_kernel", triton_launch.TMA_MIN_M_ENV,
+                 marks=needs_interpreter_with_tma),
 ])
 def test_variant_provider_switches_its_kernel_on(monkeypatch, provider, kernel_name, env):
     recorder = GridRecorder(getattr(triton_launch, kernel_name))
