@@ -426,6 +426,7 @@ def test_tma_forward_never_takes_nf4_weights(monkeypatch):
     assert not recorder.grids and _rel(y, ref) < BOUND[torch.float16]
 
 
+@needs_interpreter_with_tma
 @settings(deadline=None, max_examples=24, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(variant=st.sampled_from(["fused", "tma"]), M=st.integers(17, 90),
        K=st.one_of(st.integers(2, 25).map(lambda k: 8 * k), st.integers(16, 200)),  # TMA needs 16-byte rows
@@ -438,10 +439,12 @@ def test_forward_variants_on_drawn_shapes(monkeypatch, variant, M, K, N, r, adap
     # Each opt-in forward switched on for every M above the small-M path, on drawn shapes: where it
     # does not apply (rank, NF4 for TMA, unaligned rows) the default forward runs; either way the
     # layer must match float64, forward and every gradient.
-    env = {"fused": triton_launch.FUSED_MIN_M_ENV, "tma": triton_launch.TMA_MIN_M_ENV}[variant]
     monkeypatch.setattr(triton_launch, "_device_arch", lambda device: 90)
     monkeypatch.setenv("LORA_KERNELS_CPU_BACKEND", "triton")
-    monkeypatch.setenv(env, "1")
+    # Both set on every example: monkeypatch undoes only after the last one, so an example's variant
+    # would otherwise stay on in the examples after it.
+    for name, env in (("fused", triton_launch.FUSED_MIN_M_ENV), ("tma", triton_launch.TMA_MIN_M_ENV)):
+        monkeypatch.setenv(env, "1" if variant == name else "0")
     gen = torch.Generator().manual_seed(seed)
     y, ref, leaves = _layer_and_reference(M, K, N, r, torch.float16, adapter_dtype, weight_format, gen, grads=True)
     _assert_close_to_reference(y, ref, leaves, torch.float16)
