@@ -35,9 +35,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SEED_HIGH = 2**62
 
-# The TMA kernels under the interpreter: triton 3.4's asserts a descriptor's strides in elements
-# where the hardware's rule is bytes (a bf16 row of 24 elements fails there, as it does not on a GPU);
-# 3.6 and 3.9 interpret them (3.5 not run).
+# The TMA kernels under the interpreter: triton 3.4's and 3.5's assert a descriptor's strides in
+# elements where the hardware's rule is bytes (a bf16 row of 24 elements fails there, as it does not
+# on a GPU); 3.6 and 3.9 interpret them.
 needs_interpreter_with_tma = pytest.mark.skipif(
     is_interpreted() and triton_version_tuple(triton.__version__) < (3, 6),
     reason="triton < 3.6's interpreter checks TMA descriptor strides in elements, not bytes")

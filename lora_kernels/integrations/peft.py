@@ -462,7 +462,10 @@ def _cached_nf4(base) -> NF4Weight:
     from lora_kernels.integrations.bitsandbytes import nf4_from_bnb
 
     state = getattr(base.weight, "quant_state", None) or base.quant_state
-    key = (base.weight.data_ptr(), id(state), id(state.absmax), id(state.state2))
+    # While dynamo traces, the weight's identity instead of its storage address: torch 2.9's dynamo
+    # recurses without end through bnb Params4bit's __torch_function__ on data_ptr() (2.11 does not).
+    weight_key = ("id", id(base.weight)) if torch.compiler.is_compiling() else ("ptr", base.weight.data_ptr())
+    key = (weight_key, id(state), id(state.absmax), id(state.state2))
     cached = base.__dict__.get(_NF4_CACHE)
     if cached is None or cached[0] != key:
         cached = (key, nf4_from_bnb(base))
