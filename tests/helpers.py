@@ -21,7 +21,7 @@ import triton
 import lora_kernels
 import lora_kernels.ops.lora_linear as ops_impl
 import lora_kernels.ops.nf4_lora_linear as nf4_ops_impl
-from lora_kernels.kernels import triton_version_tuple
+from lora_kernels.kernels import major_minor
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_reference
 from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
 from lora_kernels.ops.triton_launch import is_interpreted
@@ -39,7 +39,7 @@ SEED_HIGH = 2**62
 # elements where the hardware's rule is bytes (a bf16 row of 24 elements fails there, as it does not
 # on a GPU); 3.6 and 3.9 interpret them.
 needs_interpreter_with_tma = pytest.mark.skipif(
-    is_interpreted() and triton_version_tuple(triton.__version__) < (3, 6),
+    is_interpreted() and major_minor(triton.__version__) < (3, 6),
     reason="triton < 3.6's interpreter checks TMA descriptor strides in elements, not bytes")
 
 

@@ -9,14 +9,14 @@ import triton
 MIN_TRITON = (3, 4)
 
 
-def triton_version_tuple(version: str) -> tuple:
-    """(major, minor) of a triton version string such as "3.4.0" or "3.6.0+git1a2b3c"."""
+def major_minor(version: str) -> tuple:
+    """(major, minor) of a version string such as "3.4.0", "3.6.0+git1a2b3c" or "2.9.1+cu128"."""
     found = re.match(r"(\d+)\.(\d+)", version)
     if not found:
-        raise ImportError(f"lora_kernels: cannot read the triton version {version!r}")
+        raise ImportError(f"lora_kernels: cannot read the version {version!r}")
     return int(found.group(1)), int(found.group(2))
 
 
-if triton_version_tuple(triton.__version__) < MIN_TRITON:
+if major_minor(triton.__version__) < MIN_TRITON:
     raise ImportError(f"lora_kernels needs triton >= {'.'.join(map(str, MIN_TRITON))} (with torch >= 2.8), "
                       f"found triton {triton.__version__}: pip install -U 'triton>={'.'.join(map(str, MIN_TRITON))}'")

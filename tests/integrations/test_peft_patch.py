@@ -5,13 +5,13 @@ import collections
 import copy
 import math
 import os
-import re
 
 import pytest
 import torch
 
 import lora_kernels
 from lora_kernels.integrations import peft as lk_peft
+from lora_kernels.kernels import major_minor
 from tests.helpers import assert_close, use_backend
 
 peft = pytest.importorskip("peft")
@@ -26,8 +26,8 @@ def _torch_cpu_path(monkeypatch):
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOUND = 1e-5  # fp32, relative error
 
-_TORCH_VERSION = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
-_TRANSFORMERS_MAJOR = int(re.match(r"\d+", transformers.__version__).group())
+_TORCH_VERSION = major_minor(torch.__version__)
+_TRANSFORMERS_MAJOR = major_minor(transformers.__version__)[0]
 # Seen with torch 2.8 (the floor pyproject.toml accepts), not with 2.11 or 2.13; plain PEFT as well:
 # these are torch's and transformers' behaviour there, not lora_kernels'.
 needs_dynamo_through_transformers_5 = pytest.mark.skipif(
