@@ -1358,6 +1358,27 @@ def test_nf4_view_is_cached_and_follows_weight_changes():
     assert lk_peft._NF4_CACHE not in layers[0].base_layer.__dict__
 
 
+def test_nf4_view_cache_asks_no_data_ptr_of_the_weight_while_compiling(monkeypatch):
+    """torch 2.9's dynamo recursed without end through bnb Params4bit.__torch_function__ on the
+    weight's data_ptr() (a fullgraph compile of a patched QLoRA model raised RecursionError; CI's
+    torch does not): while compiling, the cache key must not ask for it; in eager it does (a weight
+    whose storage is swapped in place gets a new view)."""
+    pytest.importorskip("bitsandbytes")
+    model = peft_model(qlora=True, seed=12)
+    lora_kernels.patch_peft_model(model)
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    asked = []
+    data_ptr = torch.Tensor.data_ptr
+    monkeypatch.setattr(type(base.weight), "data_ptr", lambda self: asked.append(self) or data_ptr(self))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    view = lk_peft._cached_nf4(base)
+    assert not any(t is base.weight for t in asked)
+    assert lk_peft._cached_nf4(base) is view  # cached while compiling too
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    lk_peft._cached_nf4(base)
+    assert any(t is base.weight for t in asked)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("M", [4, 300])  # the small-M routes (aten, GEMV) and the GEMM / slab routes
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
