@@ -261,8 +261,17 @@ def test_extension_built_for_another_gpu_leaves_the_triton_path(monkeypatch):
     warning, once per device, and the Triton path; one built for it is."""
     import sys
     from types import SimpleNamespace as NS
+
+    import lora_kernels
+
+    def fake_extension(module):
+        # `import lora_kernels._C as ext` reads the package's attribute once a real build was imported
+        # (a built tree), sys.modules otherwise: replace both
+        monkeypatch.setitem(sys.modules, "lora_kernels._C", module)
+        monkeypatch.setattr(lora_kernels, "_C", module, raising=False)
+
     monkeypatch.setattr(nf4_gemv, "load_extension", lambda: True)
-    monkeypatch.setitem(sys.modules, "lora_kernels._C", NS(cuda_archs="80_90"))
+    fake_extension(NS(cuda_archs="80_90"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: {0: (9, 0), 1: (7, 5)}[index])
     nf4_gemv._extension_runs_on.cache_clear()
     try:
@@ -270,7 +279,7 @@ def test_extension_built_for_another_gpu_leaves_the_triton_path(monkeypatch):
         with pytest.warns(UserWarning, match="built for sm_80, sm_90, not for this GPU .sm_75."):
             assert not nf4_gemv.extension_runs_on(torch.device("cuda", 1))
         assert not nf4_gemv.extension_runs_on(torch.device("cuda", 1))  # cached: no second warning
-        monkeypatch.setitem(sys.modules, "lora_kernels._C", NS())  # an old build that does not say
+        fake_extension(NS())  # an old build that does not say
         nf4_gemv._extension_runs_on.cache_clear()
         with pytest.warns(UserWarning, match="does not say which GPUs"):
             assert not nf4_gemv.extension_runs_on(torch.device("cuda", 0))
