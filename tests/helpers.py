@@ -24,6 +24,7 @@ import lora_kernels.ops.nf4_lora_linear as nf4_ops_impl
 from lora_kernels.kernels import major_minor
 from lora_kernels.ops import CPU_BACKEND_ENV, dropout_keep_mask, lora_linear_reference
 from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
+from lora_kernels.ops.nf4_gemv import NF4_GEMV_ENV
 from lora_kernels.ops.triton_launch import is_interpreted
 
 # Relative-error bounds per dtype of x (forward output and every gradient). Measured: fp32 ~1e-7,
@@ -167,12 +168,13 @@ def use_backend(name: str):
             return fn(*args, **kwargs)
         return wrapper
 
-    old_env, old_device = os.environ.get(CPU_BACKEND_ENV), _ACTIVE_DEVICE
-    old_small_m = os.environ.get(DENSE_TORCH_MAX_M_ENV)
-    os.environ[CPU_BACKEND_ENV] = "torch" if name == "torch" else ("triton" if name == "triton" else "auto")
-    # "cuda" is the Triton kernels on CUDA at every M: the small-M PyTorch route of dense calls
-    # (ops.lora_linear.select_backend) has tests of its own
-    os.environ[DENSE_TORCH_MAX_M_ENV] = "0"
+    pinned = {CPU_BACKEND_ENV: "torch" if name == "torch" else ("triton" if name == "triton" else "auto"),
+              # "cuda" is the Triton kernels on CUDA at every M: the small-M PyTorch route of dense calls
+              # (ops.lora_linear.select_backend) and the CUDA NF4 GEMV of small-M NF4 forwards
+              # (ops.nf4_gemv.use_cuda_gemv, on by default up to 32 rows) have tests of their own
+              DENSE_TORCH_MAX_M_ENV: "0", NF4_GEMV_ENV: "0"}
+    old_env, old_device = {variable: os.environ.get(variable) for variable in pinned}, _ACTIVE_DEVICE
+    os.environ.update(pinned)
     _ACTIVE_DEVICE = record.device
     # The dense and the NF4 custom ops call the same four implementations.
     patches = [mock.patch.object(module, attr, spy(impl, kind, getattr(module, attr)))
@@ -188,7 +190,7 @@ def use_backend(name: str):
             yield record
     finally:
         _ACTIVE_DEVICE = old_device
-        for variable, old in ((CPU_BACKEND_ENV, old_env), (DENSE_TORCH_MAX_M_ENV, old_small_m)):
+        for variable, old in old_env.items():
             if old is None:
                 os.environ.pop(variable, None)
             else:

@@ -2,6 +2,8 @@
 also runs as "cuda": the helpers must then hand it CUDA tensors, or it silently runs the CPU path.
 CUDA is faked here (``torch.cuda.is_available``) and no CUDA tensor is made. Then the NF4 helpers:
 references on bitsandbytes' decode, block sizes passed through."""
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,20 @@ def test_use_backend_sets_the_device_of_helper_tensors(monkeypatch):
             assert helpers.default_device() == cpu and inner.impl == "torch"
         assert helpers.default_device() == record.device
     assert helpers.default_device() == cpu
+
+
+def test_cuda_backend_pins_the_small_m_routes_off_and_restores_them(monkeypatch):
+    """The "cuda" backend is the Triton kernels at every M: neither the dense small-M PyTorch route nor
+    the CUDA NF4 GEMV (on by default up to 32 rows) may take its calls (tests count the Triton calls);
+    the caller's settings come back after it."""
+    from lora_kernels.ops.lora_linear import DENSE_TORCH_MAX_M_ENV
+    from lora_kernels.ops.nf4_gemv import NF4_GEMV_ENV
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(NF4_GEMV_ENV, "16")
+    monkeypatch.delenv(DENSE_TORCH_MAX_M_ENV, raising=False)
+    with helpers.use_backend("cuda"):
+        assert os.environ[NF4_GEMV_ENV] == "0" and os.environ[DENSE_TORCH_MAX_M_ENV] == "0"
+    assert os.environ[NF4_GEMV_ENV] == "16" and DENSE_TORCH_MAX_M_ENV not in os.environ
 
 
 def test_helpers_follow_the_backend_device():

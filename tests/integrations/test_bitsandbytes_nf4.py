@@ -271,12 +271,14 @@ def test_quant_state_with_another_nested_code_table_decodes_like_bnb(backend):
     assert not torch.equal(expected, F.dequantize_4bit(packed, quant_state))  # the table changes the weight
     nf4 = nf4_from_bnb((packed, other))
     assert torch.equal(nf4.dequantize(), expected)
-    x = torch.randn(5, K, generator=g, requires_grad=True)
+    x_cpu = torch.randn(5, K, generator=g)
     A, B, dy = torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(N, r, generator=g), torch.randn(5, N, generator=g)
-    y = lora_kernels.nf4_lora_linear(x, nf4, A, B, scale)
-    y.backward(dy)
-    assert backend.calls  # the backend under test ran
-    W, x64 = expected.double(), x.detach().double()
+    device = backend.device  # the quantizer and the reference run on the CPU, the layer on the backend's device
+    x = x_cpu.to(device).requires_grad_(True)
+    y = lora_kernels.nf4_lora_linear(x, nf4.to(device), A.to(device), B.to(device), scale)
+    y.backward(dy.to(device))
+    assert backend.impls("fwd") == [backend.impl] and backend.impls("bwd") == [backend.impl]
+    W, x64 = expected.double(), x_cpu.double()
     ref_y = x64 @ W.t() + scale * (x64 @ A.double().t()) @ B.double().t()
     ref_dx = dy.double() @ W + scale * (dy.double() @ B.double()) @ A.double()
     assert rel_err(y, ref_y) < BOUNDS[torch.float32] and rel_err(x.grad, ref_dx) < BOUNDS[torch.float32]

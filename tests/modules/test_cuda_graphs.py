@@ -36,11 +36,14 @@ def test_graphed_layer_replays_what_eager_computes_cuda(cls, M):
     layer = _layer(cls)
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16).requires_grad_(True)
+    # make_graphed_callables graphs a module in place (its forward replaced, the same object
+    # returned): keep the eager forward to compare with
+    eager_forward = layer.forward
     graphed = torch.cuda.make_graphed_callables(layer, (sample,))
     for _ in range(2):  # new inputs each replay: nothing of the capture's inputs is kept
         x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
         dy = torch.randn(M, N, generator=g).to("cuda", torch.bfloat16)
-        eager = _fwd_bwd(layer, layer, x, dy)
+        eager = _fwd_bwd(eager_forward, layer, x, dy)
         replayed = _fwd_bwd(graphed, layer, x, dy)
         for e, o, name in zip(eager, replayed, ("y", "dx", "dA", "dB")):
             assert torch.equal(e, o), name  # the same kernels on the same data
