@@ -3,6 +3,8 @@
 # network) into .whl/ (git-ignored), for `run` with carry [".whl"]; benchmarks/run_device.sh installs
 # it. bitsandbytes 0.50.2 (the NF4 reference and baselines, ~43 MB). pytest-xdist, which the GPU test
 # steps use to compile Triton kernels in parallel worker processes, is on the machine already.
+# Then benchmarks/prebuild_device_extension.sh puts lora_kernels._C, built here for that machine, beside
+# it (the device call then skips compiling csrc/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-pip}

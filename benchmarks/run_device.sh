@@ -3,7 +3,8 @@
 # use the machine's torch/triton, then run the requested steps (default: all), writing everything
 # under $OUT (default benchmarks/results/device-run) and printing a summary per step.
 #   device tool: command "bash benchmarks/run_device.sh [steps]", carry [".whl"] (filled on the CPU
-#   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist)
+#   machine by benchmarks/fetch_device_wheels.sh: bitsandbytes; the machine has pytest-xdist; and by
+#   benchmarks/prebuild_device_extension.sh: lora_kernels._C built there for this GPU, which "build" installs)
 #   steps: build tests-launch tests-graphs tests tests-nf4 tests-gemv sanitizer gemv qlora-small-m overhead ncu-gemv tests-property bench bench-quick qlora qlora-quick memory train train-routes variants dora split-k csrc tests-all
 #   aliases: first = build tests-launch gemv bench-quick qlora-quick tests (the first call on a fresh GPU: the goal
 #   figures of every benchmark first, each row checked against a reference as it is timed, then the GPU tests);
@@ -18,7 +19,8 @@
 #   ~9-10 minutes on an H200: the rest of the GPU tests ("tests") in a second call)
 #   (each under its own time limit, so that one slow step cannot use up a 10-minute call; split them
 #   over calls when the GPU is slow to compile). "build" compiles csrc/ into lora_kernels._C in place
-#   for this GPU's architecture (the later steps then use the CUDA NF4 GEMV where they ask for it);
+#   for this GPU's architecture, or installs the one prebuilt in .whl/ when it matches (the later steps
+#   then use the CUDA NF4 GEMV where they ask for it);
 #   "tests" runs the tests that exercise the GPU (the "cuda" backend, the CUDA GEMV, the Triton dropout
 #   hash; CPU CI runs the rest) except the hypothesis property tests, which "tests-property" runs
 #   (their random shapes and dtypes make Triton compile anew for most examples); "tests-all" runs the
@@ -67,13 +69,22 @@ for step in $STEPS; do
     echo "=== $step"
     step_start=$SECONDS
     case $step in
-        build) # SASS for this GPU only (setup.py's default builds sm_80 and sm_90: twice the nvcc time)
-               arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-               # without ninja torch's BuildExtension compiles csrc/'s 15 files one after another
-               command -v ninja >/dev/null || python -c "import ninja" 2>/dev/null \
-                   || echo "WARNING: no ninja: csrc/ builds serially (several minutes)" | tee -a "$OUT/build.txt"
-               LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout $(cap 400) python setup.py build_ext --inplace \
-                   > "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
+        build) # a prebuilt extension carried in .whl/ (benchmarks/prebuild_device_extension.sh) when it matches
+               # csrc/, torch, Python and this GPU and loads; else compile. SASS for this GPU only
+               # (setup.py's default builds sm_80 and sm_90: twice the nvcc time)
+               if python -m lora_kernels.tools.prebuilt_extension unpack --src .whl > "$OUT/build.txt" 2>&1 \
+                   && python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; import sys; sys.exit(not l())" \
+                       >> "$OUT/build.txt" 2>&1; then
+                   tail -3 "$OUT/build.txt"
+               else
+                   tail -5 "$OUT/build.txt"; rm -f lora_kernels/_C*.so
+                   arch=$(python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+                   # without ninja torch's BuildExtension compiles csrc/'s 15 files one after another
+                   command -v ninja >/dev/null || python -c "import ninja" 2>/dev/null \
+                       || echo "WARNING: no ninja: csrc/ builds serially (several minutes)" | tee -a "$OUT/build.txt"
+                   LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-$arch} timeout $(cap 400) python setup.py build_ext --inplace \
+                       >> "$OUT/build.txt" 2>&1; tail -15 "$OUT/build.txt"
+               fi
                python -c "from lora_kernels.ops.nf4_gemv import load_extension as l; print('lora_kernels._C loaded:', l())" \
                    2>&1 | tee -a "$OUT/build.txt" ;;
         sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap 300) compute-sanitizer --tool memcheck --error-exitcode 1 \

@@ -7,6 +7,8 @@ torch's BuildExtension adds on its own -DTORCH_API_INCLUDE_EXTENSION_H, -DTORCH_
 torch's COMMON_NVCC_FLAGS (no half / bfloat16 operators and conversions, --expt-relaxed-constexpr)
 and -fPIC; csrc_check adds those by hand.
 """
+import glob
+import hashlib
 import os
 import re
 
@@ -49,3 +51,18 @@ def cxx_std(torch_version: str) -> str:
     m = re.match(r"(\d+)\.(\d+)", torch_version)
     return "c++20" if m and (int(m.group(1)), int(m.group(2))) >= (2, 13) else "c++17"
 
+
+def source_digest(root: str) -> str:
+    """sha256 of everything a build of ``lora_kernels._C`` reads from the repository at ``root``:
+    csrc/'s sources and headers (*.cu, *.cuh, *.cpp), this file and setup.py (names and bytes). A
+    prebuilt extension is used only where this matches (lora_kernels.tools.prebuilt_extension)."""
+    paths = sorted(glob.glob(os.path.join(root, "csrc", "*.cu")) + glob.glob(os.path.join(root, "csrc", "*.cuh"))
+                   + glob.glob(os.path.join(root, "csrc", "*.cpp"))
+                   + [os.path.join(root, "csrc", "build_flags.py"), os.path.join(root, "setup.py")])
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        digest.update(f"{os.path.relpath(path, root)}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()

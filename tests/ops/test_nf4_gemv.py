@@ -135,7 +135,7 @@ def test_eligibility_rule_with_cuda_stand_ins(monkeypatch):
     # block indices are shifts: a nested block size that is not a power of two stays on Triton
     assert not nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, NS(blocksize=64, nested_blocksize=100, absmax_code=1))
     assert nf4_gemv.use_cuda_gemv(x(), A, 0.0, None, NS(blocksize=64, nested_blocksize=100, absmax_code=None))
-    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")  # the default: off
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")  # off
     assert not nf4_gemv.use_cuda_gemv(x(1), A, 0.0, None, wq)
 
 
