@@ -1199,8 +1199,18 @@ def test_two_gloo_processes_match_single_process(tmp_path, wrapper):
     import torch.multiprocessing as mp
 
     steps = [_ids(seed=20 + i, batch=4) for i in range(2)]
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt"), steps, wrapper),
-             nprocs=2, join=True)
+    for attempt in range(2):
+        init = tmp_path / f"init{attempt}"
+        try:
+            mp.spawn(_distributed_worker, args=(2, str(init), str(tmp_path / "out.pt"), steps, wrapper),
+                     nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as exc:
+            # A worker killed by a signal, not by a Python error (those raise ProcessRaisedException and
+            # fail here): once in CI a gloo process aborted ("terminate called without an active
+            # exception") under the load of two xdist workers; it passed alone every time. One retry.
+            if attempt or exc.exit_code is None or exc.exit_code >= 0:
+                raise
     distributed = torch.load(tmp_path / "out.pt")
     single = peft_model(seed=11, **_WRAPPER_MODELS[wrapper])
     lora_kernels.patch_peft_model(single)
