@@ -59,3 +59,19 @@ def test_sdist_holds_the_package_and_csrc_and_builds_a_wheel(tmp_path):
         in_wheel = set(whl.namelist())
     package = [n for n in tracked if n.startswith("lora_kernels/") and n.endswith(".py")]
     assert package and not sorted(set(package) - in_wheel)
+
+    # the wheel alone (no checkout beside it): the package computes, the tools that read csrc/ say so
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as whl:
+        whl.extractall(site)
+    code = ("import torch, lora_kernels\n"
+            "x, W, A, B = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)\n"
+            "y = lora_kernels.lora_linear(x, W, A, B, 0.5)\n"
+            "assert torch.allclose(y, x @ W.T + 0.5 * (x @ A.T) @ B.T, atol=1e-5), y\n"
+            "assert lora_kernels.__file__.startswith(" + repr(str(site)) + "), lora_kernels.__file__\n"
+            "try:\n    import lora_kernels.tools.csrc_check\nexcept ImportError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, PYTHONPATH=str(site)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "needs the repository's csrc/" in run.stdout

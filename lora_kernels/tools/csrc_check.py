@@ -34,9 +34,14 @@ SKIP_ENV = "LORA_KERNELS_CSRC_CHECK"
 
 
 def _load_build_flags():
-    """csrc/build_flags.py, by path: the flags setup.py builds ``lora_kernels._C`` with."""
-    spec = importlib.util.spec_from_file_location("lora_kernels_build_flags",
-                                                  os.path.join(DEFAULT_CSRC, "build_flags.py"))
+    """csrc/build_flags.py, by path: the flags setup.py builds ``lora_kernels._C`` with. The tools that
+    read csrc/ (this check, the emulation, the prebuilt extension) work in a checkout of the repository:
+    an installed wheel holds the package only."""
+    path = os.path.join(DEFAULT_CSRC, "build_flags.py")
+    if not os.path.isfile(path):
+        raise ImportError(f"lora_kernels.tools.csrc_check needs the repository's csrc/ beside the package "
+                          f"(a checkout, or an editable install): {path} not found")
+    spec = importlib.util.spec_from_file_location("lora_kernels_build_flags", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
