@@ -84,12 +84,15 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
     weight's storage object, offset and version counter are the same (a frozen weight: computed once).
     A write through ``weight.data`` (a tensor with its own version counter) is not seen: clear the
     dict after one. Not used while torch.compile traces (storages and versions are not traceable:
-    the graph computes it)."""
+    the graph computes it). One entry per device, {device: (key, value)}, read in one lookup:
+    nn.DataParallel's replicas share their module's dict and run in threads, one per GPU; a key
+    checked and then a value read could be another replica's, on its GPU."""
     if torch.compiler.is_compiling():
         cache = None
     key = _weight_key(weight) if cache is not None else None
-    if cache is not None and cache.get("key") == key:
-        return cache["value"]
+    entry = cache.get(weight.device) if cache is not None else None
+    if entry is not None and entry[0] == key:
+        return entry[1]
     N, K = weight.shape
     out = torch.empty(N, dtype=torch.float32, device=weight.device)
     if isinstance(weight, NF4Weight):  # the CPU path's row chunks, decoded like bnb, then fp32
@@ -105,7 +108,7 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
 
 def _store(cache: Optional[dict], key, value: torch.Tensor) -> torch.Tensor:
     if cache is not None:
-        cache["key"], cache["value"] = key, value
+        cache[value.device] = (key, value)
     return value
 
 

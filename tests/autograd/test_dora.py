@@ -123,7 +123,7 @@ def test_row_norm_cache_follows_the_weight(torch_backend_env):
     tripled = row_sqnorm(W, cache)
     assert_close(tripled, 9 * first, 1e-6, "recomputed")
     other = W.clone()  # another storage, same values: recomputed, and the cache now follows it
-    assert row_sqnorm(other, cache) is not tripled and cache["key"][0]() is other.untyped_storage()
+    assert row_sqnorm(other, cache) is not tripled and cache[other.device][0][0]() is other.untyped_storage()
     # Another storage at the same address, version and layout (as a new weight allocated where a
     # freed one was, e.g. after model.half().float()): recomputed, not taken for the old one.
     again = row_sqnorm(other, cache)
@@ -132,11 +132,37 @@ def test_row_norm_cache_follows_the_weight(torch_backend_env):
     assert row_sqnorm(alias, cache) is not again
     # A copied cache (deepcopy / pickle of a model) matches no storage, the original's neither.
     for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
-        stale = copied["value"]
+        stale = copied[alias.device][1]
         assert row_sqnorm(alias, copied) is not stale
     square = torch.randn(K, K, generator=torch.Generator().manual_seed(2))
     row_sqnorm(square, cache)  # a transposed view (a Conv1D's weight as [N, K]): same storage and shape
     assert_close(row_sqnorm(square.t(), cache), square.double().square().sum(0), 1e-6, "||W^T_n||^2")
+
+
+def test_row_norm_cache_keeps_one_entry_per_device_read_at_once(torch_backend_env):
+    """nn.DataParallel's replicas share their module's __dict__ (so the cache) and run in threads, one
+    per GPU: another replica may store its value between this one's lookups. Played here in one
+    thread: the "other replica" is the same weight on the meta device, stored right after the lookup."""
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(4))
+    other_replica = W.to("meta")
+
+    class OtherReplicaStoresAfterALookup(dict):
+        armed = False
+
+        def get(self, *args):
+            found = super().get(*args)
+            if self.armed:
+                self.armed = False
+                row_sqnorm(other_replica, self)
+            return found
+
+    cache = OtherReplicaStoresAfterALookup()
+    first = row_sqnorm(W, cache)
+    cache.armed = True
+    again = row_sqnorm(W, cache)
+    assert again is first and again.device == W.device
+    assert set(cache) == {W.device, other_replica.device}
+    assert row_sqnorm(other_replica, cache).device == other_replica.device
 
 
 def test_bad_arguments(torch_backend_env):

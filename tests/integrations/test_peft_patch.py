@@ -637,20 +637,21 @@ def test_unbatched_input_gives_peft_s_shape(qlora, dora):
 
 
 def test_dora_row_norms_of_the_base_are_cached_until_it_changes():
+    CPU = torch.device("cpu")  # the cache holds an entry per device (row_sqnorm)
     model = peft_model(seed=3, use_dora=True)
     lora_kernels.patch_peft_model(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     ids = _ids()
     model(input_ids=ids)
-    cached = layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE]["value"]
+    cached = layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][CPU][1]
     model(input_ids=ids)
-    assert layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE]["value"] is cached  # not recomputed
+    assert layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][CPU][1] is cached  # not recomputed
     with torch.no_grad():
         layer.base_layer.weight.mul_(2)  # in place: the version counter moves
     reference = copy.deepcopy(model)
     lora_kernels.unpatch_peft_model(reference)
     assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "after an in-place change")
-    assert_close(layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE]["value"], 4 * cached, 1e-6, "recomputed")
+    assert_close(layer.base_layer.__dict__[lk_peft._ROW_SQNORM_CACHE][CPU][1], 4 * cached, 1e-6, "recomputed")
 
 
 def test_dora_with_dropout_matches_peft_s_formula_in_float64():
