@@ -7,6 +7,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,11 +92,12 @@ def test_unpack_refuses_what_does_not_match(tmp_path, cuda_torch, monkeypatch, c
         (root / "csrc/kernels.cuh").write_text("// edited after the build\n")
         expected = "other csrc/ sources"
     elif change == "torch":
-        monkeypatch.setattr(torch, "__version__", "2.12.0+cu130")
-        expected = "this is torch 2.12.0"
-    elif change == "python":
-        monkeypatch.setattr(pe, "extension_file_name", lambda: "_C.cpython-313-x86_64-linux-gnu.so")
-        expected = "this Python imports _C.cpython-313"
+        monkeypatch.setattr(torch, "__version__", "1.0.0+cu130")  # no torch the suite runs with
+        expected = "this is torch 1.0.0"
+    elif change == "python":  # the next minor Python's tag: not this one's
+        tag = f"cpython-{sys.version_info.major}{sys.version_info.minor + 1}"
+        monkeypatch.setattr(pe, "extension_file_name", lambda: f"_C.{tag}-x86_64-linux-gnu.so")
+        expected = f"this Python imports _C.{tag}"
     elif change == "gpu":
         capability, expected = (8, 0), "built for sm_90, this GPU is sm_80"
     else:  # the packed file does not hold what the metadata says
