@@ -108,6 +108,10 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
 
 def _store(cache: Optional[dict], key, value: torch.Tensor) -> torch.Tensor:
     if cache is not None:
+        # entries of weights that are gone (a model moved to another device, a replica's copy) free their value
+        for device, (old_key, _) in list(cache.items()):
+            if old_key[0]() is None:
+                cache.pop(device, None)
         cache[value.device] = (key, value)
     return value
 

@@ -163,6 +163,11 @@ def test_row_norm_cache_keeps_one_entry_per_device_read_at_once(torch_backend_en
     assert again is first and again.device == W.device
     assert set(cache) == {W.device, other_replica.device}
     assert row_sqnorm(other_replica, cache).device == other_replica.device
+    # the entry of a weight that is gone (as after model.to(another device)) goes with the next store
+    cache = {}
+    row_sqnorm(torch.randn(N, K), cache)
+    row_sqnorm(other_replica, cache)
+    assert set(cache) == {other_replica.device}
 
 
 def test_bad_arguments(torch_backend_env):
