@@ -148,8 +148,8 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
             return f"adapter dtype {A.dtype} with input dtype {x.dtype}", None
         if A.device != x.device or B.device != x.device:
             return "adapters on another device than the input", None
-        if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0
-            return "adapter of rank 0", None
+        if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0 (ZeRO-3: a placeholder)
+            return (ZERO3_PARTITIONED_REASON if hasattr(A, "ds_id") else "adapter of rank 0"), None
     dropout_p = 0.0  # several adapters: none in training (_several_adapters_reason)
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
@@ -231,8 +231,20 @@ def _base_call_reason(base, stock) -> Optional[str]:
         return f"base layer {type(base).__name__} with its own forward"
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or any(_GLOBAL_HOOKS)):
-        return "hooks on the base layer"
+        return ZERO3_HOOKS_REASON if hasattr(_child(base, "weight"), "ds_id") else "hooks on the base layer"
     return None
+
+
+# DeepSpeed ZeRO-3 partitions each parameter (an empty placeholder, its real shape in ds_shape) and
+# gathers a module's own parameters in hooks around that module's forward: the fast path reads the
+# base layer's and the adapters' weights without calling those modules. Checked on a CPU (deepspeed
+# 0.19.8, one gloo process): without leaf modules every call runs PEFT's forward, with the reason
+# below; with set_z3_leaf_modules DeepSpeed gathers the whole LoRA layer at its forward, the fast
+# path runs, and loss, gradients and the step equal unpatched PEFT's.
+ZERO3_HOOKS_REASON = ("DeepSpeed ZeRO-3 gathers the base layer's weight in its hooks (call "
+                      "deepspeed.utils.set_z3_leaf_modules(model, [peft.tuners.lora.Linear]) before "
+                      "deepspeed.initialize to run the fused path)")
+ZERO3_PARTITIONED_REASON = "DeepSpeed ZeRO-3 parameters not gathered (outside a forward of the layer)"
 
 
 def _stock_instance_forward(base, stock) -> bool:

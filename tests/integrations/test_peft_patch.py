@@ -467,6 +467,34 @@ def test_base_layer_hooks_and_own_forward_keep_peft_s_path():
     assert lk_peft.fallback_reason(v_proj(patched), x) == "base layer Linear with its own forward"
 
 
+def test_deepspeed_zero3_layers_keep_peft_s_path_with_a_reason_that_says_what_to_do():
+    """DeepSpeed ZeRO-3 partitions the parameters (``ds_id``; an empty placeholder outside the forward
+    of their module) and gathers them in hooks on each module: played here with those attributes and
+    a hook (README: what a DeepSpeed run on a CPU gave)."""
+    reference = peft_model(seed=4)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[0].self_attn.v_proj
+    x = torch.randn(3, 64)
+    layer.base_layer.weight.ds_id = 7
+    hook = layer.base_layer.register_forward_pre_hook(lambda mod, inp: None)  # DeepSpeed's gather
+    assert lk_peft.fallback_reason(layer, x) == lk_peft.ZERO3_HOOKS_REASON
+    assert "set_z3_leaf_modules" in lk_peft.ZERO3_HOOKS_REASON
+    with use_backend("torch") as record:
+        assert_close(patched(input_ids=_ids()).logits, reference(input_ids=_ids()).logits, BOUND, "ZeRO-3 hooks")
+    assert _fast_calls(record) == 13
+    hook.remove()
+    assert lk_peft.fallback_reason(layer, x) is None  # leaf modules: gathered, no hooks on the base layer
+    A = layer.lora_A["default"].weight
+    gathered, A.data = A.data, torch.empty(0)  # partitioned, outside a forward of the layer
+    A.ds_id = 8
+    assert lk_peft.fallback_reason(layer, x) == lk_peft.ZERO3_PARTITIONED_REASON
+    A.data = gathered
+    del A.ds_id
+    A.data = torch.empty(0, 64)  # not DeepSpeed's: an adapter of rank 0, as AdaLoRA prunes to
+    assert lk_peft.fallback_reason(layer, x) == "adapter of rank 0"
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_accelerate_device_hooks_keep_the_fast_path_unless_they_offload(offload):
     """A device_map over several GPUs makes accelerate wrap every layer's forward with an
