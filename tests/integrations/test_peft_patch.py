@@ -467,6 +467,46 @@ def test_base_layer_hooks_and_own_forward_keep_peft_s_path():
     assert lk_peft.fallback_reason(v_proj(patched), x) == "base layer Linear with its own forward"
 
 
+def test_adapter_module_hooks_and_wrappers_keep_peft_s_path():
+    """PEFT calls lora_A(x), lora_B(h) and DoRA's magnitude layer: their hooks run there (a user's, or
+    FSDP2's fully_shard of them), and a wrapper in their place (FSDP1 under peft's auto-wrap policy)
+    holds flat shards outside its forward. The fast path, reading their weights, skipped the hooks
+    and read the shards (tests/integrations: the gloo runs)."""
+    for use_dora in (False, True):
+        reference = peft_model(seed=4, use_dora=use_dora)
+        patched = copy.deepcopy(reference)
+        lora_kernels.patch_peft_model(patched)
+        x = torch.randn(3, 64)
+        layers = [m.base_model.model.model.layers[0].self_attn.q_proj for m in (patched, reference)]
+        handles = [lay.lora_B["default"].register_forward_hook(lambda mod, inp, out: 3 * out) for lay in layers]
+        assert lk_peft.fallback_reason(layers[0], x).startswith("hooks on lora_B")
+        with use_backend("torch") as record:
+            assert_close(patched(input_ids=_ids()).logits, reference(input_ids=_ids()).logits, BOUND, "lora_B hook")
+        assert _fast_calls(record) == 13
+        for h in handles:
+            h.remove()
+        assert lk_peft.fallback_reason(layers[0], x) is None
+        names = ("lora_A", "lora_magnitude_vector") if use_dora else ("lora_A",)
+        for name in names:
+            entries = getattr(layers[0], name)
+            inner = entries["default"]
+
+            class Wrapper(torch.nn.Module):  # holds the module, as FSDP1's wrapper does
+                def __init__(self):
+                    super().__init__()
+                    self.wrapped = inner
+
+                def forward(self, *args, **kwargs):
+                    return self.wrapped(*args, **kwargs)
+
+            entries["default"] = Wrapper()
+            assert lk_peft.fallback_reason(layers[0], x) == (
+                f"{name} is a Wrapper (e.g. FSDP1 wrapping the adapters, as peft's fsdp_auto_wrap_policy does: "
+                "their weights are shards outside the wrapper's forward)")
+            entries["default"] = inner
+        assert lk_peft.fallback_reason(layers[0], x) is None
+
+
 def test_deepspeed_zero3_layers_keep_peft_s_path_with_a_reason_that_says_what_to_do():
     """DeepSpeed ZeRO-3 partitions the parameters (``ds_id``; an empty placeholder outside the forward
     of their module) and gathers them in hooks on each module: played here with those attributes and
@@ -1195,19 +1235,39 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
     try:
         model = peft_model(seed=11, **_WRAPPER_MODELS[wrapper])
         lora_kernels.patch_peft_model(model)
+        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
         if wrapper == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             trained = DistributedDataParallel(model)
-        else:  # FSDP2: shard every decoder layer, then the root
-            from torch.distributed.fsdp import fully_shard
+        elif wrapper.startswith("fsdp1"):
+            # FSDP1 keeping the original parameters (as PEFT needs): each decoder layer, frozen and
+            # trainable weights in one flat parameter, or peft's policy (what HF Trainer applies to a
+            # PEFT model), which wraps each adapter module on its own
+            from peft.utils.other import fsdp_auto_wrap_policy
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            policy = (fsdp_auto_wrap_policy(model) if wrapper == "fsdp1_peft_policy"
+                      else ModuleWrapPolicy({type(model.base_model.model.model.layers[0])}))
+            trained = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
+                                               device_id=torch.device("cpu"))
+        else:  # FSDP2: shard every decoder layer (first each adapter module: "fsdp2_adapters"), then the root
+            if wrapper == "fsdp2_adapters":
+                for name, module in model.named_modules():
+                    if name.endswith(("lora_A.default", "lora_B.default")):
+                        fully_shard(module)
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
             trained = fully_shard(model)
         with use_backend("torch") as record:
             _train(trained, [ids[rank::world] for ids in steps])
-        assert _fast_calls(record) == 14 * len(steps)  # the sharded layers ran lora_kernels' op
-        params = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-        if wrapper != "ddp":
+        # the sharded layers ran lora_kernels' op, except where the sharding needs PEFT's forward
+        assert _fast_calls(record) == _WRAPPER_FAST_CALLS.get(wrapper, 14) * len(steps)
+        if wrapper.startswith("fsdp1"):
+            with FullyShardedDataParallel.summon_full_params(trained):  # gather the flat shards
+                params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                          for n, p in trained.named_parameters() if "lora_" in n}
+        else:
+            params = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+        if wrapper.startswith("fsdp2"):
             params = {n: p.full_tensor() for n, p in params.items()}  # gather the shards
         if rank == 0:
             torch.save(params, out_file)
@@ -1218,8 +1278,13 @@ def _distributed_worker(rank, world, init_file, out_file, steps, wrapper):
         dist.destroy_process_group()
 
 
-_WRAPPER_MODELS = {"ddp": {}, "fsdp2": {}, "fsdp2_qlora": {"qlora": True, "quant_storage": torch.float32},
-                   "fsdp2_dora": {"use_dora": True}}
+_WRAPPER_MODELS = {"ddp": {}, "fsdp1": {}, "fsdp1_peft_policy": {}, "fsdp2": {}, "fsdp2_adapters": {},
+                   "fsdp2_qlora": {"qlora": True, "quant_storage": torch.float32}, "fsdp2_dora": {"use_dora": True}}
+# LoRA layers that run lora_kernels' op per step, of 14, where not all: FSDP1's flat parameter makes the
+# frozen base weight a view that requires grad ("the base weight is trainable"); a wrapper around each
+# adapter module, or FSDP2's hooks on it, gathers its weight only in its own forward (PEFT's path; before,
+# the fast path read the shards: a ValueError, and a DTensor mix error under FSDP2)
+_WRAPPER_FAST_CALLS = {"fsdp1": 0, "fsdp1_peft_policy": 0, "fsdp2_adapters": 0}
 
 
 @pytest.mark.parametrize("wrapper", [pytest.param(w, marks=needs_fsdp2_matching_one_process) if w.startswith("fsdp2")
