@@ -199,20 +199,22 @@ def _adapter_call_reason(layer, adapter: str) -> Optional[str]:
     """Why calling the adapter's modules, as PEFT does (lora_A(x), lora_B(h), DoRA's magnitude layer),
     now does more than the fast path, which reads their weights, or None: a wrapper in their place
     (FSDP1 under peft's fsdp_auto_wrap_policy, which HF Trainer applies, wraps each of them: outside
-    the wrapper's forward their weights are flat shards), their own forward, or hooks (FSDP2's
-    fully_shard of them gathers their weights in hooks). Every call: ~1 us."""
+    the wrapper's forward their weights are flat shards), their own forward (accelerate's hook that only
+    aligns devices aside, as for the base layer), or hooks (FSDP2's fully_shard of them gathers their
+    weights in hooks). Every call: ~1 us."""
     modules = layer._modules
     for name in ("lora_A", "lora_B"):
         module = modules[name]._modules.get(adapter)  # None: AdaLoRA's bare Parameters
         if module is not None and (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                                   or module._backward_hooks or "forward" in module.__dict__
-                                   or type(module).forward is not _LINEAR_FORWARD):
+                                   or module._backward_hooks or type(module).forward is not _LINEAR_FORWARD
+                                   or ("forward" in module.__dict__ and not _stock_instance_forward(module, _LINEAR_FORWARD))):
             return _module_call_reason(module, name)
     magnitude = modules.get("lora_magnitude_vector")
     module = magnitude._modules.get(adapter) if magnitude is not None else None
     if module is not None and (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                               or module._backward_hooks or "forward" in module.__dict__
-                               or "weight" not in module._parameters):
+                               or module._backward_hooks or "weight" not in module._parameters
+                               or ("forward" in module.__dict__
+                                   and not _stock_instance_forward(module, type(module).forward))):
         return _module_call_reason(module, "lora_magnitude_vector")
     return None
 
@@ -229,6 +231,8 @@ def _module_call_reason(module, name: str) -> str:
     """The reason ``_adapter_call_reason`` found for ``module`` (``layer.<name>[adapter]``)."""
     if _has_hooks(module):
         return f"hooks on {name} (e.g. FSDP2's fully_shard of the adapters, which gathers their weights there)"
+    if "forward" in module.__dict__:
+        return f"{name} {type(module).__name__} with its own forward"
     return (f"{name} is a {type(module).__name__} (e.g. FSDP1 wrapping the adapters, as peft's "
             f"fsdp_auto_wrap_policy does: their weights are shards outside the wrapper's forward)")
 

@@ -505,6 +505,10 @@ def test_adapter_module_hooks_and_wrappers_keep_peft_s_path():
                 "their weights are shards outside the wrapper's forward)")
             entries["default"] = inner
         assert lk_peft.fallback_reason(layers[0], x) is None
+        layers[0].lora_A["default"].forward = lambda t: 2 * t  # an instance's own forward
+        assert lk_peft.fallback_reason(layers[0], x) == "lora_A Linear with its own forward"
+        del layers[0].lora_A["default"].forward
+        assert lk_peft.fallback_reason(layers[0], x) is None
 
 
 def test_deepspeed_zero3_layers_keep_peft_s_path_with_a_reason_that_says_what_to_do():
@@ -551,6 +555,8 @@ def test_accelerate_device_hooks_keep_the_fast_path_unless_they_offload(offload)
             weights_map = {n: t.detach() for n, t in layer.base_layer.named_parameters()}
         hooks.add_hook_to_module(layer.base_layer, hooks.AlignDevicesHook(
             execution_device="cpu", offload=offload, weights_map=weights_map, io_same_device=True))
+        for adapter_module in (layer.lora_A["default"], layer.lora_B["default"]):  # these only align devices
+            hooks.add_hook_to_module(adapter_module, hooks.AlignDevicesHook(execution_device="cpu"))
     ids = _ids()
     with use_backend("torch") as record:
         assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "hooked")
