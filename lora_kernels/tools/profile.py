@@ -231,12 +231,13 @@ def _loss_of(out) -> tuple:
 
 
 def _hookable_modules(model: torch.nn.Module) -> list:
-    """The modules whose calls the profile follows: all but the base layers of layers patched by
-    patch_peft_model, since a hook on a base layer sends its LoRA layer to PEFT's path (hooks must run
-    there, and the fast path never calls the base layer): the profile would measure PEFT instead."""
+    """The modules whose calls the profile follows: all but those inside layers patched by
+    patch_peft_model (the base layer, lora_A, lora_B, ...), since a hook on one of them sends its LoRA
+    layer to PEFT's path (hooks must run there, and the fast path calls none of them): the profile
+    would measure PEFT instead."""
     from lora_kernels.integrations.peft import is_patched
 
-    skip = {id(m._modules["base_layer"]) for m in model.modules() if is_patched(m)}
+    skip = {id(sub) for m in model.modules() if is_patched(m) for sub in m.modules() if sub is not m}
     return [m for m in model.modules() if id(m) not in skip]
 
 
