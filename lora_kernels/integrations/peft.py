@@ -207,7 +207,8 @@ def _adapter_call_reason(layer, adapter: str) -> Optional[str]:
         module = modules[name]._modules.get(adapter)  # None: AdaLoRA's bare Parameters
         if module is not None and (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                                    or module._backward_hooks or type(module).forward is not _LINEAR_FORWARD
-                                   or ("forward" in module.__dict__ and not _stock_instance_forward(module, _LINEAR_FORWARD))):
+                                   or ("forward" in module.__dict__
+                                       and not _stock_instance_forward(module, _LINEAR_FORWARD))):
             return _module_call_reason(module, name)
     magnitude = modules.get("lora_magnitude_vector")
     module = magnitude._modules.get(adapter) if magnitude is not None else None
