@@ -150,6 +150,9 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
             return "adapters on another device than the input", None
         if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0 (ZeRO-3: a placeholder)
             return (ZERO3_PARTITIONED_REASON if hasattr(A, "ds_id") else "adapter of rank 0"), None
+        scaling = layer.scaling[adapter]
+        if isinstance(scaling, torch.Tensor) and scaling.numel() != 1:
+            return f"a scaling tensor of shape {list(scaling.shape)}", None
     dropout_p = 0.0  # several adapters: none in training (_several_adapters_reason)
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
@@ -366,19 +369,39 @@ def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
 
 
 _RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (tensor_cache_key of ranknum, its value + 1e-5)
+_SCALING_CACHE = "_lora_kernels_scaling"  # adapter -> (tensor_cache_key of a tensor scaling, its value)
+
+
+def _tensor_value(layer, cache_name: str, adapter: str, tensor: torch.Tensor) -> float:
+    """The value of a one-element device tensor of ``layer`` as a float. Reading it costs a device
+    sync, so the value is kept in ``layer.__dict__[cache_name]`` until the tensor's storage or version
+    counter changes (an in-place write, a new tensor)."""
+    key = tensor_cache_key(tensor)
+    cache = layer.__dict__.setdefault(cache_name, {})
+    entry = cache.get(adapter)
+    if entry is None or entry[0] != key:
+        entry = cache[adapter] = (key, float(tensor.detach().float().cpu()))
+    return entry[1]
 
 
 def _adalora_rank_divisor(layer, adapter: str) -> float:
-    """AdaLoRA's ranknum + 1e-5 as a float. ranknum is a device tensor: reading it costs a device sync,
-    so the value is kept until ranknum's storage or version counter changes (PEFT creates a new one
-    whenever the rank changes; its one write through ``.data`` comes before any forward)."""
-    ranknum = _adapter_entry(layer, "ranknum", adapter)
-    key = tensor_cache_key(ranknum)
-    cache = layer.__dict__.setdefault(_RANKNUM_CACHE, {})
-    entry = cache.get(adapter)
-    if entry is None or entry[0] != key:
-        entry = cache[adapter] = (key, float(ranknum.detach().float().cpu()) + 1e-5)
-    return entry[1]
+    """AdaLoRA's ranknum + 1e-5 as a float (PEFT creates a new ranknum whenever the rank changes; its
+    one write through ``.data`` comes before any forward)."""
+    return _tensor_value(layer, _RANKNUM_CACHE, adapter, _adapter_entry(layer, "ranknum", adapter)) + 1e-5
+
+
+def _scaling(layer, adapter: str):
+    """``layer.scaling[adapter]``: a float, or a one-element tensor after PEFT's
+    ``prepare_model_for_compiled_hotswap`` (so that a hotswap, which writes it in place, does not
+    recompile a compiled model). A tensor's value is read once per write (``_tensor_value``); while
+    torch.compile traces, the tensor itself is returned (no value to read: ``_adapter_tensors``
+    folds it into lora_B)."""
+    scaling = layer.scaling[adapter]
+    if not isinstance(scaling, torch.Tensor):
+        return scaling
+    if torch.compiler.is_compiling():
+        return scaling
+    return _tensor_value(layer, _SCALING_CACHE, adapter, scaling)
 
 
 def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> tuple:
@@ -388,13 +411,18 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
     AdaLoRA's SVD form ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5), E [r, 1] the singular values with
     pruned ranks zeroed by its rank allocator: E is folded into A (an r×K product, as PEFT computes it),
     so the fused kernels run unchanged and autograd gives A and E their gradients."""
+    scaling = _scaling(layer, adapter)
     if _is_adalora(layer, adapter):
         E = _adapter_entry(layer, "lora_E", adapter)
         if torch.compiler.is_compiling():  # ranknum as a tensor in the graph (no value to read)
             ranknum = _adapter_entry(layer, "ranknum", adapter)
-            return A * (E * (layer.scaling[adapter] / (ranknum + 1e-5)).to(E.dtype)), B, None, 1.0
-        return A * E, B, None, layer.scaling[adapter] / _adalora_rank_divisor(layer, adapter)
-    return A, B, _child(_adapter_entry(layer, "lora_B", adapter), "bias"), layer.scaling[adapter]
+            return A * (E * (scaling / (ranknum + 1e-5)).to(E.dtype)), B, None, 1.0
+        return A * E, B, None, scaling / _adalora_rank_divisor(layer, adapter)
+    lora_B_bias = _child(_adapter_entry(layer, "lora_B", adapter), "bias")
+    if isinstance(scaling, torch.Tensor):  # traced by torch.compile: the scale as a tensor in the graph
+        return (A, B * scaling.to(B.dtype), None if lora_B_bias is None else lora_B_bias * scaling.to(lora_B_bias.dtype),
+                1.0)
+    return A, B, lora_B_bias, scaling
 
 
 def _dropout_p(layer, adapter: str) -> float:
@@ -651,6 +679,7 @@ def _drop_caches(layer) -> None:
     base.__dict__.pop(_NF4_CACHE, None)
     base.__dict__.pop(_ROW_SQNORM_CACHE, None)
     layer.__dict__.pop(_RANKNUM_CACHE, None)
+    layer.__dict__.pop(_SCALING_CACHE, None)
 
 
 def is_patched(module) -> bool:

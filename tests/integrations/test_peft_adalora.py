@@ -100,6 +100,28 @@ def test_ranknum_is_read_again_after_an_in_place_change():
     set_ranknum(5.0, new_tensor=True)
 
 
+def test_scaling_tensors_as_peft_s_hotswap_preparation_makes_them():
+    """PEFT's hotswap preparation turns a LoRA layer's scaling into a 0-d tensor, written in place by a
+    hotswap (for AdaLoRA's layers, whose scaling is an int alpha, PEFT's conversion refuses; PEFT's
+    forward still takes a tensor)."""
+    reference = adalora_model(seed=2)
+    for module in reference.modules():
+        if isinstance(module, peft.tuners.adalora.AdaLoraLayer):
+            module.scaling["default"] = torch.tensor(float(module.scaling["default"]))
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids(vocab=100)
+    for value in (None, 3.0):
+        if value is not None:
+            for m in (patched, reference):
+                for module in m.modules():
+                    if isinstance(module, peft.tuners.adalora.AdaLoraLayer):
+                        module.scaling["default"].fill_(value)
+        with torch.no_grad(), use_backend("torch") as record:
+            assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"scaling {value}")
+        assert len(record.impls("fwd")) == 14
+
+
 def test_unpatch_restores_adalora():
     model = adalora_model()
     classes = {n: type(m) for n, m in model.named_modules()}

@@ -346,6 +346,58 @@ def test_scaling_is_read_on_every_call():
     assert _fast_calls(record) == 14
 
 
+def _hotswap_to_new_adapter(model, seed):
+    """PEFT's hotswap of the "default" adapter for one of rank 4 with another alpha (written in place:
+    the padded weights through .data, the tensor scaling with fill_)."""
+    from peft.utils.hotswap import hotswap_adapter_from_state_dict
+    cfg = peft.LoraConfig(r=4, lora_alpha=13, target_modules=TARGETS, init_lora_weights=False)
+    other = peft.get_peft_model(tiny_llama(seed=seed), cfg)
+    state = {k: v for k, v in other.state_dict().items() if "lora_" in k}  # ".default." in the names
+    hotswap_adapter_from_state_dict(model, state, "default", cfg)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_compiled_hotswap_scaling_tensors_run_fused_and_follow_the_swap(compiled):
+    """PEFT's prepare_model_for_compiled_hotswap makes each scaling a 0-d tensor (before: the fast path
+    raised TypeError "scale must be a real number, got Tensor"); a hotswap writes it in place, and a
+    compiled model must follow without recompiling."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+    reference = peft_model(seed=3)
+    prepare_model_for_compiled_hotswap(reference, target_rank=8)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.scaling["default"], torch.Tensor)
+    assert lk_peft.fallback_reason(layer, torch.randn(2, 64)) is None
+    torch._dynamo.reset()  # PeftModel.forward compiled by earlier tests counts toward the recompile limit
+    run = torch.compile(patched, backend="aot_eager", fullgraph=True) if compiled else patched
+    ids = _ids()
+    with use_backend("torch") as record:
+        out, ref = run(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+        out.loss.backward()
+    ref.loss.backward()
+    assert _fast_calls(record) == 14
+    assert_close(out.logits, ref.logits, BOUND, "logits")
+    grads, ref_grads = _lora_grads(patched), _lora_grads(reference)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], BOUND, name)
+    for m in (patched, reference):
+        _hotswap_to_new_adapter(m, seed=5)
+    assert layer.scaling["default"].item() == 13 / 4
+    with torch._dynamo.config.patch(error_on_recompile=True), use_backend("torch") as record:
+        assert_close(run(input_ids=ids, labels=ids).logits, reference(input_ids=ids).logits, BOUND, "after the hotswap")
+    assert _fast_calls(record) == 14
+
+
+def test_scaling_tensor_of_several_elements_falls_back():
+    model = peft_model()
+    lora_kernels.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.scaling["default"] = torch.full((64,), 2.0)
+    assert lk_peft.fallback_reason(layer, torch.randn(2, 64)) == "a scaling tensor of shape [64]"
+
+
 def test_disabled_merged_and_mixed_batches_fall_back():
     reference = peft_model()
     reference.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
@@ -1202,6 +1254,7 @@ def test_torch_compile_dynamic_shapes_take_new_lengths_without_recompiling(qlora
     eager = peft_model(qlora=qlora, dropout=dropout, seed=4)
     lora_kernels.patch_peft_model(eager)
     compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()  # PeftModel.forward compiled by earlier tests counts toward the recompile limit
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=True)
     # batch >= 2 throughout: dynamo specializes sizes 0 and 1 whatever the model does
     for step, (batch, seq) in enumerate([(2, 9), (2, 5), (3, 12), (4, 7)]):
