@@ -96,7 +96,11 @@ def _adapter_entry(layer, name: str, adapter: str):
 
 def fallback_reason(layer, x, args=(), kwargs=None) -> Optional[str]:
     """None if this call of ``layer`` (a patched PEFT LoRA layer) can run on lora_kernels with PEFT's
-    exact semantics, else the reason it takes PEFT's own forward."""
+    exact semantics, else the reason it takes PEFT's own forward (for a layer ``patch_peft_model``
+    did not swap, e.g. a LoRA Embedding or one left on PEFT: that it is not patched)."""
+    if not is_patched(layer):
+        return (f"{type(layer).__module__}.{type(layer).__name__} is not patched by lora_kernels "
+                "(patch_peft_model's report lists the layers it left on PEFT and why)")
     return _fast_plan(layer, x, args, kwargs or {})[0]
 
 
@@ -634,13 +638,16 @@ def build_peft_layer(layer_class, base_layer: torch.nn.Module, config, r: int, l
 
 
 def _fast_class(peft_class):
-    if peft_class not in _FAST_CLASSES:
+    cls = _FAST_CLASSES.get(peft_class)
+    if cls is None:
         # LoRAKernelsLinear, LoRAKernelsLinear4bit, LoRAKernelsSVDLinear, LoRAKernelsSVDLinear4bit
         name = f"LoRAKernels{peft_class.__name__}"
         cls = type(name, (_FastLoRAForward, peft_class), {"__module__": __name__, "__qualname__": name})
+        # setdefault: threads unpickling models at once all get the class the first one stored (two
+        # classes would make one thread's layers "not patched")
+        cls = _FAST_CLASSES.setdefault(peft_class, cls)
         globals()[name] = cls  # a module-level name: pickling a patched model works
-        _FAST_CLASSES[peft_class] = cls
-    return _FAST_CLASSES[peft_class]
+    return cls
 
 
 def __getattr__(name: str):

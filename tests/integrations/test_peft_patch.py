@@ -690,6 +690,54 @@ def test_fallback_reason_names_the_cause():
     assert "trainable" in lk_peft.fallback_reason(layer, x)
 
 
+def test_fallback_reason_of_layers_patch_peft_model_did_not_swap():
+    """A layer left on PEFT (a LoRA Embedding) or never patched runs PEFT's forward on every call: the
+    reason says so (before: None, "fast path", for an unpatched lora.Linear, and "no active adapter"
+    for a lora.Embedding, whose adapters are in lora_embedding_A)."""
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    unpatched = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "not patched by lora_kernels" in lk_peft.fallback_reason(unpatched, torch.randn(3, 64))
+    report = lora_kernels.patch_peft_model(model)
+    assert list(report.left_on_peft) == ["base_model.model.model.embed_tokens"]
+    embedding = model.base_model.model.model.embed_tokens
+    assert lk_peft.fallback_reason(embedding, _ids()) == (
+        "peft.tuners.lora.layer.Embedding is not patched by lora_kernels (patch_peft_model's report lists the "
+        "layers it left on PEFT and why)")
+    assert lk_peft.fallback_reason(unpatched, torch.randn(3, 64)) is None
+
+
+def test_threads_unpickling_patched_models_at_once_share_one_class(monkeypatch):
+    """In a process that has not patched anything, unpickling a patched model builds its layer class
+    (module __getattr__): threads doing so at once each built one, and the layers of all but one
+    class were then not patched (unpatch_peft_model raised "no layers patched")."""
+    import pickle
+    import sys
+    import threading
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), peft.LoraConfig(r=4, target_modules=["0"]))
+    lora_kernels.patch_peft_model(model)
+    blob = pickle.dumps(model)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows in most trials without the fix
+    try:
+        for _ in range(20):
+            monkeypatch.setattr(lk_peft, "_FAST_CLASSES", {})  # as in a fresh process
+            monkeypatch.delitem(vars(lk_peft), "LoRAKernelsLinear", raising=False)
+            loaded, barrier = [None] * 4, threading.Barrier(4)
+
+            def load(i):
+                barrier.wait()
+                loaded[i] = pickle.loads(blob)
+            threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len({type(m.base_model.model[0]) for m in loaded}) == 1
+            assert all(lk_peft.is_patched(m.base_model.model[0]) for m in loaded)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_build_peft_layer_takes_every_setting_of_the_config(use_dora):
     """lk_peft.build_peft_layer (the benchmarks' and tests' PEFT reference layer) builds what
