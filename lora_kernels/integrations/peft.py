@@ -751,11 +751,32 @@ def patch_peft_model(model: torch.nn.Module, *, lora_fa: bool = False) -> PatchR
             continue
         setattr(module, _ORIGINAL_CLASS, type(module))
         module.__class__ = _fast_class(type(module))
+        _keep_bnb_from_repacking(module)
         report.swapped[kind] = report.swapped.get(kind, 0) + 1
         if lora_fa:
             setattr(module, _A_REQUIRES_GRAD, {})
             report.frozen_lora_A += _freeze_lora_A(module)
     return report
+
+
+_BNB_CPU_REPACKING = "_lora_kernels_support_avx512bf16_for_cpu"  # on the bnb module: its flag before patching
+
+
+def _keep_bnb_from_repacking(layer) -> None:
+    """Turn off bitsandbytes' CPU repacking of a patched layer's Linear4bit (restored by unpatching).
+
+    bitsandbytes (0.50) repacks the weight and rewrites its quant_state, for good, in its own forward of
+    an eval-mode layer on an input without grad, on a CPU with AVX512-BF16. In a patched layer that
+    forward runs only for a call on PEFT's path (``adapter_names=``, ``disable_adapter()``...), and the
+    repacked weight then kept every later call on PEFT's path, whose training forward on it drops the
+    input's gradient (bitsandbytes' gemv_4bit has no autograd); threads on the fast path meanwhile read
+    a quant_state half rewritten (AttributeError: no attribute 'state2'). Without repacking,
+    bitsandbytes decodes the weight as in training. A weight repacked before patching stays so (its
+    inverse re-quantizes the absmax: other bytes) and that layer keeps PEFT's path."""
+    base = _base_layer(layer)
+    if _is_linear4bit(base) and getattr(base, "support_avx512bf16_for_cpu", False):
+        base.__dict__[_BNB_CPU_REPACKING] = base.support_avx512bf16_for_cpu
+        base.support_avx512bf16_for_cpu = False
 
 
 def unpatch_peft_model(model: torch.nn.Module) -> int:
@@ -774,6 +795,9 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
                 _lora_A_weight(module, adapter).requires_grad_(flag)
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
+        base = _base_layer(module)
+        if _BNB_CPU_REPACKING in base.__dict__:
+            base.support_avx512bf16_for_cpu = base.__dict__.pop(_BNB_CPU_REPACKING)
         _drop_caches(module)
         restored += 1
     if not restored:

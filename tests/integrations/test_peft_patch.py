@@ -653,6 +653,37 @@ def test_lora_over_another_tuner_layer_keeps_peft_s_path():
     assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "LoHa + LoRA")
 
 
+def _linear4bit_modules(model):
+    import bitsandbytes as bnb
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_qlora_eval_calls_on_peft_s_path_leave_the_weight_to_the_fast_path():
+    """bitsandbytes repacks a Linear4bit's weight for its CPU kernel, for good, in its own forward in
+    eval mode without grad (on a CPU with AVX512-BF16). In a patched model that forward runs for calls
+    on PEFT's path (here disable_adapter()): the layers then stayed on PEFT's path, whose training
+    forward on the repacked weight drops gradients. Patching turns the repacking off; unpatching
+    restores it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes repacks only on a CPU with AVX512-BF16")
+    reference = peft_model(qlora=True, seed=6)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    ids = _ids()
+    patched.eval()
+    with torch.no_grad(), patched.disable_adapter():
+        patched(input_ids=ids)  # bitsandbytes' own forward of every Linear4bit
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _linear4bit_modules(patched))
+    patched.train()
+    with use_backend("torch") as record:
+        _compare_step(patched, reference, ids)
+    assert _fast_calls(record) == 14
+    lora_kernels.unpatch_peft_model(patched)
+    assert all(m.support_avx512bf16_for_cpu and not any(k.startswith("_lora_kernels") for k in vars(m))
+               for m in _linear4bit_modules(patched))
+
+
 def test_lora_dropout_one_runs_in_eval_and_falls_back_in_training():
     """nn.Dropout(p=1) zeros the LoRA input: PEFT's path in training (the kernels take p < 1), the
     fast path (no dropout) in eval."""
