@@ -220,7 +220,9 @@ def _adapter_call_reason(layer, adapter: str) -> Optional[str]:
     magnitude = modules.get("lora_magnitude_vector")
     module = magnitude._modules.get(adapter) if magnitude is not None else None
     if module is not None and (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                               or module._backward_hooks or "weight" not in module._parameters
+                               or module._backward_hooks
+                               # nn.DataParallel's replicas hold their weights as plain tensor attributes
+                               or ("weight" not in module._parameters and "weight" not in module.__dict__)
                                or ("forward" in module.__dict__
                                    and not _stock_instance_forward(module, type(module).forward))):
         return _module_call_reason(module, "lora_magnitude_vector")

@@ -563,6 +563,34 @@ def test_adapter_module_hooks_and_wrappers_keep_peft_s_path():
         assert lk_peft.fallback_reason(layers[0], x) is None
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_data_parallel_replicas_run_the_fast_path(monkeypatch, dora):
+    """nn.DataParallel's replicas (torch.nn.parallel.replicate, its own code: parameters become plain
+    tensor attributes of the replica modules, which share their original's __dict__ copies, caches
+    included), emulated on a CPU: the broadcast to the GPUs replaced by copies, one replica's values
+    scaled. Each replica's output is that of PEFT with its values (a DoRA replica took PEFT's path:
+    its magnitude weight is not in _parameters)."""
+    import sys
+    replicate = sys.modules["torch.nn.parallel.replicate"]
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+        [t.detach() * (1 + j) if isinstance(t, torch.nn.Parameter) and t.is_floating_point() else t.detach().clone()
+         for t in tensors] for j in range(len(devices))])
+    model = peft_model(use_dora=dora, seed=8)
+    references = [copy.deepcopy(model) for _ in range(2)]
+    with torch.no_grad():
+        for p in references[1].parameters():
+            p.mul_(2)
+    lora_kernels.patch_peft_model(model)
+    ids = _ids()
+    with torch.no_grad():
+        model(input_ids=ids)  # fills the layers' caches, which the replicas share
+        replicas = replicate.replicate(model, [0, 1], detach=True)
+        with use_backend("torch") as record:
+            for replica, reference in zip(replicas, references):
+                assert_close(replica(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, "replica")
+    assert _fast_calls(record) == 28
+
+
 def test_deepspeed_zero3_layers_keep_peft_s_path_with_a_reason_that_says_what_to_do():
     """DeepSpeed ZeRO-3 partitions the parameters (``ds_id``; an empty placeholder outside the forward
     of their module) and gathers them in hooks on each module: played here with those attributes and
