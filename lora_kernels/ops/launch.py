@@ -20,6 +20,7 @@ process: options read by Triton from its environment (TRITON_DEBUG, ...) and cha
 launch do not reach kernels already launched.
 """
 import os
+import threading
 
 import torch
 
@@ -79,15 +80,22 @@ CHECKED_LAUNCHES = [0]  # fast launches compared with Triton's own choice (LORA_
 # Counters (collections.Counter) that count fast launches by kernel name while registered
 # (tools.dry_run.count_launches; launches through kernel[grid] it counts in JITFunction.run).
 FAST_LAUNCH_COUNTERS: list = []
-_RUNTIME: list = []  # [JITFunction, triton.runtime.driver, triton.knobs.runtime], filled on first use
+_RUNTIME: list = []  # [JITFunction, driver, knobs.runtime, InterpretedFunction], filled on first use
+
+
+# Triton's interpreter is not thread-safe: it keeps the program id of the block it runs in a global and
+# patches triton.language for the length of a launch (the first launch to end undoes it). Launches from
+# several threads (a server's thread pool, nn.DataParallel) gave wrong values and InterpreterErrors.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _runtime() -> list:
     if not _RUNTIME:  # imported on first launch, not at import time
         from triton import knobs
         from triton.runtime import driver
+        from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
-        _RUNTIME.extend((JITFunction, driver, knobs.runtime))
+        _RUNTIME.extend((JITFunction, driver, knobs.runtime, InterpretedFunction))
     return _RUNTIME
 
 
@@ -99,7 +107,11 @@ def _no_hooks(chain) -> bool:
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; grid: a tuple of 1 to 3 ints."""
-    jit_function, driver, hooks = _runtime()
+    jit_function, driver, hooks, interpreted_function = _runtime()
+    if type(kernel) is interpreted_function:
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **kwargs)
+        return
     mode = MODE[0]
     if (type(kernel) is not jit_function or mode == "0"
             or not (_no_hooks(hooks.launch_enter_hook) and _no_hooks(hooks.launch_exit_hook))):

@@ -92,6 +92,48 @@ def test_interpreted_kernels_take_kernel_grid():
     assert type(lora_shrink_kernel).__name__ == "InterpretedFunction"
 
 
+def test_interpreted_launches_from_several_threads_give_single_thread_results():
+    """Triton's interpreter keeps a block's program id in a global and patches triton.language per
+    launch: launches from several threads at once (a server's thread pool) gave wrong values and
+    InterpreterErrors ("x >= grid_dim[0]") before launch() took a lock for interpreted kernels."""
+    import threading
+    import lora_kernels
+    from lora_kernels.ops.triton_launch import is_interpreted
+    from tests.helpers import use_backend
+
+    if not is_interpreted():
+        pytest.skip("kernels are compiled here")
+    g = torch.Generator().manual_seed(0)
+    W, A, B = torch.randn(48, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(48, 4, generator=g)
+    Q = lora_kernels.NF4Weight.quantize(W, blocksize=64, double_quant=True)
+    xs = [torch.randn(3 + i, 64, generator=g) for i in range(4)]
+    calls = [lambda x: lora_kernels.lora_linear(x, W, A, B, 2.0), lambda x: lora_kernels.nf4_lora_linear(x, Q, A, B, 2.0)]
+    with use_backend("triton") as record:
+        expected = [[call(x) for call in calls] for x in xs]
+        results, barrier = [None] * len(xs), threading.Barrier(len(xs))
+
+        def work(i):
+            barrier.wait()
+            try:
+                results[i] = [[call(xs[i]) for call in calls] for _ in range(2)]
+            except Exception as e:  # noqa: BLE001 - reported below, with the thread's input
+                results[i] = e
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads often: without the lock every run failed
+        try:
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+    for i, runs in enumerate(results):
+        assert not isinstance(runs, Exception), f"thread {i}: {runs!r}"
+        assert all(torch.equal(y, e) for run in runs for y, e in zip(run, expected[i])), f"thread {i}"
+    assert len(record.impls("fwd")) == 2 * len(xs) * 3  # every call ran the Triton kernels
+
+
 def test_fast_launches_match_triton_in_a_dry_run():
     # tools.launch_check: every launcher route a CPU dry run reaches, with inputs of different
     # alignments, strides, dtypes and sizes, each fast launch checked against Triton's own choice
