@@ -3,6 +3,7 @@ same logits, gradients and optimizer trajectory as PEFT, fallbacks to PEFT's own
 files, merge_and_unload, unpatch, LoRA-FA and saved-activation memory."""
 import collections
 import copy
+import importlib.util
 import math
 import os
 
@@ -233,10 +234,14 @@ def test_gpt2_conv1d_adamw_steps_match():
     train_side_by_side((patched, reference), steps=3, lr=1e-2, rel_tol=BOUND, first_seed=20)
 
 
-def train_side_by_side(models, steps: int, lr: float, rel_tol: float, first_seed: int, after_step=None):
-    """AdamW steps on every model with the same batches; the losses must agree at every step.
-    ``after_step(model, step)`` runs after each optimizer step (e.g. AdaLoRA's rank allocator)."""
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in models]
+def train_side_by_side(models, steps: int, lr: float, rel_tol: float, first_seed: int, after_step=None,
+                       make_optimizer=None):
+    """AdamW steps (or ``make_optimizer(model, lr)``'s) on every model with the same batches; the losses
+    must agree at every step. ``after_step(model, step)`` runs after each optimizer step (e.g.
+    AdaLoRA's rank allocator)."""
+    opts = [make_optimizer(m, lr) if make_optimizer else torch.optim.AdamW([p for p in m.parameters()
+                                                                           if p.requires_grad], lr=lr)
+            for m in models]
     for step in range(steps):
         ids = _ids(seed=first_seed + step)
         losses = []
@@ -257,6 +262,36 @@ def test_adamw_steps_match(qlora):
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
     train_side_by_side((patched, reference), steps=3, lr=1e-2, rel_tol=BOUND, first_seed=10)
+
+
+def _lorafa_optimizer(model, lr):
+    from peft.optimizers import create_lorafa_optimizer  # freezes lora_A, projects lora_B's gradient
+    return create_lorafa_optimizer(model, r=8, lora_alpha=16, lr=lr)
+
+
+def _riemannian_optimizer(model, lr):
+    from peft.optimizers.riemannian import create_riemannian_optimizer  # preconditions A's and B's gradients
+    return create_riemannian_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=lr)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    _lorafa_optimizer,
+    pytest.param(_riemannian_optimizer, marks=pytest.mark.skipif(
+        importlib.util.find_spec("peft.optimizers.riemannian") is None, reason="came in PEFT 0.21"))],
+    ids=["lorafa", "riemannian"])
+def test_peft_s_optimizers_train_the_patched_model_as_peft(make_optimizer):
+    """PEFT's LoRA-FA optimizer (lora_A frozen: the patched layers then keep only A x for backward)
+    and Riemannian preconditioner read the adapters' values and gradients: same losses and adapters."""
+    reference = peft_model(seed=3)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    with use_backend("torch") as record:
+        train_side_by_side((patched, reference), steps=3, lr=1e-2, rel_tol=1e-6, first_seed=30,
+                           make_optimizer=make_optimizer)
+    assert _fast_calls(record) == 14 * 3
+    for (name, p), ref in zip(patched.named_parameters(), reference.parameters()):
+        if "lora_" in name:
+            assert_close(p, ref, 1e-4, name)  # LoRA-FA's projection (A A^T)^-1 amplifies rounding: 7e-6
 
 
 def test_training_with_dropout_uses_the_fast_path_and_a_seeded_mask():
@@ -382,7 +417,7 @@ def test_compiled_hotswap_scaling_tensors_run_fused_and_follow_the_swap(compiled
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
         assert_close(grads[name], ref_grads[name], BOUND, name)
-    for m in (patched, reference):
+    for m in (run, reference):  # the compiled model itself, as PEFT's hotswap expects
         _hotswap_to_new_adapter(m, seed=5)
     assert layer.scaling["default"].item() == 13 / 4
     with torch._dynamo.config.patch(error_on_recompile=True), use_backend("torch") as record:
