@@ -44,8 +44,11 @@ def tensor_cache_key(tensor: torch.Tensor) -> tuple:
     """The key of a cache of something computed from a tensor's values: its storage (a
     weak reference: a new tensor allocated where a freed one was, as after model.half().float(), is
     another storage object), the place in it, and the version counter (in-place writes through the
-    tensor or its views; not a write through ``tensor.data``, which has a counter of its own)."""
-    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), tensor._version)
+    tensor or its views; not a write through ``tensor.data``, which has a counter of its own). An
+    inference tensor (made under torch.inference_mode) has no version counter: its in-place writes
+    are not seen either."""
+    version = None if tensor.is_inference() else tensor._version
+    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), version)
 
 
 def _weight_key(weight) -> tuple:
@@ -82,8 +85,8 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
 
     cache: a dict kept by the caller (e.g. in the layer that owns W): the value is reused while the
     weight's storage object, offset and version counter are the same (a frozen weight: computed once).
-    A write through ``weight.data`` (a tensor with its own version counter) is not seen: clear the
-    dict after one. Not used while torch.compile traces (storages and versions are not traceable:
+    A write through ``weight.data`` (a tensor with its own version counter), or to an inference tensor,
+    is not seen: clear the dict after one. Not used while torch.compile traces (storages and versions are not traceable:
     the graph computes it). One entry per device, {device: (key, value)}, read in one lookup:
     nn.DataParallel's replicas share their module's dict and run in threads, one per GPU; a key
     checked and then a value read could be another replica's, on its GPU."""

@@ -155,8 +155,11 @@ def _fast_plan(layer, x, args, kwargs) -> tuple:
         if not A.shape[0]:  # AdaLoRA's budget can prune a layer to rank 0 (ZeRO-3: a placeholder)
             return (ZERO3_PARTITIONED_REASON if hasattr(A, "ds_id") else "adapter of rank 0"), None
         scaling = layer.scaling[adapter]
-        if isinstance(scaling, torch.Tensor) and scaling.numel() != 1:
-            return f"a scaling tensor of shape {list(scaling.shape)}", None
+        if isinstance(scaling, torch.Tensor):
+            if scaling.numel() != 1:
+                return f"a scaling tensor of shape {list(scaling.shape)}", None
+            if scaling.requires_grad and torch.is_grad_enabled():
+                return "a scaling tensor that requires grad", None
     dropout_p = 0.0  # several adapters: none in training (_several_adapters_reason)
     if len(adapters) > 1:
         A = B = None  # _fast_forward stacks the adapters' tensors
@@ -222,7 +225,7 @@ def _adapter_call_reason(layer, adapter: str) -> Optional[str]:
     if module is not None and (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                                or module._backward_hooks
                                # nn.DataParallel's replicas hold their weights as plain tensor attributes
-                               or ("weight" not in module._parameters and "weight" not in module.__dict__)
+                               or ("weight" not in module._parameters and not module.__dict__.get("_is_replica"))
                                or ("forward" in module.__dict__
                                    and not _stock_instance_forward(module, type(module).forward))):
         return _module_call_reason(module, "lora_magnitude_vector")
@@ -381,12 +384,13 @@ _SCALING_CACHE = "_lora_kernels_scaling"  # adapter -> (tensor_cache_key of a te
 def _tensor_value(layer, cache_name: str, adapter: str, tensor: torch.Tensor) -> float:
     """The value of a one-element device tensor of ``layer`` as a float. Reading it costs a device
     sync, so the value is kept in ``layer.__dict__[cache_name]`` until the tensor's storage or version
-    counter changes (an in-place write, a new tensor)."""
+    counter changes (an in-place write, a new tensor; not a write through ``.data``), one entry per
+    adapter and device (nn.DataParallel's replicas share the dict)."""
     key = tensor_cache_key(tensor)
     cache = layer.__dict__.setdefault(cache_name, {})
-    entry = cache.get(adapter)
+    entry = cache.get((adapter, tensor.device))
     if entry is None or entry[0] != key:
-        entry = cache[adapter] = (key, float(tensor.detach().float().cpu()))
+        entry = cache[(adapter, tensor.device)] = (key, float(tensor.detach().float().cpu()))
     return entry[1]
 
 
@@ -399,13 +403,14 @@ def _adalora_rank_divisor(layer, adapter: str) -> float:
 def _scaling(layer, adapter: str):
     """``layer.scaling[adapter]``: a float, or a one-element tensor after PEFT's
     ``prepare_model_for_compiled_hotswap`` (so that a hotswap, which writes it in place, does not
-    recompile a compiled model). A tensor's value is read once per write (``_tensor_value``); while
-    torch.compile traces, the tensor itself is returned (no value to read: ``_adapter_tensors``
-    folds it into lora_B)."""
+    recompile a compiled model). A tensor's value is read once per write (``_tensor_value``; a write
+    through ``.data`` is not seen). The tensor itself is returned while torch.compile traces (no
+    value to read) and for an inference tensor (made under torch.inference_mode: no version counter
+    tells its writes): ``_adapter_tensors`` folds it into lora_B."""
     scaling = layer.scaling[adapter]
     if not isinstance(scaling, torch.Tensor):
         return scaling
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or scaling.is_inference():
         return scaling
     return _tensor_value(layer, _SCALING_CACHE, adapter, scaling)
 
@@ -425,9 +430,9 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
             return A * (E * (scaling / (ranknum + 1e-5)).to(E.dtype)), B, None, 1.0
         return A * E, B, None, scaling / _adalora_rank_divisor(layer, adapter)
     lora_B_bias = _child(_adapter_entry(layer, "lora_B", adapter), "bias")
-    if isinstance(scaling, torch.Tensor):  # traced by torch.compile: the scale as a tensor in the graph
-        return (A, B * scaling.to(B.dtype), None if lora_B_bias is None else lora_B_bias * scaling.to(lora_B_bias.dtype),
-                1.0)
+    if isinstance(scaling, torch.Tensor):  # (``_scaling``) a 0-d tensor: B keeps its dtype, the scale is not
+        # rounded to it (PEFT multiplies its output by the fp32 scale)
+        return A, B * scaling, None if lora_B_bias is None else lora_B_bias * scaling, 1.0
     return A, B, lora_B_bias, scaling
 
 
@@ -574,6 +579,19 @@ class _FastLoRAForward:
     def unmerge(self, *args, **kwargs):
         _drop_caches(self)
         return super().unmerge(*args, **kwargs)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
+        # PEFT's merge_and_unload() / unload() call this where a layer has it (else they merge and take
+        # get_base_layer(), as here): the base layer leaves with bnb's CPU repacking as before patching.
+        peft_s = getattr(super(), "unload_and_optionally_merge_module", None)
+        if peft_s is not None:
+            base = peft_s(merge=merge, safe_merge=safe_merge, adapter_names=adapter_names)
+        else:
+            if merge:
+                self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            base = self.get_base_layer()
+        _restore_bnb_repacking(_base_layer(self))
+        return base
 
     def set_adapter(self, *args, **kwargs):
         # PEFT's set_adapter (also run by add_adapter) makes the active adapters' weights trainable
@@ -773,12 +791,20 @@ def _keep_bnb_from_repacking(layer) -> None:
     repacked weight then kept every later call on PEFT's path, whose training forward on it drops the
     input's gradient (bitsandbytes' gemv_4bit has no autograd); threads on the fast path meanwhile read
     a quant_state half rewritten (AttributeError: no attribute 'state2'). Without repacking,
-    bitsandbytes decodes the weight as in training. A weight repacked before patching stays so (its
-    inverse re-quantizes the absmax: other bytes) and that layer keeps PEFT's path."""
+    bitsandbytes decodes the weight as in training (its repacked kernel computes in bf16: calls on
+    PEFT's path then differ from unpatched PEFT's by that rounding, ~3e-3). A weight repacked before
+    patching stays so (its inverse re-quantizes the absmax: other bytes) and that layer keeps PEFT's
+    path. merge_and_unload() / unload() restore the flag, as unpatching does (not PeftMixedModel's
+    unload, which does not ask the layer: unpatch first there)."""
     base = _base_layer(layer)
     if _is_linear4bit(base) and getattr(base, "support_avx512bf16_for_cpu", False):
         base.__dict__[_BNB_CPU_REPACKING] = base.support_avx512bf16_for_cpu
         base.support_avx512bf16_for_cpu = False
+
+
+def _restore_bnb_repacking(base) -> None:
+    if _BNB_CPU_REPACKING in base.__dict__:
+        base.support_avx512bf16_for_cpu = base.__dict__.pop(_BNB_CPU_REPACKING)
 
 
 def unpatch_peft_model(model: torch.nn.Module) -> int:
@@ -797,9 +823,7 @@ def unpatch_peft_model(model: torch.nn.Module) -> int:
                 _lora_A_weight(module, adapter).requires_grad_(flag)
         if hasattr(module, _A_REQUIRES_GRAD):
             delattr(module, _A_REQUIRES_GRAD)
-        base = _base_layer(module)
-        if _BNB_CPU_REPACKING in base.__dict__:
-            base.support_avx512bf16_for_cpu = base.__dict__.pop(_BNB_CPU_REPACKING)
+        _restore_bnb_repacking(_base_layer(module))
         _drop_caches(module)
         restored += 1
     if not restored:

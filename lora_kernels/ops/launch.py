@@ -89,6 +89,14 @@ _RUNTIME: list = []  # [JITFunction, driver, knobs.runtime, InterpretedFunction]
 _INTERPRETER_LOCK = threading.Lock()
 
 
+def _new_interpreter_lock() -> None:
+    global _INTERPRETER_LOCK
+    _INTERPRETER_LOCK = threading.Lock()  # a child forked while another thread held the lock: not held there
+
+
+os.register_at_fork(after_in_child=_new_interpreter_lock)
+
+
 def _runtime() -> list:
     if not _RUNTIME:  # imported on first launch, not at import time
         from triton import knobs

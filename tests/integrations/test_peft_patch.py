@@ -425,12 +425,53 @@ def test_compiled_hotswap_scaling_tensors_run_fused_and_follow_the_swap(compiled
     assert _fast_calls(record) == 14
 
 
-def test_scaling_tensor_of_several_elements_falls_back():
+def test_scaling_tensors_the_fast_path_does_not_take_fall_back():
     model = peft_model()
     lora_kernels.patch_peft_model(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     layer.scaling["default"] = torch.full((64,), 2.0)
     assert lk_peft.fallback_reason(layer, torch.randn(2, 64)) == "a scaling tensor of shape [64]"
+    layer.scaling["default"] = torch.tensor(2.0, requires_grad=True)  # PEFT gives it a gradient
+    assert lk_peft.fallback_reason(layer, torch.randn(2, 64)) == "a scaling tensor that requires grad"
+    with torch.no_grad():
+        assert lk_peft.fallback_reason(layer, torch.randn(2, 64)) is None
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_models_made_under_inference_mode(dora):
+    """Tensors made under torch.inference_mode (an inference server loading a model) have no version
+    counter: DoRA's row-norm cache and the scaling tensors' cache raised "Inference tensors do not
+    track version counter". An inference scaling tensor is folded into lora_B on every call, so a
+    hotswap's write under inference_mode is followed."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+    ids = _ids()
+    with torch.inference_mode():
+        reference = peft_model(use_dora=dora, seed=1)
+        prepare_model_for_compiled_hotswap(reference, target_rank=8)
+        patched = copy.deepcopy(reference)
+        lora_kernels.patch_peft_model(patched)
+        for value in (None, 0.75):
+            if value is not None:
+                for m in (patched, reference):
+                    for module in m.modules():
+                        if isinstance(module, peft.tuners.lora.LoraLayer):
+                            module.scaling["default"].fill_(value)
+            with use_backend("torch") as record:
+                assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"scaling {value}")
+            assert _fast_calls(record) == 14
+
+
+def test_a_scaling_tensor_folded_into_lora_B_is_not_rounded_to_its_dtype():
+    """Folded (under torch.compile, or an inference tensor), the fp32 scale multiplies lora_B in
+    fp32, as PEFT's fp32 scale multiplies its output: rounded to bf16 first, 16/3 became 5.34375."""
+    model = peft_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = torch.randn(8, 64).bfloat16(), torch.randn(64, 8).bfloat16()
+    with torch.inference_mode():
+        layer.scaling["default"] = torch.tensor(16 / 3)
+    _, folded_B, _, scale = lk_peft._adapter_tensors(layer, "default", A, B)
+    assert scale == 1.0 and folded_B.dtype == torch.bfloat16
+    assert torch.equal(folded_B, (B.float() * (16 / 3)).bfloat16())
 
 
 def test_disabled_merged_and_mixed_batches_fall_back():
@@ -745,6 +786,15 @@ def test_qlora_eval_calls_on_peft_s_path_leave_the_weight_to_the_fast_path():
     lora_kernels.unpatch_peft_model(patched)
     assert all(m.support_avx512bf16_for_cpu and not any(k.startswith("_lora_kernels") for k in vars(m))
                for m in _linear4bit_modules(patched))
+    # merge_and_unload() and unload() hand the Linear4bit layers back as they were before patching
+    for unload in ("merge_and_unload", "unload"):
+        model = copy.deepcopy(reference)
+        lora_kernels.patch_peft_model(model)
+        assert not any(m.support_avx512bf16_for_cpu for m in _linear4bit_modules(model))
+        base = getattr(model, unload)()
+        assert len(_linear4bit_modules(base)) == 14
+        assert all(m.support_avx512bf16_for_cpu and not any(k.startswith("_lora_kernels") for k in vars(m))
+                   for m in _linear4bit_modules(base)), unload
 
 
 def test_lora_dropout_one_runs_in_eval_and_falls_back_in_training():
