@@ -10,7 +10,8 @@ import torch
 import lora_kernels
 from lora_kernels.integrations.peft import build_peft_layer
 from tests.helpers import assert_close, use_backend
-from tests.integrations.test_peft_patch import TARGETS, _ids, _to_qlora, tiny_llama, train_side_by_side
+from tests.integrations.test_peft_patch import (TARGETS, _ids, _to_qlora, check_scaling_writes_are_followed, tiny_llama,
+                                                train_side_by_side)
 
 peft = pytest.importorskip("peft")
 
@@ -110,16 +111,7 @@ def test_scaling_tensors_as_peft_s_hotswap_preparation_makes_them():
             module.scaling["default"] = torch.tensor(float(module.scaling["default"]))
     patched = copy.deepcopy(reference)
     lora_kernels.patch_peft_model(patched)
-    ids = _ids(vocab=100)
-    for value in (None, 3.0):
-        if value is not None:
-            for m in (patched, reference):
-                for module in m.modules():
-                    if isinstance(module, peft.tuners.adalora.AdaLoraLayer):
-                        module.scaling["default"].fill_(value)
-        with torch.no_grad(), use_backend("torch") as record:
-            assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"scaling {value}")
-        assert len(record.impls("fwd")) == 14
+    check_scaling_writes_are_followed(patched, reference, _ids(vocab=100), 3.0)  # AdaLoRA's layers are LoraLayers
 
 
 def test_unpatch_restores_adalora():

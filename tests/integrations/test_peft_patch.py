@@ -450,15 +450,21 @@ def test_models_made_under_inference_mode(dora):
         prepare_model_for_compiled_hotswap(reference, target_rank=8)
         patched = copy.deepcopy(reference)
         lora_kernels.patch_peft_model(patched)
-        for value in (None, 0.75):
-            if value is not None:
-                for m in (patched, reference):
-                    for module in m.modules():
-                        if isinstance(module, peft.tuners.lora.LoraLayer):
-                            module.scaling["default"].fill_(value)
-            with use_backend("torch") as record:
-                assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"scaling {value}")
-            assert _fast_calls(record) == 14
+        check_scaling_writes_are_followed(patched, reference, ids, 0.75)
+
+
+def check_scaling_writes_are_followed(patched, reference, ids, value: float):
+    """The patched model's logits equal PEFT's before and after ``fill_(value)`` of every layer's
+    scaling tensor (as a hotswap writes it), every layer on the fast path."""
+    for fill in (None, value):
+        if fill is not None:
+            for m in (patched, reference):
+                for module in m.modules():
+                    if isinstance(module, peft.tuners.lora.LoraLayer):
+                        module.scaling["default"].fill_(fill)
+        with torch.no_grad(), use_backend("torch") as record:
+            assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, BOUND, f"scaling {fill}")
+        assert _fast_calls(record) == 14
 
 
 def test_a_scaling_tensor_folded_into_lora_B_is_not_rounded_to_its_dtype():
