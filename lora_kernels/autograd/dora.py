@@ -85,9 +85,9 @@ def row_sqnorm(weight, cache: Optional[dict] = None) -> torch.Tensor:
 
     cache: a dict kept by the caller (e.g. in the layer that owns W): the value is reused while the
     weight's storage object, offset and version counter are the same (a frozen weight: computed once).
-    A write through ``weight.data`` (a tensor with its own version counter), or to an inference tensor,
-    is not seen: clear the dict after one. Not used while torch.compile traces (storages and versions are not traceable:
-    the graph computes it). One entry per device, {device: (key, value)}, read in one lookup:
+    A write through ``weight.data`` (a tensor with its own version counter), or to an inference
+    tensor, is not seen: clear the dict after one. Not used while torch.compile traces (storages and
+    versions are not traceable: the graph computes it). One entry per device, {device: (key, value)}, read in one lookup:
     nn.DataParallel's replicas share their module's dict and run in threads, one per GPU; a key
     checked and then a value read could be another replica's, on its GPU."""
     if torch.compiler.is_compiling():

@@ -377,8 +377,9 @@ def _lora_B_weight(layer, adapter: str) -> torch.Tensor:
     return b if isinstance(b, torch.Tensor) else _child(b, "weight")
 
 
-_RANKNUM_CACHE = "_lora_kernels_ranknum"  # adapter -> (tensor_cache_key of ranknum, its value + 1e-5)
-_SCALING_CACHE = "_lora_kernels_scaling"  # adapter -> (tensor_cache_key of a tensor scaling, its value)
+# (adapter, device) -> (tensor_cache_key, value) of ranknum / of a tensor scaling (``_tensor_value``)
+_RANKNUM_CACHE = "_lora_kernels_ranknum"
+_SCALING_CACHE = "_lora_kernels_scaling"
 
 
 def _tensor_value(layer, cache_name: str, adapter: str, tensor: torch.Tensor) -> float:
@@ -428,7 +429,10 @@ def _adapter_tensors(layer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> t
         if torch.compiler.is_compiling():  # ranknum as a tensor in the graph (no value to read)
             ranknum = _adapter_entry(layer, "ranknum", adapter)
             return A * (E * (scaling / (ranknum + 1e-5)).to(E.dtype)), B, None, 1.0
-        return A * E, B, None, scaling / _adalora_rank_divisor(layer, adapter)
+        divisor = _adalora_rank_divisor(layer, adapter)
+        if isinstance(scaling, torch.Tensor):  # an inference tensor (``_scaling``): folded in, as into B below
+            return A * (E * (scaling / divisor)), B, None, 1.0
+        return A * E, B, None, scaling / divisor
     lora_B_bias = _child(_adapter_entry(layer, "lora_B", adapter), "bias")
     if isinstance(scaling, torch.Tensor):  # (``_scaling``) a 0-d tensor: B keeps its dtype, the scale is not
         # rounded to it (PEFT multiplies its output by the fp32 scale)

@@ -101,17 +101,19 @@ def test_ranknum_is_read_again_after_an_in_place_change():
     set_ranknum(5.0, new_tensor=True)
 
 
-def test_scaling_tensors_as_peft_s_hotswap_preparation_makes_them():
+@pytest.mark.parametrize("inference_mode", [False, True], ids=["grad_mode", "inference_mode"])
+def test_scaling_tensors_as_peft_s_hotswap_preparation_makes_them(inference_mode):
     """PEFT's hotswap preparation turns a LoRA layer's scaling into a 0-d tensor, written in place by a
     hotswap (for AdaLoRA's layers, whose scaling is an int alpha, PEFT's conversion refuses; PEFT's
-    forward still takes a tensor)."""
-    reference = adalora_model(seed=2)
-    for module in reference.modules():
-        if isinstance(module, peft.tuners.adalora.AdaLoraLayer):
-            module.scaling["default"] = torch.tensor(float(module.scaling["default"]))
-    patched = copy.deepcopy(reference)
-    lora_kernels.patch_peft_model(patched)
-    check_scaling_writes_are_followed(patched, reference, _ids(vocab=100), 3.0)  # AdaLoRA's layers are LoraLayers
+    forward still takes a tensor). Made under inference_mode, the tensor is folded into A x E."""
+    with torch.inference_mode(inference_mode):
+        reference = adalora_model(seed=2)
+        for module in reference.modules():
+            if isinstance(module, peft.tuners.adalora.AdaLoraLayer):
+                module.scaling["default"] = torch.tensor(float(module.scaling["default"]))
+        patched = copy.deepcopy(reference)
+        lora_kernels.patch_peft_model(patched)
+        check_scaling_writes_are_followed(patched, reference, _ids(vocab=100), 3.0)  # AdaLoRA's are LoraLayers
 
 
 def test_unpatch_restores_adalora():
