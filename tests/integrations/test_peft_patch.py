@@ -1697,6 +1697,53 @@ def test_autocast_training_step_matches_peft(qlora):
         assert_close(grads[name], ref_grads[name], 5e-2, name)
 
 
+@pytest.mark.skipif(_TORCH_VERSION < (2, 3), reason="torch.amp.GradScaler('cpu') came in torch 2.3")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_fp16_grad_scaler_skips_and_steps_as_peft(backend, dropout):
+    """fp16 mixed precision (torch.autocast float16 + GradScaler, HF Trainer's fp16=True): a loss
+    scale that overflows fp16 must give non-finite adapter gradients on the patched layers as on
+    PEFT's (a kernel that dropped an inf or NaN would let the scaler step on garbage), so both
+    scalers skip the same steps, back off to the same scales, then step the adapters to PEFT's values."""
+    reference = peft_model(seed=7, dropout=dropout)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    # 2^30 overflows fp16 in the first backward (dlogits ~ 2^30 / tokens); the backoff then lands at
+    # 2^8, far from overflow (at 2^18 PEFT's and our dropout masks, which differ, decided whether a
+    # gradient overflowed), and no growth follows
+    scaler_kwargs = {"init_scale": 2.0 ** 30, "backoff_factor": 2.0 ** -22, "growth_interval": 1000}
+    models = (patched, reference)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    scalers = [torch.amp.GradScaler("cpu", **scaler_kwargs) for _ in models]
+    skipped = []
+    with use_backend(backend) as record:
+        for step in range(5):
+            ids = _ids(seed=40 + step)
+            losses, scales, finite = [], [], []
+            for model, opt, scaler in zip(models, opts, scalers):
+                torch.manual_seed(100 + step)  # the same dropout masks on PEFT's side in every run
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                scaler.scale(loss).backward()
+                finite.append(all(bool(p.grad.isfinite().all()) for n, p in model.named_parameters()
+                                  if "lora_" in n and p.grad is not None))
+                scaler.step(opt)
+                scaler.update()
+                losses.append(loss.item())
+                scales.append(scaler.get_scale())
+            assert finite[0] == finite[1] and scales[0] == scales[1], (step, finite, scales)
+            assert math.isclose(losses[0], losses[1], rel_tol=1e-2), (step, losses)
+            skipped.append(not finite[1])
+    assert len(record.impls("fwd")) == 14 * 5 and len(record.impls("bwd")) == 14 * 5
+    assert skipped == [True, False, False, False, False]  # the overflow was seen, then steps were taken
+    for (name, p), ref in zip(patched.named_parameters(), reference.parameters()):
+        if "lora_" in name:
+            assert p.dtype == torch.float32 and p.isfinite().all(), name
+            if dropout == 0.0:  # with dropout the masks differ (ours are hashed from a seed): losses only
+                assert_close(p, ref, 2e-2, name)
+
+
 def test_nf4_view_is_cached_and_follows_weight_changes():
     bnb = pytest.importorskip("bitsandbytes")
     reference = peft_model(qlora=True, seed=12)
