@@ -183,14 +183,20 @@ GRAD_B_DIRECT_MAX_M = 256
 
 
 def _grad_lora_B(h: torch.Tensor, dy: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * dY^T h [N, r], contiguous (as the fake impl); h [M, r], dy [M, N]. The scale goes on h
-    before the product (an [M, r] multiply), as PEFT's backward scales dY first: in 16-bit, dY^T h
-    can overflow where scale * dY^T h does not (scale < 1, a loss scaler's large dY)."""
-    h = h * scale
+    """scale * dY^T h [N, r], contiguous (as the fake impl); h [M, r], dy [M, N]. In 16 bits the
+    scale goes where it cannot overflow: with |scale| <= 1 on h before the product (dY^T h alone can
+    overflow where scale * dY^T h does not: a loss scaler's large dY), else on the [N, r] product
+    (scale * h can overflow where the product does not: h of a large activation, a small dY).
+    PEFT's autograd scales dY first, which overflows in 16 bits where neither does."""
+    scale_first = abs(scale) <= 1.0
+    if scale_first:
+        h = h * scale
     if h.shape[0] <= GRAD_B_DIRECT_MAX_M:
-        return torch.mm(dy.t(), h)
-    # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS at large M ([N, r] copy is tiny).
-    return _mm_tn(h, dy).t().contiguous()
+        d_b = torch.mm(dy.t(), h)
+    else:
+        # (h^T dY)^T reads dY row-major: faster than dY^T h on CPU BLAS at large M ([N, r] copy is tiny).
+        d_b = _mm_tn(h, dy).t().contiguous()
+    return d_b if scale_first else d_b.mul_(scale)
 
 
 def torch_lora_backward(grad_y2, x2, weight, lora_A, lora_B, h, seed, scale: float,

@@ -253,6 +253,37 @@ def test_large_m_torch_backward_matches_float64(monkeypatch, lead, dtypes, dropo
         assert ("_mm_tn", M, split) in products
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("M", [3, 300])  # both forms of reference._grad_lora_B (GRAD_B_DIRECT_MAX_M)
+@pytest.mark.parametrize("scale", [2.0, 1 / 3])
+def test_fp16_grad_b_does_not_overflow_where_the_true_value_is_finite(backend, M, scale):
+    """dB = scale * dY^T h in fp16 with every true value finite, built so that the wrong place for
+    the scale overflows: with scale 2, h ~ 40000 (scale * h > 65504: the scale must go on the
+    product); with scale 1/3, dY^T h ~ 90000 (the scale must go first). A non-finite dB would make
+    torch.amp.GradScaler skip the step; PEFT's autograd (dY scaled first) stays finite in both."""
+    g = torch.Generator().manual_seed(M)
+
+    def uniform(shape, low, high):
+        return (low + (high - low) * torch.rand(shape, generator=g, dtype=torch.float64))
+
+    K, N, r = 8, 4, 2
+    if scale > 1:
+        x, A, grad_y = uniform((M, K), 90, 110), uniform((r, K), 45, 55), uniform((M, N), 1e-3, 2e-3)
+    else:
+        x, A, grad_y = uniform((M, K), 0.9, 1.1), uniform((r, K), 2.3, 2.7), uniform((M, N), 1e3, 2e3) * 3 / M
+    W, B = uniform((N, K), 0, 1e-3), uniform((N, r), 0, 1e-4)
+    x16, W16, A16, grad_y16 = (t.to(F16) for t in (x, W, A, grad_y))
+    B16 = B.to(F16).requires_grad_(True)
+    with use_backend(backend) as record:
+        lora_kernels.lora_linear(x16, W16, A16, B16, scale).backward(grad_y16)
+    assert record.impl == backend
+    h = x16.double() @ A16.double().t()
+    ref = scale * grad_y16.double().t() @ h
+    assert ref.abs().max() < 6e4  # the true dB is finite in fp16
+    assert B16.grad.isfinite().all(), B16.grad
+    assert_close(B16.grad, ref, BOUNDS[F16], "dB")
+
+
 # ---------------------------------------------------------------------------------------------
 # PEFT equality
 # ---------------------------------------------------------------------------------------------
