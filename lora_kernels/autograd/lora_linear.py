@@ -88,11 +88,24 @@ def eager_autograd_function(name: str, implementation, setup_context, backward) 
         # the signature with inspect (~50 us a call).
         output = implementation(*inputs)
         setup_context(ctx, inputs, output)
+        # The engine would hand backward a zero-filled tensor for each output no gradient reached:
+        # h's on every backward (non-differentiable: never reached), allocated, filled (on a GPU one
+        # more kernel per layer) and ignored. Only y's is built here, when none reached y.
+        ctx.set_materialize_grads(False)
+        y = output[0]
+        ctx.y_spec = (y.shape, y.dtype, y.device)
         return output
+
+    def backward_of_y(ctx, grad_y, *grads):
+        if grad_y is None:
+            shape, dtype, device = ctx.y_spec
+            grad_y = torch.zeros(shape, dtype=dtype, device=device)
+        return backward(ctx, grad_y, *grads)
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"Eager autograd of ``{implementation.__name__}`` (``eager_autograd_function``).",
-        "forward": staticmethod(forward), "backward": staticmethod(first_derivative_only(backward))})
+        "forward": staticmethod(forward),
+        "backward": staticmethod(first_derivative_only(functools.wraps(backward)(backward_of_y)))})
 
 
 def first_derivative_only(backward):

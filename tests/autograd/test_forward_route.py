@@ -133,6 +133,43 @@ def test_autograd_function_is_differentiable_once(backend, nf4):
     assert all(g is not None for g in torch.autograd.grad(y.square().sum(), [p["x"], *adapters]))
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_backward_fills_no_gradient_for_h(backend, nf4):
+    """h (the second output, non-differentiable) never receives a gradient: the autograd function
+    tells the engine not to build a zero-filled one for it on every backward (``aten::zeros``, one
+    more kernel per layer on a GPU), and builds y's only when no gradient reached y, as the engine did."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = _problem(nf4, device=backend.device)
+    leaves = [p["x"], p["A"], p["B"], p["bias"], p["lora_B_bias"]]
+    y = _call(p, nf4)
+    assert _node(y) == ("NF4LoRALinearFunction" if nf4 else "LoRALinearFunction") + "Backward"
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    # (the NF4 layer's CPU path fills a [M, K] buffer of its own)
+    h_shape = [y[..., 0].numel(), p["A"].shape[0]]
+    filled = [e.input_shapes[0] for e in prof.events() if e.name == "aten::zero_"]
+    assert h_shape not in filled, filled
+    assert all(g is not None and g.isfinite().all() for g in grads)
+
+    class NoGradient(torch.autograd.Function):  # passes y on and gives it no gradient
+        @staticmethod
+        def forward(ctx, t):
+            return t * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    # no gradient reaches y: the gradients of zeros (x's is the extra term's alone)
+    none_reached = torch.autograd.grad(NoGradient.apply(_call(p, nf4)).sum() + (p["x"] * 3).sum(), leaves)
+    zeros = torch.autograd.grad([_call(p, nf4), (p["x"] * 3).sum()], leaves, [torch.zeros_like(y), None])
+    for got, want in zip(none_reached, zeros):
+        assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
+    assert torch.equal(none_reached[0], torch.full_like(p["x"], 3.0))
+
+
 def test_custom_op_needed():
     needed = dense_mod.custom_op_needed
     plain, param = torch.zeros(1), torch.nn.Parameter(torch.zeros(1))
