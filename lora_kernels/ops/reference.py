@@ -187,7 +187,7 @@ def _grad_lora_B(h: torch.Tensor, dy: torch.Tensor, scale: float) -> torch.Tenso
     scale goes where it cannot overflow: with |scale| <= 1 on h before the product (dY^T h alone can
     overflow where scale * dY^T h does not: a loss scaler's large dY), else on the [N, r] product
     (scale * h can overflow where the product does not: h of a large activation, a small dY).
-    PEFT's autograd scales dY first, which overflows in 16 bits where neither does."""
+    (PEFT's autograd scales dY first, which in 16 bits overflows in cases where neither form does.)"""
     scale_first = abs(scale) <= 1.0
     if scale_first:
         h = h * scale
