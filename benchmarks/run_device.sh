@@ -131,7 +131,7 @@ for step in $STEPS; do
                          --proj q,gate,down --m 16,8192 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" ;;
         train) timeout $(cap 300) python -m lora_kernels bench --train --out "$OUT" 2>&1 | tee "$OUT/train.txt" ;;
         train-routes) # 1B training steps with the opt-in routes beside their defaults (and PEFT)
-                      timeout $(cap 240) python -m lora_kernels bench --train --variants peft,lora_kernels,lora_kernels_cublas,peft_qlora,lora_kernels_qlora,lora_kernels_qlora_cuda_decode \
+                      timeout $(cap 240) python -m lora_kernels bench --train --variants peft,lora_kernels,lora_kernels_cublas,peft_qlora,lora_kernels_qlora,lora_kernels_qlora_cuda_decode,lora_kernels_qlora_triton_decode \
                           --out "$OUT/train_routes" 2>&1 | tee "$OUT/train.txt" ;;
         variants) timeout $(cap 240) python -m lora_kernels bench --family dense --model 8b --m 4096,8192 \
                       --providers lora_kernels,lora_kernels_dylora,lora_kernels_adalora,peft_dora,lora_kernels_dora,lora_kernels_wt,base --out "$OUT" 2>&1 \

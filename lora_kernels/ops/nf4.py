@@ -24,6 +24,7 @@ empty packed/absmax tensors and, with double quant, ``offset = mean([]) = NaN``;
 import json
 import math
 import operator
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -297,6 +298,34 @@ def _code_quant_type(code: torch.Tensor, quant_type: Optional[str]) -> str:
                      "(a quant_map of another 4-bit type?)")
 
 
+# The quant type of each code tensor an NF4Weight has checked, so that decoders which need it as a
+# host value (bitsandbytes' kernels: "nf4" or "fp4") know it without reading a device tensor (a host
+# sync on every call): id(code) -> (weak reference to it, its version counter then, quant type).
+_CHECKED_CODES: dict = {}
+
+
+def _remember_checked_code(code: torch.Tensor, quant_type: str) -> None:
+    key = id(code)
+
+    def forget(ref, key=key):
+        if _CHECKED_CODES.get(key, (None,))[0] is ref:
+            del _CHECKED_CODES[key]
+    _CHECKED_CODES[key] = (weakref.ref(code, forget), _version_of(code), quant_type)
+
+
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    return None if t.is_inference() else t._version  # inference tensors have no version counter
+
+
+def checked_quant_type(code: torch.Tensor) -> Optional[str]:
+    """"nf4" or "fp4" when ``code`` (this very tensor, not written in place since) is the code table of
+    an NF4Weight built eagerly, which checked its values; else None (a copy, a traced weight)."""
+    entry = _CHECKED_CODES.get(id(code))
+    if entry is None or entry[0]() is not code or entry[1] != _version_of(code):
+        return None
+    return entry[2]
+
+
 def _check_dtype(name: str, dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
@@ -384,6 +413,7 @@ class NF4Weight:
             quant_type = _code_quant_type(code, quant_type)
             if quant_type == "fp4" and not torch.equal(code.view(torch.int32), _table("fp4", device).view(torch.int32)):
                 code = _table("fp4", device).clone()  # the sign of code 8's zero, as bnb's kernels decode it
+            _remember_checked_code(code, quant_type)
         quant_type = quant_type or "nf4"
 
         self.packed, self.absmax, self.code, self.quant_type = packed, absmax, code, quant_type

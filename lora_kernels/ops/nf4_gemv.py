@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lora_kernels.ops.bnb_dequantize import bnb_rows_quant_type
 from lora_kernels.ops.checks import env_nonnegative_int, env_text
 from lora_kernels.ops.reference import nf4_rows, torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
@@ -108,23 +109,42 @@ def _nf4_dequantize_slab_cpu(packed, absmax, absmax_code, absmax_scale, absmax_o
     return nf4_rows(wq, n0, n1, out_dtype)[:, k0:k1].contiguous()
 
 
-# Which decoder the large-M route's slabs use on CUDA: "triton" (default) or "cuda" (the kernel of
-# csrc/, when built). Neither has been timed on a GPU yet since the Triton tile decode was rewritten:
-# the QLoRA bench's rows lora_kernels_nf4_cublas and lora_kernels_nf4_cublas_cuda compare them.
+# Which kernel decodes the large-M route's slabs: auto (default): bitsandbytes' on CUDA where it can
+# decode the slab (whole rows: the forward's; ops.bnb_dequantize says why), else the Triton tiles;
+# bnb: bitsandbytes' where it can on any device (the CPU tests run it); cuda: the kernel of csrc/
+# where it can; triton: the Triton tiles always. None of the three has been timed in this route on a
+# GPU since the Triton tile decode was rewritten: the QLoRA bench's rows lora_kernels_nf4_cublas,
+# lora_kernels_nf4_cublas_triton and lora_kernels_nf4_cublas_cuda compare them.
 NF4_SLAB_DECODER_ENV = "LORA_KERNELS_NF4_SLAB_DECODER"
-SLAB_DECODERS = ("triton", "cuda")
+SLAB_DECODERS = ("auto", "triton", "cuda", "bnb")
+
+
+def slab_decoder_choice() -> str:
+    """LORA_KERNELS_NF4_SLAB_DECODER (read per call), checked; ``auto`` when unset."""
+    choice = env_text(NF4_SLAB_DECODER_ENV).strip() or SLAB_DECODERS[0]
+    if choice not in SLAB_DECODERS:
+        raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
+    return choice
 
 
 def use_cuda_slab_decode(wq: NF4Tensors, k_start: int, k_end: int) -> bool:
     """Whether the slab W[:, k_start:k_end] of ``wq`` (on CUDA) is decoded by the CUDA kernel: asked for
-    (LORA_KERNELS_NF4_SLAB_DECODER=cuda, read per call), the extension built for its GPU, and a slab it takes
+    (LORA_KERNELS_NF4_SLAB_DECODER=cuda), the extension built for its GPU, and a slab it takes
     (K, k_start and the width multiples of 8; power-of-two block sizes >= 8; 4-byte aligned codes)."""
-    choice = env_text(NF4_SLAB_DECODER_ENV).strip() or SLAB_DECODERS[0]
-    if choice not in SLAB_DECODERS:
-        raise ValueError(f"{NF4_SLAB_DECODER_ENV} must be one of {', '.join(SLAB_DECODERS)}, got {choice!r}")
-    if choice != "cuda" or wq.packed.device.type != "cuda" or k_start % 8 or (k_end - k_start) % 8:
+    if slab_decoder_choice() != "cuda" or wq.packed.device.type != "cuda" or k_start % 8 or (k_end - k_start) % 8:
         return False
     return decodes_by_words(wq) and extension_runs_on(wq.packed.device)
+
+
+def bnb_slab_quant_type(wq: NF4Tensors, n_start: int, k_start: int, k_end: int) -> Optional[str]:
+    """The quant type to hand bitsandbytes' kernel when it decodes the slab W[n_start:, k_start:k_end]
+    of ``wq`` (``bnb_dequantize.bnb_dequantize_rows``), or None: LORA_KERNELS_NF4_SLAB_DECODER auto (on
+    CUDA) or bnb, and a slab it can decode (``bnb_dequantize.bnb_rows_quant_type``: whole rows from a
+    block boundary; bitsandbytes imported; the weight's table known)."""
+    choice = slab_decoder_choice()
+    if choice == "bnb" or (choice == "auto" and wq.packed.device.type == "cuda"):
+        return bnb_rows_quant_type(wq, n_start, k_start, k_end)
+    return None
 
 
 def decodes_by_words(wq: NF4Tensors) -> bool:

@@ -16,6 +16,7 @@ from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_in
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
+from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
 from lora_kernels.ops.launch import launch
@@ -154,12 +155,16 @@ def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     """W[n_start:n_end, k_start:k_end] as a contiguous [n_end - n_start, k_end - k_start] tensor in
     ``dtype`` (each value rounded to wq.dtype first, as dequantize_4bit(...).to(dtype)). Needs an
     aligned weight (``nf4_aligned(wq, nf4_slab_block_k(wq))``) and k_start, k_end multiples of
-    ``nf4_slab_block_k(wq)`` (or k_end = K). On CUDA, LORA_KERNELS_NF4_SLAB_DECODER=cuda decodes with
-    the kernel of csrc/ instead of the Triton tiles (``ops.nf4_gemv.use_cuda_slab_decode``)."""
-    if wq.packed.device.type == "cuda":
-        from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
-        if nf4_gemv.use_cuda_slab_decode(wq, k_start, k_end):
-            return nf4_gemv.cuda_dequantize_slab(wq, n_start, n_end, k_start, k_end, dtype)
+    ``nf4_slab_block_k(wq)`` (or k_end = K). LORA_KERNELS_NF4_SLAB_DECODER picks the kernel
+    (``ops.nf4_gemv``): by default bitsandbytes' own on CUDA where it can decode the slab (whole rows:
+    the forward's slabs; ``ops.bnb_dequantize``), else the Triton tiles; ``cuda``: the kernel of
+    csrc/ where it can."""
+    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+    quant_type = nf4_gemv.bnb_slab_quant_type(wq, n_start, k_start, k_end)
+    if quant_type is not None:
+        return bnb_dequantize_rows(wq, n_start, n_end, quant_type, dtype)
+    if wq.packed.device.type == "cuda" and nf4_gemv.use_cuda_slab_decode(wq, k_start, k_end):
+        return nf4_gemv.cuda_dequantize_slab(wq, n_start, n_end, k_start, k_end, dtype)
     cfg = configs.nf4_dequantize_tiles_config(wq.blocksize)
     block_n, block_k = cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_K"]
     out = torch.empty((n_end - n_start, k_end - k_start), dtype=dtype, device=wq.packed.device)

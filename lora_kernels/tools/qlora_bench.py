@@ -12,11 +12,14 @@ in the same run with the timers of ``lora_kernels.tools.bench`` (medians; do_ben
     lora_kernels_nf4_fused the same with the one-launch forward switched on (see bench's
                            lora_kernels_fused; "not_applicable" where it would not run)
     lora_kernels_nf4_cublas the same with the slab-decode + cuBLAS base products switched on for
-                           every M (LORA_KERNELS_NF4_CUBLAS_MIN_M=1; the LoRA terms stay in the kernels)
+                           every M (LORA_KERNELS_NF4_CUBLAS_MIN_M=1; the LoRA terms stay in the kernels;
+                           slabs by the default decoder: bitsandbytes' kernel for the forward's on CUDA)
     lora_kernels_nf4_cublas_cuda the slab route with the slabs decoded by the CUDA kernel of csrc/
                            (LORA_KERNELS_NF4_SLAB_DECODER=cuda; CUDA with the built extension only)
+    lora_kernels_nf4_cublas_triton the slab route with every slab decoded by the Triton tiles
+                           (LORA_KERNELS_NF4_SLAB_DECODER=triton: the default before bitsandbytes' kernel)
     lora_kernels_nf4_triton the same with them switched off (=0): the fused NF4 GEMMs at every M
-                           (these three and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
+                           (these four and _fused with the CUDA GEMV off: ``PATH_SETTINGS``)
     lora_kernels_nf4_cuda_dx lora_kernels_nf4 with the backward's dX = dY W on the CUDA kernel of csrc/
                            for M <= 64 (LORA_KERNELS_NF4_GRAD_INPUT_MAX_M=64; CUDA with the built
                            extension; "not_applicable" above 64 rows, where it would repeat lora_kernels_nf4)
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels.tools import memory
+from lora_kernels.tools.models import bitsandbytes_importable
 from lora_kernels.tools.bench import (Family, Impl, add_sweep_arguments, default_out_dir, default_timing,
                                       format_goals, fused_forward, fused_forward_not_applicable, goal_check,
                                       csv_fields, environment_metadata, measure, with_env,
@@ -57,12 +61,10 @@ from lora_kernels.tools.report import absolute_times
 GEMV_IMPLS = ("lora_kernels_nf4_gemv", "lora_kernels_nf4_gemv_mma")
 # CUDA with the built extension only
 EXTENSION_IMPLS = GEMV_IMPLS + ("lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_cuda_dx")
-QLORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
-               "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
-               "lora_kernels_nf4_cuda_dx", "peft_qlora", "peft_qlora_fa", "bnb_matmul_4bit", "base_dense")
 LORA_IMPLS = ("lora_kernels_nf4", "lora_kernels_nf4_fa", *GEMV_IMPLS, "lora_kernels_nf4_fused",
-              "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_triton",
-              "lora_kernels_nf4_cuda_dx", "peft_qlora", "peft_qlora_fa")  # base + LoRA
+              "lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_cublas_triton",
+              "lora_kernels_nf4_triton", "lora_kernels_nf4_cuda_dx", "peft_qlora", "peft_qlora_fa")  # base + LoRA
+QLORA_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit", "base_dense")
 # The like-for-like PEFT reference of a row (others: peft_qlora): A frozen against A frozen.
 PEFT_REFS = {"lora_kernels_nf4_fa": "peft_qlora_fa", "peft_qlora_fa": "peft_qlora_fa"}
 NF4_IMPLS = LORA_IMPLS + ("bnb_matmul_4bit",)
@@ -195,6 +197,8 @@ PATH_SETTINGS = {
     "lora_kernels_nf4_cublas": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
     "lora_kernels_nf4_cublas_cuda": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0,
                                      "LORA_KERNELS_NF4_SLAB_DECODER": "cuda"},
+    "lora_kernels_nf4_cublas_triton": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 1, "LORA_KERNELS_NF4_GEMV_MAX_M": 0,
+                                       "LORA_KERNELS_NF4_SLAB_DECODER": "triton"},
     "lora_kernels_nf4_triton": {"LORA_KERNELS_NF4_CUBLAS_MIN_M": 0, "LORA_KERNELS_NF4_GEMV_MAX_M": 0},
     "lora_kernels_nf4_cuda_dx": {"LORA_KERNELS_NF4_GRAD_INPUT_MAX_M": 64},
 }
@@ -338,6 +342,9 @@ def run(shapes=None, device=None, dtype=None, reps=None, warmup=None, out=None, 
     chosen = resolve_providers(NF4, providers, quick)
     if not chosen:
         raise ValueError(f"no NF4 provider left to run (asked for {providers}; see the warnings)")
+    # Imported (where it can be) whichever rows run: the lora_kernels rows then take the slab decoder a
+    # QLoRA model, which imports it, takes (``ops.bnb_dequantize``: used only once it is imported).
+    bitsandbytes_importable()
     return run_family(NF4, cases, device, dtype, chosen, modes, timing, out, plot=plot, verbose=verbose)
 
 

@@ -62,6 +62,7 @@ IMPL_LABELS = {
     "lora_kernels_nf4_gemv_mma": "lora_kernels NF4, CUDA GEMV (tensor cores)",
     "lora_kernels_nf4_cublas": "lora_kernels NF4, slab decode + cuBLAS",
     "lora_kernels_nf4_cublas_cuda": "lora_kernels NF4, CUDA slab decode + cuBLAS",
+    "lora_kernels_nf4_cublas_triton": "lora_kernels NF4, Triton slab decode + cuBLAS",
     "lora_kernels_nf4_cuda_dx": "lora_kernels NF4, CUDA dX kernel (M <= 64)",
     "lora_kernels_nf4_triton": "lora_kernels NF4, fused Triton GEMMs",
     "peft_qlora": "PEFT + bnb Linear4bit",

@@ -45,14 +45,19 @@ ROUTES = (
           lambda row: 16 < row["M"] <= 64),
     Route("CUDA dX kernel vs the default backward, M <= 64", "layer", "lora_kernels_nf4_cuda_dx", "lora_kernels_nf4",
           ("bwd_ms", "fwdbwd_ms"), "LORA_KERNELS_NF4_GRAD_INPUT_MAX_M", lambda row: row["M"] <= 64),
-    Route("CUDA slab decoder vs Triton tiles (slab route)", "layer", "lora_kernels_nf4_cublas_cuda",
+    Route("CUDA slab decoder vs the default (slab route)", "layer", "lora_kernels_nf4_cublas_cuda",
           "lora_kernels_nf4_cublas", ("fwd_ms", "bwd_ms", "fwdbwd_ms"), "LORA_KERNELS_NF4_SLAB_DECODER=cuda"),
+    Route("Triton tiles for every slab vs the default (bitsandbytes' forward slabs)", "layer",
+          "lora_kernels_nf4_cublas_triton", "lora_kernels_nf4_cublas", ("fwd_ms", "bwd_ms", "fwdbwd_ms"),
+          "LORA_KERNELS_NF4_SLAB_DECODER=triton"),
     Route("dense cuBLAS base route vs the Triton GEMMs", "layer", "lora_kernels_cublas", "lora_kernels",
           ("fwd_ms", "bwd_ms", "fwdbwd_ms"), "LORA_KERNELS_DENSE_CUBLAS_MIN_M"),
     Route("training steps: dense cuBLAS base route", "train", "lora_kernels_cublas", "lora_kernels",
           ("median_step_ms",), "LORA_KERNELS_DENSE_CUBLAS_MIN_M"),
     Route("training steps: CUDA slab decoder", "train", "lora_kernels_qlora_cuda_decode", "lora_kernels_qlora",
           ("median_step_ms",), "LORA_KERNELS_NF4_SLAB_DECODER=cuda"),
+    Route("training steps: Triton slab decoder", "train", "lora_kernels_qlora_triton_decode", "lora_kernels_qlora",
+          ("median_step_ms",), "LORA_KERNELS_NF4_SLAB_DECODER=triton"),
 )
 
 

@@ -17,6 +17,9 @@ without a GPU, beside the default they would replace:
     lora_kernels_cublas    lora_kernels with the dense base products on cuBLAS (DENSE_CUBLAS_MIN_M = 1)
     lora_kernels_qlora_cuda_decode  lora_kernels_qlora with the large-M slabs decoded by the CUDA kernel
                            of csrc/ (LORA_KERNELS_NF4_SLAB_DECODER=cuda; needs the built extension)
+    lora_kernels_qlora_triton_decode  lora_kernels_qlora with every large-M slab decoded by the Triton
+                           tiles (LORA_KERNELS_NF4_SLAB_DECODER=triton; the default decodes the forward's
+                           with bitsandbytes' kernel)
 
 One step: ``zero_grad(set_to_none=True)``, forward with labels, ``loss.backward()``, AdamW step over
 the trainable parameters. Warm-up steps run untimed (they also absorb Triton JIT and autotuning);
@@ -65,6 +68,7 @@ VARIANTS = {
 OPT_IN_VARIANTS = {
     "lora_kernels_cublas": ("lora_kernels", False, {"LORA_KERNELS_DENSE_CUBLAS_MIN_M": 1}),
     "lora_kernels_qlora_cuda_decode": ("lora_kernels", True, {"LORA_KERNELS_NF4_SLAB_DECODER": "cuda"}),
+    "lora_kernels_qlora_triton_decode": ("lora_kernels", True, {"LORA_KERNELS_NF4_SLAB_DECODER": "triton"}),
 }
 ALL_VARIANTS = {**VARIANTS, **{name: spec[:2] for name, spec in OPT_IN_VARIANTS.items()}}
 PEFT_REF = {False: "peft", True: "peft_qlora"}  # the reference row of each family

@@ -208,7 +208,8 @@ def test_path_providers_pin_their_path(monkeypatch):
             GEMV_CHUNKED_MAX_M, kernel)
     seen = {}
     for name, cublas in (("lora_kernels_nf4_cublas", "1"), ("lora_kernels_nf4_cublas_cuda", "1"),
-                         ("lora_kernels_nf4_triton", "0"), ("lora_kernels_nf4_fused", "0")):
+                         ("lora_kernels_nf4_cublas_triton", "1"), ("lora_kernels_nf4_triton", "0"),
+                         ("lora_kernels_nf4_fused", "0")):
         seen[name] = qlora_bench._with_path(name, lambda: (os.environ.get(NF4_CUBLAS_MIN_M_ENV), cuda_gemv_max_m(),
                                                            os.environ.get(FUSED_MIN_M_ENV)))()
         assert seen[name][:2] == (cublas, 0), name
@@ -216,8 +217,9 @@ def test_path_providers_pin_their_path(monkeypatch):
     from lora_kernels.ops.nf4_gemv import NF4_SLAB_DECODER_ENV
     monkeypatch.delenv(NF4_SLAB_DECODER_ENV, raising=False)
     decoder = {name: qlora_bench._with_path(name, lambda: os.environ.get(NF4_SLAB_DECODER_ENV))()
-               for name in ("lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda")}
-    assert decoder == {"lora_kernels_nf4_cublas": None, "lora_kernels_nf4_cublas_cuda": "cuda"}
+               for name in ("lora_kernels_nf4_cublas", "lora_kernels_nf4_cublas_cuda", "lora_kernels_nf4_cublas_triton")}
+    assert decoder == {"lora_kernels_nf4_cublas": None, "lora_kernels_nf4_cublas_cuda": "cuda",
+                       "lora_kernels_nf4_cublas_triton": "triton"}
     from lora_kernels.ops.nf4_gemv import NF4_GRAD_INPUT_ENV, cuda_grad_input_max_m
     monkeypatch.delenv(NF4_GRAD_INPUT_ENV, raising=False)
     assert qlora_bench._with_path("lora_kernels_nf4_cuda_dx", cuda_grad_input_max_m)() == 64  # the dX kernel on

@@ -24,6 +24,7 @@ def results(tmp_path):
         _layer("lora_kernels_nf4_cublas", 64, 2.0, 4.0), _layer("lora_kernels_nf4_cublas_cuda", 64, 1.0, 3.0),
         _layer("lora_kernels_nf4_cublas", 4096, 5.0), _layer("lora_kernels_nf4_cublas_cuda", 4096, 6.0),
         _layer("lora_kernels_nf4_cublas_cuda", 8192, 1.0),  # no baseline row for this case: not compared
+        _layer("lora_kernels_nf4_cublas_triton", 4096, 7.0),
         _layer("lora_kernels_nf4", 16, 1.0, 8.0), _layer("lora_kernels_nf4_cuda_dx", 16, 1.0, 2.0),
         _layer("lora_kernels_nf4", 128, 1.0, 8.0), _layer("lora_kernels_nf4_cuda_dx", 128, 1.0, 2.0),  # M > 64
     ])
@@ -37,7 +38,8 @@ def results(tmp_path):
         for k, ms in (("simt", 0.13), ("mma", 0.04))])
     _write(tmp_path / "train_routes" / "train_bfloat16.json", [
         {"variant": v, "shape": "1b 4x1024", "median_step_ms": ms}
-        for v, ms in (("lora_kernels_qlora", 180.0), ("lora_kernels_qlora_cuda_decode", 120.0))])
+        for v, ms in (("lora_kernels_qlora", 180.0), ("lora_kernels_qlora_cuda_decode", 120.0),
+                      ("lora_kernels_qlora_triton_decode", 200.0))])
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a benchmark file: ignored
     return tmp_path
 
@@ -59,12 +61,16 @@ def test_routes_compare_shared_cases(results):
     assert [round(c[4], 4) for c in mma] == [round(0.04 / 0.13, 4)]
     train = routes.compare(_route("training steps: CUDA slab"), rows["train"])
     assert [c[4] for c in train] == [120.0 / 180.0]
+    tiles = routes.compare(_route("Triton tiles for every slab"), rows["layer"])
+    assert [(c[0][1], c[1], c[4]) for c in tiles] == [(4096, "fwd_ms", 1.4)]
+    train = routes.compare(_route("training steps: Triton slab"), rows["train"])
+    assert [c[4] for c in train] == [200.0 / 180.0]
 
 
 def test_report_gives_a_verdict_per_route(results):
     text = routes.report(results)
     assert text.count("\n  ") >= len(routes.ROUTES)  # a line under every route
-    slab = text.split("CUDA slab decoder vs Triton tiles")[1].split("\n")
+    slab = text.split("CUDA slab decoder vs the default")[1].split("\n")
     assert "faster in 2 of 3 cases, median ratio 0.750" in slab[1]
     assert "slower at 4096 4096 4096 16 fwd_ms: 6 vs 5 ms (1.200)" in slab[2]
     assert "no case with both rows" in text.split("dense cuBLAS base route vs")[1].split("\n")[1]

@@ -246,7 +246,8 @@ def test_opt_in_rows_run_their_route_on_cuda_only(monkeypatch, tmp_path):
                           verbose=False)
     assert [r["variant"] for r in res["rows"]] == ["peft", "lora_kernels"]
     assert "CUDA only" in res["skipped"]["lora_kernels_cublas"]
-    assert train_bench.available_variants(["lora_kernels_qlora_cuda_decode"], torch.device("cpu"))[0] == []
+    assert train_bench.available_variants(["lora_kernels_qlora_cuda_decode", "lora_kernels_qlora_triton_decode"],
+                                          torch.device("cpu"))[0] == []
     monkeypatch.setattr(train_bench, "available_variants", lambda variants, device: (list(variants), {}))
     res = train_bench.run(**{**CFG, "steps": 1, "warmup_steps": 0}, variants=names, out=tmp_path, plot=False,
                           verbose=False)
