@@ -420,6 +420,16 @@ class NF4Weight:
         self.absmax_code, self.absmax_scale, self.absmax_offset = absmax_code, absmax_scale, absmax_offset
         self.shape, self.dtype, self.blocksize, self.nested_blocksize = shape, dtype, blocksize, nested_blocksize
 
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle restore the fields without __init__: the copy's table holds the
+        # values this weight checked, so its quant type is remembered for it too (checked_quant_type).
+        _, fields = state
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        code = fields.get("code")
+        if type(code) is torch.Tensor and code.device.type != "meta":
+            _remember_checked_code(code, self.quant_type)
+
     # ---- derived properties -------------------------------------------------------------------
 
     @property

@@ -2,6 +2,8 @@
 its slabs against bitsandbytes' own decode of the whole weight, the rule that picks it, and the route
 run with it against the route run with the Triton tiles. On a CPU bitsandbytes' CPU kernels run (its
 CUDA kernel where a GPU is present)."""
+import copy
+import pickle
 import sys
 
 import pytest
@@ -24,6 +26,8 @@ def test_checked_quant_type_knows_only_the_checked_table():
         q = NF4Weight.quantize(torch.randn(4, 64), quant_type=quant_type)
         assert checked_quant_type(q.code) == quant_type
         assert checked_quant_type(q.code.clone()) is None  # the same values, not a checked tensor
+        for copied in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):  # copies of a checked weight
+            assert copied.code is not q.code and checked_quant_type(copied.code) == quant_type
     q = NF4Weight.quantize(torch.randn(4, 64))
     q.code.mul_(1.0)  # written in place: the check no longer holds
     assert checked_quant_type(q.code) is None
