@@ -4,9 +4,11 @@ That route (``triton_launch._cublas_base_forward``, from configs.NF4_CUBLAS_MIN_
 base weight a bounded slab of rows at a time for cuBLAS. On the H200 run
 (benchmarks/results/nvidia-h200/bench_qlora_bfloat16.json, M = 8192, 4096 x 14336) bitsandbytes'
 forward (``bnb_matmul_4bit``: dequantize_4bit, then the matmul) took 0.04 ms more than the dense
-matmul, the route with our Triton slab decode of that commit 0.42 ms more. A slab of whole rows that starts on a quantization block is a contiguous
-range of the packed codes and of the block scales, which bitsandbytes' kernel decodes as it decodes a
-whole weight: the values are its ``dequantize_4bit``'s, bit for bit, as our decoders' are.
+matmul, the route with our Triton slab decode of that commit 0.42 ms more. A slab of whole rows
+that starts on a quantization block is a contiguous range of the packed codes and of the block
+scales, which bitsandbytes' kernel decodes as it decodes a whole weight: the values are its
+``dequantize_4bit``'s, bit for bit, as our decoders' are. Its host cost is higher (one or two
+bitsandbytes ops per slab against one Triton launch).
 
 Used only when bitsandbytes is already imported (PEFT's and transformers' QLoRA layers import it; the
 ops layer imports no bitsandbytes) and the weight's quant type is known on the host
