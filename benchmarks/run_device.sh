@@ -107,10 +107,13 @@ for step in $STEPS; do
                       $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/modules/test_cuda_graphs.py tests/integrations/test_peft_patch.py -k "graphed or synchronizes" -q -p no:cacheprovider $XDIST \
                           --junitxml="$OUT/pytest_graphs.xml" > "$OUT/pytest_graphs.txt" 2>&1
                       tail -15 "$OUT/pytest_graphs.txt" ;;
-        tests-gemv) # the GPU tests of the CUDA decode GEMVs only (both kernels; after a change to csrc/)
+        tests-gemv) # the GPU tests of the CUDA decode GEMVs (both kernels; after a change to csrc/), then of the
+                    # slab decode by bitsandbytes' kernel (the large-M QLoRA forward's default; its first GPU run)
                     $PYTEST_TIMEOUT $(cap 120) python -m pytest tests/ops/test_nf4_gemv.py -q -p no:cacheprovider $XDIST \
                         --maxfail=10 -k cuda --junitxml="$OUT/pytest_gemv.xml" > "$OUT/pytest_gemv.txt" 2>&1
-                    tail -30 "$OUT/pytest_gemv.txt" ;;
+                    $PYTEST_TIMEOUT $(cap 60) python -m pytest tests/ops/test_bnb_dequantize.py -q -p no:cacheprovider \
+                        --maxfail=10 --junitxml="$OUT/pytest_bnb_slabs.xml" > "$OUT/pytest_bnb_slabs.txt" 2>&1
+                    tail -30 "$OUT/pytest_gemv.txt"; tail -8 "$OUT/pytest_bnb_slabs.txt" ;;
         tests-nf4) # the GPU tests of the NF4 GEMMs and their decode only (after a change to them)
                    $PYTEST_TIMEOUT $(cap 100) python -m pytest tests/kernels/test_nf4_tile.py tests/autograd/test_nf4_lora_linear.py \
                        tests/autograd/test_dora.py tests/integrations/test_peft_patch.py -q -p no:cacheprovider $XDIST --maxfail=10 \
