@@ -155,6 +155,26 @@ def test_fp4_qlora_runs_fused_and_matches_peft(dora, double_quant, backend):
     assert lora_kernels.integrations.peft.fallback_reason(layer, torch.randn(2, 128)) is None
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_qlora_large_m_forward_decodes_its_slabs_with_bitsandbytes_kernel(monkeypatch, quant_type):
+    """The bnb Linear4bit layers' tables reach the slab decode as the tensors their NF4 view checked
+    (``ops.nf4.checked_quant_type``), so the patched model's large-M forward takes bitsandbytes' kernel
+    (LORA_KERNELS_NF4_SLAB_DECODER=bnb: what ``auto`` does on CUDA), with PEFT's outputs and gradients."""
+    from lora_kernels.ops import triton_launch
+    reference = peft_model(qlora=True, quant_type=quant_type)
+    patched = copy.deepcopy(reference)
+    lora_kernels.patch_peft_model(patched)
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_DECODER", "bnb")
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "1")
+    calls = []
+    real = triton_launch.bnb_dequantize_rows
+    monkeypatch.setattr(triton_launch, "bnb_dequantize_rows", lambda *a: (calls.append(a[3]), real(*a))[1])
+    with use_backend("triton") as record:
+        _compare_step(patched, reference, _ids(vocab=100))
+    assert _fast_calls(record) == 14
+    assert calls and set(calls) == {quant_type}
+
+
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: Conv1D
 
 
