@@ -21,7 +21,7 @@ import torch
 from lora_kernels.autograd.dropout import seeded_dropout
 from lora_kernels.autograd.lora_linear import lora_linear
 from lora_kernels.autograd.nf4_lora_linear import nf4_lora_linear
-from lora_kernels.ops.nf4 import NF4Weight
+from lora_kernels.ops.nf4 import NF4Weight, tensor_version
 from lora_kernels.ops.checks import check_dropout_p
 from lora_kernels.ops.reference import nf4_row_chunks, nf4_rows
 from lora_kernels.ops.triton_launch import NF4Tensors
@@ -47,8 +47,7 @@ def tensor_cache_key(tensor: torch.Tensor) -> tuple:
     tensor or its views; not a write through ``tensor.data``, which has a counter of its own). An
     inference tensor (made under torch.inference_mode) has no version counter: its in-place writes
     are not seen either."""
-    version = None if tensor.is_inference() else tensor._version
-    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), version)
+    return (_StorageRef(tensor.untyped_storage()), tensor.storage_offset(), tensor_version(tensor))
 
 
 def _weight_key(weight) -> tuple:

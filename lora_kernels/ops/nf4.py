@@ -310,18 +310,20 @@ def _remember_checked_code(code: torch.Tensor, quant_type: str) -> None:
     def forget(ref, key=key):
         if _CHECKED_CODES.get(key, (None,))[0] is ref:
             del _CHECKED_CODES[key]
-    _CHECKED_CODES[key] = (weakref.ref(code, forget), _version_of(code), quant_type)
+    _CHECKED_CODES[key] = (weakref.ref(code, forget), tensor_version(code), quant_type)
 
 
-def _version_of(t: torch.Tensor) -> Optional[int]:
-    return None if t.is_inference() else t._version  # inference tensors have no version counter
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """t's version counter (bumped by in-place writes through t or its views, not through ``t.data``),
+    or None for an inference tensor (made under torch.inference_mode), which has none."""
+    return None if t.is_inference() else t._version
 
 
 def checked_quant_type(code: torch.Tensor) -> Optional[str]:
     """"nf4" or "fp4" when ``code`` (this very tensor, not written in place since) is the code table of
     an NF4Weight built eagerly, which checked its values; else None (a copy, a traced weight)."""
     entry = _CHECKED_CODES.get(id(code))
-    if entry is None or entry[0]() is not code or entry[1] != _version_of(code):
+    if entry is None or entry[0]() is not code or entry[1] != tensor_version(code):
         return None
     return entry[2]
 
