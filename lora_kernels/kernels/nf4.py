@@ -29,7 +29,7 @@ def nf4_decode(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     value = tl.load(code_ptr + q, mask=mask, other=0.0)
     absmax = block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, idx // QBLOCK, mask,
                           QBLOCK2, DOUBLE_QUANT)
-    return round_to_stored(value * absmax, STORED_DTYPE)
+    return round_to(value * absmax, STORED_DTYPE)
 
 
 @triton.jit
@@ -66,18 +66,19 @@ def nf4_tile_halves(packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, a
     absmax = block_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                           row_start // QBLOCK, n_mask, QBLOCK2, DOUBLE_QUANT)
     absmax = tl.where(n_mask, absmax, 0.0)[:, None]
-    even = round_to_stored(tl.load(code_ptr + (byte >> 4)) * absmax, STORED_DTYPE)  # high nibble
-    odd = round_to_stored(tl.load(code_ptr + (byte & 0xF)) * absmax, STORED_DTYPE)
+    even = round_to(tl.load(code_ptr + (byte >> 4)) * absmax, STORED_DTYPE)  # high nibble
+    odd = round_to(tl.load(code_ptr + (byte & 0xF)) * absmax, STORED_DTYPE)
     return even, odd
 
 
 @triton.jit
-def round_to_stored(w, STORED_DTYPE: tl.constexpr):
-    """fp32 -> STORED_DTYPE, round to nearest even (as dequantize_4bit's output rounding)."""
-    if STORED_DTYPE == tl.bfloat16 and INTERPRETED:
-        w = round_to_bf16(w)
+def round_to(w, DTYPE: tl.constexpr):
+    """w (floating) -> DTYPE, round to nearest even: dequantize_4bit's output rounding to the stored
+    dtype, and the cast of decoded values to another dtype (torch's ``.to``)."""
+    if DTYPE == tl.bfloat16 and INTERPRETED:
+        w = round_to_bf16(w.to(tl.float32))  # exact from fp16 / fp32: one rounding, as on the GPU
     else:
-        w = w.to(STORED_DTYPE)  # bf16: one cvt.rn instruction on the GPU
+        w = w.to(DTYPE)  # bf16: one cvt.rn instruction on the GPU
     return w
 
 
@@ -128,7 +129,7 @@ def nf4_dequantize_tiles_kernel(
     w = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
     rows = (offs_n - n_start).to(tl.int64)
     cols = (k0 - k_start) + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], round_to(w, out_ptr.dtype.element_ty),
              mask=n_mask[:, None])
 
 
@@ -148,7 +149,7 @@ def load_weight_tile(w_ptr, n_idx, k_idx, mask, stride_wn, stride_wk, K,
                        n_idx * K + k_idx, mask, QBLOCK, QBLOCK2, DOUBLE_QUANT, W_STORED_DTYPE)
     else:
         w = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=mask, other=0.0)
-    return w.to(OUT_DTYPE)
+    return round_to(w, OUT_DTYPE) if W_NF4 else w.to(OUT_DTYPE)
 
 
 # The interpreter converts fp32 -> bf16 by truncation, so the decode rounds in integer arithmetic

@@ -25,8 +25,10 @@ from lora_kernels.ops.nf4 import SUPPORTED_BLOCKSIZES, checked_quant_type
 BNB_BLOCKWISE_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def bnb_dequantize_loaded() -> bool:
-    """Whether bitsandbytes is imported and has registered the torch ops used here."""
+def bnb_dequantize_loaded(device_type: str) -> bool:
+    """Whether bitsandbytes is imported, has registered the torch ops used here and, for CUDA tensors,
+    loaded its native library: when that fails to load, bitsandbytes still imports and registers its
+    ops, with a stand-in library that raises when a kernel is called."""
     if "bitsandbytes" not in sys.modules:
         return False
     try:
@@ -34,6 +36,9 @@ def bnb_dequantize_loaded() -> bool:
         torch.ops.bitsandbytes.dequantize_blockwise.default
     except (AttributeError, RuntimeError):
         return False
+    if device_type == "cuda":
+        library = getattr(sys.modules.get("bitsandbytes.cextension"), "lib", None)
+        return type(library).__name__ != "ErrorHandlerMockBNBNativeLibrary"
     return True
 
 
@@ -46,7 +51,7 @@ def bnb_rows_quant_type(wq, n_start: int, k_start: int, k_end: int) -> Optional[
         return None
     if wq.double_quant and wq.nested_blocksize not in BNB_BLOCKWISE_SIZES:
         return None
-    if not bnb_dequantize_loaded():
+    if not bnb_dequantize_loaded(wq.packed.device.type):
         return None
     return checked_quant_type(wq.code)
 

@@ -305,6 +305,8 @@ _CHECKED_CODES: dict = {}
 
 
 def _remember_checked_code(code: torch.Tensor, quant_type: str) -> None:
+    if code.is_inference():
+        return  # no version counter: an in-place write would go unseen (then the decoders read the table)
     key = id(code)
 
     def forget(ref, key=key):
@@ -423,14 +425,19 @@ class NF4Weight:
         self.shape, self.dtype, self.blocksize, self.nested_blocksize = shape, dtype, blocksize, nested_blocksize
 
     def __setstate__(self, state) -> None:
-        # copy.deepcopy and pickle restore the fields without __init__: the copy's table holds the
-        # values this weight checked, so its quant type is remembered for it too (checked_quant_type).
+        # copy.deepcopy and pickle restore the fields without __init__. The copy's table is checked
+        # again (it may have been written in place since this weight checked it: one 16-value
+        # comparison per copy) and its quant type remembered (checked_quant_type); a table that no
+        # longer holds it is not remembered (the decoders then read the table itself).
         _, fields = state
         for name, value in fields.items():
             object.__setattr__(self, name, value)
         code = fields.get("code")
         if type(code) is torch.Tensor and code.device.type != "meta":
-            _remember_checked_code(code, self.quant_type)
+            try:
+                _remember_checked_code(code, _code_quant_type(code, self.quant_type))
+            except ValueError:
+                pass
 
     # ---- derived properties -------------------------------------------------------------------
 

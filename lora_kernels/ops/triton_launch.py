@@ -133,7 +133,8 @@ def triton_nf4_dequantize(wq: NF4Tensors, numel: int) -> torch.Tensor:
 
     When numel is a multiple of the block size (nearly every weight), the flat weight is read as
     rows of one quantization block each, an aligned [numel / blocksize, blocksize] weight, and takes
-    the tile decode of the slabs; otherwise the per-element decode."""
+    the slabs' decoder (``_nf4_dequantize_slab``: by default bitsandbytes' own kernel on CUDA where it
+    can, else the Triton tiles); otherwise the per-element Triton decode."""
     bs = wq.blocksize
     if numel > 0 and numel % bs == 0 and bs % nf4_slab_block_k(wq) == 0:
         rows = wq._replace(N=numel // bs, K=bs)
@@ -463,7 +464,9 @@ def _cublas_base_forward(x2, weight, wq: Optional[NF4Tensors], h, lora_B, bias, 
     if wq is None:
         y2.addmm_(x2, weight.t())
         return
-    rows = _slab_extent(K, N, x2.element_size(), 64)
+    # bitsandbytes' decoder (ops.bnb_dequantize) decodes in the stored dtype before the cast to x's:
+    # the larger of the two sizes the slab
+    rows = _slab_extent(K, N, max(x2.element_size(), wq.dtype.itemsize), 64)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         y2[:, n0:n1].addmm_(x2, _nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())

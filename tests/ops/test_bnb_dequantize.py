@@ -32,6 +32,16 @@ def test_checked_quant_type_knows_only_the_checked_table():
     q.code.mul_(1.0)  # written in place: the check no longer holds
     assert checked_quant_type(q.code) is None
     assert checked_quant_type(q.replace_tensors(code=q.code).code) == "nf4"  # checked again
+    # copies of a weight whose table was written in place since: the copy's table is checked again
+    fp4 = NF4Weight.quantize(torch.randn(4, 64), quant_type="fp4")
+    q = NF4Weight.quantize(torch.randn(4, 64))
+    q.code.copy_(fp4.code)
+    for copied in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert checked_quant_type(copied.code) is None
+    # an inference tensor has no version counter: its in-place writes would go unseen
+    with torch.inference_mode():
+        q = NF4Weight.quantize(torch.randn(4, 64))
+    assert q.code.is_inference() and checked_quant_type(q.code) is None
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -88,6 +98,13 @@ def test_slab_decoder_setting(monkeypatch):
     monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "bitsandbytes")
     with pytest.raises(ValueError, match=nf4_gemv.NF4_SLAB_DECODER_ENV):
         nf4_gemv.bnb_slab_quant_type(wq("cuda"), 0, 0, 256)
+    # bitsandbytes imported without its native CUDA library (it then stands in a library that raises
+    # when a kernel runs): CUDA slabs stay on our decoders; its CPU ops run without it
+    from bitsandbytes import cextension
+    monkeypatch.setattr(cextension, "lib", cextension.ErrorHandlerMockBNBNativeLibrary("no libbitsandbytes_cuda"))
+    monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "bnb")
+    assert nf4_gemv.bnb_slab_quant_type(wq("cuda"), 0, 0, 256) is None
+    assert nf4_gemv.bnb_slab_quant_type(wq("cpu"), 0, 0, 256) == "nf4"
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not is_interpreted(), reason="the Triton route on a CPU needs TRITON_INTERPRET=1")
@@ -117,3 +134,23 @@ def test_large_m_route_with_bitsandbytes_slabs(monkeypatch, quant_type):
         assert torch.equal(ours, theirs)
     y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(results["bnb"][0], y_ref, 3e-3, "y")
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not is_interpreted(), reason="the Triton route on a CPU needs TRITON_INTERPRET=1")
+def test_bitsandbytes_slabs_are_sized_by_the_stored_dtype(monkeypatch):
+    """bitsandbytes' kernel decodes a slab in the weight's stored dtype before the cast to x's: an fp32
+    weight with fp16 x gets slabs of half the rows, so that the fp32 slab fits configs.NF4_SLAB_BYTES."""
+    monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "1")
+    monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")
+    monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, "bnb")
+    monkeypatch.setattr(triton_launch.configs, "NF4_SLAB_BYTES", 64 << 10)  # 128 fp32 rows of K = 128
+    calls = []
+    real = triton_launch.bnb_dequantize_rows
+    monkeypatch.setattr(triton_launch, "bnb_dequantize_rows", lambda *a: (calls.append(a[1:3]), real(*a))[1])
+    for weight_dtype, rows in ((torch.float16, 256), (torch.float32, 128)):
+        calls.clear()
+        args, q = nf4_gemv_inputs(3, 128, 512, 4, torch.float16, torch.float16, False, device=DEVICE,
+                                  weight_dtype=weight_dtype)
+        y = lora_kernels.nf4_lora_linear(args[0], q, args[7], args[8], 0.75)
+        assert calls == [(n0, n0 + rows) for n0 in range(0, 512, rows)], weight_dtype
+        assert_close(y, nf4_gemv_reference(args, q)[0], 3e-3, "y")
