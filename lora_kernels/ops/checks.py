@@ -142,6 +142,16 @@ def check_nf4_lora_linear_args(x, qweight, lora_A, lora_B, scale, bias, lora_B_b
                             weight_device=qweight.device, weight_name="qweight")
 
 
+# Set by tools.dry_run while it runs the GPU route on a CPU without a GPU (kernels compiled, launches
+# recorded, not run): CPU tensors then take the routes of CUDA ones (``takes_cuda_routes``).
+CPU_AS_CUDA = [False]
+
+
+def takes_cuda_routes(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the CUDA routes: CUDA tensors, and CPU ones in a dry run."""
+    return device.type == "cuda" or (CPU_AS_CUDA[0] and device.type == "cpu")
+
+
 # os.environ keeps its values in the dict os.environ._data, keyed and valued by encoded strings
 # (bytes on POSIX); os.environ.get encodes the key, looks it up and decodes the value: ~2 us on this
 # CPU, and a layer's forward and backward read 5-10 routing variables. The dict read with a

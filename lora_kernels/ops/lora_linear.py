@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lora_kernels.kernels import configs
 from lora_kernels.kernels.configs import MAX_RANK
-from lora_kernels.ops.checks import env_nonnegative_int, env_text
+from lora_kernels.ops.checks import env_nonnegative_int, env_text, takes_cuda_routes
 from lora_kernels.ops.reference import composite_lora_forward, torch_lora_backward, torch_lora_forward
 from lora_kernels.ops.triton_launch import is_interpreted, triton_lora_backward, triton_lora_forward
 
@@ -31,10 +31,6 @@ CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "tr
 # Overrides configs.DENSE_TORCH_MAX_M (read per call); 0 keeps every CUDA call on the Triton kernels.
 DENSE_TORCH_MAX_M_ENV = "LORA_KERNELS_DENSE_TORCH_MAX_M"
 
-
-# Set by tools.dry_run while it runs the GPU route on a CPU without a GPU (kernels compiled, launches
-# recorded, not run): CPU calls then take the CUDA rule below.
-CPU_AS_CUDA = [False]
 
 
 def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m_torch: bool = False) -> str:
@@ -47,7 +43,7 @@ def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m
     """
     if M == 0 or N == 0 or K == 0 or r > MAX_RANK:
         return "torch"
-    if device.type == "cuda" or (CPU_AS_CUDA[0] and device.type == "cpu"):
+    if takes_cuda_routes(device):
         if small_m_torch and M <= env_nonnegative_int(DENSE_TORCH_MAX_M_ENV, configs.DENSE_TORCH_MAX_M):
             return "torch"
         return "triton"

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lora_kernels.ops.bnb_dequantize import bnb_rows_quant_type
-from lora_kernels.ops.checks import env_nonnegative_int, env_text
+from lora_kernels.ops.checks import env_nonnegative_int, env_text, takes_cuda_routes
 from lora_kernels.ops.reference import nf4_rows, torch_lora_forward
 from lora_kernels.ops.triton_launch import NF4Tensors
 
@@ -142,7 +142,7 @@ def bnb_slab_quant_type(wq: NF4Tensors, n_start: int, k_start: int, k_end: int) 
     CUDA) or bnb, and a slab it can decode (``bnb_dequantize.bnb_rows_quant_type``: whole rows from a
     block boundary; bitsandbytes imported; the weight's table known)."""
     choice = slab_decoder_choice()
-    if choice == "bnb" or (choice == "auto" and wq.packed.device.type == "cuda"):
+    if choice == "bnb" or (choice == "auto" and takes_cuda_routes(wq.packed.device)):
         return bnb_rows_quant_type(wq, n_start, k_start, k_end)
     return None
 

@@ -16,7 +16,7 @@ from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_in
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
-from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows
+from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows, with_decoded_scales
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
 from lora_kernels.ops.launch import launch
@@ -467,9 +467,22 @@ def _cublas_base_forward(x2, weight, wq: Optional[NF4Tensors], h, lora_B, bias, 
     # bitsandbytes' decoder (ops.bnb_dequantize) decodes in the stored dtype before the cast to x's:
     # the larger of the two sizes the slab
     rows = _slab_extent(K, N, max(x2.element_size(), wq.dtype.itemsize), 64)
+    decode = _row_slab_decoder(wq, x2.dtype)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        y2[:, n0:n1].addmm_(x2, _nf4_dequantize_slab(wq, n0, n1, 0, K, x2.dtype).t())
+        y2[:, n0:n1].addmm_(x2, decode(n0, n1).t())
+
+
+def _row_slab_decoder(wq: NF4Tensors, dtype: torch.dtype):
+    """decode(n0, n1): W[n0:n1] (whole rows) as a contiguous tensor in ``dtype``, each slab by
+    ``_nf4_dequantize_slab``'s choice; when that is bitsandbytes' kernel for every slab (rows starting on
+    a quantization block: K % blocksize == 0), its block scales are decoded once for all of them."""
+    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+    quant_type = nf4_gemv.bnb_slab_quant_type(wq, 0, 0, wq.K)
+    if quant_type is None or wq.K % wq.blocksize:
+        return lambda n0, n1: _nf4_dequantize_slab(wq, n0, n1, 0, wq.K, dtype)
+    scaled = with_decoded_scales(wq)
+    return lambda n0, n1: bnb_dequantize_rows(scaled, n0, n1, quant_type, dtype)
 
 
 def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora_A, seed, dx2, dropout_p: float,

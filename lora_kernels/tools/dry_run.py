@@ -102,13 +102,13 @@ def dry_run(arch: int = 90) -> Iterator[Counter]:
 @contextlib.contextmanager
 def _triton_backend_on_cpu():
     """The ops' backend rule answers for CPU tensors as for CUDA ones inside the block."""
-    from lora_kernels.ops import lora_linear as dense_ops
+    from lora_kernels.ops.checks import CPU_AS_CUDA
 
-    dense_ops.CPU_AS_CUDA[0] = True
+    CPU_AS_CUDA[0] = True
     try:
         yield
     finally:
-        dense_ops.CPU_AS_CUDA[0] = False
+        CPU_AS_CUDA[0] = False
 
 
 @contextlib.contextmanager

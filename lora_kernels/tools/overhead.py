@@ -18,7 +18,8 @@ Triton launches per call. Times are per call, from the best of ``reps`` batches 
 providers interleaved.
 
 Without a GPU the patched providers run the GPU route dry (``tools.dry_run``: Triton kernels
-compiled for sm_90, launches recorded, not run; CUDA-extension routes are not taken) and PEFT's
+compiled for sm_90, launches recorded, not run; CUDA-extension routes are not taken; bitsandbytes'
+slab decoder, the CUDA default, runs its CPU kernel) and PEFT's
 layers run their CPU ops (on one thread) at a shape small enough for compute to be negligible: the host-side costs
 compare, absolute times are this CPU's. Results: JSON and CSV (``overhead_<dtype>``).
 """

@@ -11,7 +11,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import NF4Weight
-from lora_kernels.ops import nf4_gemv, triton_launch
+from lora_kernels.ops import bnb_dequantize, nf4_gemv, triton_launch
 from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows, bnb_rows_quant_type
 from lora_kernels.ops.nf4 import checked_quant_type
 from lora_kernels.ops.triton_launch import NF4Tensors, is_interpreted
@@ -115,9 +115,12 @@ def test_large_m_route_with_bitsandbytes_slabs(monkeypatch, quant_type):
     same matmuls), and the float64 reference's; the backward's column slabs stay on the Triton tiles."""
     monkeypatch.setenv(triton_launch.NF4_CUBLAS_MIN_M_ENV, "1")
     monkeypatch.setenv(nf4_gemv.NF4_GEMV_ENV, "0")
-    calls = []
+    calls, scale_decodes = [], []
     real = triton_launch.bnb_dequantize_rows
     monkeypatch.setattr(triton_launch, "bnb_dequantize_rows", lambda *a: (calls.append(a[1:3]), real(*a))[1])
+    real_scales = bnb_dequantize._block_scales
+    monkeypatch.setattr(bnb_dequantize, "_block_scales",  # the calls that decode double-quantized scales
+                        lambda wq, *a: (wq.double_quant and scale_decodes.append(a), real_scales(wq, *a))[1])
     args, q = nf4_gemv_inputs(20, 128, 72, 8, torch.float16, torch.float16, True, device=DEVICE,
                               quant_type=quant_type)
     x, A, B, bias = args[0], args[7], args[8], args[9]
@@ -130,6 +133,8 @@ def test_large_m_route_with_bitsandbytes_slabs(monkeypatch, quant_type):
         results[decoder] = (y, xg.grad, Ag.grad, Bg.grad)
     assert calls and all(n1 - n0 < 72 for n0, n1 in calls)  # slabs, never the whole weight
     assert sum(n1 - n0 for n0, n1 in calls) == 72
+    # the double-quantized block scales decoded once for the forward's slabs (one op per slab left)
+    assert len(calls) == 2 and scale_decodes == [(0, 72 * 128 // 64)]
     for ours, theirs in zip(results["bnb"], results["triton"]):
         assert torch.equal(ours, theirs)
     y_ref, _ = nf4_gemv_reference(args, q)
