@@ -32,7 +32,6 @@ CPU_BACKEND_ENV = "LORA_KERNELS_CPU_BACKEND"  # "auto" (default), "torch" or "tr
 DENSE_TORCH_MAX_M_ENV = "LORA_KERNELS_DENSE_TORCH_MAX_M"
 
 
-
 def select_backend(device: torch.device, M: int, N: int, K: int, r: int, small_m_torch: bool = False) -> str:
     """"triton" or "torch" for a problem of x [M, K], weight [N, K], rank r on ``device``.
 
