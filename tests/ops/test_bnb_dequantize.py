@@ -129,7 +129,8 @@ def test_large_m_route_with_bitsandbytes_slabs(monkeypatch, quant_type):
         monkeypatch.setenv(nf4_gemv.NF4_SLAB_DECODER_ENV, decoder)
         xg, Ag, Bg = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
         y = lora_kernels.nf4_lora_linear(xg, q, Ag, Bg, 0.75, bias=bias)
-        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE, dtype=y.dtype).view_as(y))
+        dy = torch.linspace(-1, 1, y.numel(), device=DEVICE, dtype=y.dtype).view_as(y)
+        y.backward(dy)
         results[decoder] = (y, xg.grad, Ag.grad, Bg.grad)
     assert calls and all(n1 - n0 < 72 for n0, n1 in calls)  # slabs, never the whole weight
     assert sum(n1 - n0 for n0, n1 in calls) == 72
@@ -139,6 +140,12 @@ def test_large_m_route_with_bitsandbytes_slabs(monkeypatch, quant_type):
         assert torch.equal(ours, theirs)
     y_ref, _ = nf4_gemv_reference(args, q)
     assert_close(results["bnb"][0], y_ref, 3e-3, "y")
+    # gradients against float64 autograd on the weight as bitsandbytes decodes it
+    xd, Ad, Bd = (t.detach().double().cpu().requires_grad_(True) for t in (x, A, B))
+    W = bnb_dequantized(q).to(x.dtype).double().cpu()
+    (xd @ W.t() + 0.75 * (xd @ Ad.t()) @ Bd.t() + bias.double().cpu()).backward(dy.double().cpu())
+    for got, ref, name in zip(results["bnb"][1:], (xd.grad, Ad.grad, Bd.grad), ("dx", "dA", "dB")):
+        assert_close(got.cpu(), ref, 3e-3, name)
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not is_interpreted(), reason="the Triton route on a CPU needs TRITON_INTERPRET=1")

@@ -24,19 +24,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _DRY_RUN_SCRIPT = r"""
 import json, sys, torch
 import lora_kernels
+from lora_kernels.ops import triton_launch
 from lora_kernels.tools.dry_run import dry_run
 from lora_kernels.tools.overhead import build_layer
 out = {}
 providers = ["lora_kernels", "lora_kernels_fa"] + (["lora_kernels_qlora"] if sys.argv[1] == "1" else [])
+bnb_slabs = []  # (n0, n1) of each slab bitsandbytes' kernel decodes
+real = triton_launch.bnb_dequantize_rows
+triton_launch.bnb_dequantize_rows = lambda *a: (bnb_slabs.append(a[1:3]), real(*a))[1]
 with dry_run() as launches:
     for p in providers:
         model = build_layer(p, 128, 64, 8, "cpu", torch.float32)
         x = torch.randn(64, 128, requires_grad=True)
         y = model(x)
         fwd = dict(launches); launches.clear()
+        fwd_slabs = list(bnb_slabs); bnb_slabs.clear()
         y.backward(torch.randn_like(y))
-        out[p] = {"fwd": fwd, "bwd": dict(launches), "y_shape": list(y.shape), "dx_shape": list(x.grad.shape)}
-        launches.clear()
+        out[p] = {"fwd": fwd, "bwd": dict(launches), "y_shape": list(y.shape), "dx_shape": list(x.grad.shape),
+                  "fwd_bnb_slabs": fwd_slabs, "bwd_bnb_slabs": list(bnb_slabs)}
+        launches.clear(); bnb_slabs.clear()
 print(json.dumps(out))
 """
 
@@ -65,9 +71,10 @@ def test_dry_run_takes_the_gpu_route_and_counts_its_launches():
         nf4 = got["lora_kernels_qlora"]
         # as on CUDA, bitsandbytes' kernel decodes the forward's slabs (whole rows), the Triton tiles the
         # backward's (columns)
-        assert "nf4_dequantize_tiles_kernel" not in nf4["fwd"]
+        assert "nf4_dequantize_tiles_kernel" not in nf4["fwd"] and nf4["fwd_bnb_slabs"] == [[0, 64]]
         assert nf4["fwd"] == {"lora_shrink_kernel": 1, "lora_forward_gemm_kernel": 1}
-        assert nf4["bwd"].get("nf4_dequantize_tiles_kernel", 0) >= 1
+        assert nf4["bwd"].get("nf4_dequantize_tiles_kernel", 0) >= 1 and nf4["bwd_bnb_slabs"] == []
+    assert all(not got[p]["fwd_bnb_slabs"] and not got[p]["bwd_bnb_slabs"] for p in ("lora_kernels", "lora_kernels_fa"))
 
 
 def test_overhead_cli_writes_rows_for_each_provider_and_mode(tmp_path):

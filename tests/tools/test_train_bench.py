@@ -249,12 +249,19 @@ def test_opt_in_rows_run_their_route_on_cuda_only(monkeypatch, tmp_path):
     assert train_bench.available_variants(["lora_kernels_qlora_cuda_decode", "lora_kernels_qlora_triton_decode"],
                                           torch.device("cpu"))[0] == []
     monkeypatch.setattr(train_bench, "available_variants", lambda variants, device: (list(variants), {}))
+    names += ["peft_qlora", "lora_kernels_qlora", "lora_kernels_qlora_triton_decode", "lora_kernels_qlora_cuda_decode"]
     res = train_bench.run(**{**CFG, "steps": 1, "warmup_steps": 0}, variants=names, out=tmp_path, plot=False,
                           verbose=False)
     assert seen["lora_kernels_cublas"]["LORA_KERNELS_DENSE_CUBLAS_MIN_M"] == "1"
     assert seen["lora_kernels"]["LORA_KERNELS_DENSE_CUBLAS_MIN_M"] is None
-    assert os.environ.get("LORA_KERNELS_DENSE_CUBLAS_MIN_M") is None  # restored
-    assert [r["variant"] for r in res["rows"]] == names and res["rows"][2]["peft_ref"] == "peft"
+    assert seen["lora_kernels_qlora_triton_decode"]["LORA_KERNELS_NF4_SLAB_DECODER"] == "triton"
+    assert seen["lora_kernels_qlora_cuda_decode"]["LORA_KERNELS_NF4_SLAB_DECODER"] == "cuda"
+    assert seen["lora_kernels_qlora"]["LORA_KERNELS_NF4_SLAB_DECODER"] is None  # the default row: auto
+    for variable in ("LORA_KERNELS_DENSE_CUBLAS_MIN_M", "LORA_KERNELS_NF4_SLAB_DECODER"):
+        assert os.environ.get(variable) is None  # restored
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == names and rows["lora_kernels_cublas"]["peft_ref"] == "peft"
+    assert rows["lora_kernels_qlora_triton_decode"]["peft_ref"] == "peft_qlora"
 
 
 # ----------------------------------------------------------------------------- GPU kernel kinds
