@@ -427,7 +427,7 @@ def test_dropout_propagates_nan_as_pytorch_does(backend, nan_in):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keep_rate(backend, p):
     # x = 1, A = B = I, scale = 1: y - x W^T = dropout(1) = keep / (1 - p) elementwise.
-    M = K = N = r = 64
+    M = K = N = 64  # r = K: A = B = I
     gen = torch.Generator().manual_seed(8)
     x = torch.ones(M, K, device=backend.device)
     weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(backend.device)

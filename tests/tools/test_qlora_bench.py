@@ -29,6 +29,8 @@ def test_qlora_bench_writes_sane_results(tmp_path):
     for ext in ("json", "csv", "png"):
         assert stem.with_suffix(f".{ext}").stat().st_size > 0
     data = json.loads(stem.with_suffix(".json").read_text())
+    # what run returns is what it wrote (JSON turns tuples into lists)
+    assert json.loads(json.dumps(res, default=str)) == data
     for key in ("device", "torch", "triton", "bitsandbytes", "peft", "git_commit", "utc_date"):
         assert key in data["metadata"]
     fmt = data["formats"][f"{K},{N}"]
