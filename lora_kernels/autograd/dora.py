@@ -21,10 +21,9 @@ import torch
 from lora_kernels.autograd.dropout import seeded_dropout
 from lora_kernels.autograd.lora_linear import lora_linear
 from lora_kernels.autograd.nf4_lora_linear import nf4_lora_linear
-from lora_kernels.ops.nf4 import NF4Weight, tensor_version
 from lora_kernels.ops.checks import check_dropout_p
+from lora_kernels.ops.nf4 import NF4Tensors, NF4Weight, tensor_version
 from lora_kernels.ops.reference import nf4_row_chunks, nf4_rows
-from lora_kernels.ops.triton_launch import NF4Tensors
 
 _SQNORM_CHUNK_ELEMENTS = 1 << 22  # elements of a dense W converted to fp32 at a time for ||W_n||^2
 

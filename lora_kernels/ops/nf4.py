@@ -25,7 +25,7 @@ import json
 import math
 import operator
 import weakref
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -695,6 +695,36 @@ class NF4Weight:
                       "absmax_offset": getattr(quant_state, "offset", None), "nested_blocksize": state2.blocksize}
         return cls(_as_uint8(packed, "packed"), quant_state.absmax, tuple(quant_state.shape), quant_state.dtype,
                    quant_state.blocksize, code=quant_state.code, quant_type=quant_state.quant_type, **nested)
+
+
+class NF4Tensors(NamedTuple):
+    """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (the module docstring).
+
+    packed uint8 [(N*K + 1) // 2, 1]; absmax fp32 [n_blocks] or uint8 (double quant, then
+    absmax_code fp32 [256], absmax_scale fp32 [ceil(n_blocks / nested_blocksize)], absmax_offset fp32
+    0-d); code fp32 [16]; dtype: the stored (dequantized) dtype.
+    """
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax_code: Optional[torch.Tensor]
+    absmax_scale: Optional[torch.Tensor]
+    absmax_offset: Optional[torch.Tensor]
+    code: torch.Tensor
+    N: int
+    K: int
+    blocksize: int
+    nested_blocksize: int
+    dtype: torch.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @classmethod
+    def of(cls, weight) -> "NF4Tensors":
+        """The tensors of an ``NF4Weight`` [N, K]."""
+        N, K = weight.shape
+        return cls(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
 
 
 def _as_uint8(packed: torch.Tensor, name: str) -> torch.Tensor:

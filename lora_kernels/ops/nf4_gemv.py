@@ -42,8 +42,8 @@ from torch import Tensor
 
 from lora_kernels.ops.bnb_dequantize import bnb_rows_quant_type
 from lora_kernels.ops.checks import env_nonnegative_int, env_text, takes_cuda_routes
+from lora_kernels.ops.nf4 import NF4Tensors
 from lora_kernels.ops.reference import nf4_rows, torch_lora_forward
-from lora_kernels.ops.triton_launch import NF4Tensors
 
 GEMV_MAX_ROWS = 16  # rows per launch: the kernels' row tiles go up to 16
 GEMV_CHUNKED_MAX_M = 64  # larger M runs one launch per 16 rows (each streams the weight again)

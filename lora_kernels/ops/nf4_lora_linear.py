@@ -21,10 +21,11 @@ from torch import Tensor
 
 from lora_kernels.ops.lora_linear import (_rows, as_rows, autocast_off, check_saved_for_backward, grads_asked_for,
                                          lora_linear_composite, op_outputs, select_backend, with_leading_dims)
+from lora_kernels.ops.nf4 import NF4Tensors
 from lora_kernels.ops.nf4_gemv import cuda_gemv_forward, use_cuda_gemv
 from lora_kernels.ops.reference import nf4_decode_range, torch_lora_backward, torch_lora_forward
-from lora_kernels.ops.triton_launch import (NF4Tensors, is_interpreted, triton_lora_backward,
-                                            triton_lora_forward, triton_nf4_dequantize)
+from lora_kernels.ops.triton_launch import (is_interpreted, triton_lora_backward, triton_lora_forward,
+                                            triton_nf4_dequantize)
 
 
 def _nf4(packed, absmax, absmax_code, absmax_scale, absmax_offset, code, N, K, blocksize,

@@ -4,7 +4,7 @@ non-empty; strides are passed through, so x and dY need not be contiguous.
 """
 import contextlib
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton.language as tl
@@ -16,10 +16,12 @@ from lora_kernels.kernels.lora_backward import (lora_grad_a_kernel, lora_grad_in
 from lora_kernels.kernels.lora_forward import (lora_forward_fused_kernel, lora_forward_gemm_kernel,
                                                lora_forward_gemm_tma_kernel, lora_shrink_kernel)
 from lora_kernels.kernels.nf4 import nf4_dequantize_kernel, nf4_dequantize_tiles_kernel
+from lora_kernels.ops import nf4_gemv
 from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows, with_decoded_scales
 from lora_kernels.ops.checks import env_nonnegative_int
 from lora_kernels.ops.dropout_mask import drop_threshold
 from lora_kernels.ops.launch import launch
+from lora_kernels.ops.nf4 import NF4Tensors
 
 
 def launch_with_fma_option(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -30,36 +32,6 @@ def launch_with_fma_option(kernel, grid: tuple, *args, **kwargs) -> None:
     if "enable_fp_fusion" not in kwargs:
         kwargs["enable_fp_fusion"] = True
     launch(kernel, grid, *args, **kwargs)
-
-
-class NF4Tensors(NamedTuple):
-    """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (see ``ops.nf4``).
-
-    packed uint8 [(N*K + 1) // 2, 1]; absmax fp32 [n_blocks] or uint8 (double quant, then
-    absmax_code fp32 [256], absmax_scale fp32 [ceil(n_blocks / nested_blocksize)], absmax_offset fp32
-    0-d); code fp32 [16]; dtype: the stored (dequantized) dtype.
-    """
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    absmax_code: Optional[torch.Tensor]
-    absmax_scale: Optional[torch.Tensor]
-    absmax_offset: Optional[torch.Tensor]
-    code: torch.Tensor
-    N: int
-    K: int
-    blocksize: int
-    nested_blocksize: int
-    dtype: torch.dtype
-
-    @property
-    def double_quant(self) -> bool:
-        return self.absmax.dtype == torch.uint8
-
-    @classmethod
-    def of(cls, weight) -> "NF4Tensors":
-        """The tensors of an ``ops.nf4.NF4Weight`` [N, K]."""
-        N, K = weight.shape
-        return cls(*weight.op_tensors(), N, K, weight.blocksize, weight.nested_blocksize, weight.dtype)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -160,7 +132,6 @@ def _nf4_dequantize_slab(wq: NF4Tensors, n_start: int, n_end: int, k_start: int,
     (``ops.nf4_gemv``): by default bitsandbytes' own on CUDA where it can decode the slab (whole rows:
     the forward's slabs; ``ops.bnb_dequantize``), else the Triton tiles; ``cuda``: the kernel of
     csrc/ where it can."""
-    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
     quant_type = nf4_gemv.bnb_slab_quant_type(wq, n_start, k_start, k_end)
     if quant_type is not None:
         return bnb_dequantize_rows(wq, n_start, n_end, quant_type, dtype)
@@ -477,7 +448,6 @@ def _row_slab_decoder(wq: NF4Tensors, dtype: torch.dtype):
     """decode(n0, n1): W[n0:n1] (whole rows) as a contiguous tensor in ``dtype``, each slab by
     ``_nf4_dequantize_slab``'s choice; when that is bitsandbytes' kernel for every slab (rows starting on
     a quantization block: K % blocksize == 0), its block scales are decoded once for all of them."""
-    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
     quant_type = nf4_gemv.bnb_slab_quant_type(wq, 0, 0, wq.K)
     if quant_type is None or wq.K % wq.blocksize:
         return lambda n0, n1: _nf4_dequantize_slab(wq, n0, n1, 0, wq.K, dtype)
@@ -503,7 +473,8 @@ def _cublas_base_grad_input(grad_y2, weight, wq: Optional[NF4Tensors], d_h, lora
 
 
 def _use_cuda_grad_input(grad_y2, wq: NF4Tensors) -> bool:
-    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
+    """``nf4_gemv.use_cuda_grad_input``, by a name of this module: the CPU tests patch it to take the
+    CUDA dX route with an emulated kernel."""
     return nf4_gemv.use_cuda_grad_input(grad_y2, wq)
 
 
@@ -511,7 +482,6 @@ def _cuda_base_grad_input(grad_y2, wq: NF4Tensors, d_h, lora_A, seed, dropout_p:
     """dx2 [M, K] = keep * (dH @ A) / (1 - p) + dY @ W for a small M: the masked LoRA term from the dX
     kernel with an empty N-loop into an fp32 buffer, then the CUDA kernel of csrc/ adds dY @ W (W
     decoded in registers, never stored) and rounds once."""
-    from lora_kernels.ops import nf4_gemv  # here: nf4_gemv imports this module
     init = torch.empty((grad_y2.shape[0], lora_A.shape[1]), dtype=torch.float32, device=grad_y2.device)
     _lora_grad_input_term(grad_y2, d_h, lora_A, seed, init, dropout_p, R, key, flags)
     return nf4_gemv.cuda_grad_input(grad_y2, wq, init)

@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 
+from lora_kernels.ops.nf4 import NF4Tensors
 from lora_kernels.ops.nf4_gemv import GEMV_MAX_RANK, GEMV_MAX_ROWS, MMA_SHARED_BYTES, mma_weight_ok
-from lora_kernels.ops.triton_launch import NF4Tensors
 from lora_kernels.tools.csrc_check import DEFAULT_CSRC, cuda_include_dir, find_nvcc
 
 CACHE_ENV = "LORA_KERNELS_EMULATION_CACHE"

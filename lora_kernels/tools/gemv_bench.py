@@ -76,7 +76,7 @@ def _runnable(kernels, x, q, device) -> list:
     if device.type != "cuda":
         return list(kernels)
     from lora_kernels.ops.nf4_gemv import gemv_kernel
-    from lora_kernels.ops.triton_launch import NF4Tensors
+    from lora_kernels.ops.nf4 import NF4Tensors
     return [k for k in kernels if gemv_kernel(x, NF4Tensors.of(q), k) == k]
 
 

@@ -160,7 +160,7 @@ def similarity_grid(svd1: DeltaSVD, svd2: DeltaSVD, side: str = "left") -> Tenso
 
 
 def _nf4_tensors(weight: NF4Weight):
-    from lora_kernels.ops.triton_launch import NF4Tensors
+    from lora_kernels.ops.nf4 import NF4Tensors
     return NF4Tensors.of(weight)
 
 

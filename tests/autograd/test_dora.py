@@ -263,7 +263,7 @@ def test_any_shape_rank_and_dtype_against_float64(backend, spec):
 def _row_chunks(q):
     """The (n0, n1) row chunks the PyTorch path decodes the NF4 weight q in."""
     from lora_kernels.ops.reference import nf4_row_chunks
-    from lora_kernels.ops.triton_launch import NF4Tensors
+    from lora_kernels.ops.nf4 import NF4Tensors
     return list(nf4_row_chunks(NF4Tensors.of(q)))
 
 

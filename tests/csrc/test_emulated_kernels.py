@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
-from lora_kernels.ops.triton_launch import NF4Tensors, is_interpreted
+from lora_kernels.ops.nf4 import NF4Tensors
+from lora_kernels.ops.triton_launch import is_interpreted
 from lora_kernels.tools import csrc_emulation as emulation
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
                            nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)

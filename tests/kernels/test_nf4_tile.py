@@ -10,7 +10,8 @@ import triton.language as tl
 
 from lora_kernels import NF4Weight
 from lora_kernels.kernels.nf4 import nf4_tile_halves
-from lora_kernels.ops.triton_launch import (TL_DTYPES, NF4Tensors, is_interpreted, nf4_aligned, nf4_slab_block_k,
+from lora_kernels.ops.nf4 import NF4Tensors
+from lora_kernels.ops.triton_launch import (TL_DTYPES, is_interpreted, nf4_aligned, nf4_slab_block_k,
                                             triton_nf4_dequantize_slab)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

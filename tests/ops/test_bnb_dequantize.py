@@ -13,8 +13,8 @@ import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import bnb_dequantize, nf4_gemv, triton_launch
 from lora_kernels.ops.bnb_dequantize import bnb_dequantize_rows, bnb_rows_quant_type
-from lora_kernels.ops.nf4 import checked_quant_type
-from lora_kernels.ops.triton_launch import NF4Tensors, is_interpreted
+from lora_kernels.ops.nf4 import NF4Tensors, checked_quant_type
+from lora_kernels.ops.triton_launch import is_interpreted
 from tests.helpers import assert_close, bnb_dequantized, float_bits, nf4_gemv_inputs, nf4_gemv_reference
 
 pytest.importorskip("bitsandbytes")

@@ -7,7 +7,7 @@ import torch
 import lora_kernels
 from lora_kernels import NF4Weight
 from lora_kernels.ops import nf4_gemv
-from lora_kernels.ops.triton_launch import NF4Tensors
+from lora_kernels.ops.nf4 import NF4Tensors
 from tests.helpers import (assert_close, bnb_dequantized, nf4_gemv_inputs, nf4_gemv_reference, nf4_grad_input_args,
                            nf4_grad_input_reference, nf4_slab_args, nf4_weights_of_each_stored_dtype)
 
