@@ -698,7 +698,8 @@ class NF4Weight:
 
 
 class NF4Tensors(NamedTuple):
-    """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (the module docstring).
+    """The device tensors of a bitsandbytes NF4 weight of shape [N, K] (layout in the module docstring),
+    as the launchers and the torch.library ops take them.
 
     packed uint8 [(N*K + 1) // 2, 1]; absmax fp32 [n_blocks] or uint8 (double quant, then
     absmax_code fp32 [256], absmax_scale fp32 [ceil(n_blocks / nested_blocksize)], absmax_offset fp32
