@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_kernels.ops.nf4_gemv import GEMV_KERNELS
+from lora_kernels.ops.nf4 import NF4Tensors
+from lora_kernels.ops.nf4_gemv import GEMV_KERNELS, gemv_kernel
 from lora_kernels.tools.bench import (Impl, default_out_dir, default_timing, environment_metadata,
                                       fmt_num, goal_check,
                                       measure, measure_ceilings, resolve_device_dtype, standalone_main,
@@ -75,8 +76,6 @@ def _runnable(kernels, x, q, device) -> list:
     CPU both run the op's PyTorch spec)."""
     if device.type != "cuda":
         return list(kernels)
-    from lora_kernels.ops.nf4_gemv import gemv_kernel
-    from lora_kernels.ops.nf4 import NF4Tensors
     return [k for k in kernels if gemv_kernel(x, NF4Tensors.of(q), k) == k]
 
 

@@ -31,7 +31,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lora_kernels.ops.nf4 import NF4Weight
+from lora_kernels.ops.nf4 import NF4Tensors, NF4Weight
+from lora_kernels.ops.reference import nf4_decode_range
 
 
 @dataclass
@@ -159,18 +160,12 @@ def similarity_grid(svd1: DeltaSVD, svd2: DeltaSVD, side: str = "left") -> Tenso
     return power / torch.minimum(i, j)
 
 
-def _nf4_tensors(weight: NF4Weight):
-    from lora_kernels.ops.nf4 import NF4Tensors
-    return NF4Tensors.of(weight)
-
-
 def _row_chunks(weight: Union[Tensor, NF4Weight], rows_per_chunk: int):
     """Yields float64 CPU blocks of rows of W₀ [N, K]; an NF4 weight is decoded one block at a time
     (bit-exact with bitsandbytes' dequantize_4bit), never whole."""
     N, K = weight.shape
     if isinstance(weight, NF4Weight):
-        from lora_kernels.ops.reference import nf4_decode_range
-        wq = _nf4_tensors(weight)
+        wq = NF4Tensors.of(weight)
         for r0 in range(0, N, rows_per_chunk):
             r1 = min(N, r0 + rows_per_chunk)
             yield nf4_decode_range(wq, r0 * K, r1 * K).reshape(r1 - r0, K).double().cpu()
